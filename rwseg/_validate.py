@@ -1,0 +1,80 @@
+"""Argument checks shared by every rwseg operator.
+
+Every check raises ``ValueError`` (wrong shape/value) or ``TypeError`` (wrong dtype)
+with a message that names the argument, what was received and what was expected, e.g.
+``weights: expected shape (H, W, K) = (8, 8, 4) matching x and offsets, got (8, 8, 5)``.
+
+All checks here run on *static* information (shapes, dtypes, Python values), so they
+work unchanged under ``jax.jit`` / ``jax.vmap``. Checks on array *values* (NaN, labels
+out of range) cannot raise under ``jit``; operators that need them expose them through
+``jax.experimental.checkify`` (see :func:`value_check`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def check_rank(name: str, x, rank: int, layout: str) -> None:
+    """Raise ``ValueError`` unless ``x.ndim == rank``; ``layout`` is e.g. ``"(H, W, C)"``."""
+    if np.ndim(x) != rank:
+        raise ValueError(f"{name}: expected a rank-{rank} array {layout}, got shape {_shape(x)}")
+
+
+def check_shape(name: str, x, expected: Sequence[int | None], layout: str) -> None:
+    """Raise ``ValueError`` unless ``x.shape`` matches ``expected`` (``None`` = any size)."""
+    shape = _shape(x)
+    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
+    if not ok:
+        exp = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{name}: expected shape {layout} = {exp}, got {shape}")
+
+
+def check_floating(name: str, x) -> None:
+    """Raise ``TypeError`` unless ``x`` has a floating dtype."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {dtype} (shape {_shape(x)})")
+
+
+def check_integer(name: str, x) -> None:
+    """Raise ``TypeError`` unless ``x`` has an integer dtype (labels, seeds)."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"{name}: expected an integer label array, got dtype {dtype} (shape {_shape(x)}); "
+            "cast with .astype(jnp.int32)"
+        )
+
+
+def check_nonnegative_int(name: str, value, *, positive: bool = False) -> int:
+    """Return ``int(value)``; raise ``ValueError`` if it is negative (or <= 0 with ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__} {value!r}")
+    if value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name}: expected an int {bound}, got {value}")
+    return int(value)
+
+
+def value_check(pred, msg: str, *fmt_args) -> None:
+    """A value check usable under ``jit`` through ``checkify``.
+
+    Outside a ``checkify.checkify``-transformed function this is a no-op at run time
+    (XLA drops it); inside one it records an error that ``err.throw()`` raises.
+    """
+    checkify.check(pred, msg, *fmt_args)
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds concrete values (not a tracer), so values can be checked eagerly."""
+    return not isinstance(x, jax.core.Tracer)

@@ -213,12 +213,13 @@ def apply_transpose(weights, x, offsets) -> jnp.ndarray:
     _check_map("x", x)
     _check_weights(weights, x.shape, offsets)
     halo = _halo(offsets)
+    xp, wp = _pad(x, halo), _pad(weights, halo)
     y = jnp.zeros(x.shape, jnp.result_type(weights, x))
-    # Scatter each weighted map back by -o_k. A source pixel i whose neighbour i + o_k
-    # is outside can only land outside, so invalid entries never contribute.
+    # Both windows read pixel j - o_k. A source pixel i = j - o_k whose neighbour i + o_k
+    # is outside can only pair with an outside j, so invalid entries never contribute.
     for k, (dy, dx) in enumerate(offsets):
-        contrib = _pad(weights[:, :, k, None] * x, halo)
-        y = y + _window(contrib, halo, x.shape[:2], (-dy, -dx))
+        src = (-dy, -dx)
+        y = y + _window(wp, halo, x.shape[:2], src)[:, :, k, None] * _window(xp, halo, x.shape[:2], src)
     return y
 
 

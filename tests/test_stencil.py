@@ -1,0 +1,199 @@
+"""rwseg.stencil against independent numpy references."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from rwseg import stencil as S
+
+RNG = np.random.default_rng(0)
+
+
+def np_neighbor(x, i, j, dy, dx):
+    h, w = x.shape[:2]
+    if 0 <= i + dy < h and 0 <= j + dx < w:
+        return x[i + dy, j + dx]
+    return np.zeros(x.shape[2:], x.dtype)
+
+
+def np_apply(weights, x, offsets):
+    h, w, _ = x.shape
+    y = np.zeros_like(x)
+    for i, j in itertools.product(range(h), range(w)):
+        for k, (dy, dx) in enumerate(offsets):
+            y[i, j] += weights[i, j, k] * np_neighbor(x, i, j, dy, dx)
+    return y
+
+
+def np_dense(weights, offsets):
+    h, w, _ = weights.shape
+    m = np.zeros((h * w, h * w))
+    for i, j in itertools.product(range(h), range(w)):
+        for k, (dy, dx) in enumerate(offsets):
+            if 0 <= i + dy < h and 0 <= j + dx < w:
+                m[i * w + j, (i + dy) * w + j + dx] += weights[i, j, k]
+    return m
+
+
+STENCILS = {
+    "four": S.four_connected(),
+    "disk2": S.disk_offsets(2),
+    "dilated": S.dilated_offsets([1, (2, 3)]),
+    "far": ((0, 9), (-7, 0), (2, -1)),  # offsets larger than the image in one axis
+}
+
+
+# --------------------------------------------------------------------------- offsets
+
+
+def test_disk_offsets_by_enumeration():
+    for r in range(0, 6):
+        expected = sorted(
+            (dy, dx) for dy in range(-10, 11) for dx in range(-10, 11) if 0 < dy * dy + dx * dx <= r * r
+        )
+        assert list(S.disk_offsets(r)) == expected
+    assert S.disk_offsets(1) == tuple(sorted(S.four_connected()))
+    assert len(S.disk_offsets(5)) == 80
+
+
+def test_dilated_offsets_order():
+    assert S.dilated_offsets([2]) == ((-2, -2), (-2, 0), (-2, 2), (0, -2), (0, 2), (2, -2), (2, 0), (2, 2))
+    offs = S.dilated_offsets([8, (12, 24), 16])
+    assert len(offs) == 24
+    assert offs[8:16] == tuple((sy * 12, sx * 24) for sy in (-1, 0, 1) for sx in (-1, 0, 1) if (sy, sx) != (0, 0))
+
+
+def test_four_connected():
+    assert S.four_connected() == ((-1, 0), (0, -1), (0, 1), (1, 0))
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda: S.disk_offsets(-1), ValueError, "radius"),
+        (lambda: S.disk_offsets(1.5), TypeError, "radius"),
+        (lambda: S.dilated_offsets([0]), ValueError, "rates"),
+        (lambda: S.dilated_offsets([(3, -1)]), ValueError, "rates"),
+        (lambda: S.dilated_offsets(4), TypeError, "rates"),
+        (lambda: S.dilated_offsets([]), ValueError, "rates"),
+        (lambda: S.as_offsets([(0, 0)]), ValueError, "(0, 0)"),
+        (lambda: S.as_offsets([(1, 2, 3)]), ValueError, "offsets"),
+        (lambda: S.as_offsets([]), ValueError, "offsets"),
+    ],
+)
+def test_offset_errors(call, exc, words):
+    with pytest.raises(exc, match=None) as info:
+        call()
+    assert words in str(info.value)
+
+
+# --------------------------------------------------------------------------- operators
+
+
+@pytest.mark.parametrize("name", list(STENCILS))
+def test_gather_and_valid_mask(name):
+    offsets = STENCILS[name]
+    x = RNG.normal(size=(5, 7, 2))
+    g = np.asarray(S.gather(jnp.asarray(x), offsets))
+    valid = S.valid_mask(5, 7, offsets)
+    assert g.shape == (5, 7, len(offsets), 2) and valid.shape == (5, 7, len(offsets))
+    for i, j in itertools.product(range(5), range(7)):
+        for k, (dy, dx) in enumerate(offsets):
+            np.testing.assert_array_equal(g[i, j, k], np_neighbor(x, i, j, dy, dx))
+            assert valid[i, j, k] == (0 <= i + dy < 5 and 0 <= j + dx < 7)
+
+
+@pytest.mark.parametrize("name", list(STENCILS))
+def test_apply_matches_numpy_loop_and_dense(name):
+    offsets = STENCILS[name]
+    w = RNG.normal(size=(5, 7, len(offsets)))
+    x = RNG.normal(size=(5, 7, 3))
+    y = S.apply(jnp.asarray(w), jnp.asarray(x), offsets)
+    np.testing.assert_allclose(y, np_apply(w, x, offsets), atol=1e-12)
+    dense = np_dense(w, offsets)
+    np.testing.assert_allclose(S.to_dense(jnp.asarray(w), offsets), dense, atol=1e-12)
+    np.testing.assert_allclose(
+        S.apply_transpose(jnp.asarray(w), jnp.asarray(x), offsets).reshape(35, 3), dense.T @ x.reshape(35, 3), atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", list(STENCILS))
+def test_adjoint_identity(name):
+    offsets = STENCILS[name]
+    w, x, y = (jnp.asarray(RNG.normal(size=s)) for s in [(6, 5, len(offsets)), (6, 5, 4), (6, 5, 4)])
+    lhs = jnp.vdot(S.apply(w, x, offsets), y)
+    rhs = jnp.vdot(x, S.apply_transpose(w, y, offsets))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-12)
+    # apply_transpose is also what autodiff finds as the transpose of apply.
+    (auto_t,) = jax.linear_transpose(lambda v: S.apply(w, v, offsets), x)(y)
+    np.testing.assert_allclose(auto_t, S.apply_transpose(w, y, offsets), atol=1e-12)
+
+
+def test_degree():
+    offsets = S.disk_offsets(2)
+    w = RNG.uniform(size=(4, 6, len(offsets)))
+    np.testing.assert_allclose(S.degree(jnp.asarray(w), offsets), np_dense(w, offsets).sum(1).reshape(4, 6), atol=1e-12)
+
+
+def test_gradients():
+    offsets = S.dilated_offsets([1, 2])
+    w = jnp.asarray(RNG.normal(size=(4, 5, len(offsets))))
+    x = jnp.asarray(RNG.normal(size=(4, 5, 2)))
+    check_grads(lambda w, x: S.apply(w, x, offsets), (w, x), order=2, modes=("fwd", "rev"))
+    check_grads(lambda w, x: S.apply_transpose(w, x, offsets), (w, x), order=2, modes=("fwd", "rev"))
+    # Weights that point outside the image do not influence the result.
+    g = jax.grad(lambda w: S.apply(w, x, offsets).sum())(w)
+    assert np.all(np.asarray(g)[~S.valid_mask(4, 5, offsets)] == 0)
+
+
+def test_jit_vmap_and_float32():
+    offsets = S.disk_offsets(1)
+    w = jnp.asarray(RNG.normal(size=(3, 4, 5, 4)), jnp.float32)
+    x = jnp.asarray(RNG.normal(size=(3, 4, 5, 2)), jnp.float32)
+    f = jax.jit(jax.vmap(lambda w, x: S.apply_transpose(w, S.apply(w, x, offsets), offsets)))
+    y = f(w, x)
+    assert y.dtype == jnp.float32 and y.shape == x.shape
+    for b in range(3):
+        d = np_dense(np.asarray(w[b], np.float64), offsets)
+        np.testing.assert_allclose(y[b].reshape(20, 2), d.T @ d @ np.asarray(x[b], np.float64).reshape(20, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_label_affinity():
+    labels = RNG.integers(-1, 4, size=(6, 7))
+    labels[2, 3] = 255
+    offsets = S.dilated_offsets([1, 2])
+    targets, valid = S.label_affinity(jnp.asarray(labels, jnp.int32), offsets)
+    for i, j in itertools.product(range(6), range(7)):
+        for k, (dy, dx) in enumerate(offsets):
+            inside = 0 <= i + dy < 6 and 0 <= j + dx < 7
+            a = labels[i, j]
+            b = labels[i + dy, j + dx] if inside else -1
+            ok = inside and a >= 0 and a != 255 and b >= 0 and b != 255
+            assert bool(valid[i, j, k]) == ok
+            assert float(targets[i, j, k]) == (1.0 if ok and a == b else 0.0)
+    # vmap over a batch of label maps
+    t2, v2 = jax.vmap(lambda l: S.label_affinity(l, offsets))(jnp.stack([jnp.asarray(labels)] * 2))
+    np.testing.assert_array_equal(t2[1], targets)
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda: S.apply(jnp.ones((4, 5, 3)), jnp.ones((4, 5, 2)), S.four_connected()), ValueError, "weights"),
+        (lambda: S.apply(jnp.ones((4, 5, 4)), jnp.ones((4, 5)), S.four_connected()), ValueError, "x"),
+        (lambda: S.apply(jnp.ones((4, 6, 4)), jnp.ones((4, 5, 2)), S.four_connected()), ValueError, "(4, 5, 4)"),
+        (lambda: S.apply(jnp.ones((4, 5, 4)), jnp.ones((4, 5, 2), jnp.int32), S.four_connected()), TypeError, "x"),
+        (lambda: S.apply_transpose(jnp.ones((4, 5, 3)), jnp.ones((4, 5, 2)), S.four_connected()), ValueError, "K"),
+        (lambda: S.label_affinity(jnp.ones((4, 5)), S.four_connected()), TypeError, "labels"),
+        (lambda: S.label_affinity(jnp.ones((4, 5, 1), jnp.int32), S.four_connected()), ValueError, "(4, 5, 1)"),
+        (lambda: S.to_dense(jnp.ones((4, 5, 2)), S.four_connected()), ValueError, "weights"),
+    ],
+)
+def test_operator_errors(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    assert words in str(info.value)

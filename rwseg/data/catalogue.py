@@ -1,0 +1,228 @@
+"""Datasets by name: :func:`dataset_info` and :func:`load_source`.
+
+=====================  =============================================  ========  =====================
+name                   where the data comes from                      classes   ``validation`` split
+=====================  =============================================  ========  =====================
+``synthetic``          generated from a seed (``rwseg.data.synthetic``) 6       generated
+``stanford_background`` local ``iccv09Data`` folder (``manual_dir``)  8         seeded split
+``voc2012``            local ``VOCdevkit`` (``manual_dir``) or download 21      ``val.txt``
+``oxford_iiit_pet``    TFDS catalogue ``oxford_iiit_pet``               2       TFDS ``test``
+=====================  =============================================  ========  =====================
+
+Every source item is ``{"image": uint8 (H, W, 3), "label": int32 (H, W)}`` with
+``IGNORE_INDEX = 255`` for pixels that count in no loss or metric: Stanford's unknown
+(-1), VOC's object borders (255), the pets trimap's "not classified" band (value 3).
+Pets trimap mapping: 1 (pet) -> 1, 2 (background) -> 0, 3 (border) -> 255.
+
+TFDS's ``voc/2012`` has no segmentation masks, so ``voc2012`` uses rwseg's own builder
+(:class:`rwseg.data.builders.RwsegVoc2012Segmentation`). Everything is written as
+``array_record`` and read with TFDS data sources; no TensorFlow is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from rwseg.data import stanford, synthetic, voc
+from rwseg.data.constants import IGNORE_INDEX
+
+SPLITS = ("train", "validation")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset: ``name``, ``num_classes``, ``class_names``, ``ignore_index``."""
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    ignore_index: int = IGNORE_INDEX
+
+
+PET_CLASS_NAMES = ("background", "pet")
+
+_INFOS = {
+    "synthetic": DatasetInfo("synthetic", synthetic.NUM_CLASSES, synthetic.CLASS_NAMES),
+    "stanford_background": DatasetInfo("stanford_background", stanford.NUM_CLASSES, stanford.CLASS_NAMES),
+    "voc2012": DatasetInfo("voc2012", voc.NUM_CLASSES, voc.CLASS_NAMES),
+    "oxford_iiit_pet": DatasetInfo("oxford_iiit_pet", len(PET_CLASS_NAMES), PET_CLASS_NAMES),
+}
+NAMES = tuple(_INFOS)
+ALIASES = {"voc/2012": "voc2012"}
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with aliases resolved (``"voc/2012"`` -> ``"voc2012"``)."""
+    return ALIASES.get(name, name)
+
+
+def dataset_info(name: str = "synthetic") -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name`` (one of :data:`NAMES`, or an alias)."""
+    try:
+        return _INFOS[canonical_name(name)]
+    except KeyError:
+        raise ValueError(f"name: expected one of {list(NAMES)}, got {name!r}") from None
+
+
+# ----------------------------------------------------------------------------- record adapters
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3], dtype=np.uint8)
+
+
+def _check_same_size(dataset: str, index: int, image: np.ndarray, label: np.ndarray) -> None:
+    if image.shape[:2] != label.shape[:2]:
+        raise ValueError(
+            f"{dataset}[{index}]: label shape {label.shape[:2]} does not match image (H, W) = {image.shape[:2]}"
+        )
+
+
+def _adapt_rwseg(dataset: str, index: int, record: dict) -> dict:
+    """rwseg builders: image (H, W, 3) uint8, label uint8 with 255 = ignore."""
+    image, label = _as_rgb(record["image"]), np.asarray(record["label"])
+    _check_same_size(dataset, index, image, label)
+    return {"image": image, "label": label.astype(np.int32)}
+
+
+_PET_LUT = np.full(256, -1, dtype=np.int32)
+_PET_LUT[1], _PET_LUT[2], _PET_LUT[3] = 1, 0, IGNORE_INDEX
+
+
+def _adapt_pet(dataset: str, index: int, record: dict) -> dict:
+    """TFDS oxford_iiit_pet: trimap (H, W, 1) in {1 pet, 2 background, 3 border}."""
+    image = _as_rgb(record["image"])
+    mask = np.asarray(record["segmentation_mask"])
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    _check_same_size(dataset, index, image, mask)
+    label = _PET_LUT[mask.astype(np.uint8)]
+    if (label < 0).any():
+        bad = np.unique(mask[label < 0])[:5].tolist()
+        raise ValueError(f"{dataset}[{index}]: trimap values {bad} are not in {{1, 2, 3}}")
+    return {"image": image, "label": label}
+
+
+class Source:
+    """Random-access source of ``{"image": uint8 (H, W, 3), "label": int32 (H, W)}``.
+
+    Wraps a TFDS data source (``len``, ``__getitem__``), converting each record; usable
+    directly by ``grain.MapDataset.source``. Picklable when the wrapped source is.
+    """
+
+    def __init__(self, name: str, split: str, records, adapter):
+        self.name, self.split, self.records, self._adapter = name, split, records, adapter
+        self.info = dataset_info(name)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index):
+        index = int(index)
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index: expected -{n} <= index < {n} for {self.name}/{self.split}, got {index}")
+        return self._adapter(f"{self.name}/{self.split}", index % n, self.records[index % n])
+
+    def __repr__(self) -> str:
+        return f"Source({self.name!r}, {self.split!r}, {len(self)} examples)"
+
+
+# ----------------------------------------------------------------------------- load_source
+
+
+def _download_config(manual_dir):
+    import tensorflow_datasets as tfds
+
+    return tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
+
+
+def _prepared(builder, manual_dir):
+    builder.download_and_prepare(download_config=_download_config(manual_dir))
+    return builder
+
+
+def _config_arg(builder_cls, config):
+    """The config to pass to ``builder_cls``: its name when the class lists an equal one
+    (TFDS refuses a custom config named like a listed config)."""
+    listed = {c.name for c in builder_cls.BUILDER_CONFIGS}
+    return config.name if config.name in listed else config
+
+
+def _check_kwargs(name, kwargs, allowed):
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"builder_kwargs: {name!r} accepts {sorted(allowed)}, got unexpected {unknown}")
+
+
+def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **builder_kwargs) -> Source:
+    """A random-access source of one split, building the TFDS dataset on first use.
+
+    Args:
+      name: one of :data:`NAMES` (see the module docstring) or an alias (``"voc/2012"``).
+      split: ``"train"`` or ``"validation"``.
+      data_dir: TFDS data dir (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``);
+        the built ``array_record`` files are cached there per builder config.
+      manual_dir: folder with the raw data for ``stanford_background`` (default
+        ``$RWSEG_STANFORD_DIR``) and ``voc2012``.
+      **builder_kwargs: ``synthetic``: ``num_train=256, num_validation=64,
+        image_size=(64, 64), seed=0``; ``stanford_background``: ``num_validation=72,
+        split_seed=0``.
+
+    Returns:
+      A :class:`Source`; ``source[i]`` is ``{"image": uint8 (H, W, 3), "label": int32 (H, W)}``.
+
+    Building is done once per config and cached; in a multi-process job, let one process
+    build (call ``load_source`` on process 0, then synchronise) before the others read.
+
+    Raises:
+      ValueError: unknown name or split; ``DataFileError`` (a ``ValueError``) naming
+      the file when a raw image/label file is missing or corrupt during the build.
+    """
+    import tensorflow_datasets as tfds
+
+    from rwseg.data import builders
+
+    name = dataset_info(name).name
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+    data_dir = os.fspath(data_dir) if data_dir is not None else None
+    kw = dict(data_dir=data_dir, file_format="array_record")
+
+    if name == "synthetic":
+        _check_kwargs(name, builder_kwargs, ("num_train", "num_validation", "image_size", "seed"))
+        config = builders.SyntheticConfig.make(**builder_kwargs)
+        builder = _prepared(builders.RwsegSynthetic(config=_config_arg(builders.RwsegSynthetic, config), **kw), None)
+        adapter = _adapt_rwseg
+    elif name == "stanford_background":
+        _check_kwargs(name, builder_kwargs, ("num_validation", "split_seed"))
+        if manual_dir is None and os.environ.get("RWSEG_STANFORD_DIR"):
+            manual_dir = os.environ["RWSEG_STANFORD_DIR"]
+        if manual_dir is None:
+            raise ValueError(
+                "manual_dir: stanford_background needs the iccv09Data folder (images/, labels/); "
+                "got None and $RWSEG_STANFORD_DIR is unset"
+            )
+        stanford.list_ids(manual_dir)  # clear error before TFDS starts
+        config = builders.StanfordConfig.make(manual_dir=manual_dir, **builder_kwargs)
+        builder = _prepared(builders.RwsegStanfordBackground(config=_config_arg(builders.RwsegStanfordBackground, config), **kw), manual_dir)
+        adapter = _adapt_rwseg
+    elif name == "voc2012":
+        _check_kwargs(name, builder_kwargs, ())
+        builder = _prepared(builders.RwsegVoc2012Segmentation(**kw), manual_dir)
+        adapter = _adapt_rwseg
+    else:  # oxford_iiit_pet
+        _check_kwargs(name, builder_kwargs, ())
+        builder = _prepared(tfds.builder("oxford_iiit_pet", **kw), manual_dir)
+        adapter = _adapt_pet
+        split = {"train": "train", "validation": "test"}[split]
+    records = builder.as_data_source(split=split)
+    return Source(name, "validation" if split == "test" else split, records, adapter)

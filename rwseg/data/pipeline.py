@@ -1,0 +1,343 @@
+"""Batches for training and evaluation: :func:`batch_dataset` and :func:`make_batches`.
+
+Determinism: batch ``s`` is a pure function of ``(source, seed, s, shard_index,
+shard_count, options)``. It is built from a grain ``MapDataset`` with random access, so
+a run resumed at ``start_step`` sees exactly the batches an uninterrupted run would,
+whatever was read before.
+
+Training (``train=True``)
+  A global stream of examples: the source shuffled per epoch (grain ``shuffle`` then
+  ``repeat``; every epoch a new permutation) and augmented per stream position
+  (``random_map``: random scale in ``scale_range``, pad with ignore + random crop to
+  ``crop_size``, random left-right flip; the RNG depends on the seed and the position
+  only). Global batch ``s`` is stream positions ``[s*G, (s+1)*G)`` with
+  ``G = batch_size * shard_count``; process ``p`` takes the ``p``-th block of
+  ``batch_size`` of them. So processes read disjoint examples, and the union of the
+  per-process batches is the same for any ``shard_count`` with the same ``G``.
+  The stream is infinite (``num_steps=None`` iterates forever).
+
+Evaluation (``train=False``)
+  No augmentation, no shuffling. Process ``p`` reads source indices ``p, p+P, p+2P, ...``
+  (``P = shard_count``) in order; each image is padded bottom/right (never cropped) to
+  ``pad_size`` with label 255, so every batch has one shape. Every process yields the
+  same number of batches, ``ceil(ceil(N / P) / batch_size)``; slots past its last example
+  are *ignore-only examples* (image 0, label 255 everywhere, ``mask`` False, ``valid``
+  False, ``index`` -1). Metrics that skip label 255 are therefore exact: every example
+  counts exactly once over all processes. ``num_steps=None`` = one pass.
+
+Batch: ``{"image": float32 (B, h, w, 3)`` normalised ``(x - mean) / std``,
+``"label": int32 (B, h, w)`` (255 = ignore), ``"mask": bool (B, h, w)`` (pixel comes from
+the image, False on padding), ``"valid": bool (B,)`` (False on ignore-only examples),
+``"index": int64 (B,)`` (source index, -1 on ignore-only examples), and with
+``scribbles=True`` ``"scribbles": int32 (B, h, w)`` (-1 unlabelled, 0..L-1 labelled)``}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Iterator, Optional
+
+import grain
+import numpy as np
+
+from rwseg import _validate as V
+from rwseg.data import augment
+from rwseg.data.constants import DEFAULT_MEAN, DEFAULT_STD, IGNORE_INDEX
+
+
+def _derived_seeds(seed: int, n: int) -> list[int]:
+    """``n`` independent 32-bit seeds derived from ``seed`` (shuffle, augmentation, ...)."""
+    return [int(s) for s in np.random.SeedSequence(int(seed)).generate_state(n)]
+
+
+def _scribble_fn():
+    """``rwseg.rawks.scribbles_from_labels``, imported lazily."""
+    try:
+        from rwseg.rawks import scribbles_from_labels  # noqa: PLC0415
+    except ImportError as e:  # module or function missing
+        raise NotImplementedError(
+            "scribbles=True needs rwseg.rawks.scribbles_from_labels(labels, key, ...), "
+            f"which is not available ({e})"
+        ) from None
+    return scribbles_from_labels
+
+
+def _scribbles(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    import jax
+
+    key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
+    return np.asarray(_scribble_fn()(label, key), dtype=np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+    """Per-example transform; a picklable callable for ``grain`` ``random_map``."""
+
+    train: bool
+    crop_size: Optional[tuple[int, int]]
+    pad_size: Optional[tuple[int, int]]
+    scale_range: Optional[tuple[float, float]]
+    flip: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scribbles: bool
+
+    def __call__(self, item: tuple[int, dict], rng: np.random.Generator) -> dict:
+        index, ex = item
+        image = np.asarray(ex["image"], dtype=np.uint8)
+        label = np.asarray(ex["label"], dtype=np.int32)
+        if self.train:
+            if self.scale_range is not None and tuple(self.scale_range) != (1.0, 1.0):
+                image, label = augment.random_scale(image, label, rng, self.scale_range)
+            x = augment.normalize(image, self.mean, self.std)
+            mask = np.ones(label.shape, dtype=bool)
+            if self.crop_size is not None:
+                x, label, mask = augment.random_crop(x, label, mask, self.crop_size, rng)
+            if self.flip:
+                x, label, mask = augment.random_flip(x, label, mask, rng)
+        else:
+            h, w = image.shape[:2]
+            if h > self.pad_size[0] or w > self.pad_size[1]:
+                raise ValueError(
+                    f"pad_size: example {index} has (H, W) = {(h, w)}, larger than pad_size = {tuple(self.pad_size)}; "
+                    "evaluation pads and never crops: pass a larger pad_size (or None for the source maximum)"
+                )
+            x = augment.normalize(image, self.mean, self.std)
+            x, label, mask = augment.pad_to(x, label, np.ones(label.shape, dtype=bool), self.pad_size)
+        out = {
+            "image": np.ascontiguousarray(x, dtype=np.float32),
+            "label": np.ascontiguousarray(label, dtype=np.int32),
+            "mask": np.ascontiguousarray(mask),
+            "valid": np.bool_(True),
+            "index": np.int64(index),
+        }
+        if self.scribbles:
+            out["scribbles"] = _scribbles(out["label"], rng)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Read:
+    """``i -> (i, source[i])``; picklable."""
+
+    source: object
+
+    def __call__(self, index: int):
+        return index, self.source[index]
+
+
+def _ignore_example(like: dict) -> dict:
+    """An ignore-only example shaped like ``like`` (eval padding)."""
+    out = {
+        "image": np.zeros_like(like["image"]),
+        "label": np.full_like(like["label"], IGNORE_INDEX),
+        "mask": np.zeros_like(like["mask"]),
+        "valid": np.bool_(False),
+        "index": np.int64(-1),
+    }
+    if "scribbles" in like:
+        out["scribbles"] = np.full_like(like["scribbles"], -1)
+    return out
+
+
+def _collate(examples: list[dict]) -> dict:
+    shapes = {ex["image"].shape for ex in examples}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"crop_size: examples of one batch have different shapes {sorted(shapes)}; "
+            "pass crop_size=(h, w) for sources with variable image sizes"
+        )
+    return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainBatch:
+    examples: grain.MapDataset
+    batch_size: int
+    shard_index: int
+    shard_count: int
+
+    def __call__(self, step: int) -> dict:
+        first = (step * self.shard_count + self.shard_index) * self.batch_size
+        return _collate([self.examples[first + j] for j in range(self.batch_size)])
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalBatch:
+    examples: grain.MapDataset
+    num_examples: int
+    batch_size: int
+    shard_index: int
+    shard_count: int
+
+    def __call__(self, step: int) -> dict:
+        idx = [self.shard_index + (step * self.batch_size + j) * self.shard_count for j in range(self.batch_size)]
+        real = [self.examples[i] for i in idx if i < self.num_examples]
+        like = real[0] if real else self.examples[0]
+        return _collate(real + [_ignore_example(like)] * (self.batch_size - len(real)))
+
+
+def max_image_size(source) -> tuple[int, int]:
+    """``(max H, max W)`` over ``source`` (reads every example once)."""
+    h = w = 0
+    for i in range(len(source)):
+        sh = np.shape(source[i]["label"])
+        h, w = max(h, sh[0]), max(w, sh[1])
+    return h, w
+
+
+def _pair(name, value):
+    if value is None:
+        return None
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in value):
+        raise ValueError(f"{name}: expected (h, w) of positive ints, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _shards(shard_index, shard_count):
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index: expected 0 <= shard_index < shard_count = {shard_count}, got {shard_index}")
+    return int(shard_index), int(shard_count)
+
+
+def batch_dataset(
+    source,
+    *,
+    batch_size: int,
+    crop_size=None,
+    train: bool,
+    seed: int,
+    scribbles: bool = False,
+    shard_index: Optional[int] = None,
+    shard_count: Optional[int] = None,
+    scale_range=(0.75, 1.25),
+    flip: bool = True,
+    mean=DEFAULT_MEAN,
+    std=DEFAULT_STD,
+    pad_size=None,
+) -> grain.MapDataset:
+    """A grain ``MapDataset`` whose element ``s`` is batch ``s`` (see the module docstring).
+
+    Training: infinite length (``sys.maxsize``); evaluation: one pass,
+    ``ceil(ceil(N / shard_count) / batch_size)`` batches. Arguments as in :func:`make_batches`.
+    """
+    batch_size = V.check_nonnegative_int("batch_size", batch_size, positive=True)
+    seed = V.check_nonnegative_int("seed", seed)
+    n = len(source)
+    if n == 0:
+        raise ValueError("source: expected a non-empty source, got 0 examples")
+    shard_index, shard_count = _shards(shard_index, shard_count)
+    crop_size = _pair("crop_size", crop_size)
+    pad_size = _pair("pad_size", pad_size)
+    if scale_range is not None:
+        lo, hi = scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range: expected (lo, hi) with 0 < lo <= hi, got {tuple(scale_range)}")
+        scale_range = (float(lo), float(hi))
+    if scribbles:
+        _scribble_fn()  # fail early and clearly
+    if not train and pad_size is None:
+        pad_size = max_image_size(source)
+    transform = _Transform(
+        train=bool(train),
+        crop_size=crop_size,
+        pad_size=pad_size,
+        scale_range=scale_range,
+        flip=bool(flip),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        scribbles=bool(scribbles),
+    )
+    shuffle_seed, augment_seed = _derived_seeds(seed, 2)
+    indexed = grain.MapDataset.range(n).map(_Read(source))
+    if train:
+        examples = indexed.shuffle(seed=shuffle_seed).repeat().random_map(transform, seed=augment_seed)
+        length = None
+        fn = _TrainBatch(examples, batch_size, shard_index, shard_count)
+    else:
+        examples = indexed.random_map(transform, seed=augment_seed)
+        length = math.ceil(math.ceil(n / shard_count) / batch_size)
+        fn = _EvalBatch(examples, n, batch_size, shard_index, shard_count)
+    steps = grain.MapDataset.range(sys.maxsize if length is None else length)
+    return steps.map(fn)
+
+
+def make_batches(
+    source,
+    *,
+    batch_size: int,
+    crop_size=None,
+    train: bool,
+    seed: int,
+    start_step: int = 0,
+    num_steps: Optional[int] = None,
+    scribbles: bool = False,
+    shard_index: Optional[int] = None,
+    shard_count: Optional[int] = None,
+    scale_range=(0.75, 1.25),
+    flip: bool = True,
+    mean=DEFAULT_MEAN,
+    std=DEFAULT_STD,
+    pad_size=None,
+    num_threads: int = 2,
+    prefetch: int = 4,
+) -> Iterator[dict]:
+    """Iterate over numpy batches ``start_step, start_step + 1, ...`` (module docstring).
+
+    Args:
+      source: random-access source (``len``, ``__getitem__``) of ``{"image": uint8 (H, W, 3),
+        "label": int (H, W)}``, e.g. from :func:`rwseg.data.load_source`.
+      batch_size: per-process batch ``B``.
+      crop_size: training crop ``(h, w)`` (or int); ``None`` keeps each (scaled) image's
+        size, which needs equal sizes within a batch. Ignored in evaluation.
+      train: augmentation + per-epoch shuffling (True) or padded, ordered evaluation (False).
+      seed: seed of shuffling, augmentation and scribbles.
+      start_step: first batch number to produce (resume).
+      num_steps: number of batches (``None``: infinite in training, one pass in evaluation).
+      scribbles: add ``"scribbles"`` from ``rwseg.rawks.scribbles_from_labels``.
+      shard_index, shard_count: this process and the number of processes (default
+        ``jax.process_index()`` / ``jax.process_count()``).
+      scale_range: random scale factors for training; ``None`` or ``(1, 1)`` disables.
+      flip: random left-right flips in training.
+      mean, std: normalisation in 0..255 units (default ImageNet statistics).
+      pad_size: evaluation size ``(h, w)``; ``None`` = the maximum over the source (reads
+        every example once). An image larger than ``pad_size`` raises ``ValueError``.
+      num_threads, prefetch: grain read threads and prefetch buffer (do not affect results).
+
+    Returns:
+      An iterator of batch dicts (shapes in the module docstring).
+    """
+    ds = batch_dataset(
+        source,
+        batch_size=batch_size,
+        crop_size=crop_size,
+        train=train,
+        seed=seed,
+        scribbles=scribbles,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        scale_range=scale_range,
+        flip=flip,
+        mean=mean,
+        std=std,
+        pad_size=pad_size,
+    )
+    start_step = V.check_nonnegative_int("start_step", start_step)
+    if num_steps is not None:
+        num_steps = V.check_nonnegative_int("num_steps", num_steps)
+    stop = None if num_steps is None else start_step + int(num_steps)
+    if stop is not None:
+        stop = min(stop, len(ds))
+    ds = ds[start_step:stop]
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    return iter(ds.to_iter_dataset(options))

@@ -1,0 +1,110 @@
+"""Reader for the Stanford Background dataset in its ``iccv09Data`` layout.
+
+Layout (Gould et al., ICCV 2009)::
+
+    <root>/images/<id>.jpg            RGB JPEG, about 320x240, variable sizes
+    <root>/labels/<id>.regions.txt    H rows of W integers: 0..7 = class, negative = unknown
+
+Classes: see :data:`CLASS_NAMES`. Unknown (any negative value) becomes
+``IGNORE_INDEX = 255``. There is no official split; :func:`split_ids` makes a seeded one.
+Every error names the offending file (:class:`rwseg.data.files.DataFileError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+
+import numpy as np
+
+from rwseg.data import files
+from rwseg.data.constants import IGNORE_INDEX
+
+CLASS_NAMES = ("sky", "tree", "road", "grass", "water", "building", "mountain", "foreground object")
+NUM_CLASSES = len(CLASS_NAMES)
+
+
+def list_ids(root) -> list[str]:
+    """Sorted ids of ``<root>/images/*.jpg``; ``DataFileError`` if the folder is missing or empty."""
+    images = pathlib.Path(root) / "images"
+    if not images.is_dir():
+        raise files.DataFileError(images, "folder not found (expected the iccv09Data layout: images/, labels/)")
+    ids = sorted(p.name[: -len(".jpg")] for p in images.iterdir() if p.name.endswith(".jpg"))
+    if not ids:
+        raise files.DataFileError(images, "no .jpg images found")
+    return ids
+
+
+def paths(root, example_id: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """``(image_path, label_path)`` of one id."""
+    root = pathlib.Path(root)
+    return root / "images" / f"{example_id}.jpg", root / "labels" / f"{example_id}.regions.txt"
+
+
+def read_label_txt(path) -> np.ndarray:
+    """Parse a ``.regions.txt`` matrix to uint8 ``(H, W)``: 0..7 kept, negative -> 255.
+
+    Raises ``DataFileError`` naming ``path`` for a missing file, ragged rows, non-integer
+    text or values above 7.
+    """
+    text = files.read_bytes(path)
+    rows = [r.split() for r in text.decode("ascii", errors="replace").splitlines() if r.strip()]
+    if not rows:
+        raise files.DataFileError(path, "empty label file")
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise files.DataFileError(path, f"ragged label matrix: row lengths {sorted(widths)[:5]}")
+    try:
+        values = np.array(rows, dtype=np.int64)
+    except ValueError as e:
+        raise files.DataFileError(path, f"non-integer value in label matrix ({e})") from None
+    if values.max() >= NUM_CLASSES:
+        raise files.DataFileError(path, f"label value {values.max()} out of range: expected -1..{NUM_CLASSES - 1}")
+    return np.where(values < 0, IGNORE_INDEX, values).astype(np.uint8)
+
+
+def read_example(root, example_id: str, *, decode: bool = True) -> dict:
+    """Read and check one example.
+
+    Returns ``{"id", "image_bytes", "image": uint8 (H, W, 3) (decoded, for the check),
+    "label": uint8 (H, W)}``; the label must have the image's ``(H, W)``. Errors name the
+    file at fault.
+    """
+    image_path, label_path = paths(root, example_id)
+    image_bytes = files.read_bytes(image_path)
+    image = files.decode_rgb(image_path, image_bytes)
+    label = read_label_txt(label_path)
+    files.check_label_shape(label_path, label, image.shape)
+    return {"id": example_id, "image_bytes": image_bytes, "image": image, "label": label}
+
+
+def split_ids(ids, *, num_validation: int, seed: int) -> dict[str, list[str]]:
+    """A seeded train/validation split of ``ids`` (sorted first, so order does not matter).
+
+    Returns ``{"train": [...], "validation": [...]}``, each sorted.
+    """
+    ids = sorted(ids)
+    if not 0 <= num_validation < len(ids):
+        raise ValueError(f"num_validation: expected 0 <= num_validation < {len(ids)} (number of ids), got {num_validation}")
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    val = sorted(ids[i] for i in perm[:num_validation])
+    train = sorted(ids[i] for i in perm[num_validation:])
+    return {"train": train, "validation": val}
+
+
+def fingerprint(root) -> str:
+    """Short hash of the file names, sizes and mtimes under ``images/`` and ``labels/``.
+
+    Part of the builder config name, so pointing at a changed folder rebuilds the data.
+    """
+    h = hashlib.sha1()
+    root = pathlib.Path(root)
+    for sub in ("images", "labels"):
+        d = root / sub
+        if not d.is_dir():
+            continue
+        for entry in sorted(os.scandir(d), key=lambda e: e.name):
+            st = entry.stat()
+            h.update(f"{sub}/{entry.name}:{st.st_size}:{int(st.st_mtime)};".encode())
+    return h.hexdigest()[:10]

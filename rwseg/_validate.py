@@ -67,10 +67,12 @@ def check_nonnegative_int(name: str, value, *, positive: bool = False) -> int:
 
 
 def value_check(pred, msg: str, *fmt_args) -> None:
-    """A value check usable under ``jit`` through ``checkify``.
+    """A value check for the operators' ``checked=True`` mode.
 
-    Outside a ``checkify.checkify``-transformed function this is a no-op at run time
-    (XLA drops it); inside one it records an error that ``err.throw()`` raises.
+    Call it only in code that the caller runs under ``checkify.checkify`` (that is what
+    ``checked=True`` promises): there it records an error that ``err.throw()`` raises.
+    Under a plain ``jit`` a ``checkify.check`` is an error ("not functionalized"), so
+    operators must not call this unless asked to.
     """
     checkify.check(pred, msg, *fmt_args)
 

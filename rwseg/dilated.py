@@ -1,0 +1,247 @@
+"""Dilated affinity (seed 004; ``../shared/docs/methods.md`` §5).
+
+For a set of rates R, each pixel is linked to 8 neighbours per rate: channel ``c`` of an
+affinity head is offset ``c`` of :func:`rwseg.stencil.dilated_offsets` (8·|R| channels,
+rate-major, each rate's 8 offsets row-major). Ground-truth targets and their validity
+come from :func:`rwseg.stencil.label_affinity`.
+
+- :func:`neighbor_counts` — the neighbour category n0..n8 of each pixel and rate (§3.2);
+- :func:`category_frequencies` — its (|R|, 9) histogram over a dataset (Fig. 3), streamed;
+- :func:`prior_bias` — the affinity head's bias initialisation (§4.1);
+- :func:`affinity_loss` — focal loss (eq. 4) with square-root inverse-frequency weights (eq. 5);
+- :func:`propagate` — affinity propagation refinement (eq. 6, 7).
+
+Validity (a choice, documented once here): a (pixel, rate) is *valid* when the pixel is
+not ignored (label ``>= 0`` and ``!= ignore_index``) and all 8 of its neighbours at that
+rate are inside the image and not ignored. Only then is its category ``n`` (the number of
+neighbours sharing its label) well defined, so only valid (pixel, rate) entries enter the
+frequency table and the loss. Near the image border (closer than the rate) no pixel is
+valid at that rate.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rwseg import _validate as V
+from rwseg import stencil as S
+
+__all__ = ["neighbor_counts", "category_frequencies", "prior_bias", "affinity_loss", "propagate"]
+
+NUM_CATEGORIES = 9  # n0 .. n8
+
+
+def _offsets(rates) -> tuple[S.Offsets, int]:
+    offsets = S.dilated_offsets(rates)
+    return offsets, len(offsets) // 8
+
+
+def _check_labels(name, labels):
+    V.check_rank(name, labels, 2, "(H, W)")
+    V.check_integer(name, labels)
+
+
+def _counts_from_affinity(targets, valid, num_rates):
+    h, w = targets.shape[:2]
+    counts = targets.reshape(h, w, num_rates, 8).sum(axis=-1).astype(jnp.int32)
+    return counts, valid.reshape(h, w, num_rates, 8).all(axis=-1)
+
+
+def neighbor_counts(labels, rates, ignore_index: int = 255):
+    """Neighbour category of every pixel and rate (seed 004, §3.2, eq. 5's ``n_sum(y_a)``).
+
+    labels: (H, W) int; rates: e.g. ``(8, (12, 24), 16)`` ->
+    ``(counts, valid)``, both (H, W, |R|): ``counts[i, r]`` in 0..8 is the number of the
+    8 neighbours at rate r that share pixel i's label (counted among the neighbours that
+    are inside and not ignored); ``valid[i, r]`` says whether the category is defined
+    (pixel not ignored and all 8 neighbours inside and not ignored; module docstring).
+    int32 counts, bool validity. jit/vmap-able (``rates`` static).
+    """
+    _check_labels("labels", labels)
+    offsets, num_rates = _offsets(rates)
+    targets, valid = S.label_affinity(labels, offsets, ignore_index)
+    return _counts_from_affinity(targets, valid, num_rates)
+
+
+def _histogram(labels, offsets, ignore_index):
+    targets, valid = S.label_affinity(labels, offsets, ignore_index)
+    counts, ok = _counts_from_affinity(targets, valid, len(offsets) // 8)
+    onehot = jax.nn.one_hot(counts, NUM_CATEGORIES, dtype=jnp.int32) * ok[..., None]
+    return onehot.sum(axis=(0, 1))
+
+
+_histogram_jit = jax.jit(_histogram, static_argnums=(1, 2))
+
+
+def category_frequencies(label_maps: Iterable, rates, ignore_index: int = 255) -> np.ndarray:
+    """Frequency table of the neighbour categories over a dataset (seed 004, Fig. 3).
+
+    label_maps: an iterable of (H, W) int label maps (sizes may differ; consumed once,
+    so a generator streams a dataset); rates as in :func:`neighbor_counts` ->
+    ``(|R|, 9)`` int64 numpy array: ``table[r, n]`` = number of valid (pixel, rate r)
+    entries of category n. Counts (not proportions): tables of dataset shards add up;
+    :func:`prior_bias` and :func:`affinity_loss` normalise each row themselves.
+    """
+    offsets, num_rates = _offsets(rates)
+    table = np.zeros((num_rates, NUM_CATEGORIES), np.int64)
+    for idx, labels in enumerate(label_maps):
+        _check_labels(f"label_maps[{idx}]", labels)
+        table += np.asarray(_histogram_jit(jnp.asarray(labels), offsets, ignore_index), np.int64)
+    return table
+
+
+def _check_values(name, x, what, *, nonnegative: bool, checked: bool = False):
+    """Value checks: eager ``ValueError`` on concrete input; checkify checks with ``checked``."""
+    if V.is_concrete(x):
+        a = np.asarray(x, np.float64)
+        n_bad = int(np.sum(~np.isfinite(a)))
+        n_neg = int(np.sum(a < 0)) if nonnegative else 0
+        if n_bad or n_neg:
+            raise ValueError(f"{name}: expected finite {what}, got {n_bad} NaN/inf and "
+                             f"{n_neg} negative entries in an array of shape {a.shape}")
+    elif checked:
+        x = jnp.asarray(x)
+        ok = jnp.all(jnp.isfinite(x)) & (jnp.all(x >= 0) if nonnegative else True)
+        V.value_check(ok, f"{name}: expected finite {what}, got min {{}} max {{}}", jnp.min(x), jnp.max(x))
+
+
+def _check_table(frequencies, num_rates=None, checked=False):
+    V.check_rank("frequencies", frequencies, 2, "(|R|, 9)")
+    expected = (num_rates, NUM_CATEGORIES)
+    layout = "(|R|, 9)" if num_rates is None else f"(|R|, 9) with |R| = len(rates) = {num_rates}"
+    V.check_shape("frequencies", frequencies, expected, layout)
+    _check_values("frequencies", frequencies, "counts >= 0", nonnegative=True, checked=checked)
+
+
+def _out_float(x):
+    dtype = jnp.result_type(x)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+
+
+def prior_bias(frequencies, eps: float = 1e-6):
+    """Bias initialisation of the affinity head, ``b_r = -log((1 - pi_r) / pi_r)`` (seed 004, §4.1).
+
+    frequencies: (|R|, 9) table from :func:`category_frequencies` (counts or
+    proportions) -> (|R|,) bias, so that ``sigmoid(b_r) = pi_r`` at initialisation
+    (the focal-loss prior of Lin et al., which seed 004 cites; the extracted text's
+    ``-log(pi / (1 - pi))`` has the opposite sign and would start at ``1 - pi_r``).
+
+    ``pi_r`` is the fraction of positive pairs at rate r among valid (pixel, rate)
+    entries, read off the table: each entry of category n has n positive pairs out of
+    8, so ``pi_r = sum_n n·F[r, n] / (8 sum_n F[r, n])``. It is clipped to
+    ``[eps, 1 - eps]`` so that a rate with only positive (or negative) pairs gives a
+    finite bias. A rate with an empty row (no valid entry) raises ``ValueError`` when the
+    table is concrete (NaN under ``jit``). Float tables keep their dtype; integer tables
+    give float32. The head's 8·|R| biases are ``jnp.repeat(b, 8)``.
+    """
+    _check_table(frequencies)
+    dtype = _out_float(frequencies)
+    f = jnp.asarray(frequencies).astype(dtype)
+    total = f.sum(axis=1)
+    if V.is_concrete(frequencies):
+        empty = np.nonzero(np.asarray(total) <= 0)[0]
+        if empty.size:
+            raise ValueError(f"frequencies: expected every row (rate) to have a positive total, rows {empty.tolist()} are empty")
+    pi = (f * jnp.arange(NUM_CATEGORIES, dtype=dtype)).sum(axis=1) / (8 * total)
+    pi = jnp.clip(pi, eps, 1 - eps)
+    return -jnp.log((1 - pi) / pi)
+
+
+def _category_weights(frequencies, dtype):
+    """(|R|, 9) table -> (|R|, 9) weights ``sqrt(freq(n8) / freq(n))``; 1 where undefined."""
+    f = jnp.asarray(frequencies).astype(dtype)
+    f8 = f[:, 8:9]
+    defined = (f > 0) & (f8 > 0)
+    return jnp.where(defined, jnp.sqrt(f8 / jnp.where(defined, f, 1)), 1)
+
+
+def _focal(logits, targets, gamma):
+    """Eq. 4, ``-(1 - p_t)^gamma log p_t`` with ``p_t = sigmoid(s z)``, ``s = +-1``; stable in z."""
+    signed = jnp.where(targets > 0, logits, -logits)
+    return -jnp.power(jax.nn.sigmoid(-signed), gamma) * jax.nn.log_sigmoid(signed)
+
+
+def affinity_loss(logits, labels, rates, frequencies, gamma: float = 2.0, ignore_index: int = 255, *,
+                  checked: bool = False):
+    """Reweighted focal loss of the dilated affinities (seed 004, eq. 4-5, without beta).
+
+    logits: (H, W, 8·|R|) float, channel c = offset c of ``dilated_offsets(rates)``;
+    labels: (H, W) int; frequencies: (|R|, 9) table (:func:`category_frequencies`) ->
+    scalar of the logits' dtype::
+
+        loss = sum_{valid (i, r)} w[i, r] sum_{c in rate r} FL(logit[i, c], target[i, c])
+               / (8 · #valid (i, r))
+
+    i.e. the weighted focal loss averaged over the valid pairs, with
+    ``w[i, r] = sqrt(freq(n8, r) / freq(n, r))`` for the category n of (i, r) (so n8
+    weighs 1), ``FL = -(1 - p_t)^gamma log p_t``, ``p = sigmoid(logit)``. A weight whose
+    ratio is undefined (zero frequency of n or n8 in the table) is 1. No valid pair
+    gives 0. Multiply by beta (1.2 in the paper) outside. jit/vmap/grad-able.
+
+    Non-finite logits and negative or non-finite frequencies raise ``ValueError`` when
+    the inputs are concrete; under ``jit`` pass ``checked=True`` and wrap the call in
+    ``jax.experimental.checkify.checkify`` to have them reported.
+    """
+    offsets, num_rates = _offsets(rates)
+    _check_labels("labels", labels)
+    V.check_rank("logits", logits, 3, "(H, W, 8·|R|)")
+    V.check_floating("logits", logits)
+    h, w = np.shape(labels)
+    V.check_shape("logits", logits, (h, w, len(offsets)), f"(H, W, 8·|R|) with (H, W) of labels and |R| = {num_rates}")
+    _check_table(frequencies, num_rates, checked)
+    _check_values("logits", logits, "logits", nonnegative=False, checked=checked)
+    dtype = jnp.result_type(logits)
+    targets, valid = S.label_affinity(labels, offsets, ignore_index)
+    counts, ok = _counts_from_affinity(targets, valid, num_rates)
+    weight_table = _category_weights(frequencies, dtype)
+    weights = weight_table[jnp.arange(num_rates), counts]  # (H, W, |R|)
+    fl = _focal(logits, targets, gamma).reshape(h, w, num_rates, 8).sum(axis=-1)
+    total = jnp.where(ok, weights * fl, 0).sum()
+    return (total / jnp.maximum(8 * ok.sum(), 1)).astype(dtype)
+
+
+def propagate(probs, affinity_logits, rates, *, lam=6.0, mu=7.0, iterations: int = 10, checked: bool = False):
+    """Affinity propagation refinement (seed 004, eq. 6 with eq. 7's steep gate).
+
+    probs: (H, W, C) class probabilities (>= 0); affinity_logits: (H, W, 8·|R|), channel c
+    = offset c of ``dilated_offsets(rates)`` -> (H, W, C), dtype of ``probs`` and the
+    logits combined. Repeats ``iterations`` times::
+
+        q_i = lam · p_i · max_k p_{i,k} + sum_c sigmoid(mu · logit_{i,c}) · p_{i + o_c}
+        p_i = q_i / sum_k q_{i,k}
+
+    Neighbours outside the image contribute nothing (:func:`rwseg.stencil.apply`). After
+    at least one iteration each pixel sums to 1; ``iterations=0`` returns ``probs``
+    unchanged. The loop is a ``lax.fori_loop`` with a static count, so it is
+    reverse-differentiable (in probs, logits, lam and mu). lam, mu: scalars (6 and 7 in
+    the paper). Negative or non-finite probabilities and non-finite logits raise
+    ``ValueError`` when the inputs are concrete; under ``jit`` pass ``checked=True`` and
+    wrap the call in ``jax.experimental.checkify.checkify`` to have them reported.
+    """
+    offsets, num_rates = _offsets(rates)
+    iterations = V.check_nonnegative_int("iterations", iterations)
+    V.check_rank("probs", probs, 3, "(H, W, C)")
+    V.check_floating("probs", probs)
+    V.check_rank("affinity_logits", affinity_logits, 3, "(H, W, 8·|R|)")
+    V.check_floating("affinity_logits", affinity_logits)
+    h, w, _ = np.shape(probs)
+    V.check_shape("affinity_logits", affinity_logits, (h, w, len(offsets)),
+                  f"(H, W, 8·|R|) with (H, W) of probs and |R| = {num_rates}")
+    for name, value in (("lam", lam), ("mu", mu)):
+        if isinstance(value, (int, float)) and not value >= 0:
+            raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+    _check_values("probs", probs, "probabilities >= 0", nonnegative=True, checked=checked)
+    _check_values("affinity_logits", affinity_logits, "logits", nonnegative=False, checked=checked)
+    dtype = jnp.result_type(probs, affinity_logits)
+    probs = jnp.asarray(probs, dtype)
+    gates = jax.nn.sigmoid(mu * jnp.asarray(affinity_logits, dtype)).astype(dtype)
+
+    def step(_, p):
+        q = lam * p * jnp.max(p, axis=-1, keepdims=True) + S.apply(gates, p, offsets)
+        return (q / jnp.sum(q, axis=-1, keepdims=True)).astype(dtype)
+
+    return jax.lax.fori_loop(0, iterations, step, probs)

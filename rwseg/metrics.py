@@ -1,0 +1,377 @@
+"""Segmentation metrics used by the papers (``../shared/docs/methods.md``, "Metrics").
+
+Region metrics
+    :func:`confusion_matrix` (summable over images, batches and devices) and
+    :func:`summarize` (mean IoU, frequency-weighted IoU, pixel / mean class accuracy).
+Boundary metrics
+    :func:`trimap_counts` / :func:`trimap_error` (pixel error in a band around the
+    ground-truth boundaries, seed 000 Fig. 5) and :func:`boundary_counts` /
+    :func:`boundary_fscore` (boundaries of the prediction against the ground-truth
+    boundaries with a distance tolerance, seed 000 Table 4). The ``*_counts`` functions
+    return integer counts that add up over a dataset; :func:`summarize_trimap` and
+    :func:`summarize_boundary` turn the summed counts into rates.
+
+Definitions shared by the boundary metrics
+    *Ignored pixel*: a ground-truth label that is negative or equal to ``ignore_index``.
+    *Boundary pixel* (:func:`boundary_mask`): a pixel that is not ignored and has a
+    4-connected neighbour inside the image that is not ignored and carries a different
+    label. Both sides of a label edge are boundary pixels (boundaries are two pixels
+    thick); the image border is not a boundary. With ``void_boundaries=True`` an ignored
+    neighbour also counts as "a different label" (useful for PASCAL VOC, whose void band
+    covers the object outlines).
+    *Distance*: Euclidean distance between pixel centres; the band of width ``w`` is
+    the set of pixels at distance ``<= w`` from the nearest ground-truth boundary pixel
+    (so width 0 is the boundary itself). :func:`within_distance` computes it exactly
+    (a binary dilation with a Euclidean disk of radius ``w``) in O(H·W·w) with jnp.
+
+Everything here is jit-able (sizes, widths and tolerances are static Python values) and
+works on integer label maps of any leading batch shape ``(..., H, W)``.
+
+Values that cannot be checked under ``jit`` (predictions outside ``[0, num_classes)``)
+are checked eagerly when the arrays are concrete; pass ``checked=True`` and wrap the
+call in ``jax.experimental.checkify.checkify`` to check them under ``jit``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rwseg import _validate as V
+from rwseg import stencil as S
+
+__all__ = [
+    "confusion_matrix",
+    "summarize",
+    "boundary_mask",
+    "within_distance",
+    "trimap_counts",
+    "trimap_error",
+    "summarize_trimap",
+    "boundary_counts",
+    "boundary_fscore",
+    "summarize_boundary",
+]
+
+
+def _int_dtype():
+    """The default integer dtype (int64 with ``jax_enable_x64``, else int32)."""
+    return jnp.asarray(0).dtype
+
+
+def _float_dtype():
+    """The default float dtype (float64 with ``jax_enable_x64``, else float32)."""
+    return jnp.asarray(0.0).dtype
+
+
+def _check_pair(pred, labels):
+    V.check_integer("pred", pred)
+    V.check_integer("labels", labels)
+    if np.shape(pred) != np.shape(labels):
+        raise ValueError(
+            f"pred: expected the shape of labels {tuple(np.shape(labels))}, got {tuple(np.shape(pred))}"
+        )
+
+
+def _label_valid(labels, ignore_index):
+    ok = labels >= 0
+    if ignore_index is not None:
+        ok = ok & (labels != ignore_index)
+    return ok
+
+
+# --------------------------------------------------------------------------- region metrics
+
+
+def confusion_matrix(pred, labels, num_classes: int, ignore_index: int | None = 255, *, checked: bool = False):
+    """Confusion matrix ``cm[t, p]`` = number of pixels of true class ``t`` predicted as ``p``.
+
+    pred, labels: integer arrays of the same shape ``(..., H, W)`` (any leading batch
+    shape, or any shape at all: pixels are simply counted) -> ``(num_classes,
+    num_classes)`` integer counts (default int dtype: int64 with ``jax_enable_x64``,
+    else int32 — sum on the host in int64 for very large datasets). Rows are ground
+    truth, columns prediction.
+
+    Pixels whose label is negative, equal to ``ignore_index`` or ``>= num_classes`` are
+    skipped. Predictions must lie in ``[0, num_classes)``: this is checked eagerly on
+    concrete inputs (``ValueError``); under ``jit`` a pixel with an out-of-range
+    prediction is dropped, unless ``checked=True`` is passed and the call is wrapped in
+    ``checkify.checkify``, which then reports it. Matrices add up over images, batches
+    and devices (``psum``).
+    """
+    num_classes = V.check_nonnegative_int("num_classes", num_classes, positive=True)
+    _check_pair(pred, labels)
+    pred = jnp.asarray(pred).reshape(-1)
+    labels = jnp.asarray(labels).reshape(-1)
+    pred_ok = (pred >= 0) & (pred < num_classes)
+    if V.is_concrete(pred) and not bool(jnp.all(pred_ok)):
+        bad = np.asarray(pred)[~np.asarray(pred_ok)]
+        raise ValueError(
+            f"pred: expected class indices in [0, {num_classes}), got values {np.unique(bad)[:10].tolist()}"
+        )
+    if checked:
+        V.value_check(jnp.all(pred_ok), f"pred: expected class indices in [0, {num_classes}), got min {{}} max {{}}",
+                      jnp.min(pred), jnp.max(pred))
+    valid = _label_valid(labels, ignore_index) & (labels < num_classes) & pred_ok
+    index = jnp.where(valid, labels * num_classes + pred, 0)
+    dtype = _int_dtype()
+    counts = jnp.zeros(num_classes * num_classes, dtype).at[index].add(valid.astype(dtype))
+    return counts.reshape(num_classes, num_classes)
+
+
+def summarize(cm) -> dict:
+    """Region scores from a (summed) confusion matrix (rows = ground truth).
+
+    cm: ``(N, N)`` counts -> dict of default-float jnp values:
+
+    - ``per_class_iou`` (N,): ``tp / (gt + pred - tp)``; NaN for classes absent from
+      both ground truth and prediction;
+    - ``mean_iou``: mean of ``per_class_iou`` over the classes present in ground truth
+      or prediction (a class predicted but never true has IoU 0 and counts);
+    - ``fw_iou``: frequency-weighted IoU, ``sum_c gt_c * iou_c / sum_c gt_c``;
+    - ``pixel_accuracy``: ``sum tp / sum cm``;
+    - ``per_class_accuracy`` (N,): ``tp / gt`` (NaN where the class is absent from the
+      ground truth) and ``mean_accuracy``: its mean over classes present in ground truth.
+
+    A quantity with nothing to average over (empty matrix) is NaN. jit-able.
+    """
+    V.check_rank("cm", cm, 2, "(N, N)")
+    n = np.shape(cm)[0]
+    V.check_shape("cm", cm, (n, n), "(N, N) square")
+    cm = jnp.asarray(cm).astype(_float_dtype())
+    tp = jnp.diagonal(cm)
+    gt = cm.sum(axis=1)
+    pr = cm.sum(axis=0)
+    union = gt + pr - tp
+    present = union > 0
+    in_gt = gt > 0
+    nan = jnp.nan
+    iou = jnp.where(present, tp / jnp.where(present, union, 1), nan)
+    acc = jnp.where(in_gt, tp / jnp.where(in_gt, gt, 1), nan)
+    total = cm.sum()
+
+    def masked_mean(v, m):
+        count = m.sum()
+        return jnp.where(count > 0, jnp.where(m, v, 0).sum() / jnp.maximum(count, 1), nan)
+
+    return {
+        "mean_iou": masked_mean(iou, present),
+        "fw_iou": jnp.where(total > 0, jnp.where(in_gt, gt * iou, 0).sum() / jnp.maximum(gt.sum(), 1), nan),
+        "pixel_accuracy": jnp.where(total > 0, tp.sum() / jnp.maximum(total, 1), nan),
+        "mean_accuracy": masked_mean(acc, in_gt),
+        "per_class_iou": iou,
+        "per_class_accuracy": acc,
+    }
+
+
+# --------------------------------------------------------------------------- boundaries and distances
+
+
+def _boundary(labels, valid, void_boundaries: bool):
+    """(H, W) labels + (H, W) validity -> (H, W) bool boundary pixels (see module docstring)."""
+    h, w = labels.shape
+    offsets = S.four_connected()
+    nbr = S.gather(labels[:, :, None], offsets)[..., 0]
+    nbr_valid = S.gather(valid[:, :, None], offsets)[..., 0]
+    inside = S.valid_mask(h, w, offsets)
+    differs = nbr_valid & (nbr != labels[:, :, None])
+    if void_boundaries:
+        differs = differs | ~nbr_valid
+    return valid & jnp.any(inside & differs, axis=-1)
+
+
+def boundary_mask(labels, ignore_index: int | None = 255, *, void_boundaries: bool = False):
+    """Ground-truth boundary pixels of a label map.
+
+    labels: (H, W) int -> (H, W) bool. A pixel is a boundary pixel when it is not
+    ignored (label ``>= 0`` and ``!= ignore_index``) and one of its 4-connected
+    neighbours inside the image is not ignored and has a different label. With
+    ``void_boundaries=True`` a non-ignored pixel next to an ignored one is a boundary
+    pixel too. Pass ``ignore_index=None`` to ignore only negative labels (e.g. for a
+    prediction). The image border is not a boundary. Used by seed 000 Fig. 5 / Table 4.
+    """
+    V.check_rank("labels", labels, 2, "(H, W)")
+    V.check_integer("labels", labels)
+    labels = jnp.asarray(labels)
+    return _boundary(labels, _label_valid(labels, ignore_index), void_boundaries)
+
+
+def _check_radius(name, radius) -> float:
+    if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a static non-negative number (pixels), got {type(radius).__name__} {radius!r}")
+    if not radius >= 0 or not math.isfinite(radius):
+        raise ValueError(f"{name}: expected a finite number >= 0 (pixels), got {radius!r}")
+    return float(radius)
+
+
+def _squared_distance(mask, radius: float):
+    """(H, W) bool -> (H, W) int: exact squared Euclidean distance to the nearest True
+    pixel where it is ``<= radius**2``; some value ``> radius**2`` elsewhere.
+
+    Two passes: the vertical distance ``g`` to the nearest True pixel of the same column
+    (running max / min of row indices), then ``d2(y, x) = min_{|dx| <= R} g(y, x+dx)^2 + dx^2``.
+    A point within distance R has ``|dx| <= R``, so the search window is exact there.
+    """
+    h, w = mask.shape
+    r = int(math.floor(radius))
+    cap = r + 1  # vertical distances beyond R are capped: they can only give d2 > R^2
+    rows = jnp.arange(h, dtype=jnp.int32)[:, None]
+    far = jnp.int32(h + cap + 1)
+    above = jax.lax.cummax(jnp.where(mask, rows, -far), axis=0)
+    below = jax.lax.cummin(jnp.where(mask, rows, h + far), axis=0, reverse=True)
+    g = jnp.minimum(jnp.minimum(rows - above, below - rows), cap)
+    # Maximise a closeness ``big - g^2 - dx^2`` instead of minimising d2, so that the
+    # zeros that S.shift puts outside the image (closeness <= 0) never win.
+    big = jnp.int32(cap * cap + r * r + 1)
+    close = big - g * g
+    best = close
+    for dx in range(1, min(r, w - 1) + 1):
+        for sx in (-dx, dx):
+            best = jnp.maximum(best, S.shift(close, (0, sx)) - dx * dx)
+    return big - best
+
+
+def within_distance(mask, radius):
+    """Pixels within Euclidean distance ``radius`` of a True pixel of ``mask``.
+
+    mask: (H, W) bool -> (H, W) bool; equals ``scipy.ndimage.distance_transform_edt(~mask)
+    <= radius`` (a binary dilation by a disk). ``radius`` is a static number >= 0.
+    O(H·W·radius) time, O(H·W) memory; jit-able.
+    """
+    V.check_rank("mask", mask, 2, "(H, W)")
+    radius = _check_radius("radius", radius)
+    mask = jnp.asarray(mask).astype(bool)
+    return _squared_distance(mask, radius) <= radius * radius
+
+
+def _batched(fn, pred, labels):
+    """Apply per-image ``fn(pred, labels)`` over leading dims of ``(..., H, W)`` and sum."""
+    if np.ndim(labels) < 2:
+        raise ValueError(f"labels: expected shape (..., H, W) with rank >= 2, got {tuple(np.shape(labels))}")
+    h, w = np.shape(labels)[-2:]
+    pred = jnp.asarray(pred).reshape(-1, h, w)
+    labels = jnp.asarray(labels).reshape(-1, h, w)
+    return jax.vmap(fn)(pred, labels).sum(axis=0)
+
+
+def _check_widths(widths) -> tuple[float, ...]:
+    if isinstance(widths, (int, float, np.integer, np.floating)):
+        widths = (widths,)
+    widths = tuple(_check_radius("widths", w) for w in widths)
+    if not widths:
+        raise ValueError("widths: expected at least one band width, got an empty sequence")
+    return widths
+
+
+def trimap_counts(pred, labels, widths: Sequence[float], ignore_index: int | None = 255, *,
+                  void_boundaries: bool = False):
+    """Pixel errors inside bands around the ground-truth boundaries (seed 000, Fig. 5).
+
+    pred, labels: int ``(..., H, W)``; widths: static numbers ``>= 0`` ->
+    ``(len(widths), 2)`` integer counts ``[errors, pixels]`` per width, summed over the
+    leading dims. For width ``w`` the band is the set of non-ignored pixels at Euclidean
+    distance ``<= w`` from a ground-truth boundary pixel (:func:`boundary_mask`);
+    ``pixels`` counts them and ``errors`` those with ``pred != labels``. Ignored pixels
+    are never counted (but do not block distances). Counts add up over a dataset;
+    :func:`summarize_trimap` gives the error rates. jit-able.
+    """
+    _check_pair(pred, labels)
+    widths = _check_widths(widths)
+    dtype = _int_dtype()
+
+    def one(p, l):
+        valid = _label_valid(l, ignore_index)
+        d2 = _squared_distance(_boundary(l, valid, void_boundaries), max(widths))
+        wrong = valid & (p != l)
+        rows = []
+        for w in widths:
+            band = valid & (d2 <= w * w)
+            rows.append(jnp.stack([(band & wrong).sum(dtype=dtype), band.sum(dtype=dtype)]))
+        return jnp.stack(rows)
+
+    return _batched(one, pred, labels)
+
+
+def summarize_trimap(counts):
+    """``(K, 2)`` summed ``[errors, pixels]`` from :func:`trimap_counts` -> ``(K,)`` error
+    rates (errors / pixels; NaN for an empty band)."""
+    V.check_rank("counts", counts, 2, "(K, 2)")
+    V.check_shape("counts", counts, (None, 2), "(K, 2) [errors, pixels]")
+    counts = jnp.asarray(counts).astype(_float_dtype())
+    err, tot = counts[:, 0], counts[:, 1]
+    return jnp.where(tot > 0, err / jnp.maximum(tot, 1), jnp.nan)
+
+
+def trimap_error(pred, labels, widths: Sequence[float], ignore_index: int | None = 255, *,
+                 void_boundaries: bool = False):
+    """Error rate inside the trimap band of each width (seed 000, Fig. 5).
+
+    pred, labels: int ``(..., H, W)`` -> ``(len(widths),)`` float: the fraction of
+    non-ignored pixels within distance ``w`` of a ground-truth boundary that are
+    mislabelled, pooled over the leading dims. See :func:`trimap_counts` for the exact
+    definition and for accumulating over a dataset.
+    """
+    return summarize_trimap(trimap_counts(pred, labels, widths, ignore_index, void_boundaries=void_boundaries))
+
+
+def boundary_counts(pred, labels, tolerance: float, ignore_index: int | None = 255, *,
+                    void_boundaries: bool = False):
+    """Boundary matching counts for the boundary F-score (seed 000, Table 4).
+
+    pred, labels: int ``(..., H, W)``; tolerance: static number ``>= 0`` (pixels) ->
+    ``(4,)`` integer counts ``[matched_pred, pred_boundary, matched_gt, gt_boundary]``
+    summed over the leading dims, where
+
+    - gt boundary pixels: :func:`boundary_mask` of ``labels``;
+    - pred boundary pixels: :func:`boundary_mask` of ``pred`` (every prediction is
+      valid), restricted to pixels whose ground truth is not ignored;
+    - a pred (gt) boundary pixel is matched when a gt (pred) boundary pixel lies within
+      Euclidean distance ``tolerance``.
+
+    This is the relaxed (many-to-one) matching, not the one-to-one assignment of the
+    BSDS benchmark; hard segmentations have a single operating point, so the result is
+    one F-score rather than the paper's max F-score / AP over thresholds. Counts add up
+    over a dataset; :func:`summarize_boundary` gives precision, recall and F-score.
+    """
+    _check_pair(pred, labels)
+    tolerance = _check_radius("tolerance", tolerance)
+    dtype = _int_dtype()
+
+    def one(p, l):
+        valid = _label_valid(l, ignore_index)
+        gt_b = _boundary(l, valid, void_boundaries)
+        pr_b = _boundary(p, jnp.ones_like(valid), False) & valid
+        t2 = tolerance * tolerance
+        pr_hit = pr_b & (_squared_distance(gt_b, tolerance) <= t2)
+        gt_hit = gt_b & (_squared_distance(pr_b, tolerance) <= t2)
+        return jnp.stack([pr_hit.sum(dtype=dtype), pr_b.sum(dtype=dtype),
+                          gt_hit.sum(dtype=dtype), gt_b.sum(dtype=dtype)])
+
+    return _batched(one, pred, labels)
+
+
+def summarize_boundary(counts) -> dict:
+    """``(4,)`` summed counts from :func:`boundary_counts` -> dict with ``precision``
+    (matched_pred / pred_boundary), ``recall`` (matched_gt / gt_boundary) and ``fscore``
+    (``2PR / (P + R)``). An empty denominator gives NaN; ``fscore`` is 0 when P = R = 0."""
+    V.check_shape("counts", counts, (4,), "(4,) [matched_pred, pred_boundary, matched_gt, gt_boundary]")
+    c = jnp.asarray(counts).astype(_float_dtype())
+    precision = jnp.where(c[1] > 0, c[0] / jnp.maximum(c[1], 1), jnp.nan)
+    recall = jnp.where(c[3] > 0, c[2] / jnp.maximum(c[3], 1), jnp.nan)
+    s = precision + recall
+    fscore = jnp.where(s > 0, 2 * precision * recall / jnp.where(s > 0, s, 1), jnp.where(jnp.isnan(s), jnp.nan, 0.0))
+    return {"precision": precision, "recall": recall, "fscore": fscore}
+
+
+def boundary_fscore(pred, labels, tolerance: float, ignore_index: int | None = 255, *,
+                    void_boundaries: bool = False) -> dict:
+    """Boundary precision, recall and F-score of a segmentation (seed 000, Table 4).
+
+    pred, labels: int ``(..., H, W)`` -> dict of scalars (``precision``, ``recall``,
+    ``fscore``) pooled over the leading dims. Definitions in :func:`boundary_counts`.
+    """
+    return summarize_boundary(boundary_counts(pred, labels, tolerance, ignore_index, void_boundaries=void_boundaries))

@@ -66,15 +66,13 @@ def check_nonnegative_int(name: str, value, *, positive: bool = False) -> int:
     return int(value)
 
 
-def value_check(pred, msg: str, *fmt_args) -> None:
-    """A value check for the operators' ``checked=True`` mode.
+def value_check(pred, msg: str, *fmt_args, **fmt_kwargs) -> None:
+    """A value check for the operators' ``checked=True`` mode (``checkify.debug_check``).
 
-    Call it only in code that the caller runs under ``checkify.checkify`` (that is what
-    ``checked=True`` promises): there it records an error that ``err.throw()`` raises.
-    Under a plain ``jit`` a ``checkify.check`` is an error ("not functionalized"), so
-    operators must not call this unless asked to.
+    Inside a ``checkify.checkify``-transformed function it records an error that
+    ``err.throw()`` raises; anywhere else (plain ``jit``, eager) it does nothing.
     """
-    checkify.check(pred, msg, *fmt_args)
+    checkify.debug_check(pred, msg, *fmt_args, **fmt_kwargs)
 
 
 def is_concrete(x) -> bool:

@@ -1,0 +1,270 @@
+"""Benchmark of SPN propagation and GMF inference (issue 4), rwseg against its peers.
+
+Prints one markdown table measured in one run (medians over repeats, float32):
+
+- SPN, three-way gates, four directions merged by max (``rwseg.spn.spn`` under ``jit``),
+  forward and forward + backward (gradients w.r.t. x and all gates), at 64x64x32 (the
+  paper's hidden layer: seed 002 reports 1.3 ms on its GPU) and 256x256x16; peer: the
+  same recurrence in PyTorch on CPU (eager loop over columns, the four directions
+  batched like rwseg does), and optionally ``torch.compile`` of it (``--torch-compile``;
+  ~140 s of compilation per shape, so off by default).
+- GMF, 5 layers on the paper's 23x23 bipartite window (144 offsets), 64x64x21 (1/8 of
+  a 505x505 image), forward and forward + backward (w.r.t. unary, similarity, compat);
+  peer: ``pydensecrf2`` (DenseCRF2D, Gaussian + bilateral kernels, 5 iterations) on the
+  same scores — a different CRF (dense, permutohedral filtering), compared as the usual
+  CRF post-processing cost at the same size.
+
+When jax sees a GPU, a GPU column is added for rwseg, and the SPN case 1024x1024x8,
+batch 16 (the published CUDA line-scan kernel: 71.4 ms) is measured there. Missing peers
+print "n/a (not installed)".
+
+Usage: ``python experiments/benchmarks/bench_spn_gcrf.py [--repeats 10] [--torch-compile]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import block, fmt_ms, gpu_device, machine, markdown_table, median_time  # noqa: E402
+
+from rwseg import gcrf, spn  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # optional peer
+    torch = None
+try:
+    import pydensecrf.densecrf as dcrf
+except ImportError:  # optional peer
+    dcrf = None
+
+NA = "n/a (not installed)"
+
+
+# --------------------------------------------------------------------------- SPN inputs
+
+
+def spn_inputs(shape, batch=None, seed=0):
+    rng = np.random.default_rng(seed)
+    lead = () if batch is None else (batch,)
+    x = rng.normal(size=lead + shape).astype(np.float32)
+    gates = rng.normal(scale=0.5, size=lead + (4,) + shape + (3,)).astype(np.float32)
+    gates = np.asarray(spn.stabilize(gates))
+    cot = rng.normal(size=x.shape).astype(np.float32)
+    return x, gates, cot
+
+
+def jax_spn_fns(batch):
+    layer = spn.spn if batch is None else jax.vmap(spn.spn)
+    fwd = jax.jit(layer)
+
+    def loss(x, g, cot):
+        return jnp.sum(layer(x, g) * cot)
+
+    bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return fwd, bwd
+
+
+def time_jax_spn(shape, device, repeats, batch=None):
+    x, g, cot = (jax.device_put(a, device) for a in spn_inputs(shape, batch))
+    fwd, bwd = jax_spn_fns(batch)
+    t_f = median_time(lambda: block(fwd(x, g)), repeats=repeats)
+    t_b = median_time(lambda: block(bwd(x, g, cot)), repeats=repeats)
+    return t_f, t_b
+
+
+# --------------------------------------------------------------------------- SPN in PyTorch
+
+
+def torch_spn(x, gates):
+    """Same recurrence as rwseg.spn.spn, PyTorch, x (H, W, C), gates (4, H, W, C, 3).
+
+    Each direction is mapped to left-to-right (flip / transpose), the directions with
+    the same canonical shape run in one loop over columns, outputs are mapped back and
+    merged by max. Gates pointing outside the image are zeroed first.
+    """
+    canon = []
+    for d, name in enumerate(spn.DIRECTIONS):
+        xd, gd = x, gates[d]
+        if name in ("top_to_bottom", "bottom_to_top"):
+            xd, gd = xd.transpose(0, 1), gd.transpose(0, 1)
+        if name in ("right_to_left", "bottom_to_top"):
+            xd, gd = xd.flip(1), gd.flip(1)
+        canon.append((xd, gd))
+    outs = [None] * 4
+    groups = {}
+    for i, (xd, _) in enumerate(canon):
+        groups.setdefault(tuple(xd.shape), []).append(i)
+    for idx in groups.values():
+        xs = torch.stack([canon[i][0] for i in idx])  # (B, H, W, C)
+        gs = torch.stack([canon[i][1] for i in idx])  # (B, H, W, C, 3)
+        mask = torch.ones_like(gs[0, :, 0, 0, :])  # (H, 3): row above / below exist
+        mask[0, 0] = 0
+        mask[-1, 2] = 0
+        gs = gs * mask[None, :, None, None, :]
+        h_prev = xs[:, :, 0]
+        cols = [h_prev]
+        zero = torch.zeros_like(h_prev[:, :1])
+        for t in range(1, xs.shape[2]):
+            p = gs[:, :, t]  # (B, H, C, 3)
+            up = torch.cat([zero, h_prev[:, :-1]], dim=1)
+            down = torch.cat([h_prev[:, 1:], zero], dim=1)
+            h_prev = (1 - p.sum(-1)) * xs[:, :, t] + p[..., 0] * up + p[..., 1] * h_prev + p[..., 2] * down
+            cols.append(h_prev)
+        hs = torch.stack(cols, dim=2)
+        for j, i in enumerate(idx):
+            name, hd = spn.DIRECTIONS[i], hs[j]
+            if name in ("right_to_left", "bottom_to_top"):
+                hd = hd.flip(1)
+            if name in ("top_to_bottom", "bottom_to_top"):
+                hd = hd.transpose(0, 1)
+            outs[i] = hd
+    return torch.stack(outs).amax(0)
+
+
+def time_torch_spn(shape, repeats, compiled=False):
+    x, g, cot = (torch.from_numpy(a.copy()) for a in spn_inputs(shape))
+    fn = torch.compile(torch_spn) if compiled else torch_spn
+    # correctness against rwseg before timing
+    ref = np.asarray(jax.jit(spn.spn)(x.numpy(), g.numpy()))
+    np.testing.assert_allclose(fn(x, g).numpy(), ref, rtol=1e-4, atol=1e-4)
+
+    def fwd():
+        with torch.no_grad():
+            fn(x, g)
+
+    xg, gg = x.clone().requires_grad_(), g.clone().requires_grad_()
+
+    def bwd():
+        xg.grad = gg.grad = None
+        (fn(xg, gg) * cot).sum().backward()
+
+    # the eager peer is slow: fewer repeats, one warm-up (no compilation to absorb)
+    reps, warm = (repeats, 2) if compiled else (max(1, min(repeats, 3)), 1)
+    return median_time(fwd, repeats=reps, warmup=warm), median_time(bwd, repeats=reps, warmup=warm)
+
+
+# --------------------------------------------------------------------------- GMF
+
+
+def gmf_inputs(shape=(64, 64, 21), radius=11, seed=0):
+    rng = np.random.default_rng(seed)
+    h, w, k = shape
+    offsets = gcrf.bipartite_offsets(radius)
+    logits = rng.normal(scale=2.0, size=shape).astype(np.float32)
+    scores = np.asarray(jax.nn.softmax(logits, axis=-1))
+    z = rng.normal(size=(h, w, 8)).astype(np.float32)
+    filters = rng.normal(scale=0.3, size=(8, k)).astype(np.float32)
+    sim = np.asarray(gcrf.pairwise_similarity(z, filters, offsets))
+    compat = np.asarray(gcrf.compatibility(np.eye(k, dtype=np.float32) * 0.3))
+    return scores, sim, compat, offsets
+
+
+def time_jax_gmf(device, repeats, layers=5):
+    scores, sim, compat, offsets = gmf_inputs()
+    u, s, c = (jax.device_put(a, device) for a in (scores, sim, compat))
+    fwd = jax.jit(lambda u, s, c: gcrf.gmf(u, s, c, offsets, num_layers=layers))
+    cot = jax.device_put(np.random.default_rng(1).normal(size=scores.shape).astype(np.float32), device)
+    bwd = jax.jit(jax.value_and_grad(lambda u, s, c: jnp.sum(gcrf.gmf(u, s, c, offsets, num_layers=layers) * cot),
+                                     argnums=(0, 1, 2)))
+    return median_time(lambda: block(fwd(u, s, c)), repeats=repeats), median_time(
+        lambda: block(bwd(u, s, c)), repeats=repeats)
+
+
+def time_densecrf(repeats, iterations=5):
+    scores, _, _, _ = gmf_inputs()
+    h, w, k = scores.shape
+    unary = np.ascontiguousarray(-np.log(np.clip(scores, 1e-8, 1)).transpose(2, 0, 1).reshape(k, -1))
+    image = np.ascontiguousarray(np.random.default_rng(2).integers(0, 255, size=(h, w, 3)).astype(np.uint8))
+
+    def run():
+        d = dcrf.DenseCRF2D(w, h, k)
+        d.setUnaryEnergy(unary)
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=image, compat=10)
+        d.inference(iterations)
+
+    return median_time(run, repeats=repeats)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def ratio(peer, ours):
+    return "n/a" if peer is None or ours is None else f"{peer / ours:.2f}x"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--torch-compile", action="store_true",
+                   help="also time torch.compile of the PyTorch SPN (~140 s compilation per shape)")
+    args = p.parse_args(argv)
+    cpu = jax.devices("cpu")[0]
+    gpu = gpu_device()
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+    headers = ["case", "pass", "rwseg CPU ms", "peer", "peer ms", "peer / rwseg"]
+    if gpu is not None:
+        headers.insert(3, "rwseg GPU ms")
+    rows = []
+
+    def add(case, kind, ours, peer_name, peer_t, ours_gpu=None):
+        row = [case, kind, fmt_ms(ours), peer_name, fmt_ms(peer_t) if peer_t is not None else "n/a", ratio(peer_t, ours)]
+        if gpu is not None:
+            row.insert(3, fmt_ms(ours_gpu))
+        rows.append(row)
+
+    for shape in [(64, 64, 32), (256, 256, 16)]:
+        case = f"SPN 3-way x4 dirs {shape[0]}x{shape[1]}x{shape[2]}"
+        f_cpu, b_cpu = time_jax_spn(shape, cpu, args.repeats)
+        f_gpu = b_gpu = None
+        if gpu is not None:
+            f_gpu, b_gpu = time_jax_spn(shape, gpu, args.repeats)
+        peers = [("torch eager", False)] + ([("torch.compile", True)] if args.torch_compile else [])
+        for name, compiled in peers:
+            if torch is None:
+                add(case, "fwd", f_cpu, name + " " + NA, None, f_gpu)
+                add(case, "fwd+bwd", b_cpu, name + " " + NA, None, b_gpu)
+                continue
+            tf, tb = time_torch_spn(shape, args.repeats, compiled)
+            add(case, "fwd", f_cpu, name + " (CPU)", tf, f_gpu)
+            add(case, "fwd+bwd", b_cpu, name + " (CPU)", tb, b_gpu)
+        print(f"done {case}", file=sys.stderr, flush=True)
+    if gpu is not None:
+        f_gpu, b_gpu = time_jax_spn((1024, 1024, 8), gpu, args.repeats, batch=16)
+        add("SPN 3-way x4 dirs 1024x1024x8, batch 16", "fwd", None, "CUDA line scan (seed 002, published)", 71.4e-3, f_gpu)
+        add("SPN 3-way x4 dirs 1024x1024x8, batch 16", "fwd+bwd", None, "-", None, b_gpu)
+
+    case = "GMF 5 layers, 23x23 window (144 offsets), 64x64x21"
+    f_cpu, b_cpu = time_jax_gmf(cpu, args.repeats)
+    f_gpu = b_gpu = None
+    if gpu is not None:
+        f_gpu, b_gpu = time_jax_gmf(gpu, args.repeats)
+    t_crf = time_densecrf(args.repeats) if dcrf is not None else None
+    peer = "pydensecrf2 DenseCRF2D, 5 it. (CPU)" if dcrf is not None else "pydensecrf2 " + NA
+    add(case, "fwd", f_cpu, peer, t_crf, f_gpu)
+    add(case, "fwd+bwd", b_cpu, "-", None, b_gpu)
+
+    print(f"Machine: {machine()}")
+    print(f"torch: {torch.__version__ if torch else NA}; torch threads: {torch.get_num_threads() if torch else '-'}; "
+          f"pydensecrf2: {'installed' if dcrf else NA}; repeats: {args.repeats}; float32")
+    if gpu is None:
+        print("No GPU visible to jax: GPU columns and the 1024x1024 batch-16 SPN case are skipped.")
+    if not args.torch_compile:
+        print("torch.compile peer skipped (pass --torch-compile; ~140 s compilation per shape).")
+    print()
+    print(markdown_table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""Gaussian CRF with bipartite Gaussian mean-field inference (seed 003, Vemulapalli et al. 2016).
+
+Every pixel ``i`` carries a K-vector ``y_i`` (K classes). The energy (seed 003, eq. 1)::
+
+    E(y) = sum_i ||y_i - r_i||^2 + sum_{unordered pairs (i, j)} s_ij (y_i - y_j)^T C (y_i - y_j)
+
+has unary scores ``r`` (H, W, K), a pairwise similarity ``s`` on a stencil of offsets
+(an (H, W, N) array, entry ``[i, n]`` linking ``i`` to ``i + o_n``, see
+:mod:`rwseg.stencil`) and a class compatibility ``C = R R^T`` (PSD). Its minimiser
+solves the symmetric positive definite system ``(I + L_s ⊗ C) y = r`` with
+``L_s = diag(S) - s`` the graph Laplacian, ``S_i = sum_j s_ij``.
+
+Gaussian mean field (eq. 2) updates one pixel exactly given the others::
+
+    (I + S_i C) mu_i = r_i + C sum_j s_ij mu_j
+
+On a *bipartite* stencil (every offset has an odd ``dx``) no edge joins two pixels of
+the same column parity, so all even columns are updated at once, then all odd columns
+(one GMF layer, §4 and Fig. 3). Each half-update minimises ``E`` exactly over its block,
+so the energy never increases and the iteration converges to the unique minimiser.
+
+Conventions and choices (``../shared/docs/methods.md`` §4):
+
+- Stencils must be *bipartite* (every ``dx`` odd) and *symmetric* (``-o`` is in the
+  stencil whenever ``o`` is); each unordered pair then appears twice, once from each
+  end, and ``similarity`` must agree on both (``s[i, o] == s[i + o, -o]``), as
+  :func:`pairwise_similarity` guarantees by construction. Entries pointing outside the
+  image are ignored.
+- :func:`bipartite_offsets` reads the paper's "every other neighbour along rows and
+  columns" (Fig. 2) as *odd dy and odd dx* (``pattern="odd"``, default);
+  ``pattern="odd_columns"`` keeps every row (odd dx, any dy). Both are bipartite.
+- The per-pixel K x K systems ``I + S_i C`` depend only on ``S_i`` and ``C``: they are
+  inverted once per call (batched), so one half-update is one stencil product and one
+  batched K x K matrix-vector product.
+- ``gmf(num_layers=n)`` unrolls n layers with ``lax.scan`` (the paper's network,
+  reverse-mode differentiable through the layers). ``gmf(num_layers=None)`` iterates
+  layers in a ``lax.while_loop`` until the largest change of a layer is
+  ``<= tol * max|r|`` and is differentiated implicitly: :func:`rwseg.linsolve.implicit_solve`
+  on ``(I + L_s ⊗ C)``, whose backward pass is the same GMF iteration on the cotangent.
+
+Value checks: a non-symmetric ``compat`` and out-of-range labels raise ``ValueError``
+eagerly when the inputs are concrete; under ``jit`` call :func:`gmf` /
+:func:`margin_loss` with ``checked=True`` inside ``jax.experimental.checkify.checkify``
+to get the same errors (:func:`rwseg._validate.value_check`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rwseg import _validate as V
+from rwseg import linsolve, stencil
+
+__all__ = [
+    "bipartite_offsets",
+    "pairwise_similarity",
+    "compatibility",
+    "gmf",
+    "gmf_half_update",
+    "system_matvec",
+    "energy",
+    "margin_loss",
+    "similarity_pretrain_loss",
+]
+
+_PATTERNS = ("odd", "odd_columns")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_offsets(offsets) -> stencil.Offsets:
+    offsets = stencil.as_offsets(offsets)
+    even = [o for o in offsets if o[1] % 2 == 0]
+    if even:
+        raise ValueError(
+            f"offsets: expected every dx odd (a graph bipartite between even and odd columns), "
+            f"got {len(even)} offsets with even dx, e.g. {even[0]}"
+        )
+    missing = [o for o in offsets if (-o[0], -o[1]) not in offsets]
+    if missing:
+        raise ValueError(
+            f"offsets: expected a symmetric stencil (-o present for every o), got {missing[0]} "
+            f"without {(-missing[0][0], -missing[0][1])}"
+        )
+    return offsets
+
+
+def _check_scores(name, x):
+    V.check_rank(name, x, 3, "(H, W, K)")
+    V.check_floating(name, x)
+
+
+def _check_similarity(similarity, hw, offsets):
+    V.check_rank("similarity", similarity, 3, "(H, W, N)")
+    V.check_floating("similarity", similarity)
+    V.check_shape(
+        "similarity", similarity, tuple(hw) + (len(offsets),), f"(H, W, N) with N = len(offsets) = {len(offsets)}"
+    )
+
+
+def _check_compat(compat, k, checked=False):
+    V.check_rank("compat", compat, 2, "(K, K)")
+    V.check_floating("compat", compat)
+    if compat.shape[0] != compat.shape[1]:
+        raise ValueError(f"compat: expected a square (K, K) matrix, got shape {tuple(compat.shape)}")
+    V.check_shape("compat", compat, (k, k), f"(K, K) with K = {k} classes of unary")
+    msg = "compat: expected a symmetric matrix (C = R R^T), got max |C - C^T| = "
+    if V.is_concrete(compat):
+        c = np.asarray(compat)
+        asym = float(np.max(np.abs(c - c.T)))
+        if not asym <= 1e-6 * max(float(np.max(np.abs(c))), 1.0):
+            raise ValueError(f"{msg}{asym:.3g}")
+    elif checked:
+        asym = jnp.max(jnp.abs(compat - compat.T))
+        V.value_check(asym <= 1e-6 * jnp.maximum(jnp.max(jnp.abs(compat)), 1), msg + "{}", asym)
+
+
+def _check_labels(labels, hw, num_classes, ignore_index, checked=False):
+    V.check_rank("labels", labels, 2, "(H, W)")
+    V.check_integer("labels", labels)
+    V.check_shape("labels", labels, tuple(hw), "(H, W) matching y")
+    msg = f"labels: expected values in [0, {num_classes}) or ignore_index={ignore_index}"
+    if V.is_concrete(labels):
+        lab = np.asarray(labels)
+        bad = (lab != ignore_index) & ((lab < 0) | (lab >= num_classes))
+        if bad.any():
+            raise ValueError(f"{msg}, got {int(bad.sum())} other values, e.g. {int(lab[bad][0])}")
+    elif checked:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        V.value_check(~jnp.any(bad), msg + ", got {} other values", jnp.sum(bad))
+    labels = jnp.asarray(labels)
+    return labels
+
+
+# --------------------------------------------------------------------------- model pieces
+
+
+def bipartite_offsets(radius: int, pattern: str = "odd") -> stencil.Offsets:
+    """The GCRF stencil inside the (2·radius + 1)^2 window (seed 003, §3.2, Fig. 2).
+
+    pattern ``"odd"`` (default, the reading of methods.md §4): offsets with odd dy *and*
+    odd dx, i.e. every other pixel along rows and columns: ``4 * ceil(radius / 2)^2``
+    offsets (144 for the paper's 23x23 window, radius 11). ``"odd_columns"``: odd dx, any dy. Both are symmetric and bipartite
+    between even and odd columns. Sorted by (dy, dx).
+    """
+    radius = V.check_nonnegative_int("radius", radius, positive=True)
+    if pattern not in _PATTERNS:
+        raise ValueError(f"pattern: expected one of {_PATTERNS}, got {pattern!r}")
+    rows = range(-radius, radius + 1)
+    return tuple(
+        (dy, dx) for dy in rows for dx in rows if dx % 2 == 1 and (pattern == "odd_columns" or dy % 2 == 1)
+    )
+
+
+def pairwise_similarity(z, filters, offsets):
+    """Learned similarity ``s_ij = exp(-sum_m (f_m . z_i - f_m . z_j)^2)`` (seed 003, §4).
+
+    z: (H, W, D) pixel features; filters: (D, M) the M filters f_m as columns;
+    offsets: N neighbour offsets. Returns s: (H, W, N), ``s[i, n]`` for ``j = i + o_n``,
+    zero where ``j`` is outside the image. Symmetric by construction
+    (``s[i, o] == s[i + o, -o]`` exactly). Memory O(H·W·(M + N)).
+    """
+    offsets = stencil.as_offsets(offsets)
+    V.check_rank("z", z, 3, "(H, W, D)")
+    V.check_floating("z", z)
+    V.check_rank("filters", filters, 2, "(D, M)")
+    V.check_floating("filters", filters)
+    V.check_shape("filters", filters, (z.shape[-1], None), f"(D, M) with D = {z.shape[-1]} features of z")
+    u = z @ filters  # (H, W, M): f_m . z_i
+    h, w = z.shape[:2]
+    valid = stencil.valid_mask(h, w, offsets)
+    dist = jnp.stack([jnp.sum((u - stencil.shift(u, o)) ** 2, axis=-1) for o in offsets], axis=-1)
+    return jnp.where(valid, jnp.exp(-dist), jnp.zeros((), dist.dtype))
+
+
+def compatibility(r):
+    """Class compatibility ``C = R R^T`` with ``R`` the lower triangle of ``r`` (seed 003, §4).
+
+    r: (K, K) unconstrained parameter (its strict upper triangle is ignored).
+    Returns C: (K, K), symmetric positive semidefinite by construction.
+    """
+    V.check_rank("r", r, 2, "(K, K)")
+    V.check_floating("r", r)
+    if r.shape[0] != r.shape[1]:
+        raise ValueError(f"r: expected a square (K, K) matrix, got shape {tuple(r.shape)}")
+    lower = jnp.tril(r)
+    return lower @ lower.T
+
+
+def system_matvec(similarity, compat, offsets):
+    """The linear map ``y -> (I + L_s ⊗ C) y`` whose solution is the GCRF optimum (seed 003, eq. 1-2).
+
+    similarity: (H, W, N); compat: (K, K); returns a function (H, W, K) -> (H, W, K):
+    ``y_i + C (S_i y_i - sum_j s_ij y_j)`` with :func:`rwseg.stencil.apply` /
+    :func:`rwseg.stencil.degree`. Symmetric positive definite for a symmetric similarity
+    and a PSD ``C``.
+    """
+    offsets = stencil.as_offsets(offsets)
+    deg = stencil.degree(similarity, offsets)[..., None]
+
+    def matvec(y):
+        return y + (deg * y - stencil.apply(similarity, y, offsets)) @ compat.T
+
+    return matvec
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _block_inverse(similarity, compat, offsets):
+    """(I + S_i C)^-1 for every pixel: (H, W, K, K). The blocks never change across layers."""
+    deg = stencil.degree(similarity, offsets)
+    blocks = jnp.eye(compat.shape[0], dtype=compat.dtype) + deg[..., None, None] * compat
+    return jnp.linalg.inv(blocks)
+
+
+def _half_update(mu, rhs, similarity, compat, inverse, offsets, columns):
+    """Solve eq. 2 exactly at the pixels where ``columns`` (1, W, 1) is True."""
+    pull = stencil.apply(similarity, mu, offsets) @ compat.T  # C sum_j s_ij mu_j
+    new = jnp.einsum("hwkl,hwl->hwk", inverse, rhs + pull)
+    return jnp.where(columns, new, mu)
+
+
+def _column_parity(width, parity):
+    return (np.arange(width) % 2 == parity)[None, :, None]
+
+
+def _layer_fn(similarity, compat, offsets):
+    """One GMF layer (even half-update, then odd) as a function ``(mu, rhs) -> mu``."""
+    inverse = _block_inverse(similarity, compat, offsets)
+    width = similarity.shape[1]
+
+    def layer(mu, rhs):
+        for parity in (0, 1):
+            mu = _half_update(mu, rhs, similarity, compat, inverse, offsets, _column_parity(width, parity))
+        return mu
+
+    return layer
+
+
+def gmf_half_update(mu, unary, similarity, compat, offsets, parity: int):
+    """One GMF sub-layer (seed 003, §4, Fig. 3): update the columns of one parity.
+
+    mu, unary: (H, W, K); similarity: (H, W, N) on ``offsets``; compat: (K, K);
+    parity: 0 updates the even columns (0, 2, ...), 1 the odd ones, each by eq. 2
+    ``(I + S_i C) mu_i = r_i + C sum_j s_ij mu_j`` with the other parity fixed; the
+    other columns are returned unchanged. This is the exact minimiser of :func:`energy`
+    over the updated block. :func:`gmf` runs these (sharing the block inverses).
+    """
+    offsets = _check_offsets(offsets)
+    _check_scores("mu", mu)
+    _check_scores("unary", unary)
+    V.check_shape("unary", unary, mu.shape, "(H, W, K) matching mu")
+    _check_similarity(similarity, mu.shape[:2], offsets)
+    _check_compat(compat, mu.shape[-1])
+    if parity not in (0, 1):
+        raise ValueError(f"parity: expected 0 (even columns) or 1 (odd columns), got {parity!r}")
+    inverse = _block_inverse(similarity, compat, offsets)
+    return _half_update(mu, unary, similarity, compat, inverse, offsets, _column_parity(mu.shape[1], parity))
+
+
+def _max_abs(a):
+    return jnp.max(jnp.abs(a))
+
+
+def _info(matvec, rhs, mu, layers, converged):
+    res = jnp.sqrt(jnp.sum((rhs - matvec(mu)) ** 2, axis=(0, 1)))
+    norm = jnp.sqrt(jnp.sum(rhs**2, axis=(0, 1)))
+    rel = jnp.where(norm > 0, res / jnp.where(norm > 0, norm, 1), res)
+    return linsolve.SolveInfo(rel, jnp.asarray(layers, jnp.int32), jnp.broadcast_to(converged, rel.shape))
+
+
+def gmf(
+    unary,
+    similarity,
+    compat,
+    offsets,
+    *,
+    num_layers: int | None = None,
+    tol: float = 1e-5,
+    max_layers: int = 1000,
+    return_info: bool = False,
+    checked: bool = False,
+):
+    """Gaussian mean-field inference on a bipartite stencil (seed 003, eq. 2, §3.2, §4).
+
+    unary: r (H, W, K); similarity: s (H, W, N) on ``offsets`` (N bipartite, symmetric
+    offsets; e.g. :func:`pairwise_similarity` on :func:`bipartite_offsets`); compat:
+    C (K, K) symmetric PSD (e.g. :func:`compatibility`). Starts from ``mu = r``; one
+    layer updates every even column, then every odd column, with
+    ``(I + S_i C) mu_i = r_i + C sum_j s_ij mu_j``.
+
+    num_layers: ``n`` runs exactly n layers (``lax.scan``; reverse-mode differentiable,
+    the paper's unrolled GMF network, 5 layers). ``None`` iterates in a
+    ``lax.while_loop`` until a layer changes no entry by more than ``tol * max|r|`` or
+    ``max_layers`` layers ran, and is differentiated implicitly as the solution of
+    ``(I + L_s ⊗ C) y = r`` (backward pass: the same iteration on the cotangent).
+    Returns y (H, W, K) in the input dtype; with ``return_info=True`` also a
+    :class:`rwseg.linsolve.SolveInfo` (relative residual of the system per class,
+    layers run, converged = the tolerance test passed; not differentiable).
+    ``tol`` bounds the change of the last layer, not the error: the error can be larger
+    by the factor ``1 / (1 - rate)`` of a slowly converging iteration (strong
+    similarities); check ``info.residual``.
+
+    Checks: a non-symmetric ``compat`` raises ``ValueError`` when it is concrete; under
+    ``jit`` pass ``checked=True`` and wrap the call in ``checkify.checkify`` to get the
+    same error. The similarity is assumed symmetric (``s[i, o] == s[i + o, -o]``, as
+    :func:`pairwise_similarity` makes it); implicit gradients rely on it.
+    """
+    offsets = _check_offsets(offsets)
+    _check_scores("unary", unary)
+    _check_similarity(similarity, unary.shape[:2], offsets)
+    _check_compat(compat, unary.shape[-1], checked)
+    max_layers = V.check_nonnegative_int("max_layers", max_layers, positive=True)
+    if not (isinstance(tol, (int, float)) and tol >= 0):
+        raise ValueError(f"tol: expected a float >= 0, got {tol!r}")
+    if num_layers is not None:
+        num_layers = V.check_nonnegative_int("num_layers", num_layers)
+    y, info = _gmf_core(unary, similarity, compat, offsets, num_layers, float(tol), max_layers, bool(return_info))
+    return (y, info) if return_info else y
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))  # compiled once per shape and setting
+def _gmf_core(unary, similarity, compat, offsets, num_layers, tol, max_layers, want_info):
+    """gmf after the checks: returns (y, info), info None unless want_info for unrolled layers."""
+    dtype = jnp.result_type(unary, similarity, compat)
+    unary, similarity, compat = (a.astype(dtype) for a in (unary, similarity, compat))
+    layer = _layer_fn(similarity, compat, offsets)
+    matvec = system_matvec(similarity, compat, offsets)
+
+    if num_layers is not None:
+        def body(carry, _):
+            mu, _ = carry
+            new = layer(mu, unary)
+            return (new, _max_abs(new - mu)), None
+
+        init = (unary, jnp.asarray(jnp.inf, dtype))
+        (y, delta), _ = jax.lax.scan(body, init, None, length=num_layers)
+        if not want_info:
+            return y, None
+        info = _info(matvec, unary, y, num_layers, delta <= tol * _max_abs(unary))
+        return y, jax.tree_util.tree_map(jax.lax.stop_gradient, info)
+
+    def solve(_, rhs):
+        threshold = tol * _max_abs(rhs)
+
+        def cond(state):
+            _, delta, it = state
+            return (it < max_layers) & (delta > threshold)
+
+        def body(state):
+            mu, _, it = state
+            new = layer(mu, rhs)
+            return new, _max_abs(new - mu), it + 1
+
+        init = (rhs, jnp.asarray(jnp.inf, rhs.dtype), jnp.zeros((), jnp.int32))
+        mu, delta, it = jax.lax.while_loop(cond, body, init)
+        return mu, _info(matvec, rhs, mu, it, delta <= threshold)
+
+    return linsolve.implicit_solve(matvec, unary, solve, symmetric=True)
+
+
+# --------------------------------------------------------------------------- energy and losses
+
+
+def energy(y, unary, similarity, compat, offsets):
+    """The GCRF energy (seed 003, eq. 1): a scalar.
+
+    ``sum_i ||y_i - r_i||^2 + sum_{unordered pairs} s_ij (y_i - y_j)^T C (y_i - y_j)``.
+    y, unary: (H, W, K); similarity: (H, W, N) on the symmetric bipartite ``offsets``;
+    compat: (K, K). Every unordered pair appears twice on a symmetric stencil, so the
+    pairwise sum is half the sum over all (pixel, offset) entries inside the image.
+    Memory O(H·W·K) (one offset at a time).
+    """
+    offsets = _check_offsets(offsets)
+    _check_scores("y", y)
+    _check_scores("unary", unary)
+    V.check_shape("unary", unary, y.shape, "(H, W, K) matching y")
+    _check_similarity(similarity, y.shape[:2], offsets)
+    _check_compat(compat, y.shape[-1])
+    h, w = y.shape[:2]
+    valid = stencil.valid_mask(h, w, offsets)
+    total = jnp.sum((y - unary) ** 2)
+    for n, o in enumerate(offsets):
+        d = y - stencil.shift(y, o)
+        quad = jnp.einsum("hwk,kl,hwl->hw", d, compat, d)
+        total = total + 0.5 * jnp.sum(jnp.where(valid[:, :, n], similarity[:, :, n] * quad, 0))
+    return total
+
+
+def margin_loss(y, labels, margin: float = 0.5, ignore_index: int = 255, *, checked: bool = False):
+    """Multi-class hinge loss (seed 003, eq. 6), averaged over labelled pixels.
+
+    Per pixel ``max(0, T - (y_l - max_{k != l} y_k))`` with ``T = margin``.
+    y: (H, W, K) scores, K >= 2; labels: (H, W) int in [0, K) or ``ignore_index``
+    (other values raise ``ValueError`` when labels are concrete; under ``jit`` pass
+    ``checked=True`` inside ``checkify.checkify``; unchecked they are ignored). Returns a scalar in y's dtype
+    (0 when no pixel is labelled).
+    """
+    _check_scores("y", y)
+    num_classes = y.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f"y: expected K >= 2 classes, got shape {tuple(y.shape)}")
+    labels = _check_labels(labels, y.shape[:2], num_classes, ignore_index, checked)
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    safe = jnp.where(valid, labels, 0)
+    onehot = jax.nn.one_hot(safe, num_classes, dtype=bool)
+    true_score = jnp.sum(jnp.where(onehot, y, 0), axis=-1)
+    best_other = jnp.max(jnp.where(onehot, -jnp.inf, y), axis=-1)
+    per_pixel = jnp.maximum(margin - (true_score - best_other), 0)
+    count = jnp.sum(valid)
+    return jnp.sum(jnp.where(valid, per_pixel, 0)) / jnp.maximum(count, 1).astype(y.dtype)
+
+
+def similarity_pretrain_loss(similarity, labels, offsets, threshold: float = math.exp(-10), ignore_index: int = 255):
+    """Pairwise pretraining loss (seed 003, eq. 7), averaged over labelled pairs.
+
+    Per pair ``-[l_i = l_j] s_ij + [l_i != l_j] max(0, s_ij - h)``, ``h = threshold``
+    (the extracted eq. 7 shows min; the stated intent, pushing s below h for
+    dissimilar pairs, needs max — methods.md §4). similarity: (H, W, N) on ``offsets``;
+    labels: (H, W) int; pairs with a negative or ``ignore_index`` label, or a neighbour
+    outside the image, are excluded (:func:`rwseg.stencil.label_affinity`).
+    Returns a scalar in similarity's dtype.
+    """
+    offsets = stencil.as_offsets(offsets)
+    V.check_rank("similarity", similarity, 3, "(H, W, N)")
+    V.check_floating("similarity", similarity)
+    V.check_rank("labels", labels, 2, "(H, W)")
+    V.check_integer("labels", labels)
+    V.check_shape("labels", labels, similarity.shape[:2], "(H, W) matching similarity")
+    _check_similarity(similarity, similarity.shape[:2], offsets)
+    same, valid = stencil.label_affinity(labels, offsets, ignore_index)
+    same = same > 0.5
+    per_pair = jnp.where(same, -similarity, jnp.maximum(similarity - threshold, 0))
+    count = jnp.sum(valid)
+    return jnp.sum(jnp.where(valid, per_pair, 0)) / jnp.maximum(count, 1).astype(similarity.dtype)

@@ -1,0 +1,24 @@
+"""Dilated affinity (seed 004): affinity head + focal affinity loss in training,
+affinity propagation at evaluation."""
+
+import ml_collections
+
+from rwseg.train.config_files import sibling
+
+common = sibling(__file__, "common")
+
+
+def get_config(arg=None):
+    c = common.get_config("dilated")
+    c.dilated = ml_collections.ConfigDict()
+    c.dilated.rates = (2, 4, 8)   # full-resolution pixels (paper at 512 px: 8, (12, 24), 16)
+    c.dilated.use_stem = True     # affinity head also sees the full-resolution stem features
+    c.dilated.beta = 1.2          # affinity loss weight
+    c.dilated.gamma = 2.0         # focal loss exponent
+    c.dilated.lam = 6.0           # propagation: weight of the pixel's own prediction
+    c.dilated.mu = 7.0            # propagation: steepness of the affinity gate
+    c.dilated.iterations = 10
+    c = common.finalize(c, arg)
+    if arg == "smoke":
+        c.dilated.rates = (1, 2)
+    return c

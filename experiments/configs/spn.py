@@ -1,0 +1,21 @@
+"""SPN (seed 002): guidance network + three-way propagation in 4 directions refining the
+upsampled coarse map."""
+
+import ml_collections
+
+from rwseg.train.config_files import sibling
+
+common = sibling(__file__, "common")
+
+
+def get_config(arg=None):
+    c = common.get_config("spn")
+    c.spn = ml_collections.ConfigDict()
+    c.spn.width = 16        # guidance network channels
+    c.spn.depth = 2         # guidance 3x3 convs
+    c.spn.downsample = 1    # propagation resolution H/f x W/f
+    c.spn.aux_weight = 0.5  # coarse cross-entropy weight
+    c = common.finalize(c, arg)
+    if arg == "smoke":
+        c.spn.width = 8
+    return c

@@ -1,0 +1,71 @@
+"""Losses and resampling helpers shared by the models (batched, channels last).
+
+Everything here is a small pure function on batched arrays ``(B, H, W, ...)``; the
+per-image operators of rwseg are vmapped by the models themselves.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rwseg.models.backbone import upsample
+
+__all__ = ["IGNORE_INDEX", "cross_entropy", "masked_mean", "avg_pool", "subsample_labels",
+           "subsample_scribbles", "upsample"]
+
+IGNORE_INDEX = 255  # the data layer's ignore label (rwseg.data.IGNORE_INDEX)
+
+
+def masked_mean(values, mask):
+    """``sum(values * mask) / max(sum(mask), 1)`` in the dtype of ``values``."""
+    mask = mask.astype(values.dtype)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), jnp.asarray(1, values.dtype))
+
+
+def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
+    """Softmax cross-entropy averaged over the non-ignored pixels of the whole batch.
+
+    logits: (B, H, W, K) float; labels: (B, H, W) int (``ignore_index`` or negative =
+    ignored) -> scalar. The mean is over the *global* batch, so a data-parallel step
+    gives the same value (and gradient) as one device.
+    """
+    num_classes = logits.shape[-1]
+    valid = (labels >= 0) & (labels != ignore_index) & (labels < num_classes)
+    safe = jnp.where(valid, labels, 0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    return masked_mean(nll, valid)
+
+
+def avg_pool(x, factor: int):
+    """Average-pool a batched map by an integer factor: (B, H, W, C) -> (B, H/f, W/f, C)."""
+    if factor == 1:
+        return x
+    b, h, w, c = x.shape
+    if h % factor or w % factor:
+        raise ValueError(f"avg_pool: expected H, W divisible by factor {factor}, got {(h, w)}")
+    return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+
+
+def subsample_labels(labels, factor: int):
+    """Nearest (block-centre) subsampling of dense labels: (B, H, W) -> (B, H/f, W/f)."""
+    if factor == 1:
+        return labels
+    c = factor // 2
+    return labels[:, c::factor, c::factor]
+
+
+def subsample_scribbles(scribbles, factor: int):
+    """Downsample sparse labels (-1 = unlabelled) so that thin strokes survive.
+
+    (B, H, W) int -> (B, H/f, W/f): a block takes the largest label among its labelled
+    pixels, -1 when it has none. (Blocks crossing two strokes keep one label.)
+    """
+    if factor == 1:
+        return scribbles
+    b, h, w = scribbles.shape
+    if h % factor or w % factor:
+        raise ValueError(f"scribbles: expected H, W divisible by factor {factor}, got {(h, w)}")
+    blocks = scribbles.reshape(b, h // factor, factor, w // factor, factor)
+    return blocks.max(axis=(2, 4))

@@ -1,0 +1,12 @@
+"""Training and evaluation: ``python -m rwseg.train --config experiments/configs/<method>.py --workdir DIR``.
+
+Modules: :mod:`~rwseg.train.trainer` (the loop), :mod:`~rwseg.train.state` (model,
+train state, pure jitted step), :mod:`~rwseg.train.parallel` (mesh, sharding,
+multi-host), :mod:`~rwseg.train.optim`, :mod:`~rwseg.train.checkpoint` (orbax),
+:mod:`~rwseg.train.evaluate` (metrics table, panels), :mod:`~rwseg.train.panels`.
+"""
+
+from rwseg.train.config_files import load_config_file
+from rwseg.train.trainer import train_and_evaluate
+
+__all__ = ["train_and_evaluate", "load_config_file"]

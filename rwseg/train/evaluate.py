@@ -1,0 +1,286 @@
+"""Evaluation of a trained run: metrics table (JSON + markdown) and PNG panels.
+
+``python -m rwseg.evaluate --workdir DIR [--checkpoint best|latest] [--baseline_workdir B]``
+reads ``DIR/config.json`` (written by ``rwseg.train``), restores the checkpoint and
+evaluates on ``config.data.eval_split``. Outputs, in ``DIR/eval/``:
+
+* ``metrics.json`` — mean IoU, frequency-weighted IoU, pixel accuracy, mean accuracy,
+  per-class IoU, trimap error per width (``config.trimap_widths``), boundary
+  precision/recall/F (``config.boundary_tolerance``), the checkpoint step;
+* ``metrics.md`` — the same as a markdown table row;
+* for RAWKS also ``train_P_*``: the propagated labels P on training images
+  (:func:`evaluate_propagation`);
+* ``panels.png`` — image | ground truth | [baseline] | prediction for the first
+  ``config.num_panels`` evaluation images.
+
+Metric counts (confusion matrix, trimap and boundary counts of :mod:`rwseg.metrics`) are
+computed inside the jitted evaluation step on the sharded batch and summed on the host,
+so the result does not depend on the device count. Padding pixels (label 255) count
+nowhere.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rwseg import data, metrics
+from rwseg.train import parallel
+from rwseg.train.panels import save_panels
+from rwseg.train.state import merge
+
+__all__ = ["make_eval_step", "evaluate", "evaluate_propagation", "summarize_counts", "markdown_table", "write_results",
+           "load_run", "predict_panels", "main"]
+
+
+def make_eval_step(graphdef, mesh, num_classes: int, widths, tolerance):
+    """jit ``(state, batch) -> (pred (B, H, W) int32, counts dict)`` over ``mesh``."""
+    widths = tuple(float(w) for w in widths)
+
+    def fn(state, batch):
+        scores = merge(graphdef, state).predict(batch["image"])
+        pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        labels = batch["label"]
+        counts = {
+            "confusion": metrics.confusion_matrix(pred, labels, num_classes),
+            "trimap": metrics.trimap_counts(pred, labels, widths),
+            "boundary": metrics.boundary_counts(pred, labels, float(tolerance)),
+        }
+        return pred, counts
+
+    rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(fn, in_shardings=(rep, shard), out_shardings=(shard, rep))
+
+
+def _pad_batch(batch: dict, size: int) -> dict:
+    """Pad a short last batch to ``size`` examples (labels 255: counted nowhere)."""
+    n = len(batch["label"])
+    if n == size:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        fill = data.IGNORE_INDEX if k == "label" else (-1 if k == "scribbles" else 0)
+        pad = np.full((size - n,) + v.shape[1:], fill, v.dtype)
+        out[k] = np.concatenate([v, pad])
+    return out
+
+
+def eval_batches(config, source, mesh):
+    """Local (per-process) evaluation batches of a fixed size."""
+    local = parallel.local_batch_size(int(config.eval_batch_size), mesh)
+    num = int(config.eval_batches) or None
+    it = data.make_batches(source, batch_size=local, crop_size=None, train=False,
+                           seed=int(config.seed), num_steps=num, shard_index=jax.process_index(),
+                           shard_count=jax.process_count())
+    for batch in it:
+        yield _pad_batch({k: np.asarray(batch[k]) for k in ("image", "label")}, local)
+
+
+def summarize_counts(totals: dict, widths, tolerance) -> dict:
+    """Summed counts -> JSON-ready floats."""
+    region = metrics.summarize(totals["confusion"])
+    trimap = np.asarray(metrics.summarize_trimap(totals["trimap"]))
+    boundary = metrics.summarize_boundary(totals["boundary"])
+    out = {k: float(region[k]) for k in ("mean_iou", "fw_iou", "pixel_accuracy", "mean_accuracy")}
+    out["per_class_iou"] = [float(v) for v in np.asarray(region["per_class_iou"])]
+    for w, e in zip(widths, trimap):
+        out[f"trimap_error@{w:g}"] = float(e)
+    out.update({f"boundary_{k}": float(v) for k, v in boundary.items()})
+    out["boundary_tolerance"] = float(tolerance)
+    return out
+
+
+def evaluate(config, graphdef, state, mesh, source, *, num_classes: int, num_panels: int = 0):
+    """Evaluate ``state`` on ``source``; returns (metrics dict, panel dict of numpy arrays).
+
+    The panel dict holds the first ``num_panels`` images (uint8), labels and predictions.
+    """
+    step = make_eval_step(graphdef, mesh, num_classes, config.trimap_widths, config.boundary_tolerance)
+    totals, kept = None, {"images": [], "labels": [], "pred": []}
+    n_kept = 0
+    for batch in eval_batches(config, source, mesh):
+        pred, counts = step(state, parallel.global_batch(batch, mesh))
+        counts = parallel.to_host(counts)
+        totals = counts if totals is None else jax.tree.map(lambda a, b: np.asarray(a, np.int64) + b, totals, counts)
+        if n_kept < num_panels:
+            pred = parallel.to_host(pred)
+            labels = parallel.to_host(parallel.global_batch({"l": batch["label"]}, mesh))["l"]
+            images = parallel.to_host(parallel.global_batch({"i": batch["image"]}, mesh))["i"]
+            take = min(num_panels - n_kept, len(pred))
+            kept["images"].append(data.denormalize(images[:take]))
+            kept["labels"].append(labels[:take])
+            kept["pred"].append(pred[:take])
+            n_kept += take
+    if totals is None:
+        raise ValueError(f"eval split {config.data.eval_split!r} of {config.data.name!r} gave no batches")
+    result = summarize_counts(totals, [float(w) for w in config.trimap_widths], config.boundary_tolerance)
+    if config.method == "rawks":
+        train_source = data.load_source(config.data.name, config.data.train_split, **_kw(config))
+        result.update(evaluate_propagation(config, graphdef, state, mesh, train_source, num_classes=num_classes))
+    panels = {k: np.concatenate(v) for k, v in kept.items() if v}
+    return result, panels
+
+
+def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: int) -> dict:
+    """RAWKS only: quality of the propagated labels P on (training) images with scribbles.
+
+    The paper evaluates P on the training images (whose dense labels the model never
+    saw) and Q on validation. Returns ``train_P_mean_iou``, ``train_P_pixel_accuracy``
+    (P's argmax, upsampled, against the dense labels) and ``train_P_abstain`` (fraction of
+    labelled pixels with uncertainty weight ``w(x) < 0.5``, where the paper abstains).
+    """
+    from rwseg import rawks
+    from rwseg.models.backbone import upsample
+
+    alpha = float(config.rawks.alpha)
+
+    def fn(state, batch):
+        p = merge(graphdef, state).propagate(batch["image"], batch["scribbles"])
+        w = jax.vmap(lambda pp: rawks.uncertainty_weights(pp, alpha))(p)
+        p = upsample(p, batch["image"].shape[1:3])
+        w = upsample(w[..., None], batch["image"].shape[1:3])[..., 0]
+        pred = jnp.argmax(p, axis=-1).astype(jnp.int32)
+        labels = batch["label"]
+        valid = (labels >= 0) & (labels < num_classes)
+        return {"confusion": metrics.confusion_matrix(pred, labels, num_classes),
+                "abstain": jnp.stack([jnp.sum(valid & (w < 0.5)), jnp.sum(valid)])}
+
+    rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    step = jax.jit(fn, in_shardings=(rep, shard), out_shardings=rep)
+    local = parallel.local_batch_size(int(config.eval_batch_size), mesh)
+    batches = data.make_batches(source, batch_size=local, crop_size=None, train=False, seed=int(config.seed),
+                                num_steps=int(config.eval_batches) or None, scribbles=True,
+                                shard_index=jax.process_index(), shard_count=jax.process_count())
+    totals = None
+    for batch in batches:
+        batch = {k: np.asarray(batch[k]) for k in ("image", "label", "scribbles")}
+        counts = parallel.to_host(step(state, parallel.global_batch(_pad_batch(batch, local), mesh)))
+        totals = counts if totals is None else jax.tree.map(lambda a, b: np.asarray(a, np.int64) + b, totals, counts)
+    region = metrics.summarize(totals["confusion"])
+    return {"train_P_mean_iou": float(region["mean_iou"]), "train_P_pixel_accuracy": float(region["pixel_accuracy"]),
+            "train_P_abstain": float(totals["abstain"][0] / max(int(totals["abstain"][1]), 1))}
+
+
+def markdown_table(rows, widths) -> str:
+    """rows: [(name, metrics dict)] -> markdown table (method | mIoU | fw-IoU | pixel acc | trimap | boundary F)."""
+    widths = [float(w) for w in widths]
+    head = ["method", "mIoU", "fw-IoU", "pixel acc"] + [f"trimap err @{w:g}" for w in widths] + ["boundary F"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in rows:
+        cells = [name] + [f"{100 * m[k]:.1f}" for k in ("mean_iou", "fw_iou", "pixel_accuracy")]
+        cells += [f"{100 * m[f'trimap_error@{w:g}']:.1f}" for w in widths] + [f"{100 * m['boundary_fscore']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n(all in %)\n"
+
+
+def write_results(workdir, name: str, result: dict, widths) -> pathlib.Path:
+    """Write ``workdir/eval/metrics.json`` and ``metrics.md``; returns the eval dir."""
+    out = pathlib.Path(workdir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(dict(result, method=name), indent=2))
+    (out / "metrics.md").write_text(markdown_table([(name, result)], widths))
+    return out
+
+
+# --------------------------------------------------------------------------- saved runs
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"workdir: expected {path} written by `python -m rwseg.train`, not found")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_run(workdir, mesh, *, checkpoint: str = "best"):
+    """(config, Setup, restored replicated state, step) of a saved run.
+
+    ``checkpoint="best"`` falls back to the latest checkpoint when no best one exists.
+    """
+    from rwseg.train.checkpoint import Checkpoints
+    from rwseg.train.state import compute_statistics, create, source_kwargs
+
+    config = load_config(workdir)
+    info = data.dataset_info(config.data.name)
+    source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
+    setup = create(config, info.num_classes, compute_statistics(config, source))
+    template = parallel.replicate(setup.state, mesh)
+    ckpts = Checkpoints(workdir, read_only=True)
+    restored = ckpts.restore(template, which=checkpoint)
+    if restored is None and checkpoint == "best":
+        restored = ckpts.restore(template, which="latest")
+    if restored is None:
+        raise FileNotFoundError(f"workdir: no checkpoint found under {pathlib.Path(workdir) / 'checkpoints'}")
+    ckpts.close()
+    step, state = restored
+    return config, setup, state, step
+
+
+def predict_panels(config, setup, state, mesh, images):
+    """Predictions (N, H, W) for normalised images (N, H, W, 3) (N a multiple of the devices)."""
+    step = make_eval_step(setup.graphdef, mesh, setup.num_classes, config.trimap_widths, config.boundary_tolerance)
+    labels = np.full(images.shape[:3], data.IGNORE_INDEX, np.int32)
+    pred, _ = step(state, parallel.global_batch({"image": images, "label": labels}, mesh))
+    return parallel.to_host(pred)
+
+
+def evaluate_run(workdir, *, checkpoint: str = "best", baseline_workdir: str = "", name: str | None = None):
+    """Evaluate a saved run and write its results; returns (metrics, eval dir)."""
+    mesh = parallel.make_mesh()
+    config, setup, state, step = load_run(workdir, mesh, checkpoint=checkpoint)
+    source = data.load_source(config.data.name, config.data.eval_split, **_kw(config))
+    result, panels = evaluate(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes,
+                              num_panels=int(config.num_panels))
+    result["step"] = int(step)
+    name = name or config.method
+    out = write_results(workdir, name, result, config.trimap_widths)
+    baseline_workdir = baseline_workdir or config.get("baseline_workdir", "")
+    if panels and jax.process_index() == 0:
+        columns = {"ground truth": panels["labels"]}
+        if baseline_workdir:
+            title = "baseline" if name != "baseline" else f"baseline ({pathlib.Path(baseline_workdir).name})"
+            columns[title] = _baseline_predictions(baseline_workdir, mesh, panels["images"], config)
+        columns[name] = panels["pred"]
+        save_panels(out / "panels.png", panels["images"], columns, setup.num_classes)
+    return result, out
+
+
+def _kw(config):
+    from rwseg.train.state import source_kwargs
+
+    return source_kwargs(config)
+
+
+def _baseline_predictions(baseline_workdir, mesh, images_uint8, config):
+    """Predictions of another saved run on the same (re-normalised) panel images."""
+    b_config, b_setup, b_state, _ = load_run(baseline_workdir, mesh)
+    images = data.normalize(images_uint8) if hasattr(data, "normalize") else images_uint8
+    n = len(images)
+    ndev = mesh.devices.size
+    padded = -(-n // ndev) * ndev
+    images = np.concatenate([images, np.zeros((padded - n,) + images.shape[1:], images.dtype)])
+    return predict_panels(b_config, b_setup, b_state, mesh, images.astype(np.float32))[:n]
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rwseg.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="run directory written by `python -m rwseg.train`")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"))
+    parser.add_argument("--baseline_workdir", default="", help="add this run's predictions as the panels' baseline column")
+    args = parser.parse_args(argv)
+    result, out = evaluate_run(args.workdir, checkpoint=args.checkpoint, baseline_workdir=args.baseline_workdir)
+    print((out / "metrics.md").read_text())
+    print(f"results: {out / 'metrics.json'}; panels: {out / 'panels.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

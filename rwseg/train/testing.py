@@ -1,0 +1,55 @@
+"""Helpers to run the training CLI in subprocesses (fake CPU devices, several processes).
+
+Used by the test suite and handy for checking a config on "8 devices" on a laptop:
+``run_train(config_path, workdir, overrides, devices=8)``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+__all__ = ["subprocess_env", "train_command", "run_train", "free_port"]
+
+
+def subprocess_env(devices: int = 1, extra: dict | None = None) -> dict:
+    """The environment for a child JAX process with ``devices`` fake CPU devices.
+
+    Removes inherited ``XLA_FLAGS``/``JAX_*`` settings that would change the device set,
+    and forces CPU.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_PLATFORM")}
+    env["JAX_PLATFORMS"] = "cpu"
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(extra or {})
+    return env
+
+
+def train_command(config_path: str, workdir, overrides=(), *, process: tuple[str, int, int] | None = None) -> list:
+    """argv of ``python -m rwseg.train``; ``process = (coordinator, num_processes, process_id)``."""
+    cmd = [sys.executable, "-m", "rwseg.train", "--config", str(config_path), "--workdir", str(workdir)]
+    cmd += [f"--config.{k}={v}" for k, v in dict(overrides).items()]
+    if process is not None:
+        address, n, i = process
+        cmd += ["--coordinator_address", address, "--num_processes", str(n), "--process_id", str(i)]
+    return cmd
+
+
+def run_train(config_path: str, workdir, overrides=(), *, devices: int = 1, env: dict | None = None,
+              timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
+    """Run the CLI to completion; raises ``RuntimeError`` with its output when it fails."""
+    proc = subprocess.run(train_command(config_path, workdir, overrides), env=subprocess_env(devices, env),
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rwseg.train failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def free_port() -> int:
+    """A currently free TCP port on localhost (for a coordinator address)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]

@@ -284,9 +284,20 @@ def hitting_probabilities(
         return jax.nn.softmax(jnp.where(some, logits, 0), axis=-1).astype(dtype)
 
     p_path = jax.lax.cond(jnp.any(approximate), fallback, lambda: jnp.zeros_like(u))
-    # a safe denominator: the division's gradient must stay finite where it is not selected
-    den = jnp.where(approximate[..., None] | (total <= 0), 1, total)
-    p = jnp.where(approximate[..., None], jax.lax.stop_gradient(p_path), u / den)
+    # P = u / total with a gradient that stays finite for every total above the floor.
+    # A plain ``u / total`` has the VJP ``ct / total - sum_l(ct u) * total**-2``, and
+    # ``total**-2`` overflows float32 for total < ~5e-20 (a pixel a few B = 10 walls away
+    # from every seed, well above the underflow floor ~1e-31): inf / NaN in the adjoint
+    # right-hand side, which the adjoint solve then spreads over the whole gradient. So
+    # divide first by the constant total (no gradient; it cancels in P, so P and its
+    # derivative are unchanged), then normalise by the O(1) sum: the only large factor
+    # left in the backward pass is ``1 / total``, applied once.
+    # (The denominators are also safe where the division is not selected: approximate.)
+    den = jax.lax.stop_gradient(jnp.where(approximate[..., None] | (total <= 0), 1, total))
+    v = u / den
+    vsum = jnp.sum(v, axis=-1, keepdims=True)  # 1 up to rounding where not approximate
+    p = jnp.where(approximate[..., None], jax.lax.stop_gradient(p_path),
+                  v / jnp.where(approximate[..., None] | (vsum <= 0), 1, vsum))
     p = jnp.where(reachable[..., None], p, jnp.asarray(1 / num_labels, dtype))
     return (p, RawksInfo(reachable=reachable, approximate=approximate, solve=info)) if return_info else p
 

@@ -169,6 +169,37 @@ def test_large_boundary_and_far_seeds_float32_match_float64_oracle():
         assert float(p[6, 20, 0]) > 0.99 and float(p[6, 39, 1]) > 0.99
 
 
+def test_float32_gradient_where_sum_of_u_is_tiny_but_resolved():
+    """Regression (RAWKS training, step 120): a pocket of low B behind four columns of
+    B = 10, away from both seeds. There sum_l u ~ 1e-22 (scaled system): far above the
+    underflow floor (~1e-31, so the pixels are exact, not ``approximate``) but below
+    ~5e-20, where the VJP of a plain ``u / sum_l u`` formed ``(sum_l u)**-2 = inf`` in
+    float32. That put inf / NaN in the adjoint right-hand side: the B-gradient came out
+    NaN (spread by the adjoint solve over the whole image) or, when the refinement never
+    started, silently zero. It must be finite and match the float64 dense oracle."""
+    b = np.full((2, 8), 10.0)
+    b[:, :2] = [[0.3, 0.7], [0.5, 0.2]]
+    b[:, 6:] = [[0.4, 0.1], [0.6, 0.9]]  # the pocket
+    s = np.full((2, 8), -1)
+    s[0, 0], s[1, 0] = 0, 1
+    logits = np.random.default_rng(7).normal(size=(2, 8, 2))
+
+    def loss(b, probs):  # the training loss (eq. 11) through P
+        return rawks.rawks_loss(probs(b), jnp.asarray(logits, b.dtype), alpha=1.0)
+
+    b32 = jnp.asarray(b, jnp.float32)
+    p, info = HP(b32, jnp.asarray(s), 2, return_info=True)
+    p_want = dense_probabilities(jnp.asarray(b), s, 2)
+    assert not bool(jnp.any(info.approximate))  # every pixel is resolved: all get gradient
+    np.testing.assert_allclose(p, p_want, atol=1e-5)
+    np.testing.assert_allclose(p[1, 6:, 0], [0.185, 0.272], atol=1e-3)  # the pocket: not one-hot
+    got = jax.jit(jax.grad(lambda b: loss(b, lambda b: rawks.hitting_probabilities(b, s, 2))))(b32)
+    want = jax.grad(lambda b: loss(b, lambda b: dense_probabilities(b, s, 2)))(jnp.asarray(b))
+    assert got.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(got)))
+    np.testing.assert_allclose(got, want, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+    assert float(jnp.max(jnp.abs(got[:, 6:]))) > 0.1 * float(jnp.max(jnp.abs(want)))  # the pocket moves
+
+
 def test_jit_vmap_batch_with_different_seeds():
     probs = [_problem(k) for k in range(3)]
     bs = np.stack([b for b, _ in probs])

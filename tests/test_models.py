@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from rwseg.models import METHODS, build_model, model_class
-from rwseg.models.backbone import Backbone
+from rwseg.models.backbone import PIXELS, Backbone, encoder_grid, pooled_grid, upsample
 from rwseg.models.common import avg_pool, cross_entropy, subsample_labels, subsample_scribbles
 from rwseg.train.config_files import load_config_file
 
@@ -42,6 +42,65 @@ def test_backbone_without_norm_and_bad_norm():
         Backbone(3, width=4, norm="batch", rngs=nnx.Rngs(0))
 
 
+def _linear_backbone(size):
+    """The real Backbone (norm='none') with every conv set to a symmetric channel-parity-preserving average,
+    applied to the ramps (y + 0.5, x + 0.5) (pixel-centre coordinates, positive so ReLU is the identity): a
+    linear, symmetric network, so away from the zero-padded border each output cell holds the continuous
+    coordinates of its true centre. Returns the (1, h, w, 2) logits."""
+    def run():
+        bb = Backbone(2, width=2, depth=1, aspp_rates=(1, 2), features=2, norm="none", in_channels=2,
+                      rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+        for _, m in nnx.iter_graph(bb):
+            if isinstance(m, nnx.Conv):
+                kh, kw, cin, cout = m.kernel.shape
+                par = (np.arange(cin)[:, None] % 2) == (np.arange(cout)[None, :] % 2)
+                mix = par / par.sum(axis=0, keepdims=True)
+                m.kernel[...] = jnp.asarray(np.ones((kh, kw, 1, 1)) / (kh * kw) * mix[None, None], jnp.float32)
+                if m.bias is not None:
+                    m.bias[...] = jnp.zeros_like(m.bias[...])
+        yy, xx = jnp.meshgrid(jnp.arange(size[0]) + 0.5, jnp.arange(size[1]) + 0.5, indexing="ij")
+        return bb(jnp.stack([yy, xx], axis=-1)[None].astype(jnp.float32))["logits"]
+    return jax.jit(run)()
+
+
+@pytest.mark.parametrize("size", [(192, 200), (191, 198)])
+def test_encoder_cells_upsample_to_their_true_pixel_centres(size):
+    # Regression: stride-2 'SAME' 3x3 convs on even inputs centre cell i on input pixel 2i + 1 (+0.5 px per
+    # stage, +3.5 px at 1/8) while jax.image.resize assumes 2i + 0.5; the shared upsampler must compensate.
+    logits = _linear_backbone(size)
+    h, w = logits.shape[1:3]
+    grid = Backbone.grid(size)
+    assert grid == (encoder_grid(size[0]), encoder_grid(size[1]))
+    if size == (192, 200):
+        assert grid[0].stride == 8 and grid[0].offset == grid[1].offset == 3.5
+    ci, cj = np.arange(h) * grid[0].stride + grid[0].stride / 2 + grid[0].offset, \
+        np.arange(w) * grid[1].stride + grid[1].stride / 2 + grid[1].offset
+    inner_i, inner_j = slice(6, h - 6), slice(6, w - 6)  # cells whose receptive field misses the padding
+    np.testing.assert_allclose(np.asarray(logits[0, inner_i, inner_j, 0]),
+                               np.broadcast_to(ci[inner_i, None], (h - 12, w - 12)), atol=0.05)
+    np.testing.assert_allclose(np.asarray(logits[0, inner_i, inner_j, 1]),
+                               np.broadcast_to(cj[None, inner_j], (h - 12, w - 12)), atol=0.05)
+    # ... and the upsampler puts them there: the ramps come back at every interior pixel, in both axes
+    up = np.asarray(upsample(logits, size, grid))
+    rows, cols = slice(56, size[0] - 56), slice(56, size[1] - 56)
+    yy, xx = np.meshgrid(np.arange(size[0]) + 0.5, np.arange(size[1]) + 0.5, indexing="ij")
+    np.testing.assert_allclose(up[0, rows, cols, 0], yy[rows, cols], atol=0.05)
+    np.testing.assert_allclose(up[0, rows, cols, 1], xx[rows, cols], atol=0.05)
+
+
+def test_upsample_between_grids():
+    x = jax.random.normal(jax.random.key(1), (2, 4, 5, 3))
+    # aligned block grids: exactly jax.image.resize (edge values outside)
+    np.testing.assert_allclose(upsample(x, (32, 40), pooled_grid(8)),
+                               jax.image.resize(x, (2, 32, 40, 3), "bilinear"), atol=1e-6)
+    # encoder grid -> walk grid (1/4) -> pixels equals encoder grid -> pixels on a linear ramp's interior
+    ramp = (jnp.arange(8.0)[:, None] + 2 * jnp.arange(8.0)[None, :])[None, ..., None]
+    g = Backbone.grid((64, 64))
+    direct = upsample(ramp, (64, 64), g)
+    via = upsample(upsample(ramp, (16, 16), g, pooled_grid(4)), (64, 64), pooled_grid(4), PIXELS)
+    np.testing.assert_allclose(direct[0, 16:48, 16:48], via[0, 16:48, 16:48], atol=1e-5)
+
+
 def test_cross_entropy_matches_numpy_with_ignore():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 3, 4, 5))
@@ -59,8 +118,9 @@ def test_resampling_helpers():
     x = np.arange(2 * 4 * 6 * 3, dtype=np.float64).reshape(2, 4, 6, 3)
     expected = x.reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4))
     np.testing.assert_allclose(avg_pool(jnp.asarray(x), 2), expected)
-    labels = np.arange(16).reshape(1, 4, 4)
-    np.testing.assert_array_equal(subsample_labels(jnp.asarray(labels), 2), labels[:, 1::2, 1::2])
+    labels = np.array([[[0, 1, 2, 2], [1, 1, 2, 255], [3, 3, 255, 255], [0, 3, 255, 255]]])
+    # block majority among valid labels (ties -> smallest), ignore when a block has none
+    np.testing.assert_array_equal(subsample_labels(jnp.asarray(labels), 2, 4), [[[1, 2], [3, 255]]])
     scrib = -np.ones((1, 4, 4), np.int32)
     scrib[0, 3, 0] = 2  # a one-pixel stroke on an odd row survives the 2x2 downsampling
     out = np.asarray(subsample_scribbles(jnp.asarray(scrib), 2))

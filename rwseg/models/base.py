@@ -41,7 +41,7 @@ class Segmenter(nnx.Module):
     def coarse_scores(self, images):
         """Backbone logits bilinearly upsampled to the image size: (B, H, W, K)."""
         out = self.backbone(images)
-        return upsample(out["logits"], images.shape[1:3])
+        return upsample(out["logits"], images.shape[1:3], self.backbone.grid(images.shape[1:3]))
 
     def loss(self, batch, step):
         raise NotImplementedError

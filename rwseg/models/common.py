@@ -1,5 +1,11 @@
 """Losses and resampling helpers shared by the models (batched, channels last).
 
+Alignment: every downsampler here is block-based — cell i of the factor-f map stands
+for the block of pixels ``f i .. f i + f - 1``, centred at ``f (i + 0.5)``
+(:func:`rwseg.models.backbone.pooled_grid`) — so maps at a walk / CRF / propagation
+resolution are exchanged with the backbone's 1/8 maps and the full-resolution images
+only through :func:`rwseg.models.backbone.upsample` with their grids.
+
 Everything here is a small pure function on batched arrays ``(B, H, W, ...)``; the
 per-image operators of rwseg are vmapped by the models themselves.
 """
@@ -9,10 +15,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rwseg.models.backbone import upsample
+from rwseg.models.backbone import PIXELS, Grid, encoder_grid, pooled_grid, upsample
 
 __all__ = ["IGNORE_INDEX", "cross_entropy", "masked_mean", "avg_pool", "subsample_labels",
-           "subsample_scribbles", "upsample"]
+           "subsample_scribbles", "upsample", "Grid", "PIXELS", "encoder_grid", "pooled_grid"]
 
 IGNORE_INDEX = 255  # the data layer's ignore label (rwseg.data.IGNORE_INDEX)
 
@@ -39,7 +45,9 @@ def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
 
 
 def avg_pool(x, factor: int):
-    """Average-pool a batched map by an integer factor: (B, H, W, C) -> (B, H/f, W/f, C)."""
+    """Average-pool a batched map by an integer factor: (B, H, W, C) -> (B, H/f, W/f, C).
+
+    The result lies on ``pooled_grid(factor)``."""
     if factor == 1:
         return x
     b, h, w, c = x.shape
@@ -48,18 +56,30 @@ def avg_pool(x, factor: int):
     return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
 
 
-def subsample_labels(labels, factor: int):
-    """Nearest (block-centre) subsampling of dense labels: (B, H, W) -> (B, H/f, W/f)."""
+def subsample_labels(labels, factor: int, num_classes: int, ignore_index: int = IGNORE_INDEX):
+    """Block-majority subsampling of dense labels: (B, H, W) -> (B, H/f, W/f) on ``pooled_grid(f)``.
+
+    Each block takes its most frequent valid label (ties: the smallest), ``ignore_index``
+    when it has none. (Picking one pixel per block, e.g. ``labels[:, f//2::f, f//2::f]``,
+    is off the block centre by half a pixel for even f: the bias the models avoid.)
+    """
     if factor == 1:
         return labels
-    c = factor // 2
-    return labels[:, c::factor, c::factor]
+    b, h, w = labels.shape
+    if h % factor or w % factor:
+        raise ValueError(f"labels: expected H, W divisible by factor {factor}, got {(h, w)}")
+    blocks = labels.reshape(b, h // factor, factor, w // factor, factor)
+    valid = (blocks >= 0) & (blocks < num_classes)
+    onehot = jax.nn.one_hot(jnp.where(valid, blocks, num_classes), num_classes + 1, dtype=jnp.int32)
+    counts = onehot.sum(axis=(2, 4))[..., :num_classes]
+    mode = jnp.argmax(counts, axis=-1).astype(labels.dtype)
+    return jnp.where(counts.max(axis=-1) > 0, mode, jnp.asarray(ignore_index, labels.dtype))
 
 
 def subsample_scribbles(scribbles, factor: int):
     """Downsample sparse labels (-1 = unlabelled) so that thin strokes survive.
 
-    (B, H, W) int -> (B, H/f, W/f): a block takes the largest label among its labelled
+    (B, H, W) int -> (B, H/f, W/f) on ``pooled_grid(f)``: a block takes the largest label among its labelled
     pixels, -1 when it has none. (Blocks crossing two strokes keep one label.)
     """
     if factor == 1:

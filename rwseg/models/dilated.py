@@ -60,10 +60,11 @@ class DilatedAffinityModel(Segmenter):
         """(class scores (B, H, W, K), affinity logits (B, H, W, 8·|R|)), full resolution."""
         out = self.backbone(images)
         size = images.shape[1:3]
+        grid = self.backbone.grid(size)
         if self.use_stem:  # decoder-style: upsampled 1/8 features + full-resolution stem features
-            feats = jnp.concatenate([upsample(out["features"], size), out["stem"]], axis=-1)
-            return upsample(out["logits"], size), self.affinity_head(feats)
-        return upsample(out["logits"], size), upsample(self.affinity_head(out["features"]), size)
+            feats = jnp.concatenate([upsample(out["features"], size, grid), out["stem"]], axis=-1)
+            return upsample(out["logits"], size, grid), self.affinity_head(feats)
+        return upsample(out["logits"], size, grid), upsample(self.affinity_head(out["features"]), size, grid)
 
     def loss(self, batch, step):
         logits, aff = self.outputs(batch["image"])

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rwseg import gcrf as ops
-from rwseg.models.backbone import upsample
+from rwseg.models.backbone import pooled_grid, upsample
 from rwseg.models.base import Segmenter
 from rwseg.models.common import avg_pool, cross_entropy, subsample_labels
 
@@ -49,9 +49,9 @@ class GCRFModel(Segmenter):
         """(unary logits, similarity) at H/f: (B, h, w, K), (B, h, w, N)."""
         out = self.backbone(images)
         small = avg_pool(images, self.downsample)
-        size = small.shape[1:3]
-        logits = upsample(out["logits"], size)
-        z = self.pairwise(jnp.concatenate([upsample(out["features"], size), small], axis=-1))
+        size, src, dst = small.shape[1:3], self.backbone.grid(images.shape[1:3]), pooled_grid(self.downsample)
+        logits = upsample(out["logits"], size, src, dst)
+        z = self.pairwise(jnp.concatenate([upsample(out["features"], size, src, dst), small], axis=-1))
         filters = self.filters[...]
         sim = jax.vmap(lambda zz: ops.pairwise_similarity(zz, filters, self.offsets))(z)
         return logits, sim
@@ -65,14 +65,15 @@ class GCRFModel(Segmenter):
     def loss(self, batch, step):
         images, labels = batch["image"], batch["label"]
         logits, sim = self._crf_inputs(images)
-        y = upsample(self._gmf(logits, sim, self.num_layers), images.shape[1:3])
+        grid = pooled_grid(self.downsample)
+        y = upsample(self._gmf(logits, sim, self.num_layers), images.shape[1:3], grid)
         margin = jnp.mean(jax.vmap(lambda yy, l: ops.margin_loss(yy, l, self.margin))(y, labels))
-        aux = cross_entropy(upsample(logits, images.shape[1:3]), labels)
-        small = subsample_labels(labels, self.downsample)
+        aux = cross_entropy(upsample(logits, images.shape[1:3], grid), labels)
+        small = subsample_labels(labels, self.downsample, self.num_classes)
         pre = jnp.mean(jax.vmap(lambda s, l: ops.similarity_pretrain_loss(s, l, self.offsets))(sim, small))
         pre_w = jnp.where(step < self.pretrain_steps, self.pretrain_weight, 0.0).astype(margin.dtype)
         return margin + self.aux_weight * aux + pre_w * pre, {"margin": margin, "ce_unary": aux, "pretrain": pre}
 
     def predict(self, images):
         logits, sim = self._crf_inputs(images)
-        return upsample(self._gmf(logits, sim, None), images.shape[1:3])
+        return upsample(self._gmf(logits, sim, None), images.shape[1:3], pooled_grid(self.downsample))

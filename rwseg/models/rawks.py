@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rwseg import rawks as ops
-from rwseg.models.backbone import ConvBlock, upsample
+from rwseg.models.backbone import ConvBlock, pooled_grid, upsample
 from rwseg.models.base import Segmenter
 from rwseg.models.common import avg_pool, subsample_scribbles
 
@@ -61,7 +61,8 @@ class RAWKSModel(Segmenter):
     def loss(self, batch, step):
         images = batch["image"]
         p = self.propagate(images, batch["scribbles"])
-        logits = upsample(self.backbone(images)["logits"], p.shape[1:3])
+        logits = upsample(self.backbone(images)["logits"], p.shape[1:3], self.backbone.grid(images.shape[1:3]),
+                          pooled_grid(self.downsample))
         loss = jnp.mean(jax.vmap(lambda pp, q: ops.rawks_loss(pp, q, alpha=self.alpha))(p, logits))
         return loss, {"rawks": loss}
 

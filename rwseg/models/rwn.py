@@ -24,7 +24,7 @@ from flax import nnx
 
 from rwseg import rwn as ops
 from rwseg import stencil
-from rwseg.models.backbone import upsample
+from rwseg.models.backbone import pooled_grid, upsample
 from rwseg.models.base import Segmenter
 from rwseg.models.common import avg_pool, cross_entropy, subsample_labels
 
@@ -48,7 +48,8 @@ class RWNModel(Segmenter):
         out = self.backbone(images)
         feats = jnp.concatenate([images, out["stem"]], axis=-1)
         feats = avg_pool(feats, self.downsample)
-        return upsample(out["logits"], feats.shape[1:3]), feats
+        src = self.backbone.grid(images.shape[1:3])
+        return upsample(out["logits"], feats.shape[1:3], src, pooled_grid(self.downsample)), feats
 
     def _weights(self, feats, offsets):
         theta = self.theta[...]
@@ -60,8 +61,8 @@ class RWNModel(Segmenter):
         offsets = self.train_offsets
         weights = self._weights(feats, offsets)
         y = jax.vmap(lambda w, x: ops.random_walk(w, x, offsets, alpha=1.0, steps=1))(weights, f)
-        ce = cross_entropy(upsample(y, images.shape[1:3]), labels)
-        small = subsample_labels(labels, self.downsample)
+        ce = cross_entropy(upsample(y, images.shape[1:3], pooled_grid(self.downsample)), labels)
+        small = subsample_labels(labels, self.downsample, self.num_classes)
         aff = jnp.mean(jax.vmap(lambda w, l: ops.affinity_loss(w, l, offsets))(weights, small))
         return ce + self.affinity_weight * aff, {"ce": ce, "affinity": aff}
 
@@ -71,4 +72,4 @@ class RWNModel(Segmenter):
         weights = self._weights(feats, offsets)
         walk = lambda w, x: ops.random_walk(w, x, offsets, alpha=self.alpha, steps=None, symmetric=True,
                                             tol=self.tol, max_iters=self.max_iters)
-        return upsample(jax.vmap(walk)(weights, f), images.shape[1:3])
+        return upsample(jax.vmap(walk)(weights, f), images.shape[1:3], pooled_grid(self.downsample))

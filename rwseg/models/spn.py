@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rwseg import spn as spn_ops
-from rwseg.models.backbone import ConvBlock, upsample
+from rwseg.models.backbone import ConvBlock, pooled_grid, upsample
 from rwseg.models.base import Segmenter
 from rwseg.models.common import avg_pool, cross_entropy
 
@@ -53,12 +53,15 @@ class SPNModel(Segmenter):
     def refine(self, images):
         """Returns (refined, coarse) scores, both (B, H, W, K)."""
         size = images.shape[1:3]
-        coarse = self.coarse_scores(images)
+        logits, src = self.backbone(images)["logits"], self.backbone.grid(size)
+        coarse = upsample(logits, size, src)
         small = avg_pool(images, self.downsample)
-        x = upsample(coarse, small.shape[1:3]) if self.downsample > 1 else coarse
+        grid = pooled_grid(self.downsample)
+        # straight from the 1/8 logits to the propagation grid (one resampling)
+        x = upsample(logits, small.shape[1:3], src, grid) if self.downsample > 1 else coarse
         refined = jax.vmap(spn_ops.spn)(x, self._gates(small))
         if self.downsample > 1:
-            refined = upsample(refined, size)
+            refined = upsample(refined, size, grid)
         return refined, coarse
 
     def loss(self, batch, step):

@@ -136,15 +136,16 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
     labelled pixels with uncertainty weight ``w(x) < 0.5``, where the paper abstains).
     """
     from rwseg import rawks
-    from rwseg.models.backbone import upsample
+    from rwseg.models.backbone import pooled_grid, upsample
 
     alpha = float(config.rawks.alpha)
 
     def fn(state, batch):
         p = merge(graphdef, state).propagate(batch["image"], batch["scribbles"])
         w = jax.vmap(lambda pp: rawks.uncertainty_weights(pp, alpha))(p)
-        p = upsample(p, batch["image"].shape[1:3])
-        w = upsample(w[..., None], batch["image"].shape[1:3])[..., 0]
+        grid = pooled_grid(int(config.rawks.downsample))  # P lies on the walk grid (block-centred)
+        p = upsample(p, batch["image"].shape[1:3], grid)
+        w = upsample(w[..., None], batch["image"].shape[1:3], grid)[..., 0]
         pred = jnp.argmax(p, axis=-1).astype(jnp.int32)
         labels = batch["label"]
         valid = (labels >= 0) & (labels < num_classes)

@@ -206,12 +206,6 @@ def test_normalize_denormalize_round_trip():
 
 def test_scribbles():
     src = colour_source(n=4)
-    try:
-        from rwseg.rawks import scribbles_from_labels  # noqa: F401
-    except ImportError:
-        with pytest.raises(NotImplementedError, match="scribbles_from_labels"):
-            batches(src, seed=0, num_steps=1, batch_size=2, train=True, crop_size=(12, 12), scribbles=True)
-        return
     a = batches(src, seed=0, num_steps=2, batch_size=2, train=True, crop_size=(12, 12), scribbles=True)
     b = batches(src, seed=0, num_steps=2, batch_size=2, train=True, crop_size=(12, 12), scribbles=True)
     for x, y in zip(a, b):

@@ -52,23 +52,14 @@ def _derived_seeds(seed: int, n: int) -> list[int]:
     return [int(s) for s in np.random.SeedSequence(int(seed)).generate_state(n)]
 
 
-def _scribble_fn():
-    """``rwseg.rawks.scribbles_from_labels``, imported lazily."""
-    try:
-        from rwseg.rawks import scribbles_from_labels  # noqa: PLC0415
-    except ImportError as e:  # module or function missing
-        raise NotImplementedError(
-            "scribbles=True needs rwseg.rawks.scribbles_from_labels(labels, key, ...), "
-            f"which is not available ({e})"
-        ) from None
-    return scribbles_from_labels
-
-
 def _scribbles(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Synthetic scribbles for one label map (``rwseg.rawks.scribbles_from_labels``)."""
     import jax
 
+    from rwseg.rawks import scribbles_from_labels  # lazily: keeps ``rwseg.data`` light
+
     key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
-    return np.asarray(_scribble_fn()(label, key), dtype=np.int32)
+    return np.asarray(scribbles_from_labels(label, key), dtype=np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,8 +235,6 @@ def batch_dataset(
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range: expected (lo, hi) with 0 < lo <= hi, got {tuple(scale_range)}")
         scale_range = (float(lo), float(hi))
-    if scribbles:
-        _scribble_fn()  # fail early and clearly
     if not train and pad_size is None:
         pad_size = max_image_size(source)
     transform = _Transform(

@@ -244,6 +244,17 @@ def _layer_fn(similarity, compat, offsets):
     return layer
 
 
+def _check_state(name, y, unary, similarity, compat, offsets):
+    """Check a state ``y`` (H, W, K) against its problem; returns the normalised offsets."""
+    offsets = _check_offsets(offsets)
+    _check_scores(name, y)
+    _check_scores("unary", unary)
+    V.check_shape("unary", unary, y.shape, f"(H, W, K) matching {name}")
+    _check_similarity(similarity, y.shape[:2], offsets)
+    _check_compat(compat, y.shape[-1])
+    return offsets
+
+
 def gmf_half_update(mu, unary, similarity, compat, offsets, parity: int):
     """One GMF sub-layer (seed 003, §4, Fig. 3): update the columns of one parity.
 
@@ -253,12 +264,7 @@ def gmf_half_update(mu, unary, similarity, compat, offsets, parity: int):
     other columns are returned unchanged. This is the exact minimiser of :func:`energy`
     over the updated block. :func:`gmf` runs these (sharing the block inverses).
     """
-    offsets = _check_offsets(offsets)
-    _check_scores("mu", mu)
-    _check_scores("unary", unary)
-    V.check_shape("unary", unary, mu.shape, "(H, W, K) matching mu")
-    _check_similarity(similarity, mu.shape[:2], offsets)
-    _check_compat(compat, mu.shape[-1])
+    offsets = _check_state("mu", mu, unary, similarity, compat, offsets)
     if parity not in (0, 1):
         raise ValueError(f"parity: expected 0 (even columns) or 1 (odd columns), got {parity!r}")
     inverse = _block_inverse(similarity, compat, offsets)
@@ -378,12 +384,7 @@ def energy(y, unary, similarity, compat, offsets):
     pairwise sum is half the sum over all (pixel, offset) entries inside the image.
     Memory O(H·W·K) (one offset at a time).
     """
-    offsets = _check_offsets(offsets)
-    _check_scores("y", y)
-    _check_scores("unary", unary)
-    V.check_shape("unary", unary, y.shape, "(H, W, K) matching y")
-    _check_similarity(similarity, y.shape[:2], offsets)
-    _check_compat(compat, y.shape[-1])
+    offsets = _check_state("y", y, unary, similarity, compat, offsets)
     h, w = y.shape[:2]
     valid = stencil.valid_mask(h, w, offsets)
     total = jnp.sum((y - unary) ** 2)

@@ -5,7 +5,6 @@ intact the restore stops with an error naming the workdir (never a silent restar
 from step 0)."""
 
 import json
-import os
 import pathlib
 import shutil
 

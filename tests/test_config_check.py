@@ -4,7 +4,6 @@ compares configs key by key."""
 
 import pathlib
 import subprocess
-import sys
 
 import ml_collections
 import pytest
@@ -107,6 +106,8 @@ def test_batch_size_against_devices():
     text = _error(config, num_devices=8)
     assert "config.batch_size: expected a multiple of the device count 8" in text
     assert "config.eval_batch_size: expected a multiple of the device count 8" in text
+    config.eval_at_end = False  # no evaluation: its batch size does not matter
+    assert "eval_batch_size" not in _error(config, num_devices=8)
 
 
 def test_workdir_that_is_a_file(tmp_path):

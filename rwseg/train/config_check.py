@@ -309,7 +309,8 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
 
         num_devices = jax.device_count() if num_devices is None else num_devices
         num_processes = jax.process_count() if num_processes is None else num_processes
-    for key in ("batch_size", "eval_batch_size"):
+    evaluates = values.get("eval_at_end") is not False or values.get("eval_every") not in (0, _MISSING)
+    for key in ("batch_size", "eval_batch_size") if evaluates else ("batch_size",):
         if ok(key) and (values[key] % num_devices or values[key] % num_processes):
             errors.append(f"config.{key}: expected a multiple of the device count {num_devices} "
                           f"(and of the process count {num_processes}), got {values[key]}")

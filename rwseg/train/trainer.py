@@ -1,12 +1,12 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
+0. The whole config (and the workdir) is validated first
+   (:func:`rwseg.train.config_check.check_config`): a bad value fails before any data or
+   model is built, with a message naming its ``config.`` key.
 1. Data: ``rwseg.data.load_source`` + ``make_batches(start_step=...)`` — batch ``s`` is a
    pure function of ``(config.seed, s)``, each process reads its own shard and the
    shards are assembled into one global array sharded over the ``"data"`` mesh axis.
 2. Model/optimiser from the config (:mod:`rwseg.train.state`); the state is replicated.
-0. The whole config (and the workdir) is validated first
-   (:func:`rwseg.train.config_check.check_config`): a bad value fails before any data or
-   model is built, with a message naming its ``config.`` key.
 3. Resume: if ``workdir/checkpoints`` holds a checkpoint, training continues from the
    newest intact one (checksums verified; damaged ones are reported and skipped, see
    :mod:`rwseg.train.checkpoint`) with the restored parameters and optimiser state;
@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import pathlib
@@ -46,7 +47,8 @@ from rwseg.train.evaluate import evaluate, write_results
 from rwseg.train.panels import save_panels
 from rwseg.train.state import compute_statistics, create, make_train_step, source_kwargs
 
-__all__ = ["train_and_evaluate", "MetricsWriter", "previous_config", "check_resume_config", "record_config"]
+__all__ = ["train_and_evaluate", "MetricsWriter", "previous_config", "check_resume_config", "record_config",
+           "finishing"]
 
 HISTORY = "config_history.jsonl"
 
@@ -154,6 +156,23 @@ def _finish(ckpts) -> None:
         ckpts.close()
 
 
+@contextlib.contextmanager
+def finishing(ckpts):
+    """``with finishing(Checkpoints(...)) as ckpts:`` — on leaving, pending saves are finished and
+    the managers closed; if the body raised, that original error propagates (a failure while
+    finishing is then only reported on stderr), so the last checkpoint is never lost to it."""
+    try:
+        yield ckpts
+    except BaseException:
+        try:
+            _finish(ckpts)
+        except Exception as cleanup:  # noqa: BLE001 - reported; the original error matters more
+            print(f"rwseg.train: WARNING: finishing the checkpoints after the error below failed too: "
+                  f"{type(cleanup).__name__}: {cleanup}", file=sys.stderr, flush=True)
+        raise
+    _finish(ckpts)
+
+
 def train_and_evaluate(config, workdir) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints) and evaluate.
 
@@ -164,12 +183,16 @@ def train_and_evaluate(config, workdir) -> dict:
         any data or model is built).
       rwseg.train.checkpoint.NoIntactCheckpointError: the workdir has checkpoints but
         none is intact.
+      rwseg.train.checkpoint.CheckpointMismatchError: the checkpoint does not fit the
+        model (a model setting changed under ``allow_config_change``).
     """
     check_config(config, workdir=workdir)
     changes = check_resume_config(config, workdir)
     workdir = pathlib.Path(workdir)
+    started_before = (workdir / "config.json").exists()
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
+    num_steps = int(config.num_steps)
     local_bs = parallel.local_batch_size(int(config.batch_size), mesh)
     info = data.dataset_info(config.data.name)
     kw = source_kwargs(config)
@@ -177,83 +200,69 @@ def train_and_evaluate(config, workdir) -> dict:
     setup = create(config, info.num_classes, compute_statistics(config, train_source))
     state = parallel.replicate(setup.state, mesh)
 
-    ckpts = Checkpoints(workdir, keep=int(config.keep_checkpoints))
-    try:
-        result = _run(config, workdir, ckpts, setup, state, mesh, info, kw, train_source, local_bs, changes)
-    except BaseException:
-        # finish the pending saves (the last checkpoint) before the original error propagates
+    with finishing(Checkpoints(workdir, keep=int(config.keep_checkpoints))) as ckpts:
+        restored = ckpts.restore(state)
+        start = 0
+        if restored is not None:
+            start, state = restored
+            print(f"rwseg.train: resumed from step {start} in {workdir / 'checkpoints'}", flush=True)
+        elif started_before:
+            print(f"rwseg.train: {workdir} holds an earlier start of this run but no finished checkpoint; "
+                  "training from step 0", flush=True)
+        record_config(config, workdir, start, changes)
+        writer = MetricsWriter(workdir, resume_step=start)
+        train_step = make_train_step(setup, mesh)
+
+        eval_source = None
+
+        def run_eval(step):
+            nonlocal eval_source
+            if eval_source is None:
+                eval_source = data.load_source(config.data.name, config.data.eval_split, **kw)
+            result, panels = evaluate(config, setup.graphdef, state, mesh, eval_source,
+                                      num_classes=info.num_classes, num_panels=int(config.num_panels))
+            writer.write(step, "eval", {k: v for k, v in result.items() if not isinstance(v, list)})
+            ckpts.save_best(step, state, result["mean_iou"])
+            return result, panels
+
+        batches = data.make_batches(train_source, batch_size=local_bs, crop_size=int(config.data.crop_size),
+                                    train=True, seed=int(config.seed), start_step=start,
+                                    num_steps=max(num_steps - start, 0), scribbles=bool(config.data.scribbles),
+                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+        keys = ("image", "label", "scribbles") if config.data.scribbles else ("image", "label")
+        bar = _progress(config, start, num_steps)
+        t0, last_logged = time.perf_counter(), start
+        result = {}
         try:
-            _finish(ckpts)
-        except Exception as cleanup:  # noqa: BLE001 - reported; the original error matters more
-            print(f"rwseg.train: WARNING: finishing the checkpoints after the error below failed too: "
-                  f"{type(cleanup).__name__}: {cleanup}", file=sys.stderr, flush=True)
-        raise
-    _finish(ckpts)
-    return result
-
-
-def _run(config, workdir, ckpts, setup, state, mesh, info, kw, train_source, local_bs, changes) -> dict:
-    """The loop of :func:`train_and_evaluate` (its caller finishes the checkpoints)."""
-    num_steps = int(config.num_steps)
-    restored = ckpts.restore(state)
-    start = 0
-    if restored is not None:
-        start, state = restored
-        print(f"rwseg.train: resumed from step {start} in {workdir / 'checkpoints'}", flush=True)
-    record_config(config, workdir, start, changes)
-    writer = MetricsWriter(workdir, resume_step=start)
-    train_step = make_train_step(setup, mesh)
-
-    eval_source = None
-
-    def run_eval(step):
-        nonlocal eval_source
-        if eval_source is None:
-            eval_source = data.load_source(config.data.name, config.data.eval_split, **kw)
-        result, panels = evaluate(config, setup.graphdef, state, mesh, eval_source,
-                                  num_classes=info.num_classes, num_panels=int(config.num_panels))
-        writer.write(step, "eval", {k: v for k, v in result.items() if not isinstance(v, list)})
-        ckpts.save_best(step, state, result["mean_iou"])
-        return result, panels
-
-    batches = data.make_batches(train_source, batch_size=local_bs, crop_size=int(config.data.crop_size), train=True,
-                                seed=int(config.seed), start_step=start, num_steps=max(num_steps - start, 0),
-                                scribbles=bool(config.data.scribbles), shard_index=jax.process_index(),
-                                shard_count=jax.process_count())
-    keys = ("image", "label", "scribbles") if config.data.scribbles else ("image", "label")
-    bar = _progress(config, start, num_steps)
-    t0, last_logged = time.perf_counter(), start
-    result = {}
-    try:
-        for step in range(start, num_steps):
-            batch = next(batches)
-            batch = parallel.global_batch({k: batch[k] for k in keys}, mesh)
-            state, metrics = train_step(state, batch, np.int32(step))
-            done = step + 1
-            bar.update(1)
-            if done % int(config.log_every) == 0 or done == num_steps:
-                values = jax.tree.map(float, parallel.to_host(metrics))
-                now = time.perf_counter()
-                values["steps_per_sec"] = (done - last_logged) / max(now - t0, 1e-9)
-                t0, last_logged = now, done
-                writer.write(done, "train", values)
-                bar.set_postfix(loss=f"{values['loss']:.4f}")
-                if not np.isfinite(values["loss"]):
-                    raise FloatingPointError(f"loss is {values['loss']} at step {done}; see {writer.path}")
-            if done % int(config.checkpoint_every) == 0 or done == num_steps:
-                ckpts.save(done, state)
-            if int(config.eval_every) and done % int(config.eval_every) == 0 and done != num_steps:
-                run_eval(done)
-    finally:
-        bar.close()
-    if config.eval_at_end:
-        final = ckpts.latest_step() or num_steps
-        result, panels = run_eval(final)
-        result["step"] = int(final)
-        if jax.process_index() == 0:
-            out = write_results(workdir, config.method, result, config.trimap_widths)
-            if panels:
-                np.savez_compressed(out / "panels.npz", **panels)
-                save_panels(out / "panels.png", panels["images"],
-                            {"ground truth": panels["labels"], config.method: panels["pred"]}, info.num_classes)
+            for step in range(start, num_steps):
+                batch = next(batches)
+                batch = parallel.global_batch({k: batch[k] for k in keys}, mesh)
+                state, metrics = train_step(state, batch, np.int32(step))
+                done = step + 1
+                bar.update(1)
+                if done % int(config.log_every) == 0 or done == num_steps:
+                    values = jax.tree.map(float, parallel.to_host(metrics))
+                    now = time.perf_counter()
+                    values["steps_per_sec"] = (done - last_logged) / max(now - t0, 1e-9)
+                    t0, last_logged = now, done
+                    writer.write(done, "train", values)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}")
+                    if not np.isfinite(values["loss"]):
+                        raise FloatingPointError(f"loss is {values['loss']} at step {done}; see {writer.path}")
+                if done % int(config.checkpoint_every) == 0 or done == num_steps:
+                    ckpts.save(done, state)
+                if int(config.eval_every) and done % int(config.eval_every) == 0 and done != num_steps:
+                    run_eval(done)
+        finally:
+            bar.close()
+        if config.eval_at_end:
+            final = ckpts.latest_step() or num_steps
+            result, panels = run_eval(final)
+            result["step"] = int(final)
+            if jax.process_index() == 0:
+                out = write_results(workdir, config.method, result, config.trimap_widths)
+                if panels:
+                    np.savez_compressed(out / "panels.npz", **panels)
+                    save_panels(out / "panels.png", panels["images"],
+                                {"ground truth": panels["labels"], config.method: panels["pred"]}, info.num_classes)
     return result

@@ -322,15 +322,20 @@ def read_state(workdir, *, which: str = "latest", step: int | None = None, verif
         if step is None:
             manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
             step = manager.best_step() or max(steps)
-    path = root / str(step) / STATE_ITEM
-    checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(path)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
-    state = jax.tree.map(np.asarray, checkpointer.restore(path, target))
-    checksum = root / str(step) / CHECKSUM_ITEM / "metadata"
-    if verify and checksum.exists():
-        verify_digest(state, json.loads(checksum.read_text()), root / str(step))
+    step_dir = root / str(step)
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        meta = checkpointer.metadata(step_dir / STATE_ITEM)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+        state = jax.tree.map(np.asarray, checkpointer.restore(step_dir / STATE_ITEM, target))
+        checksum = step_dir / CHECKSUM_ITEM / "metadata"
+        if verify and checksum.exists():
+            verify_digest(state, json.loads(checksum.read_text()), step_dir)
+    except DamagedCheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - name the checkpoint whatever orbax/TensorStore/JSON says
+        raise DamagedCheckpointError(f"{step_dir}: {_reason(e, step_dir)}") from e
     return step, state

@@ -51,9 +51,10 @@ def test_shipped_configs_are_valid(method, arg):
 @pytest.mark.parametrize("method, overrides, expected", [
     ("baseline", {"num_steps": -3}, "config.num_steps: expected an int >= 1, got -3"),
     ("baseline", {"num_steps": 0}, "config.num_steps: expected an int >= 1, got 0"),
-    ("baseline", {"model.width": 12}, "config.model.width: expected channel counts < 8 or multiples of 8"),
-    ("baseline", {"model.width": 5}, "stage 2 = 10"),  # 5 < 8 but 2 x 5 = 10 is not
-    ("baseline", {"model.features": 20}, "config.model.features: expected channel counts"),
+    ("baseline", {"model.width": 12}, "config.model.width: expected channel counts model.width x (1, 2, 4) = "
+                                      "(12, 24, 48) each < 8 or a multiple of 8 (GroupNorm"),
+    ("baseline", {"model.width": 5}, "(5, 10, 20) each < 8"),  # 5 < 8 but 2 x 5 = 10 is not
+    ("baseline", {"model.features": 20}, "config.model.features: expected a channel count < 8 or a multiple of 8"),
     ("baseline", {"model.norm": "batch"}, "config.model.norm: expected one of 'group', 'none', got 'batch'"),
     ("baseline", {"data.crop_size": 36}, "config.data.crop_size: expected a multiple of 8"),
     ("baseline", {"data.name": "voc3"}, "config.data.name: expected one of"),
@@ -73,7 +74,7 @@ def test_shipped_configs_are_valid(method, arg):
     ("rwn", {"rwn.walk_downsample": 3}, "config.rwn.walk_downsample: expected a divisor of config.data.crop_size"),
     ("rwn", {"rwn.eval_radius": 0}, "config.rwn.eval_radius: expected an int >= 1"),
     ("rawks", {"data.scribbles": False}, "config.data.scribbles: expected True for method 'rawks'"),
-    ("rawks", {"rawks.width": 12}, "config.rawks.width: expected channel counts"),
+    ("rawks", {"rawks.width": 12}, "config.rawks.width: expected a channel count"),
     ("rawks", {"rawks.max_boundary": 0.0}, "config.rawks.max_boundary"),
     ("spn", {"spn.downsample": 0}, "config.spn.downsample: expected an int >= 1"),
     ("spn", {"spn.aux_weight": -1.0}, "config.spn.aux_weight"),

@@ -231,14 +231,16 @@ def _get(config, dotted: str):
     return node
 
 
-def _groupnorm_problem(key: str, channels: dict) -> str | None:
-    """``ConvBlock`` uses GroupNorm with min(8, C) groups: C must be < 8 or a multiple of 8."""
-    bad = {name: c for name, c in channels.items() if c >= 8 and c % 8}
-    if not bad:
+def _groupnorm_problem(key: str, value: int, multiples=(1,)) -> str | None:
+    """``ConvBlock`` normalises with GroupNorm over min(8, C) groups: every channel count
+    ``C = value * m`` must be < 8 or a multiple of 8 (else flax refuses the layer)."""
+    counts = [value * m for m in multiples]
+    if all(c < 8 or c % 8 == 0 for c in counts):
         return None
-    shown = ", ".join(f"{name} = {c}" for name, c in channels.items())
-    return (f"{key}: expected channel counts < 8 or multiples of 8 (GroupNorm with min(8, C) groups, "
-            f"config.model.norm='group'), got {shown}")
+    what = f"channel counts {key.removeprefix('config.')} x {tuple(multiples)} = {tuple(counts)} each" \
+        if len(multiples) > 1 else "a channel count"
+    return (f"{key}: expected {what} < 8 or a multiple of 8 (GroupNorm with min(8, C) groups; "
+            f"or config.model.norm='none'), got {value}")
 
 
 def check_workdir(workdir) -> None:
@@ -318,11 +320,10 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
     norm = values.get("model.norm")
     if norm == "group" and ok("model.width", "model.features"):
         w, f = values["model.width"], values["model.features"]
-        problem = _groupnorm_problem("config.model.width",
-                                     {"stem": w, "stage 1": w, "stage 2": 2 * w, "stage 3": 4 * w})
+        problem = _groupnorm_problem("config.model.width", w, (1, 2, 4))
         if problem:
             errors.append(problem)
-        problem = _groupnorm_problem("config.model.features", {"features": f})
+        problem = _groupnorm_problem("config.model.features", f)
         if problem:
             errors.append(problem)
 
@@ -336,7 +337,7 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
         elif options:
             m = {name: check(f"{method}.{name}", pred) for name, pred in options.items()}
             if norm == "group" and method in ("rawks", "spn") and m["width"] is not _MISSING and m["depth"]:
-                problem = _groupnorm_problem(f"config.{method}.width", {"width": m["width"]})
+                problem = _groupnorm_problem(f"config.{method}.width", m["width"])
                 if problem:
                     errors.append(problem)
             factor = m.get(DOWNSAMPLE_KEYS.get(method, ""), _MISSING)

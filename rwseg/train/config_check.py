@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import pathlib
 from typing import Callable
+
+import numpy as np
 
 __all__ = ["ConfigError", "check_config", "check_workdir", "flatten", "config_changes", "HARMLESS_KEYS",
            "METHOD_OPTIONS"]
@@ -33,11 +36,11 @@ class ConfigError(ValueError):
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
 def int_at_least(lo: int) -> Callable:

@@ -59,6 +59,10 @@ def get_config(method: str) -> ml_collections.ConfigDict:
     c.statistics_batches = 4         # training batches used for dataset statistics (dilated)
     c.progress = True                # tqdm progress bar
     c.baseline_workdir = ""          # evaluate: add this run's predictions as the panels' baseline column
+    # resuming a workdir refuses a config whose model/method/data/optimizer settings differ from the
+    # run's (num_steps, frequencies and evaluation settings may change); True continues anyway
+    # (the change is recorded in workdir/config_history.jsonl)
+    c.allow_config_change = False
     return c
 
 

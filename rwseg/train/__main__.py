@@ -4,9 +4,15 @@
 ``--coordinator_address host:port --num_processes N --process_id i`` (or the
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment
 variables) call ``jax.distributed.initialize`` before anything else.
+
+The config is validated before anything is built (:mod:`rwseg.train.config_check`):
+an invalid value, a workdir that is a file, a changed config on resume (see
+``config.allow_config_change``) or a workdir whose checkpoints are all damaged end the
+run with exit status 1 and one message naming the ``config.`` key / path.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -30,9 +36,15 @@ def main(argv):
     from rwseg.train.parallel import initialize
 
     initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from rwseg.train.checkpoint import CheckpointMismatchError, NoIntactCheckpointError
+    from rwseg.train.config_check import ConfigError, check_config
     from rwseg.train.trainer import train_and_evaluate
 
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:  # user errors: one clear message, no traceback, exit status 1
+        check_config(FLAGS.config, workdir=FLAGS.workdir)
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, NoIntactCheckpointError, CheckpointMismatchError) as e:
+        sys.exit(f"rwseg.train: error: {e}")
     if result:
         from rwseg.train.evaluate import markdown_table
 

@@ -1,24 +1,39 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
+0. The whole config (and the workdir) is validated first
+   (:func:`rwseg.train.config_check.check_config`): a bad value fails before any data or
+   model is built, with a message naming its ``config.`` key.
 1. Data: ``rwseg.data.load_source`` + ``make_batches(start_step=...)`` — batch ``s`` is a
    pure function of ``(config.seed, s)``, each process reads its own shard and the
    shards are assembled into one global array sharded over the ``"data"`` mesh axis.
 2. Model/optimiser from the config (:mod:`rwseg.train.state`); the state is replicated.
-3. Resume: if ``workdir/checkpoints`` holds a checkpoint, training continues from its
-   step with the restored parameters and optimiser state; since the data stream and the
-   step are deterministic, the final parameters equal those of an uninterrupted run.
+3. Resume: if ``workdir/checkpoints`` holds a checkpoint, training continues from the
+   newest intact one (checksums verified; damaged ones are reported and skipped, see
+   :mod:`rwseg.train.checkpoint`) with the restored parameters and optimiser state;
+   since the data stream and the step are deterministic, the final parameters equal
+   those of an uninterrupted run. The config must be the one the run was started with
+   (:func:`rwseg.train.config_check.config_changes`; run length, frequencies and
+   evaluation settings may change) unless ``config.allow_config_change`` is True.
+   ``workdir/config.json`` keeps the first start's config; every (re)start appends
+   ``{"step", "time", "changes", "config"}`` to ``workdir/config_history.jsonl``.
 4. Logging: JSON lines in ``workdir/metrics.jsonl`` (``{"step", "split", ...}``), a tqdm
    bar with steps/s and ETA, TensorBoard summaries when ``tensorboardX`` is importable.
 5. Checkpoints every ``config.checkpoint_every`` steps and at the end; validation every
    ``config.eval_every`` steps (and at the end) keeps the best-mIoU checkpoint and writes
    ``workdir/eval/`` (metrics table, ``panels.png`` and the arrays behind it in
    ``panels.npz``: images, labels, pred).
+6. Whatever fails after the checkpoint managers exist (a step, the final evaluation,
+   Ctrl-C), pending checkpoint saves are finished and the managers closed before the
+   original error propagates: the last checkpoint is complete and a restart resumes from it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import pathlib
+import sys
 import time
 
 import jax
@@ -27,11 +42,15 @@ import numpy as np
 from rwseg import data
 from rwseg.train import parallel
 from rwseg.train.checkpoint import Checkpoints
+from rwseg.train.config_check import ConfigError, check_config, config_changes, flatten
 from rwseg.train.evaluate import evaluate, write_results
 from rwseg.train.panels import save_panels
 from rwseg.train.state import compute_statistics, create, make_train_step, source_kwargs
 
-__all__ = ["train_and_evaluate", "MetricsWriter"]
+__all__ = ["train_and_evaluate", "MetricsWriter", "previous_config", "check_resume_config", "record_config",
+           "finishing"]
+
+HISTORY = "config_history.jsonl"
 
 
 class MetricsWriter:
@@ -74,15 +93,103 @@ def _progress(config, start: int, total: int):
                 disable=not config.progress or jax.process_index() != 0)
 
 
+def previous_config(workdir) -> tuple[dict, pathlib.Path] | None:
+    """(config dict, file it came from) of the latest (re)start recorded in ``workdir``:
+    the last line of ``config_history.jsonl``, else ``config.json``; ``None`` for a new run."""
+    workdir = pathlib.Path(workdir)
+    history, first = workdir / HISTORY, workdir / "config.json"
+    try:
+        if history.exists():
+            lines = [l for l in history.read_text().splitlines() if l.strip()]
+            if lines:
+                return json.loads(lines[-1])["config"], history
+        if first.exists():
+            return json.loads(first.read_text()), first
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"workdir: cannot read the config this run was started with ({e}); "
+                          f"fix or remove {history if history.exists() else first}") from e
+    return None
+
+
+def check_resume_config(config, workdir) -> dict:
+    """Refuse to continue a run in ``workdir`` with a changed model/method/data/optimizer setting.
+
+    Returns ``{key: (old, new)}`` of every differing key (harmless ones included) — ``{}``
+    for a new run. Raises :class:`ConfigError` naming the keys that may not change (see
+    :data:`rwseg.train.config_check.HARMLESS_KEYS`) unless ``config.allow_config_change``.
+    """
+    found = previous_config(workdir)
+    if found is None:
+        return {}
+    old, source = found
+    refused = config_changes(old, config)
+    if refused and not bool(config.get("allow_config_change", False)):
+        shown = "; ".join(f"config.{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"workdir {workdir} holds a run started with a different config ({source}); changed: {shown}. "
+            "Use a new --workdir, or pass --config.allow_config_change=True to continue this run with "
+            "the new settings (recorded in " + HISTORY + ")")
+    a, b = flatten(old), flatten(config)
+    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+            if a.get(k, "<absent>") != b.get(k, "<absent>")}
+
+
+def record_config(config, workdir, step: int, changes: dict) -> None:
+    """Write ``config.json`` if absent (never rewritten) and append this start to the history."""
+    if jax.process_index() != 0:
+        return
+    workdir = pathlib.Path(workdir)
+    first = workdir / "config.json"
+    if not first.exists():
+        first.write_text(config.to_json(indent=2))
+    entry = {"step": int(step), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "changes": {k: list(v) for k, v in changes.items()}, "config": json.loads(config.to_json())}
+    with (workdir / HISTORY).open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _finish(ckpts) -> None:
+    """Wait for pending checkpoint saves, then close the managers (even if waiting failed)."""
+    try:
+        ckpts.wait()
+    finally:
+        ckpts.close()
+
+
+@contextlib.contextmanager
+def finishing(ckpts):
+    """``with finishing(Checkpoints(...)) as ckpts:`` — on leaving, pending saves are finished and
+    the managers closed; if the body raised, that original error propagates (a failure while
+    finishing is then only reported on stderr), so the last checkpoint is never lost to it."""
+    try:
+        yield ckpts
+    except BaseException:
+        try:
+            _finish(ckpts)
+        except Exception as cleanup:  # noqa: BLE001 - reported; the original error matters more
+            print(f"rwseg.train: WARNING: finishing the checkpoints after the error below failed too: "
+                  f"{type(cleanup).__name__}: {cleanup}", file=sys.stderr, flush=True)
+        raise
+    _finish(ckpts)
+
+
 def train_and_evaluate(config, workdir) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints) and evaluate.
 
     Returns the final evaluation metrics (``{}`` when ``config.eval_at_end`` is False).
-    """
-    from rwseg.models import model_class
 
-    model_class(config.method)  # a clear error before any data is built
+    Raises:
+      ConfigError: an invalid config or workdir, or a changed config on resume (before
+        any data or model is built).
+      rwseg.train.checkpoint.NoIntactCheckpointError: the workdir has checkpoints but
+        none is intact.
+      rwseg.train.checkpoint.CheckpointMismatchError: the checkpoint does not fit the
+        model (a model setting changed under ``allow_config_change``).
+    """
+    check_config(config, workdir=workdir)
+    changes = check_resume_config(config, workdir)
     workdir = pathlib.Path(workdir)
+    started_before = (workdir / "config.json").exists()
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
     num_steps = int(config.num_steps)
@@ -93,67 +200,69 @@ def train_and_evaluate(config, workdir) -> dict:
     setup = create(config, info.num_classes, compute_statistics(config, train_source))
     state = parallel.replicate(setup.state, mesh)
 
-    ckpts = Checkpoints(workdir, keep=int(config.keep_checkpoints))
-    restored = ckpts.restore(state)
-    start = 0
-    if restored is not None:
-        start, state = restored
-        print(f"rwseg.train: resumed from step {start} in {workdir / 'checkpoints'}", flush=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json(indent=2))
-    writer = MetricsWriter(workdir, resume_step=start)
-    train_step = make_train_step(setup, mesh)
+    with finishing(Checkpoints(workdir, keep=int(config.keep_checkpoints))) as ckpts:
+        restored = ckpts.restore(state)
+        start = 0
+        if restored is not None:
+            start, state = restored
+            print(f"rwseg.train: resumed from step {start} in {workdir / 'checkpoints'}", flush=True)
+        elif started_before:
+            print(f"rwseg.train: {workdir} holds an earlier start of this run but no finished checkpoint; "
+                  "training from step 0", flush=True)
+        record_config(config, workdir, start, changes)
+        writer = MetricsWriter(workdir, resume_step=start)
+        train_step = make_train_step(setup, mesh)
 
-    eval_source = None
+        eval_source = None
 
-    def run_eval(step):
-        nonlocal eval_source
-        if eval_source is None:
-            eval_source = data.load_source(config.data.name, config.data.eval_split, **kw)
-        result, panels = evaluate(config, setup.graphdef, state, mesh, eval_source,
-                                  num_classes=info.num_classes, num_panels=int(config.num_panels))
-        writer.write(step, "eval", {k: v for k, v in result.items() if not isinstance(v, list)})
-        ckpts.save_best(step, state, result["mean_iou"])
-        return result, panels
+        def run_eval(step):
+            nonlocal eval_source
+            if eval_source is None:
+                eval_source = data.load_source(config.data.name, config.data.eval_split, **kw)
+            result, panels = evaluate(config, setup.graphdef, state, mesh, eval_source,
+                                      num_classes=info.num_classes, num_panels=int(config.num_panels))
+            writer.write(step, "eval", {k: v for k, v in result.items() if not isinstance(v, list)})
+            ckpts.save_best(step, state, result["mean_iou"])
+            return result, panels
 
-    batches = data.make_batches(train_source, batch_size=local_bs, crop_size=int(config.data.crop_size), train=True,
-                                seed=int(config.seed), start_step=start, num_steps=max(num_steps - start, 0),
-                                scribbles=bool(config.data.scribbles), shard_index=jax.process_index(),
-                                shard_count=jax.process_count())
-    keys = ("image", "label", "scribbles") if config.data.scribbles else ("image", "label")
-    bar = _progress(config, start, num_steps)
-    t0, last_logged = time.perf_counter(), start
-    result = {}
-    for step in range(start, num_steps):
-        batch = next(batches)
-        batch = parallel.global_batch({k: batch[k] for k in keys}, mesh)
-        state, metrics = train_step(state, batch, np.int32(step))
-        done = step + 1
-        bar.update(1)
-        if done % int(config.log_every) == 0 or done == num_steps:
-            values = jax.tree.map(float, parallel.to_host(metrics))
-            now = time.perf_counter()
-            values["steps_per_sec"] = (done - last_logged) / max(now - t0, 1e-9)
-            t0, last_logged = now, done
-            writer.write(done, "train", values)
-            bar.set_postfix(loss=f"{values['loss']:.4f}")
-            if not np.isfinite(values["loss"]):
-                raise FloatingPointError(f"loss is {values['loss']} at step {done}; see {writer.path}")
-        if done % int(config.checkpoint_every) == 0 or done == num_steps:
-            ckpts.save(done, state)
-        if int(config.eval_every) and done % int(config.eval_every) == 0 and done != num_steps:
-            run_eval(done)
-    bar.close()
-    if config.eval_at_end:
-        final = ckpts.latest_step() or num_steps
-        result, panels = run_eval(final)
-        result["step"] = int(final)
-        if jax.process_index() == 0:
-            out = write_results(workdir, config.method, result, config.trimap_widths)
-            if panels:
-                np.savez_compressed(out / "panels.npz", **panels)
-                save_panels(out / "panels.png", panels["images"],
-                            {"ground truth": panels["labels"], config.method: panels["pred"]}, info.num_classes)
-    ckpts.wait()
-    ckpts.close()
+        batches = data.make_batches(train_source, batch_size=local_bs, crop_size=int(config.data.crop_size),
+                                    train=True, seed=int(config.seed), start_step=start,
+                                    num_steps=max(num_steps - start, 0), scribbles=bool(config.data.scribbles),
+                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+        keys = ("image", "label", "scribbles") if config.data.scribbles else ("image", "label")
+        bar = _progress(config, start, num_steps)
+        t0, last_logged = time.perf_counter(), start
+        result = {}
+        try:
+            for step in range(start, num_steps):
+                batch = next(batches)
+                batch = parallel.global_batch({k: batch[k] for k in keys}, mesh)
+                state, metrics = train_step(state, batch, np.int32(step))
+                done = step + 1
+                bar.update(1)
+                if done % int(config.log_every) == 0 or done == num_steps:
+                    values = jax.tree.map(float, parallel.to_host(metrics))
+                    now = time.perf_counter()
+                    values["steps_per_sec"] = (done - last_logged) / max(now - t0, 1e-9)
+                    t0, last_logged = now, done
+                    writer.write(done, "train", values)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}")
+                    if not np.isfinite(values["loss"]):
+                        raise FloatingPointError(f"loss is {values['loss']} at step {done}; see {writer.path}")
+                if done % int(config.checkpoint_every) == 0 or done == num_steps:
+                    ckpts.save(done, state)
+                if int(config.eval_every) and done % int(config.eval_every) == 0 and done != num_steps:
+                    run_eval(done)
+        finally:
+            bar.close()
+        if config.eval_at_end:
+            final = ckpts.latest_step() or num_steps
+            result, panels = run_eval(final)
+            result["step"] = int(final)
+            if jax.process_index() == 0:
+                out = write_results(workdir, config.method, result, config.trimap_widths)
+                if panels:
+                    np.savez_compressed(out / "panels.npz", **panels)
+                    save_panels(out / "panels.png", panels["images"],
+                                {"ground truth": panels["labels"], config.method: panels["pred"]}, info.num_classes)
     return result

@@ -204,6 +204,35 @@ def affinity_loss(logits, labels, rates, frequencies, gamma: float = 2.0, ignore
     return (total / jnp.maximum(8 * ok.sum(), 1)).astype(dtype)
 
 
+def _check_rate_parameter(name, value, checked):
+    """``lam`` / ``mu``: a scalar, finite and >= 0 (Python number or 0-d array, maybe traced).
+
+    Concrete values raise ``ValueError`` here; traced ones are checked by checkify with
+    ``checked``. Returns a predicate that is False for a bad traced value (the caller
+    turns the result into NaN), or ``None`` when the value was checked eagerly.
+    """
+    if isinstance(value, bool) or not (isinstance(value, (int, float, np.integer, np.floating))
+                                       or hasattr(value, "dtype")):
+        raise TypeError(f"{name}: expected a number (or a 0-d float array), got {type(value).__name__} {value!r}")
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name}: expected a scalar, got an array of shape {tuple(np.shape(value))}")
+    if V.is_concrete(value):
+        v = float(np.asarray(value))
+        if not (np.isfinite(v) and v >= 0):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+        return None
+    ok = jnp.isfinite(value) & (value >= 0)
+    if checked:
+        V.value_check(ok, f"{name}: expected a finite number >= 0, got {{}}", value)
+    return ok
+
+
+_ZERO_MASS = ("probs: eq. 6 divides each pixel's q_i = lam·p_i·max(p_i) + sum_c g_c·p_(i+o_c) by its mass "
+              "sum_k q_i,k, but {} pixel update(s) had zero mass (the pixel and all its neighbours inside "
+              "the image carry no probability, or lam = 0 and no neighbour does), so the result is "
+              "undefined there; give every pixel positive mass (e.g. a softmax output)")
+
+
 def propagate(probs, affinity_logits, rates, *, lam=6.0, mu=7.0, iterations: int = 10, checked: bool = False):
     """Affinity propagation refinement (seed 004, eq. 6 with eq. 7's steep gate).
 
@@ -217,10 +246,24 @@ def propagate(probs, affinity_logits, rates, *, lam=6.0, mu=7.0, iterations: int
     Neighbours outside the image contribute nothing (:func:`rwseg.stencil.apply`). After
     at least one iteration each pixel sums to 1; ``iterations=0`` returns ``probs``
     unchanged. The loop is a ``lax.fori_loop`` with a static count, so it is
-    reverse-differentiable (in probs, logits, lam and mu). lam, mu: scalars (6 and 7 in
-    the paper). Negative or non-finite probabilities and non-finite logits raise
-    ``ValueError`` when the inputs are concrete; under ``jit`` pass ``checked=True`` and
-    wrap the call in ``jax.experimental.checkify.checkify`` to have them reported.
+    reverse-differentiable (in probs, logits, lam and mu). lam, mu: scalars >= 0 (6 and
+    7 in the paper), Python numbers or 0-d arrays (traced ones too, e.g. learned).
+
+    Zero mass. A pixel of ``probs`` may be all zero: its ``q_i`` is then the gated sum of
+    its neighbours, and it leaves the first iteration as their normalised average. The
+    normalisation is undefined only where ``q_i`` itself is zero (the pixel and every
+    neighbour inside the image carry no probability — e.g. an all-zero map, or
+    ``lam = 0`` with no neighbour inside a tiny image): no distribution is more right
+    than another there, so the result is not a number. That raises ``ValueError`` when
+    the inputs are concrete and is reported by checkify with ``checked=True``; unchecked
+    under ``jit`` such a pixel is NaN, and so is every pixel that later iterations
+    reach from it (their update depends on it) — never a plausible distribution.
+
+    Value checks: negative or non-finite probabilities, non-finite logits and a
+    non-finite or negative ``lam`` / ``mu`` raise ``ValueError`` when the inputs are
+    concrete; under ``jit`` pass ``checked=True`` and wrap the call in
+    ``jax.experimental.checkify.checkify`` to have them reported. Unchecked under
+    ``jit``, a negative or non-finite ``lam`` / ``mu`` or probability gives NaN outputs.
     """
     offsets, num_rates = _offsets(rates)
     iterations = V.check_nonnegative_int("iterations", iterations)
@@ -231,17 +274,36 @@ def propagate(probs, affinity_logits, rates, *, lam=6.0, mu=7.0, iterations: int
     h, w, _ = np.shape(probs)
     V.check_shape("affinity_logits", affinity_logits, (h, w, len(offsets)),
                   f"(H, W, 8·|R|) with (H, W) of probs and |R| = {num_rates}")
-    for name, value in (("lam", lam), ("mu", mu)):
-        if isinstance(value, (int, float)) and not value >= 0:
-            raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+    lam_ok = _check_rate_parameter("lam", lam, checked)
+    mu_ok = _check_rate_parameter("mu", mu, checked)
     _check_values("probs", probs, "probabilities >= 0", nonnegative=True, checked=checked)
     _check_values("affinity_logits", affinity_logits, "logits", nonnegative=False, checked=checked)
     dtype = jnp.result_type(probs, affinity_logits)
     probs = jnp.asarray(probs, dtype)
+    nan = jnp.asarray(jnp.nan, dtype)
+    if lam_ok is not None:  # traced: a bad value must not give a plausible result
+        lam = jnp.where(lam_ok, lam, nan)
+    if mu_ok is not None:
+        mu = jnp.where(mu_ok, mu, nan)
+    if not V.is_concrete(probs):
+        probs = jnp.where(probs >= 0, probs, nan)  # also NaN for -inf; +inf gives NaN below
     gates = jax.nn.sigmoid(mu * jnp.asarray(affinity_logits, dtype)).astype(dtype)
 
-    def step(_, p):
+    def step(_, carry):
+        p, zero = carry
         q = lam * p * jnp.max(p, axis=-1, keepdims=True) + S.apply(gates, p, offsets)
-        return (q / jnp.sum(q, axis=-1, keepdims=True)).astype(dtype)
+        mass = jnp.sum(q, axis=-1, keepdims=True)
+        # mass == 0 gives 0/0 = NaN: undefined, see the docstring; counted for the checks.
+        return (q / mass).astype(dtype), zero + jnp.sum(mass == 0, dtype=jnp.int32)
 
-    return jax.lax.fori_loop(0, iterations, step, probs)
+    out, zero = jax.lax.fori_loop(0, iterations, step, (probs, jnp.zeros((), jnp.int32)))
+    if V.is_concrete(out):
+        if int(zero):
+            raise ValueError(_ZERO_MASS.format(int(zero)))
+        n_bad = int(np.sum(~np.isfinite(np.asarray(out))))
+        if n_bad:
+            raise ValueError(f"probs: propagation overflowed, {n_bad} non-finite outputs (are probs and lam "
+                             f"of order 1? got max probability {float(np.max(np.asarray(probs)))})")
+    elif checked:
+        V.value_check(zero == 0, _ZERO_MASS, zero)
+    return out

@@ -27,9 +27,10 @@ Definitions shared by the boundary metrics
 Everything here is jit-able (sizes, widths and tolerances are static Python values) and
 works on integer label maps of any leading batch shape ``(..., H, W)``.
 
-Values that cannot be checked under ``jit`` (predictions outside ``[0, num_classes)``)
-are checked eagerly when the arrays are concrete; pass ``checked=True`` and wrap the
-call in ``jax.experimental.checkify.checkify`` to check them under ``jit``.
+Values that cannot be checked under ``jit`` (predictions, and labels that are not
+ignored, outside ``[0, num_classes)``) are checked eagerly when the arrays are concrete;
+pass ``checked=True`` and wrap the call in ``jax.experimental.checkify.checkify`` to
+check them under ``jit``.
 """
 
 from __future__ import annotations
@@ -96,27 +97,33 @@ def confusion_matrix(pred, labels, num_classes: int, ignore_index: int | None = 
     else int32 — sum on the host in int64 for very large datasets). Rows are ground
     truth, columns prediction.
 
-    Pixels whose label is negative, equal to ``ignore_index`` or ``>= num_classes`` are
-    skipped. Predictions must lie in ``[0, num_classes)``: this is checked eagerly on
-    concrete inputs (``ValueError``); under ``jit`` a pixel with an out-of-range
-    prediction is dropped, unless ``checked=True`` is passed and the call is wrapped in
-    ``checkify.checkify``, which then reports it. Matrices add up over images, batches
-    and devices (``psum``).
+    Pixels whose label is ignored (negative or equal to ``ignore_index``) are skipped.
+    Every other label must lie in ``[0, num_classes)`` and every prediction in
+    ``[0, num_classes)``: both are checked eagerly on concrete inputs (``ValueError``
+    naming ``labels`` or ``pred``); under ``jit`` a pixel with an out-of-range label or
+    prediction is dropped (not counted), unless ``checked=True`` is passed and the call
+    is wrapped in ``checkify.checkify``, which then reports it. Matrices add up over
+    images, batches and devices (``psum``).
     """
     num_classes = V.check_nonnegative_int("num_classes", num_classes, positive=True)
     _check_pair(pred, labels)
     pred = jnp.asarray(pred).reshape(-1)
     labels = jnp.asarray(labels).reshape(-1)
     pred_ok = (pred >= 0) & (pred < num_classes)
-    if V.is_concrete(pred) and not bool(jnp.all(pred_ok)):
-        bad = np.asarray(pred)[~np.asarray(pred_ok)]
-        raise ValueError(
-            f"pred: expected class indices in [0, {num_classes}), got values {np.unique(bad)[:10].tolist()}"
-        )
+    ignored = ~_label_valid(labels, ignore_index)
+    label_ok = ignored | (labels < num_classes)
+    pred_msg = f"pred: expected class indices in [0, {num_classes}), got "
+    ignore_text = "negative" if ignore_index is None else f"negative or ignore_index = {ignore_index}"
+    label_msg = f"labels: expected class indices in [0, {num_classes}) or ignored labels ({ignore_text}), got "
+    for x, ok, msg in ((pred, pred_ok, pred_msg), (labels, label_ok, label_msg)):
+        if V.is_concrete(x) and not bool(jnp.all(ok)):
+            bad = np.unique(np.asarray(x)[~np.asarray(ok)])
+            raise ValueError(msg + f"out-of-range values {bad[:10].tolist()}")
     if checked:
-        V.value_check(jnp.all(pred_ok), f"pred: expected class indices in [0, {num_classes}), got min {{}} max {{}}",
-                      jnp.min(pred), jnp.max(pred))
-    valid = _label_valid(labels, ignore_index) & (labels < num_classes) & pred_ok
+        V.value_check(jnp.all(pred_ok), pred_msg + "values from {} to {}", jnp.min(pred), jnp.max(pred))
+        V.value_check(jnp.all(label_ok), label_msg + "a largest non-ignored label of {}",
+                      jnp.max(jnp.where(ignored, -1, labels)))
+    valid = ~ignored & label_ok & pred_ok
     index = jnp.where(valid, labels * num_classes + pred, 0)
     dtype = _int_dtype()
     counts = jnp.zeros(num_classes * num_classes, dtype).at[index].add(valid.astype(dtype))

@@ -3,6 +3,9 @@
 float64 is enabled for the whole suite so that oracles (numpy/scipy, finite differences)
 can be compared tightly; float32 behaviour is tested by passing float32 inputs explicitly
 (operators must keep the input dtype).
+
+Hypothesis profiles for the property-based tests: ``ci`` (default) and ``dev``, chosen
+with the ``HYPOTHESIS_PROFILE`` environment variable.
 """
 
 import os
@@ -12,6 +15,19 @@ import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+try:  # property-based tests (tests/test_properties.py); the rest of the suite runs without
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover
+    settings = None
+if settings is not None:
+    # "ci" (default): a small, reproducible budget (derandomised, no example database);
+    # "dev": a longer random search, e.g. HYPOTHESIS_PROFILE=dev pytest tests/test_properties.py
+    _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True, database=None,
+                              print_blob=True, suppress_health_check=_slow_ok)
+    settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=_slow_ok)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STANFORD_DIR = SHARED_DATA / "stanford_background"

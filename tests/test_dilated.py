@@ -325,7 +325,7 @@ def test_bad_input_messages():
         D.propagate(probs, np.zeros((6, 7, 8)), [1], iterations=2.0)
     with pytest.raises(ValueError, match="probs: expected finite probabilities >= 0"):
         D.propagate(np.full((6, 7, 3), np.nan), np.zeros((6, 7, 8)), [1])
-    with pytest.raises(ValueError, match="lam: expected a number >= 0, got -1.0"):
+    with pytest.raises(ValueError, match="lam: expected a finite number >= 0, got -1.0"):
         D.propagate(probs, np.zeros((6, 7, 8)), [1], lam=-1.0)
 
 
@@ -354,3 +354,93 @@ def test_value_checks_eager_and_checkify():
     err, _ = loss(np.zeros((6, 7, 8)), -np.ones((1, 9)))
     with pytest.raises(checkify.JaxRuntimeError, match="frequencies: expected finite counts >= 0"):
         err.throw()
+
+
+# --------------------------------------------------------------------------- issue 9.6: zero mass, array lam / mu
+
+
+def test_propagate_zero_mass_pixel_with_neighbours_is_their_gated_average():
+    """An all-zero pixel is well defined by eq. 6 as long as a neighbour has mass."""
+    rng = np.random.default_rng(10)
+    probs = random_probs(rng, (4, 5, 3))
+    probs[1, 2] = 0.0
+    logits = rng.normal(size=(4, 5, 8))
+    out = np.asarray(D.propagate(probs, logits, [1], lam=6.0, mu=2.0, iterations=3))
+    np.testing.assert_allclose(out, ref_propagate(probs, logits, [1], 6.0, 2.0, 3), rtol=1e-12)
+    np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-12)
+    one = np.asarray(D.propagate(probs, logits, [1], lam=6.0, mu=2.0, iterations=1))
+    nbrs = [(1 + dy, 2 + dx) for dy, dx in neighbours(1, 1)]
+    g = 1 / (1 + np.exp(-2.0 * logits[1, 2]))
+    avg = sum(g[c] * probs[q] for c, q in enumerate(nbrs))
+    np.testing.assert_allclose(one[1, 2], avg / avg.sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["all_zero", "zero_block", "lam0_no_neighbour"])
+def test_propagate_zero_mass_is_an_error_or_nan_never_a_distribution(case):
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(6, 7, 8))
+    lam = 6.0
+    if case == "all_zero":
+        probs = np.zeros((6, 7, 3))
+    elif case == "zero_block":  # the centre of a 3x3 zero block has zero mass at rate 1
+        probs = random_probs(rng, (6, 7, 3))
+        probs[1:4, 2:5] = 0.0
+    else:  # rate 8 on a 1 x 3 image: no neighbour is inside; lam = 0 leaves nothing
+        probs, logits, lam = random_probs(rng, (1, 3, 3)), rng.normal(size=(1, 3, 8)), 0.0
+    rates = [8] if case == "lam0_no_neighbour" else [1]
+    with pytest.raises(ValueError, match=r"probs: eq. 6 divides .* had zero mass"):
+        D.propagate(probs, logits, rates, lam=lam, iterations=2)
+    # unchecked under jit: NaN (where undefined), reported by checkify when checked
+    fn = jax.jit(lambda p, z, c: D.propagate(p, z, rates, lam=lam, iterations=2, checked=c), static_argnums=2)
+    out = np.asarray(fn(probs, logits, False))
+    assert np.isnan(out).any()
+    assert np.all(np.isnan(out) | np.isclose(out.sum(-1, keepdims=True), 1.0))
+    if case == "zero_block":
+        assert np.isnan(out[2, 3]).all() and np.isfinite(out[5, 0]).all()
+    err, _ = checkify.checkify(fn, errors=checkify.user_checks)(probs, logits, True)
+    with pytest.raises(checkify.JaxRuntimeError, match="had zero mass"):
+        err.throw()
+    # iterations=0 never normalises: returned unchanged, no error
+    np.testing.assert_array_equal(D.propagate(probs, logits, rates, lam=lam, iterations=0), probs)
+
+
+def test_propagate_checks_array_lam_and_mu():
+    rng = np.random.default_rng(12)
+    probs = random_probs(rng, (5, 6, 3))
+    logits = rng.normal(size=(5, 6, 8))
+    for name in ("lam", "mu"):
+        for bad in (np.float64(-1.0), jnp.asarray(-1.0), np.array(np.nan), jnp.asarray(np.inf), -2):
+            with pytest.raises(ValueError, match=f"{name}: expected a finite number >= 0, got"):
+                D.propagate(probs, logits, [1], **{name: bad})
+        with pytest.raises(ValueError, match=rf"{name}: expected a scalar, got an array of shape \(3,\)"):
+            D.propagate(probs, logits, [1], **{name: np.ones(3)})
+        with pytest.raises(TypeError, match=f"{name}: expected a number"):
+            D.propagate(probs, logits, [1], **{name: "6"})
+    # concrete 0-d arrays are the same as Python numbers
+    np.testing.assert_allclose(D.propagate(probs, logits, [1], lam=jnp.asarray(1.5), mu=np.float32(2.0), iterations=2),
+                               ref_propagate(probs, logits, [1], 1.5, 2.0, 2), rtol=1e-6)
+    # traced lam / mu: NaN when bad (issue 9.6: lam = -1 gave "probabilities" in [-1630, 2020])
+    fn = jax.jit(lambda p, z, lam, mu: D.propagate(p, z, [1], lam=lam, mu=mu, iterations=3))
+    good = np.asarray(fn(probs, logits, 6.0, 7.0))
+    np.testing.assert_allclose(good, ref_propagate(probs, logits, [1], 6.0, 7.0, 3), rtol=1e-10)
+    for lam, mu in ((-1.0, 7.0), (np.nan, 7.0), (np.inf, 7.0), (6.0, -1.0), (6.0, np.inf)):
+        assert np.isnan(np.asarray(fn(probs, logits, lam, mu))).all(), (lam, mu)
+    checked = checkify.checkify(jax.jit(lambda p, z, lam, mu: D.propagate(p, z, [1], lam=lam, mu=mu, iterations=3,
+                                                                          checked=True)))
+    err, _ = checked(probs, logits, -1.0, 7.0)
+    with pytest.raises(checkify.JaxRuntimeError, match="lam: expected a finite number >= 0, got -1"):
+        err.throw()
+    err, _ = checked(probs, logits, 6.0, np.nan)
+    with pytest.raises(checkify.JaxRuntimeError, match="mu: expected a finite number >= 0, got nan"):
+        err.throw()
+    err, out = checked(probs, logits, 6.0, 7.0)
+    err.throw()
+    np.testing.assert_allclose(out, good, rtol=1e-12)
+
+
+def test_propagate_traced_negative_probs_give_nan():
+    rng = np.random.default_rng(13)
+    probs = random_probs(rng, (4, 4, 2))
+    probs[0, 0, 0] = -0.5
+    out = np.asarray(jax.jit(lambda p: D.propagate(p, np.zeros((4, 4, 8)), [1], iterations=1))(probs))
+    assert np.isnan(out[0, 0]).all()

@@ -61,9 +61,9 @@ def random_labels(rng, shape, n, p_ignore=0.1, blocky=True):
 
 
 def test_confusion_matrix_hand_computed():
-    labels = np.array([[0, 0, 1], [1, 2, IGN], [-1, 3, 2]], np.int32)
+    labels = np.array([[0, 0, 1], [1, 2, IGN], [-1, -7, 2]], np.int32)
     pred = np.array([[0, 1, 1], [0, 2, 0], [1, 2, 2]], np.int32)
-    # label 3 >= num_classes, -1 and 255 are skipped
+    # negative labels and 255 are skipped
     expected = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 2]])
     cm = M.confusion_matrix(pred, labels, 3)
     np.testing.assert_array_equal(cm, expected)
@@ -72,7 +72,7 @@ def test_confusion_matrix_hand_computed():
 
 def test_confusion_matrix_random_batched_summable_jit():
     rng = np.random.default_rng(0)
-    labels = rng.integers(-1, 7, size=(2, 3, 6, 5)).astype(np.int32)
+    labels = rng.integers(-1, 6, size=(2, 3, 6, 5)).astype(np.int32)
     labels[rng.random(labels.shape) < 0.1] = IGN
     pred = rng.integers(0, 6, size=labels.shape).astype(np.int32)
     ref = ref_confusion(pred, labels, 6)
@@ -86,9 +86,9 @@ def test_confusion_matrix_random_batched_summable_jit():
 
 
 def test_confusion_matrix_ignore_index_none():
-    labels = np.array([[0, 255], [1, -2]], np.int32)
+    labels = np.array([[0, 1], [1, -2]], np.int32)
     pred = np.zeros((2, 2), np.int32)
-    np.testing.assert_array_equal(M.confusion_matrix(pred, labels, 2, ignore_index=None), [[1, 0], [1, 0]])
+    np.testing.assert_array_equal(M.confusion_matrix(pred, labels, 2, ignore_index=None), [[1, 0], [2, 0]])
 
 
 def test_confusion_matrix_pred_out_of_range():
@@ -106,6 +106,34 @@ def test_confusion_matrix_pred_out_of_range():
     err, cm = checked(np.zeros_like(pred), labels)
     err.throw()
     assert int(cm[0, 0]) == 6
+
+
+def test_confusion_matrix_labels_out_of_range():
+    """Issue 9.7: ``checked=True`` checked pred but silently dropped labels >= num_classes."""
+    labels = np.array([[0, 1, 3], [IGN, -1, 2]], np.int32)
+    pred = np.zeros((2, 3), np.int32)
+    with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 3\) or ignored labels "
+                                         r"\(negative or ignore_index = 255\), got out-of-range values \[3\]"):
+        M.confusion_matrix(pred, labels, 3)
+    with pytest.raises(ValueError, match=r"labels: .*\(negative\), got out-of-range values \[3, 255\]"):
+        M.confusion_matrix(pred, labels, 3, ignore_index=None)
+    # ignore_index inside the class range is ignored, not an error
+    np.testing.assert_array_equal(M.confusion_matrix(pred, np.array([[0, 1, 2], [2, -1, 0]], np.int32), 3, ignore_index=2),
+                                  [[2, 0, 0], [1, 0, 0], [0, 0, 0]])
+    # under jit: dropped (documented), reported by the checked mode
+    cm = jax.jit(M.confusion_matrix, static_argnums=(2,))(pred, labels, 3)
+    np.testing.assert_array_equal(cm, [[1, 0, 0], [1, 0, 0], [1, 0, 0]])
+    checked = checkify.checkify(jax.jit(lambda p, l: M.confusion_matrix(p, l, 3, checked=True)))
+    err, _ = checked(pred, labels)
+    with pytest.raises(checkify.JaxRuntimeError, match="labels: expected class indices in .* largest non-ignored label of 3"):
+        err.throw()
+    err, cm = checked(pred, np.where(labels == 3, IGN, labels))
+    err.throw()
+    np.testing.assert_array_equal(cm, [[1, 0, 0], [1, 0, 0], [1, 0, 0]])
+    # both bad: each argument is named
+    err, _ = checked(pred + 5, labels)
+    with pytest.raises(checkify.JaxRuntimeError, match="pred: expected class indices"):
+        err.throw()
 
 
 def test_summarize_hand_computed():

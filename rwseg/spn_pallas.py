@@ -1,0 +1,163 @@
+"""The stacked SPN column recurrence and its transpose: one ``lax.scan`` or one Pallas kernel.
+
+:mod:`rwseg.spn` maps every direction of a propagation to one time-major system of
+``T`` steps over a column of ``R`` rows (directions stacked as row segments, gates
+outside the image already zeroed) and solves it here. With ``q`` of shape
+``(T, 1 + G, R, C)`` holding the input term ``a_t = q[t, 0]`` and the gates
+``p_k[t] = q[t, 1 + k]`` (seed 002, eq. 1 / eq. 5 with ``d = (-1, 0, +1)`` three-way,
+``(0,)`` one-way)::
+
+    forward     h_t = a_t + P_t h_{t-1},         t = 0 .. T-1, h_{-1} = 0
+    transpose   l_t = g_t + P_{t+1}^T l_{t+1},   t = T-1 .. 0, l_T = 0
+
+with ``(P_t v)[i] = sum_k p_k[t, i] v[i + d_k]`` and
+``(P_t^T v)[j] = sum_k p_k[t, j - d_k] v[j - d_k]``, elementwise in the channel.
+The transpose is the adjoint recurrence used for the backward pass: the reverse scan with
+transposed three-way gates (the coupling of row ``j`` to ``j - 1`` takes the gate of row
+``j - 1`` that pointed down, and so on). Both run with one column ``(R, C)`` carried from
+step to step; no per-step intermediates are stored.
+
+Two implementations of the same two step functions (:func:`column_step`,
+:func:`column_step_transposed`):
+
+- :func:`scan_recurrence`: ``jax.lax.scan`` over ``q``'s leading axis (one dynamic
+  slice of ``q`` per step, the carry shifted by two concatenates). The CPU path.
+- :func:`recurrence`: a Pallas kernel, one program per (row segment = image direction,
+  channel tile) — batches under ``vmap`` add a grid axis, so per (image, direction,
+  channel tile). Each program loops over the ``T`` columns inside the kernel
+  (``lax.fori_loop``) holding its column ``(L, channel_tile)`` as the loop carry (on chip),
+  reading one column of ``q`` and writing one column of the output per step. The grid
+  tiles channels, never rows: the three-way coupling needs the whole column. With
+  ``interpret=True`` the same kernel runs on any backend (slow; tests).
+
+Status of the Pallas kernel on accelerators (no GPU/TPU was available when it was
+written): it is verified in interpret mode only. Pallas' Triton lowering has no rule for
+slicing a value or for a general ``concatenate`` (only joins of two ``[..., 1]`` arrays),
+which the in-register row shift needs; see ``tests/test_spn_pallas.py`` for what lowering
+for ``cuda`` reports on this jaxlib.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+__all__ = ["ROW_STEPS", "shift_rows", "column_step", "column_step_transposed", "scan_recurrence",
+           "recurrence", "segment_rows", "channel_tile"]
+
+ROW_STEPS = {1: (0,), 3: (-1, 0, 1)}  # d_k for gate k, one-way and three-way
+
+
+def shift_rows(v, d: int, axis: int = 0):
+    """``out[i] = v[i + d]`` along ``axis`` (``d`` in {-1, 0, +1}), zero outside."""
+    if d == 0:
+        return v
+    n = v.shape[axis]
+    zero = jnp.zeros_like(jax.lax.slice_in_dim(v, 0, 1, axis=axis))
+    if d < 0:
+        return jnp.concatenate([zero, jax.lax.slice_in_dim(v, 0, n - 1, axis=axis)], axis=axis)
+    return jnp.concatenate([jax.lax.slice_in_dim(v, 1, n, axis=axis), zero], axis=axis)
+
+
+def column_step(q_t, h):
+    """One forward step ``h_t = a_t + P_t h_{t-1}``.
+
+    q_t: ``(a_t, p_0, ..., p_{G-1})`` (an array (1 + G, L, C) or a sequence of (L, C));
+    h: (L, C), the previous column. Returns the new column (L, C).
+    """
+    steps = ROW_STEPS[len(q_t) - 1]
+    return q_t[0] + sum(q_t[1 + k] * shift_rows(h, d) for k, d in enumerate(steps))
+
+
+def column_step_transposed(q_t, lam):
+    """``P_t^T lam`` for the gates in ``q_t`` (as in :func:`column_step`); lam: (L, C)."""
+    steps = ROW_STEPS[len(q_t) - 1]
+    return sum(shift_rows(q_t[1 + k] * lam, -d) for k, d in enumerate(steps))
+
+
+def scan_recurrence(q, *, transpose: bool = False):
+    """The recurrence (or its transpose) as one ``lax.scan``: q (T, 1 + G, R, C) -> (T, R, C)."""
+    init = jnp.zeros(q.shape[2:], q.dtype)
+    if not transpose:
+
+        def step(h, q_t):
+            h = column_step(q_t, h)
+            return h, h
+
+        return jax.lax.scan(step, init, q)[1]
+
+    def step_t(carry, q_t):
+        lam = q_t[0] + carry
+        return column_step_transposed(q_t, lam), lam
+
+    return jax.lax.scan(step_t, init, q, reverse=True)[1]
+
+
+def segment_rows(rows: int) -> int:
+    """Rows per program for a direction whose column has ``rows`` rows.
+
+    The exact size, except on GPU where Triton blocks must be powers of two (padded rows
+    carry zero input and zero gates, so they stay zero and never couple).
+    """
+    if jax.default_backend() in ("gpu", "cuda", "rocm"):
+        return 1 << max(0, rows - 1).bit_length()
+    return rows
+
+
+def channel_tile(channels: int, limit: int = 8) -> int:
+    """Channels per program: the largest divisor of ``channels`` that is <= ``limit``."""
+    return max(t for t in range(1, min(channels, limit) + 1) if channels % t == 0)
+
+
+def _kernel(q_ref, o_ref, *, transpose: bool):
+    """One program: q_ref (T, 1 + G, L, ct), o_ref (T, L, ct); loops over the T columns."""
+    steps, width = q_ref.shape[0], q_ref.shape[1]
+
+    def load(t):
+        return [q_ref[t, k] for k in range(width)]
+
+    init = jnp.zeros(o_ref.shape[1:], o_ref.dtype)
+    if not transpose:
+
+        def body(t, h):
+            h = column_step(load(t), h)
+            o_ref[t] = h
+            return h
+
+    else:
+
+        def body(i, carry):
+            t = steps - 1 - i
+            q_t = load(t)
+            lam = q_t[0] + carry
+            o_ref[t] = lam
+            return column_step_transposed(q_t, lam)
+
+    jax.lax.fori_loop(0, steps, body, init)
+
+
+def recurrence(q, *, transpose: bool = False, segment_rows: int | None = None, channel_tile_size: int | None = None,
+               interpret: bool = False):
+    """The recurrence (or its transpose) as one Pallas kernel: q (T, 1 + G, R, C) -> (T, R, C).
+
+    segment_rows: rows of one independent segment (one direction); ``R`` must be a
+    multiple of it (default: ``R``, one segment). channel_tile_size: channels per
+    program (default :func:`channel_tile`). interpret: run in Pallas interpret mode.
+    Grid: (R // segment_rows, C // channel_tile_size).
+    """
+    steps, width, rows, channels = q.shape
+    seg = rows if segment_rows is None else segment_rows
+    ct = channel_tile(channels) if channel_tile_size is None else channel_tile_size
+    if rows % seg or channels % ct:
+        raise ValueError(f"segment_rows={seg} and channel tile {ct} must divide R={rows} and C={channels}")
+    return pl.pallas_call(
+        functools.partial(_kernel, transpose=transpose),
+        out_shape=jax.ShapeDtypeStruct((steps, rows, channels), q.dtype),
+        grid=(rows // seg, channels // ct),
+        in_specs=[pl.BlockSpec((steps, width, seg, ct), lambda s, c: (0, 0, s, c))],
+        out_specs=pl.BlockSpec((steps, seg, ct), lambda s, c: (0, s, c)),
+        interpret=interpret,
+    )(q)

@@ -25,12 +25,18 @@ The whole propagation is linear in ``x``: ``vec(h) = G vec(x)`` per channel with
 ``G = (I - A)^-1 D`` (``A`` the stencil matrix of the gates on the offsets above, ``D``
 the diagonal ``1 - sum_k p``); :func:`propagation_matrix` builds ``G`` for small maps.
 
-Implementation: one ``jax.lax.scan`` over the scan axis whose carry is the previous
-column ``(H, C)``; the neighbours in rows ``i +- 1`` come from :func:`rwseg.stencil.shift`
-and :func:`rwseg.stencil.valid_mask` on that column. Everything is differentiable in ``x``
-and ``gates`` (reverse mode through the scan), batches with ``jax.vmap`` and keeps the
-input dtype. :func:`spn` runs the four directions of one image as a single vmapped scan
-when the image is square (two scans otherwise).
+Implementation: every direction is mapped to scan-major ("time-major") order and all
+directions of one call are stacked into ONE system of ``T = max(H, W)`` steps over a
+column of ``D * max(H, W)`` rows (each direction a row segment; padded rows and steps carry
+zero input and zero gates, so H != W needs no second scan). Gates pointing outside their
+own image and the input term ``(1 - sum_k p_k) * x`` are computed once, outside the loop.
+The recurrence ``h_t = a_t + P_t h_{t-1}`` is solved by :mod:`rwseg.spn_pallas`: a
+``lax.scan`` carrying one column (CPU, GPU) or a Pallas kernel (TPU, or interpret mode on
+request), wrapped in ``lax.custom_linear_solve`` as the triangular system
+``(I - A) h = a``: gradients w.r.t. ``x`` run the adjoint recurrence (the reverse scan
+with transposed gates) instead of storing per-step intermediates, gradients w.r.t. the
+gates are ``lambda * h_prev`` neighbours, and forward mode (``jvp``, ``jacfwd``) works as
+well. Everything batches with ``jax.vmap`` and keeps the input dtype.
 
 No value checks are needed: every finite input is valid. Gates with
 ``sum_k |p_k| > 1`` are allowed but may blow up over long scans; :func:`stabilize`
@@ -146,10 +152,10 @@ class _Layout(NamedTuple):
     rows: int  # segment height (>= every L_d)
 
 
-def _layout(height, width, directions, segment_rows=None) -> _Layout:
+def _layout(height, width, directions) -> _Layout:
     sizes = tuple((width, height) if d in ("left_to_right", "right_to_left") else (height, width) for d in directions)
     steps = max(t for t, _ in sizes)
-    rows = max(l for _, l in sizes) if segment_rows is None else segment_rows
+    rows = max(l for _, l in sizes)
     return _Layout(tuple(directions), sizes, steps, rows)
 
 
@@ -205,11 +211,21 @@ def _unpack(h, layout: _Layout):
 # --------------------------------------------------------------------------- the solve
 
 
-def _resolve_implementation(implementation):
+def _resolve_implementation(implementation, x, gates):
+    """"scan" or "pallas" for this call (see :func:`propagate`)."""
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    backend = jax.default_backend()
+    if implementation == "pallas" and backend in ("gpu", "cuda", "rocm"):
+        raise NotImplementedError(
+            "implementation='pallas': the Pallas SPN kernel does not lower for GPU yet (Mosaic GPU rejects its "
+            "strided block loads, Triton has no rule for slicing a value); use implementation='scan' or 'auto'"
+        )
     if implementation == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "scan"
+        height, width, channels = x.shape
+        n = max(height, width)
+        on_chip = spn_pallas.fits_on_chip(n, n, channels, gates.shape[-1], jnp.result_type(x, gates).itemsize)
+        return "pallas" if backend == "tpu" and on_chip else "scan"
     return implementation
 
 
@@ -249,17 +265,14 @@ def _solve(a, p, implementation, segment_rows):
 
 def _propagate_stacked(x, gates, directions, implementation):
     """x (H, W, C), gates (D, H, W, C, G) -> list of D maps (H, W, C), one solve for all."""
-    return _propagate_stacked_jit(x, gates, tuple(directions), _resolve_implementation(implementation))
+    return _propagate_stacked_jit(x, gates, tuple(directions), _resolve_implementation(implementation, x, gates))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))  # compiled once per shape, also when called eagerly
 def _propagate_stacked_jit(x, gates, directions, implementation):
     dtype = jnp.result_type(x, gates)
     x, gates = x.astype(dtype), gates.astype(dtype)
-    segment_rows = None
-    if implementation == "pallas":
-        segment_rows = spn_pallas.segment_rows(max(x.shape[:2]))
-    layout = _layout(x.shape[0], x.shape[1], directions, segment_rows)
+    layout = _layout(x.shape[0], x.shape[1], directions)
     a, p = _pack(x, gates, layout)
     return _unpack(_solve(a, p, implementation, layout.rows), layout)
 

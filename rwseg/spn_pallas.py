@@ -30,11 +30,16 @@ Two implementations of the same two step functions (:func:`column_step`,
   tiles channels, never rows: the three-way coupling needs the whole column. With
   ``interpret=True`` the same kernel runs on any backend (slow; tests).
 
-Status of the Pallas kernel on accelerators (no GPU/TPU was available when it was
-written): it is verified in interpret mode only. Pallas' Triton lowering has no rule for
-slicing a value or for a general ``concatenate`` (only joins of two ``[..., 1]`` arrays),
-which the in-register row shift needs; see ``tests/test_spn_pallas.py`` for what lowering
-for ``cuda`` reports on this jaxlib.
+Status on accelerators (no GPU or TPU was available when this was written; the kernel is
+verified in interpret mode only, ``tests/test_spn_pallas.py``): it lowers for TPU (Mosaic
+TPU lowering runs without a device; compiling for the chip was not tried), so
+``implementation="auto"`` uses it on TPU when one program's blocks fit in 4 MiB
+(:func:`fits_on_chip`). It does not lower for GPU: Mosaic GPU (the default backend of
+``pallas_call`` in this jax) rejects the strided block loads, and the Triton lowering has
+no rule for slicing a value, which the in-register row shift uses. A GPU version needs
+the columns streamed from global memory (``memory_space=pl.ANY`` and per-step copies)
+and the row shift done through memory; until then ``"auto"`` uses the scan on GPU and
+``"pallas"`` raises there.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 __all__ = ["ROW_STEPS", "shift_rows", "column_step", "column_step_transposed", "scan_recurrence",
-           "recurrence", "segment_rows", "channel_tile"]
+           "recurrence", "fits_on_chip", "channel_tile"]
 
 ROW_STEPS = {1: (0,), 3: (-1, 0, 1)}  # d_k for gate k, one-way and three-way
 
@@ -96,20 +101,25 @@ def scan_recurrence(q, *, transpose: bool = False):
     return jax.lax.scan(step_t, init, q, reverse=True)[1]
 
 
-def segment_rows(rows: int) -> int:
-    """Rows per program for a direction whose column has ``rows`` rows.
+def fits_on_chip(steps: int, rows: int, channels: int, num_gates: int, itemsize: int,
+                 budget: int = 4 << 20) -> bool:
+    """Whether one program's blocks (input and output, smallest channel tile) fit ``budget`` bytes.
 
-    The exact size, except on GPU where Triton blocks must be powers of two (padded rows
-    carry zero input and zero gates, so they stay zero and never couple).
+    The kernel's BlockSpecs bring a whole (T, 1 + G, L, tile) sequence on chip; ``"auto"``
+    uses the kernel on TPU only when that fits comfortably in VMEM.
     """
-    if jax.default_backend() in ("gpu", "cuda", "rocm"):
-        return 1 << max(0, rows - 1).bit_length()
-    return rows
+    return steps * (2 + num_gates) * rows * channel_tile(channels) * itemsize <= budget
 
 
-def channel_tile(channels: int, limit: int = 8) -> int:
-    """Channels per program: the largest divisor of ``channels`` that is <= ``limit``."""
-    return max(t for t in range(1, min(channels, limit) + 1) if channels % t == 0)
+def channel_tile(channels: int) -> int:
+    """Channels per program: all of them up to 128, else the largest multiple of 128 dividing C.
+
+    (A TPU block's minor dimension must be the whole axis or a multiple of 128 lanes.)
+    """
+    if channels <= 128:
+        return channels
+    tiles = [t for t in range(128, channels, 128) if channels % t == 0]
+    return max(tiles) if tiles else channels
 
 
 def _kernel(q_ref, o_ref, *, transpose: bool):

@@ -231,11 +231,10 @@ def _resolve_implementation(implementation, x, gates):
 
 def _recurrence(b, p, transpose, implementation, segment_rows):
     """Run the stacked recurrence (or its transpose) on right-hand side b (T, R, C)."""
-    q = jnp.concatenate([b[:, None], p], axis=1)  # (T, 1 + G, R, C): one slice per step
     if implementation == "pallas":
-        return spn_pallas.recurrence(q, transpose=transpose, segment_rows=segment_rows,
+        return spn_pallas.recurrence(b, p, transpose=transpose, segment_rows=segment_rows,
                                      interpret=jax.default_backend() == "cpu")
-    return spn_pallas.scan_recurrence(q, transpose=transpose)
+    return spn_pallas.scan_recurrence(b, p, transpose=transpose)
 
 
 def _solve(a, p, implementation, segment_rows):

@@ -2,12 +2,11 @@
 
 :mod:`rwseg.spn` maps every direction of a propagation to one time-major system of
 ``T`` steps over a column of ``R`` rows (directions stacked as row segments, gates
-outside the image already zeroed) and solves it here. With ``q`` of shape
-``(T, 1 + G, R, C)`` holding the input term ``a_t = q[t, 0]`` and the gates
-``p_k[t] = q[t, 1 + k]`` (seed 002, eq. 1 / eq. 5 with ``d = (-1, 0, +1)`` three-way,
-``(0,)`` one-way)::
+outside the image already zeroed) and solves it here. With the input term ``b`` of shape
+``(T, R, C)`` and the gates ``p`` of shape ``(T, G, R, C)`` (seed 002, eq. 1 / eq. 5 with
+``d = (-1, 0, +1)`` three-way, ``(0,)`` one-way)::
 
-    forward     h_t = a_t + P_t h_{t-1},         t = 0 .. T-1, h_{-1} = 0
+    forward     h_t = b_t + P_t h_{t-1},         t = 0 .. T-1, h_{-1} = 0
     transpose   l_t = g_t + P_{t+1}^T l_{t+1},   t = T-1 .. 0, l_T = 0
 
 with ``(P_t v)[i] = sum_k p_k[t, i] v[i + d_k]`` and
@@ -20,13 +19,13 @@ step to step; no per-step intermediates are stored.
 Two implementations of the same two step functions (:func:`column_step`,
 :func:`column_step_transposed`):
 
-- :func:`scan_recurrence`: ``jax.lax.scan`` over ``q``'s leading axis (one dynamic
-  slice of ``q`` per step, the carry shifted by two concatenates). The CPU path.
+- :func:`scan_recurrence`: ``jax.lax.scan`` over the leading (time) axis, the carried
+  column shifted by two concatenates. The CPU path.
 - :func:`recurrence`: a Pallas kernel, one program per (row segment = image direction,
   channel tile) — batches under ``vmap`` add a grid axis, so per (image, direction,
   channel tile). Each program loops over the ``T`` columns inside the kernel
   (``lax.fori_loop``) holding its column ``(L, channel_tile)`` as the loop carry (on chip),
-  reading one column of ``q`` and writing one column of the output per step. The grid
+  reading one column of ``b`` and of each gate and writing one output column per step. The grid
   tiles channels, never rows: the three-way coupling needs the whole column. With
   ``interpret=True`` the same kernel runs on any backend (slow; tests).
 
@@ -67,38 +66,39 @@ def shift_rows(v, d: int, axis: int = 0):
     return jnp.concatenate([jax.lax.slice_in_dim(v, 1, n, axis=axis), zero], axis=axis)
 
 
-def column_step(q_t, h):
-    """One forward step ``h_t = a_t + P_t h_{t-1}``.
+def column_step(b_t, p_t, h):
+    """One forward step ``h_t = b_t + P_t h_{t-1}``.
 
-    q_t: ``(a_t, p_0, ..., p_{G-1})`` (an array (1 + G, L, C) or a sequence of (L, C));
+    b_t: (L, C); p_t: the G gates of the step (an array (G, L, C) or a sequence of (L, C));
     h: (L, C), the previous column. Returns the new column (L, C).
     """
-    steps = ROW_STEPS[len(q_t) - 1]
-    return q_t[0] + sum(q_t[1 + k] * shift_rows(h, d) for k, d in enumerate(steps))
+    steps = ROW_STEPS[len(p_t)]
+    return b_t + sum(p_t[k] * shift_rows(h, d) for k, d in enumerate(steps))
 
 
-def column_step_transposed(q_t, lam):
-    """``P_t^T lam`` for the gates in ``q_t`` (as in :func:`column_step`); lam: (L, C)."""
-    steps = ROW_STEPS[len(q_t) - 1]
-    return sum(shift_rows(q_t[1 + k] * lam, -d) for k, d in enumerate(steps))
+def column_step_transposed(p_t, lam):
+    """``P_t^T lam`` for the gates ``p_t`` (as in :func:`column_step`); lam: (L, C)."""
+    steps = ROW_STEPS[len(p_t)]
+    return sum(shift_rows(p_t[k] * lam, -d) for k, d in enumerate(steps))
 
 
-def scan_recurrence(q, *, transpose: bool = False):
-    """The recurrence (or its transpose) as one ``lax.scan``: q (T, 1 + G, R, C) -> (T, R, C)."""
-    init = jnp.zeros(q.shape[2:], q.dtype)
+def scan_recurrence(b, p, *, transpose: bool = False):
+    """The recurrence (or its transpose) as one ``lax.scan``: b (T, R, C), p (T, G, R, C) -> (T, R, C)."""
+    init = jnp.zeros(b.shape[1:], b.dtype)
     if not transpose:
 
-        def step(h, q_t):
-            h = column_step(q_t, h)
+        def step(h, column):
+            h = column_step(*column, h)
             return h, h
 
-        return jax.lax.scan(step, init, q)[1]
+        return jax.lax.scan(step, init, (b, p))[1]
 
-    def step_t(carry, q_t):
-        lam = q_t[0] + carry
-        return column_step_transposed(q_t, lam), lam
+    def step_t(carry, column):
+        b_t, p_t = column
+        lam = b_t + carry
+        return column_step_transposed(p_t, lam), lam
 
-    return jax.lax.scan(step_t, init, q, reverse=True)[1]
+    return jax.lax.scan(step_t, init, (b, p), reverse=True)[1]
 
 
 def fits_on_chip(steps: int, rows: int, channels: int, num_gates: int, itemsize: int,
@@ -122,18 +122,18 @@ def channel_tile(channels: int) -> int:
     return max(tiles) if tiles else channels
 
 
-def _kernel(q_ref, o_ref, *, transpose: bool):
-    """One program: q_ref (T, 1 + G, L, ct), o_ref (T, L, ct); loops over the T columns."""
-    steps, width = q_ref.shape[0], q_ref.shape[1]
+def _kernel(b_ref, p_ref, o_ref, *, transpose: bool):
+    """One program: b_ref, o_ref (T, L, ct), p_ref (T, G, L, ct); loops over the T columns."""
+    steps, num_gates = p_ref.shape[0], p_ref.shape[1]
 
-    def load(t):
-        return [q_ref[t, k] for k in range(width)]
+    def gates(t):
+        return [p_ref[t, k] for k in range(num_gates)]
 
     init = jnp.zeros(o_ref.shape[1:], o_ref.dtype)
     if not transpose:
 
         def body(t, h):
-            h = column_step(load(t), h)
+            h = column_step(b_ref[t], gates(t), h)
             o_ref[t] = h
             return h
 
@@ -141,33 +141,34 @@ def _kernel(q_ref, o_ref, *, transpose: bool):
 
         def body(i, carry):
             t = steps - 1 - i
-            q_t = load(t)
-            lam = q_t[0] + carry
+            lam = b_ref[t] + carry
             o_ref[t] = lam
-            return column_step_transposed(q_t, lam)
+            return column_step_transposed(gates(t), lam)
 
     jax.lax.fori_loop(0, steps, body, init)
 
 
-def recurrence(q, *, transpose: bool = False, segment_rows: int | None = None, channel_tile_size: int | None = None,
-               interpret: bool = False):
-    """The recurrence (or its transpose) as one Pallas kernel: q (T, 1 + G, R, C) -> (T, R, C).
+def recurrence(b, p, *, transpose: bool = False, segment_rows: int | None = None,
+               channel_tile_size: int | None = None, interpret: bool = False):
+    """The recurrence (or its transpose) as one Pallas kernel: b (T, R, C), p (T, G, R, C) -> (T, R, C).
 
     segment_rows: rows of one independent segment (one direction); ``R`` must be a
     multiple of it (default: ``R``, one segment). channel_tile_size: channels per
     program (default :func:`channel_tile`). interpret: run in Pallas interpret mode.
     Grid: (R // segment_rows, C // channel_tile_size).
     """
-    steps, width, rows, channels = q.shape
+    steps, rows, channels = b.shape
+    num_gates = p.shape[1]
     seg = rows if segment_rows is None else segment_rows
     ct = channel_tile(channels) if channel_tile_size is None else channel_tile_size
     if rows % seg or channels % ct:
         raise ValueError(f"segment_rows={seg} and channel tile {ct} must divide R={rows} and C={channels}")
     return pl.pallas_call(
         functools.partial(_kernel, transpose=transpose),
-        out_shape=jax.ShapeDtypeStruct((steps, rows, channels), q.dtype),
+        out_shape=jax.ShapeDtypeStruct((steps, rows, channels), b.dtype),
         grid=(rows // seg, channels // ct),
-        in_specs=[pl.BlockSpec((steps, width, seg, ct), lambda s, c: (0, 0, s, c))],
+        in_specs=[pl.BlockSpec((steps, seg, ct), lambda s, c: (0, s, c)),
+                  pl.BlockSpec((steps, num_gates, seg, ct), lambda s, c: (0, 0, s, c))],
         out_specs=pl.BlockSpec((steps, seg, ct), lambda s, c: (0, s, c)),
         interpret=interpret,
-    )(q)
+    )(b, p)

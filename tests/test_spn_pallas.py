@@ -29,20 +29,21 @@ def _inputs(seed, shape=(5, 7, 3), g=3, lead=(4,), dtype=np.float32):
 def test_kernel_matches_scan_recurrence(g, transpose):
     """Several row segments and channel tiles per call: every program sees only its block."""
     rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.normal(scale=0.5, size=(6, 1 + g, 3 * 5, 4)).astype(np.float32))
+    b = jnp.asarray(rng.normal(size=(6, 3 * 5, 4)).astype(np.float32))
+    p = jnp.asarray(rng.normal(scale=0.5, size=(6, g, 3 * 5, 4)).astype(np.float32))
     # zero the gates that cross a segment boundary, as spn's layout does
     if g == 3:
-        q = q.at[:, 1, 0::5].set(0).at[:, 3, 4::5].set(0)
-    want = spn_pallas.scan_recurrence(q, transpose=transpose)
+        p = p.at[:, 0, 0::5].set(0).at[:, 2, 4::5].set(0)
+    want = spn_pallas.scan_recurrence(b, p, transpose=transpose)
     for tile in (1, 2, 4):
-        got = spn_pallas.recurrence(q, transpose=transpose, segment_rows=5, channel_tile_size=tile, interpret=True)
+        got = spn_pallas.recurrence(b, p, transpose=transpose, segment_rows=5, channel_tile_size=tile, interpret=True)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_rejects_a_bad_tiling():
-    q = jnp.zeros((3, 4, 10, 3), jnp.float32)
+    b, p = jnp.zeros((3, 10, 3), jnp.float32), jnp.zeros((3, 3, 10, 3), jnp.float32)
     with pytest.raises(ValueError, match="must divide R=10 and C=3"):
-        spn_pallas.recurrence(q, segment_rows=4, interpret=True)
+        spn_pallas.recurrence(b, p, segment_rows=4, interpret=True)
 
 
 @pytest.mark.parametrize("shape, g", [((5, 7, 3), 3), ((6, 3, 2), 1)])
@@ -108,14 +109,14 @@ def test_implementation_argument():
 
 def test_kernel_lowers_for_tpu():
     """Mosaic TPU lowering runs without a TPU (compiling it for the chip needs one)."""
-    q = jnp.ones((16, 4, 32, 128), jnp.float32)
-    f = jax.jit(lambda q: spn_pallas.recurrence(q, segment_rows=8, channel_tile_size=128))
-    f.trace(q).lower(lowering_platforms=("tpu",))
+    b, p = jnp.ones((16, 32, 128), jnp.float32), jnp.ones((16, 3, 32, 128), jnp.float32)
+    f = jax.jit(lambda b, p: spn_pallas.recurrence(b, p, segment_rows=8, channel_tile_size=128))
+    f.trace(b, p).lower(lowering_platforms=("tpu",))
 
 
 @pytest.mark.xfail(strict=True, raises=(NotImplementedError, ValueError),
                    reason="Mosaic GPU: strided block loads unsupported; Triton: no lowering for slice")
 def test_kernel_lowers_for_cuda():
-    q = jnp.ones((16, 4, 32, 8), jnp.float32)
-    f = jax.jit(lambda q: spn_pallas.recurrence(q, segment_rows=32))
-    f.trace(q).lower(lowering_platforms=("cuda",))
+    b, p = jnp.ones((16, 32, 8), jnp.float32), jnp.ones((16, 3, 32, 8), jnp.float32)
+    f = jax.jit(lambda b, p: spn_pallas.recurrence(b, p, segment_rows=32))
+    f.trace(b, p).lower(lowering_platforms=("cuda",))

@@ -7,7 +7,7 @@ outside the image already zeroed) and solves it here. With the input term ``b`` 
 ``d = (-1, 0, +1)`` three-way, ``(0,)`` one-way)::
 
     forward     h_t = b_t + P_t h_{t-1},         t = 0 .. T-1, h_{-1} = 0
-    transpose   l_t = g_t + P_{t+1}^T l_{t+1},   t = T-1 .. 0, l_T = 0
+    transpose   l_t = b_t + P_{t+1}^T l_{t+1},   t = T-1 .. 0, l_T = 0
 
 with ``(P_t v)[i] = sum_k p_k[t, i] v[i + d_k]`` and
 ``(P_t^T v)[j] = sum_k p_k[t, j - d_k] v[j - d_k]``, elementwise in the channel.
@@ -105,8 +105,9 @@ def fits_on_chip(steps: int, rows: int, channels: int, num_gates: int, itemsize:
                  budget: int = 4 << 20) -> bool:
     """Whether one program's blocks (input and output, smallest channel tile) fit ``budget`` bytes.
 
-    The kernel's BlockSpecs bring a whole (T, 1 + G, L, tile) sequence on chip; ``"auto"``
-    uses the kernel on TPU only when that fits comfortably in VMEM.
+    The kernel's BlockSpecs bring whole (T, L, tile) sequences of ``b``, of the G gates and
+    of the output on chip; ``"auto"`` uses the kernel on TPU only when they fit
+    comfortably in VMEM.
     """
     return steps * (2 + num_gates) * rows * channel_tile(channels) * itemsize <= budget
 

@@ -183,7 +183,7 @@ def spn_gpu_section(gpu, repeats):
                 lines.append(f"| {case} | {variant} | n/a ({type(e).__name__}: {str(e)[:80]}) | | | |")
                 continue
             frac = spn_bytes(shape, batch or 1) / t_f / bw
-            lines.append(f"| {case} | {variant} | {fmt_ms(t_f)} | {fmt_ms(t_b)} | {t_b / t_f:.2f}x | {frac:.1%} |")
+            lines.append(f"| {case} | {variant} | {fmt_ms(t_f)} | {fmt_ms(t_b)} | {t_b / t_f:.2f}x | {frac:.2%} |")
     return lines
 
 

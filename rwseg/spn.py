@@ -25,12 +25,18 @@ The whole propagation is linear in ``x``: ``vec(h) = G vec(x)`` per channel with
 ``G = (I - A)^-1 D`` (``A`` the stencil matrix of the gates on the offsets above, ``D``
 the diagonal ``1 - sum_k p``); :func:`propagation_matrix` builds ``G`` for small maps.
 
-Implementation: one ``jax.lax.scan`` over the scan axis whose carry is the previous
-column ``(H, C)``; the neighbours in rows ``i +- 1`` come from :func:`rwseg.stencil.shift`
-and :func:`rwseg.stencil.valid_mask` on that column. Everything is differentiable in ``x``
-and ``gates`` (reverse mode through the scan), batches with ``jax.vmap`` and keeps the
-input dtype. :func:`spn` runs the four directions of one image as a single vmapped scan
-when the image is square (two scans otherwise).
+Implementation: every direction is mapped to scan-major ("time-major") order and all
+directions of one call are stacked into ONE system of ``T = max(H, W)`` steps over a
+column of ``D * max(H, W)`` rows (each direction a row segment; padded rows and steps carry
+zero input and zero gates, so H != W needs no second scan). Gates pointing outside their
+own image and the input term ``(1 - sum_k p_k) * x`` are computed once, outside the loop.
+The recurrence ``h_t = a_t + P_t h_{t-1}`` is solved by :mod:`rwseg.spn_pallas`: a
+``lax.scan`` carrying one column (CPU, GPU) or a Pallas kernel (TPU, or interpret mode on
+request), wrapped in ``lax.custom_linear_solve`` as the triangular system
+``(I - A) h = a``: gradients w.r.t. ``x`` run the adjoint recurrence (the reverse scan
+with transposed gates) instead of storing per-step intermediates, gradients w.r.t. the
+gates are ``lambda * h_prev`` neighbours, and forward mode (``jvp``, ``jacfwd``) works as
+well. Everything batches with ``jax.vmap`` and keeps the input dtype.
 
 No value checks are needed: every finite input is valid. Gates with
 ``sum_k |p_k| > 1`` are allowed but may blow up over long scans; :func:`stabilize`
@@ -39,17 +45,22 @@ rescales them (Theorem 3).
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rwseg import _validate as V
-from rwseg import stencil
+from rwseg import spn_pallas, stencil
 
 __all__ = ["DIRECTIONS", "direction_offsets", "propagate", "spn", "stabilize", "propagation_matrix"]
 
 DIRECTIONS = ("left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top")
-_ROW_STEPS = {1: (0,), 3: (-1, 0, 1)}  # d_k for gate k, one-way and three-way
+_ROW_STEPS = spn_pallas.ROW_STEPS  # d_k for gate k, one-way and three-way
 _MERGES = ("max", "mean")
+_IMPLEMENTATIONS = ("auto", "scan", "pallas")
 
 
 # --------------------------------------------------------------------------- checks
@@ -101,85 +112,200 @@ def direction_offsets(direction: str, num_gates: int) -> stencil.Offsets:
     }[direction]
 
 
-def _to_canonical(a, direction):
-    """Map an (H, W, ...) array so that ``direction`` becomes left-to-right."""
-    if direction in ("top_to_bottom", "bottom_to_top"):
+# --------------------------------------------------------------------------- layout
+#
+# All directions of one call share ONE time-major system. Direction d is mapped so that
+# its scan runs along the leading axis ("time-major", (T_d, L_d, ...)): left_to_right
+# is x.swapaxes(0, 1), top_to_bottom is x itself, the reversed directions flip the time
+# axis. Their columns are stacked along the row axis into one column of R rows (each
+# direction a segment of ``rows`` rows starting at its offset) and padded in time to
+# T = max T_d steps, so H != W needs no second scan: padded rows and steps carry x = 0
+# and p = 0 and are dropped afterwards. Gates that point outside their own image (first
+# step, first/last row of the segment) are zeroed once here, which also decouples the
+# segments from each other.
+
+
+def _time_major(a, direction):
+    """(H, W, ...) -> (T, L, ...): scan axis first, scan order ascending."""
+    if direction in ("left_to_right", "right_to_left"):
         a = jnp.swapaxes(a, 0, 1)
     if direction in ("right_to_left", "bottom_to_top"):
-        a = jnp.flip(a, axis=1)
+        a = jnp.flip(a, axis=0)
     return a
 
 
-def _from_canonical(a, direction):
-    """Inverse of :func:`_to_canonical`."""
+def _from_time_major(a, direction):
+    """Inverse of :func:`_time_major`."""
     if direction in ("right_to_left", "bottom_to_top"):
-        a = jnp.flip(a, axis=1)
-    if direction in ("top_to_bottom", "bottom_to_top"):
+        a = jnp.flip(a, axis=0)
+    if direction in ("left_to_right", "right_to_left"):
         a = jnp.swapaxes(a, 0, 1)
     return a
 
 
-# --------------------------------------------------------------------------- the scan
+class _Layout(NamedTuple):
+    """Where each direction lives in the stacked (T, R, C) system."""
+
+    directions: tuple[str, ...]
+    sizes: tuple[tuple[int, int], ...]  # (T_d, L_d) per direction
+    steps: int  # T
+    rows: int  # segment height (>= every L_d)
 
 
-@jax.jit  # compiled once per shape/dtype: the scan body is a fresh closure on every call
-def _scan_left_to_right(x, gates):
-    """Left-to-right propagation of x (H, W, C) with gates (H, W, C, G) -> (H, W, C)."""
-    h_size = x.shape[0]
-    row_steps = _ROW_STEPS[gates.shape[-1]]
-    # valid[i, k]: neighbour row i + d_k inside the image (column t - 1 always exists
-    # inside the scan, which starts at t = 1). The stencil forbids the (0, 0) offset,
-    # so the same-row neighbour is the previous column itself.
-    valid = jnp.stack(
-        [jnp.ones((h_size,), bool) if d == 0 else stencil.valid_mask(h_size, 1, [(d, 0)])[:, 0, 0] for d in row_steps],
-        axis=-1,
-    )[:, None, :]  # (H, 1, G)
+def _layout(height, width, directions) -> _Layout:
+    sizes = tuple((width, height) if d in ("left_to_right", "right_to_left") else (height, width) for d in directions)
+    steps = max(t for t, _ in sizes)
+    rows = max(l for _, l in sizes)
+    return _Layout(tuple(directions), sizes, steps, rows)
 
-    def neighbours(h_prev):  # (H, C) -> (H, C, G): h_prev[i + d_k], zero outside
-        cols = [h_prev if d == 0 else stencil.shift(h_prev[:, None], (d, 0))[:, 0] for d in row_steps]
-        return jnp.stack(cols, axis=-1)
 
-    def step(h_prev, column):
-        x_t, p_t = column  # (H, C), (H, C, G)
-        p_t = jnp.where(valid, p_t, jnp.zeros((), p_t.dtype))
-        h_t = (1 - jnp.sum(p_t, axis=-1)) * x_t + jnp.sum(p_t * neighbours(h_prev), axis=-1)
-        return h_t, h_t
+def _gate_mask(steps, rows, num_gates) -> np.ndarray:
+    """(T, L, 1, G) bool: gate k of (t, i) has its neighbour (t - 1, i + d_k) in the segment."""
+    t = np.arange(steps)[:, None, None, None]
+    i = np.arange(rows)[None, :, None, None]
+    d = np.array(_ROW_STEPS[num_gates])[None, None, None, :]
+    return (t >= 1) & (i + d >= 0) & (i + d < rows)
 
+
+def _pack(x, gates, layout: _Layout):
+    """x (H, W, C), gates (D, H, W, C, G) -> a (T, R, C), p (T, G, R, C), masked.
+
+    ``a = (1 - sum_k p_k) * x`` is the input term of the recurrence, computed once here.
+    Each gate is split off before the transposes (a minor axis of size G transposes
+    slowly on CPU) and every piece is built directly in its stacked place.
+    """
+    zero = jnp.zeros((), gates.dtype)
+    num_gates = gates.shape[-1]
+
+    def place(a, i):  # (T_d, L_d, C) -> (T, rows, C), zero padded
+        steps, rows = layout.sizes[i]
+        if (steps, rows) == (layout.steps, layout.rows):
+            return a
+        return jnp.pad(a, ((0, layout.steps - steps), (0, layout.rows - rows), (0, 0)))
+
+    parts_a, parts_p = [], [[] for _ in range(num_gates)]
+    # lax.unstack (not indexing): its transpose is one stack, not one pad per piece.
+    pieces = [jax.lax.unstack(g, axis=-1) for g in jax.lax.unstack(gates, axis=0)]
+    for i, d in enumerate(layout.directions):
+        steps, rows = layout.sizes[i]
+        mask = _gate_mask(steps, rows, num_gates)  # (T_d, L_d, 1, G)
+        pd = [jnp.where(mask[..., k], _time_major(pieces[i][k], d), zero) for k in range(num_gates)]
+        parts_a.append(place((1 - sum(pd)) * _time_major(x, d), i))
+        for k in range(num_gates):
+            parts_p[k].append(place(pd[k], i))
+    a = jnp.concatenate(parts_a, axis=1)
+    p = jnp.stack([jnp.concatenate(parts, axis=1) for parts in parts_p], axis=1)
+    return a, p
+
+
+def _unpack(h, layout: _Layout):
+    """(T, R, C) -> one (H, W, C) map per direction."""
+    outs = []
+    for i, d in enumerate(layout.directions):
+        steps, rows = layout.sizes[i]
+        lo = i * layout.rows
+        outs.append(_from_time_major(h[:steps, lo : lo + rows], d))
+    return outs
+
+
+# --------------------------------------------------------------------------- the solve
+
+
+def _resolve_implementation(implementation, x, gates):
+    """"scan" or "pallas" for this call (see :func:`propagate`)."""
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    backend = jax.default_backend()
+    if implementation == "pallas" and backend in ("gpu", "cuda", "rocm"):
+        raise NotImplementedError(
+            "implementation='pallas': the Pallas SPN kernel does not lower for GPU yet (Mosaic GPU rejects its "
+            "strided block loads, Triton has no rule for slicing a value); use implementation='scan' or 'auto'"
+        )
+    if implementation == "auto":
+        height, width, channels = x.shape
+        n = max(height, width)
+        on_chip = spn_pallas.fits_on_chip(n, n, channels, gates.shape[-1], jnp.result_type(x, gates).itemsize)
+        return "pallas" if backend == "tpu" and on_chip else "scan"
+    return implementation
+
+
+def _recurrence(b, p, transpose, implementation, segment_rows):
+    """Run the stacked recurrence (or its transpose) on right-hand side b (T, R, C)."""
+    if implementation == "pallas":
+        return spn_pallas.recurrence(b, p, transpose=transpose, segment_rows=segment_rows,
+                                     interpret=jax.default_backend() == "cpu")
+    return spn_pallas.scan_recurrence(b, p, transpose=transpose)
+
+
+def _solve(a, p, implementation, segment_rows):
+    """h with ``h_t = a_t + P_t h_{t-1}`` (h_{-1} = 0), i.e. ``(I - A) h = a``.
+
+    a: (T, R, C); p: (T, G, R, C), already masked. A ``lax.custom_linear_solve``: the
+    forward solve is one scan, derivatives w.r.t. ``a`` use the transposed solve (the
+    reverse scan with transposed gates, no per-step residuals), derivatives w.r.t. the
+    gates come from the matrix-vector product ``(I - A) h`` at the solution (cotangent of
+    ``p_k[t, i]`` = ``lambda[t, i] * h[t - 1, i + d_k]``). Forward mode works too.
+    """
+    steps = _ROW_STEPS[p.shape[1]]
+
+    def matvec(h):  # (I - A) h; lax.unstack so that the gate cotangent is one stack, not G pads
+        prev = spn_pallas.shift_rows(h, -1, axis=0)  # h_{t-1}, zero at t = 0
+        gates = jax.lax.unstack(p, axis=1)
+        return h - sum(gates[k] * spn_pallas.shift_rows(prev, d, axis=1) for k, d in enumerate(steps))
+
+    def solve(_, rhs):
+        return _recurrence(rhs, p, False, implementation, segment_rows)
+
+    def transpose_solve(_, rhs):
+        return _recurrence(rhs, p, True, implementation, segment_rows)
+
+    return jax.lax.custom_linear_solve(matvec, a, solve, transpose_solve)
+
+
+def _propagate_stacked(x, gates, directions, implementation):
+    """x (H, W, C), gates (D, H, W, C, G) -> list of D maps (H, W, C), one solve for all."""
+    return _propagate_stacked_jit(x, gates, tuple(directions), _resolve_implementation(implementation, x, gates))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))  # compiled once per shape, also when called eagerly
+def _propagate_stacked_jit(x, gates, directions, implementation):
     dtype = jnp.result_type(x, gates)
-    x = x.astype(dtype)
-    gates = gates.astype(dtype)
-    h0 = x[:, 0]
-    xs = (jnp.swapaxes(x[:, 1:], 0, 1), jnp.swapaxes(gates[:, 1:], 0, 1))
-    _, hs = jax.lax.scan(step, h0, xs)  # (W - 1, H, C)
-    return jnp.concatenate([h0[:, None], jnp.swapaxes(hs, 0, 1)], axis=1)
+    x, gates = x.astype(dtype), gates.astype(dtype)
+    layout = _layout(x.shape[0], x.shape[1], directions)
+    a, p = _pack(x, gates, layout)
+    return _unpack(_solve(a, p, implementation, layout.rows), layout)
 
 
-def propagate(x, gates, direction: str):
+def propagate(x, gates, direction: str, implementation: str = "auto"):
     """One linear propagation of ``x`` in ``direction`` (seed 002, eq. 1 / eq. 5).
 
     x: (H, W, C) float; gates: (H, W, C, 3) three-way or (H, W, C, 1) one-way, gate
     ``k`` of pixel ``i`` weighting the neighbour ``i + direction_offsets(direction, G)[k]``
-    of the previous column/row; direction: one of :data:`DIRECTIONS`.
+    of the previous column/row; direction: one of :data:`DIRECTIONS`; implementation:
+    ``"scan"`` (``lax.scan``), ``"pallas"`` (the Pallas kernel of
+    :mod:`rwseg.spn_pallas`; interpret mode on CPU) or ``"auto"`` (Pallas on GPU/TPU,
+    scan on CPU).
     Returns h: (H, W, C), dtype ``result_type(x, gates)``. Gates pointing outside the
     image count as zero in both sums (so the first column/row is copied from ``x``).
-    One ``jax.lax.scan`` over the scan axis; differentiable in ``x`` and ``gates``.
+    Differentiable in ``x`` and ``gates`` in both modes: the scan is a
+    ``lax.custom_linear_solve`` whose backward pass is the adjoint (reverse) recurrence.
     """
     _check_direction(direction)
     _check_x(x)
     _check_gates(gates, x.shape)
-    h = _scan_left_to_right(_to_canonical(x, direction), _to_canonical(gates, direction))
-    return _from_canonical(h, direction)
+    return _propagate_stacked(x, gates[None], (direction,), implementation)[0]
 
 
-def spn(x, gates, merge: str = "max"):
+def spn(x, gates, merge: str = "max", implementation: str = "auto"):
     """Four-direction SPN layer: propagate in every direction, merge node-wise (seed 002, §3.3).
 
     x: (H, W, C); gates: (4, H, W, C, G), G in {1, 3}, in the order of :data:`DIRECTIONS`
     (left_to_right, right_to_left, top_to_bottom, bottom_to_top); merge: ``"max"`` (the
-    paper's node-wise max pooling) or ``"mean"``. Returns (H, W, C).
+    paper's node-wise max pooling; its gradient goes to the direction that attains the
+    max) or ``"mean"``; implementation: as for :func:`propagate`. Returns (H, W, C).
 
-    Equals ``max_d propagate(x, gates[d], DIRECTIONS[d])``; the directions whose
-    canonical (scan-major) shapes agree run as one vmapped scan (all four when H == W).
+    Equals ``max_d propagate(x, gates[d], DIRECTIONS[d])``; the four directions run as
+    one stacked recurrence (any H, W) and one adjoint recurrence in the backward pass.
     """
     _check_x(x)
     _check_gates(gates, x.shape, lead=(4,))
@@ -187,19 +313,12 @@ def spn(x, gates, merge: str = "max"):
         raise ValueError(f"gates: expected 4 directions on the first axis {DIRECTIONS}, got {gates.shape[0]}")
     if merge not in _MERGES:
         raise ValueError(f"merge: expected one of {_MERGES}, got {merge!r}")
-    canon = [(_to_canonical(x, d), _to_canonical(gates[i], d)) for i, d in enumerate(DIRECTIONS)]
-    groups: dict[tuple, list[int]] = {}
-    for i, (xc, _) in enumerate(canon):
-        groups.setdefault(xc.shape, []).append(i)
-    outs = [None] * 4
-    for idx in groups.values():
-        xs = jnp.stack([canon[i][0] for i in idx])
-        gs = jnp.stack([canon[i][1] for i in idx])
-        hs = jax.vmap(_scan_left_to_right)(xs, gs)
-        for j, i in enumerate(idx):
-            outs[i] = _from_canonical(hs[j], DIRECTIONS[i])
-    stacked = jnp.stack(outs)
-    return jnp.max(stacked, axis=0) if merge == "max" else jnp.mean(stacked, axis=0)
+    outs = _propagate_stacked(x, gates, DIRECTIONS, implementation)
+    if merge == "mean":
+        return sum(outs) / len(outs)
+    # Pairwise elementwise maxima: their gradient is a select (cotangent to the direction
+    # attaining the max, split evenly on exact ties), fused, unlike reduce_max's.
+    return jnp.maximum(jnp.maximum(outs[0], outs[1]), jnp.maximum(outs[2], outs[3]))
 
 
 def stabilize(gates):

@@ -4,19 +4,23 @@ Prints one markdown table measured in one run (medians over repeats, float32):
 
 - SPN, three-way gates, four directions merged by max (``rwseg.spn.spn`` under ``jit``),
   forward and forward + backward (gradients w.r.t. x and all gates), at 64x64x32 (the
-  paper's hidden layer: seed 002 reports 1.3 ms on its GPU) and 256x256x16; peer: the
-  same recurrence in PyTorch on CPU (eager loop over columns, the four directions
-  batched like rwseg does), and optionally ``torch.compile`` of it (``--torch-compile``;
-  ~140 s of compilation per shape, so off by default).
+  paper's hidden layer: seed 002 reports 1.3 ms on its GPU) and 256x256x16; peers: the
+  implementation before issue 8 (:func:`reference_spn`, kept in this script: per-direction
+  scans differentiated by plain autodiff; a second table prints old vs new and the
+  fwd+bwd / fwd ratios), the same recurrence in PyTorch on CPU (eager loop over columns,
+  the four directions batched like rwseg does), and optionally ``torch.compile`` of it
+  (``--torch-compile``; ~140 s of compilation per shape, so off by default).
 - GMF, 5 layers on the paper's 23x23 bipartite window (144 offsets), 64x64x21 (1/8 of
   a 505x505 image), forward and forward + backward (w.r.t. unary, similarity, compat);
   peer: ``pydensecrf2`` (DenseCRF2D, Gaussian + bilateral kernels, 5 iterations) on the
   same scores — a different CRF (dense, permutohedral filtering), compared as the usual
   CRF post-processing cost at the same size.
 
-When jax sees a GPU, a GPU column is added for rwseg, and the SPN case 1024x1024x8,
-batch 16 (the published CUDA line-scan kernel: 71.4 ms) is measured there. Missing peers
-print "n/a (not installed)".
+When jax sees a GPU, a GPU column is added for rwseg, and an SPN GPU section times the
+scan against the Pallas kernel at 64x64x32 and 1024x1024x8, batch 16 (the published CUDA
+line-scan kernel GSPN-1: 71.4 ms on an A100), with the forward's fraction of peak memory
+bandwidth (bytes counted per direction: x, 3 gates, output). Missing peers print
+"n/a (not installed)".
 
 Usage: ``python experiments/benchmarks/bench_spn_gcrf.py [--repeats 10] [--torch-compile]``
 """
@@ -24,6 +28,7 @@ Usage: ``python experiments/benchmarks/bench_spn_gcrf.py [--repeats 10] [--torch
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -62,8 +67,64 @@ def spn_inputs(shape, batch=None, seed=0):
     return x, gates, cot
 
 
-def jax_spn_fns(batch):
-    layer = spn.spn if batch is None else jax.vmap(spn.spn)
+def reference_spn(x, gates):
+    """rwseg.spn.spn as it was before issue 8 (2026-11-21), kept here as the "old" figure.
+
+    Per direction: flip/transpose to left-to-right, one ``lax.scan`` over columns whose
+    body masks the gates, stacks the three neighbours and sums; the directions with the
+    same canonical shape vmapped together; differentiated by plain autodiff (the scan
+    stores its per-step intermediates). x (H, W, C), gates (4, H, W, C, 3) -> (H, W, C).
+    """
+
+    def canonical(a, d):
+        if d in ("top_to_bottom", "bottom_to_top"):
+            a = jnp.swapaxes(a, 0, 1)
+        return jnp.flip(a, axis=1) if d in ("right_to_left", "bottom_to_top") else a
+
+    def from_canonical(a, d):
+        a = jnp.flip(a, axis=1) if d in ("right_to_left", "bottom_to_top") else a
+        return jnp.swapaxes(a, 0, 1) if d in ("top_to_bottom", "bottom_to_top") else a
+
+    def scan(x, p):
+        rows = x.shape[0]
+        valid = np.ones((rows, 1, 3), bool)
+        valid[0, :, 0] = valid[-1, :, 2] = False
+
+        def neighbours(h):
+            z = jnp.zeros_like(h[:1])
+            return jnp.stack([jnp.concatenate([z, h[:-1]]), h, jnp.concatenate([h[1:], z])], axis=-1)
+
+        def step(h_prev, column):
+            x_t, p_t = column
+            p_t = jnp.where(valid, p_t, 0)
+            h_t = (1 - jnp.sum(p_t, axis=-1)) * x_t + jnp.sum(p_t * neighbours(h_prev), axis=-1)
+            return h_t, h_t
+
+        _, hs = jax.lax.scan(step, x[:, 0], (jnp.swapaxes(x[:, 1:], 0, 1), jnp.swapaxes(p[:, 1:], 0, 1)))
+        return jnp.concatenate([x[:, :1], jnp.swapaxes(hs, 0, 1)], axis=1)
+
+    canon = [(canonical(x, d), canonical(gates[i], d)) for i, d in enumerate(spn.DIRECTIONS)]
+    groups = {}
+    for i, (xc, _) in enumerate(canon):
+        groups.setdefault(xc.shape, []).append(i)
+    outs = [None] * 4
+    for idx in groups.values():
+        hs = jax.vmap(scan)(jnp.stack([canon[i][0] for i in idx]), jnp.stack([canon[i][1] for i in idx]))
+        for j, i in enumerate(idx):
+            outs[i] = from_canonical(hs[j], spn.DIRECTIONS[i])
+    return jnp.max(jnp.stack(outs), axis=0)
+
+
+SPN_VARIANTS = {
+    "old": reference_spn,  # before issue 8: plain autodiff through per-direction scans
+    "scan": functools.partial(spn.spn, implementation="scan"),
+    "pallas": functools.partial(spn.spn, implementation="pallas"),
+}
+
+
+def jax_spn_fns(batch, variant="scan"):
+    layer = SPN_VARIANTS[variant]
+    layer = layer if batch is None else jax.vmap(layer)
     fwd = jax.jit(layer)
 
     def loss(x, g, cot):
@@ -73,12 +134,57 @@ def jax_spn_fns(batch):
     return fwd, bwd
 
 
-def time_jax_spn(shape, device, repeats, batch=None):
+def time_jax_spn(shape, device, repeats, batch=None, variant="scan"):
+    """Median (forward, forward + backward) seconds of one SPN variant on ``device``."""
     x, g, cot = (jax.device_put(a, device) for a in spn_inputs(shape, batch))
-    fwd, bwd = jax_spn_fns(batch)
+    fwd, bwd = jax_spn_fns(batch, variant)
     t_f = median_time(lambda: block(fwd(x, g)), repeats=repeats)
     t_b = median_time(lambda: block(bwd(x, g, cot)), repeats=repeats)
     return t_f, t_b
+
+
+def check_spn_variants(shape=(9, 7, 3)):
+    """The old reference and the new scan agree (values and gradients) before timing."""
+    x, g, cot = spn_inputs(shape)
+    outs = {v: jax_spn_fns(None, v)[1](x, g, cot) for v in ("old", "scan")}
+    for a, b in zip(jax.tree.leaves(outs["old"]), jax.tree.leaves(outs["scan"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def spn_bytes(shape, batch=1):
+    """Bytes that must move per SPN layer, counted per direction: x, 3 gates, output (float32)."""
+    h, w, c = shape
+    return 4 * batch * h * w * c * (1 + 3 + 1) * 4
+
+
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM figures
+
+
+def peak_bandwidth(device):
+    for name, bw in PEAK_BANDWIDTH.items():
+        if name in device.device_kind:
+            return name, bw
+    return "H100 (assumed)", PEAK_BANDWIDTH["H100"]
+
+
+def spn_gpu_section(gpu, repeats):
+    """Scan vs Pallas on the GPU: markdown lines (the Pallas path may not lower there)."""
+    name, bw = peak_bandwidth(gpu)
+    lines = [f"SPN on GPU ({gpu.device_kind}; peak bandwidth {name} {bw / 1e12:.2f} TB/s; "
+             "published CUDA line scan GSPN-1 at 1024x1024x8 batch 16: 71.4 ms on an A100)", "",
+             "| case | implementation | fwd ms | fwd+bwd ms | fwd+bwd / fwd | fwd fraction of peak bandwidth |",
+             "|---|---|---|---|---|---|"]
+    for shape, batch in [((64, 64, 32), None), ((1024, 1024, 8), 16)]:
+        case = f"{shape[0]}x{shape[1]}x{shape[2]}" + ("" if batch is None else f", batch {batch}")
+        for variant in ("scan", "pallas"):
+            try:
+                t_f, t_b = time_jax_spn(shape, gpu, repeats, batch, variant)
+            except Exception as e:  # noqa: BLE001 - report why a variant cannot run here
+                lines.append(f"| {case} | {variant} | n/a ({type(e).__name__}: {str(e)[:80]}) | | | |")
+                continue
+            frac = spn_bytes(shape, batch or 1) / t_f / bw
+            lines.append(f"| {case} | {variant} | {fmt_ms(t_f)} | {fmt_ms(t_b)} | {t_b / t_f:.2f}x | {frac:.2%} |")
+    return lines
 
 
 # --------------------------------------------------------------------------- SPN in PyTorch
@@ -224,12 +330,22 @@ def main(argv=None):
             row.insert(3, fmt_ms(ours_gpu))
         rows.append(row)
 
+    check_spn_variants()
+    spn_lines = ["SPN before and after issue 8 (CPU, measured side by side in this run; old = plain-autodiff "
+                 "per-direction scans, new = rwseg.spn.spn, stacked scan + adjoint recurrence)", "",
+                 "| case | old fwd ms | new fwd ms | fwd speed-up | old fwd+bwd ms | new fwd+bwd ms | "
+                 "old fwd+bwd / fwd | new fwd+bwd / fwd |", "|---|---|---|---|---|---|---|---|"]
     for shape in [(64, 64, 32), (256, 256, 16)]:
         case = f"SPN 3-way x4 dirs {shape[0]}x{shape[1]}x{shape[2]}"
+        f_old, b_old = time_jax_spn(shape, cpu, args.repeats, variant="old")
         f_cpu, b_cpu = time_jax_spn(shape, cpu, args.repeats)
+        spn_lines.append(f"| {case} | {fmt_ms(f_old)} | {fmt_ms(f_cpu)} | {f_old / f_cpu:.2f}x | {fmt_ms(b_old)} | "
+                         f"{fmt_ms(b_cpu)} | {b_old / f_old:.2f}x | {b_cpu / f_cpu:.2f}x |")
         f_gpu = b_gpu = None
         if gpu is not None:
             f_gpu, b_gpu = time_jax_spn(shape, gpu, args.repeats)
+        add(case, "fwd", f_cpu, "rwseg before issue 8 (CPU)", f_old, f_gpu)
+        add(case, "fwd+bwd", b_cpu, "rwseg before issue 8 (CPU)", b_old, b_gpu)
         peers = [("torch eager", False)] + ([("torch.compile", True)] if args.torch_compile else [])
         for name, compiled in peers:
             if torch is None:
@@ -241,9 +357,7 @@ def main(argv=None):
             add(case, "fwd+bwd", b_cpu, name + " (CPU)", tb, b_gpu)
         print(f"done {case}", file=sys.stderr, flush=True)
     if gpu is not None:
-        f_gpu, b_gpu = time_jax_spn((1024, 1024, 8), gpu, args.repeats, batch=16)
-        add("SPN 3-way x4 dirs 1024x1024x8, batch 16", "fwd", None, "CUDA line scan (seed 002, published)", 71.4e-3, f_gpu)
-        add("SPN 3-way x4 dirs 1024x1024x8, batch 16", "fwd+bwd", None, "-", None, b_gpu)
+        spn_lines += [""] + spn_gpu_section(gpu, args.repeats)
 
     case = "GMF 5 layers, 23x23 window (144 offsets), 64x64x21"
     f_cpu, b_cpu = time_jax_gmf(cpu, args.repeats)
@@ -259,11 +373,14 @@ def main(argv=None):
     print(f"torch: {torch.__version__ if torch else NA}; torch threads: {torch.get_num_threads() if torch else '-'}; "
           f"pydensecrf2: {'installed' if dcrf else NA}; repeats: {args.repeats}; float32")
     if gpu is None:
-        print("No GPU visible to jax: GPU columns and the 1024x1024 batch-16 SPN case are skipped.")
+        print("No GPU visible to jax: GPU columns and the SPN GPU section (scan vs Pallas, 1024x1024x8 batch 16) "
+              "are skipped.")
     if not args.torch_compile:
         print("torch.compile peer skipped (pass --torch-compile; ~140 s compilation per shape).")
     print()
     print(markdown_table(headers, rows))
+    print()
+    print("\n".join(spn_lines))
 
 
 if __name__ == "__main__":

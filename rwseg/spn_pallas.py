@@ -1,0 +1,175 @@
+"""The stacked SPN column recurrence and its transpose: one ``lax.scan`` or one Pallas kernel.
+
+:mod:`rwseg.spn` maps every direction of a propagation to one time-major system of
+``T`` steps over a column of ``R`` rows (directions stacked as row segments, gates
+outside the image already zeroed) and solves it here. With the input term ``b`` of shape
+``(T, R, C)`` and the gates ``p`` of shape ``(T, G, R, C)`` (seed 002, eq. 1 / eq. 5 with
+``d = (-1, 0, +1)`` three-way, ``(0,)`` one-way)::
+
+    forward     h_t = b_t + P_t h_{t-1},         t = 0 .. T-1, h_{-1} = 0
+    transpose   l_t = b_t + P_{t+1}^T l_{t+1},   t = T-1 .. 0, l_T = 0
+
+with ``(P_t v)[i] = sum_k p_k[t, i] v[i + d_k]`` and
+``(P_t^T v)[j] = sum_k p_k[t, j - d_k] v[j - d_k]``, elementwise in the channel.
+The transpose is the adjoint recurrence used for the backward pass: the reverse scan with
+transposed three-way gates (the coupling of row ``j`` to ``j - 1`` takes the gate of row
+``j - 1`` that pointed down, and so on). Both run with one column ``(R, C)`` carried from
+step to step; no per-step intermediates are stored.
+
+Two implementations of the same two step functions (:func:`column_step`,
+:func:`column_step_transposed`):
+
+- :func:`scan_recurrence`: ``jax.lax.scan`` over the leading (time) axis, the carried
+  column shifted by two concatenates. The CPU path.
+- :func:`recurrence`: a Pallas kernel, one program per (row segment = image direction,
+  channel tile) — batches under ``vmap`` add a grid axis, so per (image, direction,
+  channel tile). Each program loops over the ``T`` columns inside the kernel
+  (``lax.fori_loop``) holding its column ``(L, channel_tile)`` as the loop carry (on chip),
+  reading one column of ``b`` and of each gate and writing one output column per step. The grid
+  tiles channels, never rows: the three-way coupling needs the whole column. With
+  ``interpret=True`` the same kernel runs on any backend (slow; tests).
+
+Status on accelerators (no GPU or TPU was available when this was written; the kernel is
+verified in interpret mode only, ``tests/test_spn_pallas.py``): it lowers for TPU (Mosaic
+TPU lowering runs without a device; compiling for the chip was not tried), so
+``implementation="auto"`` uses it on TPU when one program's blocks fit in 4 MiB
+(:func:`fits_on_chip`). It does not lower for GPU: Mosaic GPU (the default backend of
+``pallas_call`` in this jax) rejects the strided block loads, and the Triton lowering has
+no rule for slicing a value, which the in-register row shift uses. A GPU version needs
+the columns streamed from global memory (``memory_space=pl.ANY`` and per-step copies)
+and the row shift done through memory; until then ``"auto"`` uses the scan on GPU and
+``"pallas"`` raises there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+__all__ = ["ROW_STEPS", "shift_rows", "column_step", "column_step_transposed", "scan_recurrence",
+           "recurrence", "fits_on_chip", "channel_tile"]
+
+ROW_STEPS = {1: (0,), 3: (-1, 0, 1)}  # d_k for gate k, one-way and three-way
+
+
+def shift_rows(v, d: int, axis: int = 0):
+    """``out[i] = v[i + d]`` along ``axis`` (``d`` in {-1, 0, +1}), zero outside."""
+    if d == 0:
+        return v
+    n = v.shape[axis]
+    zero = jnp.zeros_like(jax.lax.slice_in_dim(v, 0, 1, axis=axis))
+    if d < 0:
+        return jnp.concatenate([zero, jax.lax.slice_in_dim(v, 0, n - 1, axis=axis)], axis=axis)
+    return jnp.concatenate([jax.lax.slice_in_dim(v, 1, n, axis=axis), zero], axis=axis)
+
+
+def column_step(b_t, p_t, h):
+    """One forward step ``h_t = b_t + P_t h_{t-1}``.
+
+    b_t: (L, C); p_t: the G gates of the step (an array (G, L, C) or a sequence of (L, C));
+    h: (L, C), the previous column. Returns the new column (L, C).
+    """
+    steps = ROW_STEPS[len(p_t)]
+    return b_t + sum(p_t[k] * shift_rows(h, d) for k, d in enumerate(steps))
+
+
+def column_step_transposed(p_t, lam):
+    """``P_t^T lam`` for the gates ``p_t`` (as in :func:`column_step`); lam: (L, C)."""
+    steps = ROW_STEPS[len(p_t)]
+    return sum(shift_rows(p_t[k] * lam, -d) for k, d in enumerate(steps))
+
+
+def scan_recurrence(b, p, *, transpose: bool = False):
+    """The recurrence (or its transpose) as one ``lax.scan``: b (T, R, C), p (T, G, R, C) -> (T, R, C)."""
+    init = jnp.zeros(b.shape[1:], b.dtype)
+    if not transpose:
+
+        def step(h, column):
+            h = column_step(*column, h)
+            return h, h
+
+        return jax.lax.scan(step, init, (b, p))[1]
+
+    def step_t(carry, column):
+        b_t, p_t = column
+        lam = b_t + carry
+        return column_step_transposed(p_t, lam), lam
+
+    return jax.lax.scan(step_t, init, (b, p), reverse=True)[1]
+
+
+def fits_on_chip(steps: int, rows: int, channels: int, num_gates: int, itemsize: int,
+                 budget: int = 4 << 20) -> bool:
+    """Whether one program's blocks (input and output, smallest channel tile) fit ``budget`` bytes.
+
+    The kernel's BlockSpecs bring whole (T, L, tile) sequences of ``b``, of the G gates and
+    of the output on chip; ``"auto"`` uses the kernel on TPU only when they fit
+    comfortably in VMEM.
+    """
+    return steps * (2 + num_gates) * rows * channel_tile(channels) * itemsize <= budget
+
+
+def channel_tile(channels: int) -> int:
+    """Channels per program: all of them up to 128, else the largest multiple of 128 dividing C.
+
+    (A TPU block's minor dimension must be the whole axis or a multiple of 128 lanes.)
+    """
+    if channels <= 128:
+        return channels
+    tiles = [t for t in range(128, channels, 128) if channels % t == 0]
+    return max(tiles) if tiles else channels
+
+
+def _kernel(b_ref, p_ref, o_ref, *, transpose: bool):
+    """One program: b_ref, o_ref (T, L, ct), p_ref (T, G, L, ct); loops over the T columns."""
+    steps, num_gates = p_ref.shape[0], p_ref.shape[1]
+
+    def gates(t):
+        return [p_ref[t, k] for k in range(num_gates)]
+
+    init = jnp.zeros(o_ref.shape[1:], o_ref.dtype)
+    if not transpose:
+
+        def body(t, h):
+            h = column_step(b_ref[t], gates(t), h)
+            o_ref[t] = h
+            return h
+
+    else:
+
+        def body(i, carry):
+            t = steps - 1 - i
+            lam = b_ref[t] + carry
+            o_ref[t] = lam
+            return column_step_transposed(gates(t), lam)
+
+    jax.lax.fori_loop(0, steps, body, init)
+
+
+def recurrence(b, p, *, transpose: bool = False, segment_rows: int | None = None,
+               channel_tile_size: int | None = None, interpret: bool = False):
+    """The recurrence (or its transpose) as one Pallas kernel: b (T, R, C), p (T, G, R, C) -> (T, R, C).
+
+    segment_rows: rows of one independent segment (one direction); ``R`` must be a
+    multiple of it (default: ``R``, one segment). channel_tile_size: channels per
+    program (default :func:`channel_tile`). interpret: run in Pallas interpret mode.
+    Grid: (R // segment_rows, C // channel_tile_size).
+    """
+    steps, rows, channels = b.shape
+    num_gates = p.shape[1]
+    seg = rows if segment_rows is None else segment_rows
+    ct = channel_tile(channels) if channel_tile_size is None else channel_tile_size
+    if rows % seg or channels % ct:
+        raise ValueError(f"segment_rows={seg} and channel tile {ct} must divide R={rows} and C={channels}")
+    return pl.pallas_call(
+        functools.partial(_kernel, transpose=transpose),
+        out_shape=jax.ShapeDtypeStruct((steps, rows, channels), b.dtype),
+        grid=(rows // seg, channels // ct),
+        in_specs=[pl.BlockSpec((steps, seg, ct), lambda s, c: (0, s, c)),
+                  pl.BlockSpec((steps, num_gates, seg, ct), lambda s, c: (0, 0, s, c))],
+        out_specs=pl.BlockSpec((steps, seg, ct), lambda s, c: (0, s, c)),
+        interpret=interpret,
+    )(b, p)

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from rwseg import data, metrics
+from rwseg.models.device_local import batch_axis
 from rwseg.train import parallel
 from rwseg.train.panels import save_panels
 from rwseg.train.state import merge
@@ -40,17 +41,26 @@ __all__ = ["make_eval_step", "evaluate", "evaluate_propagation", "summarize_coun
 
 
 def make_eval_step(graphdef, mesh, num_classes: int, widths, tolerance):
-    """jit ``(state, batch) -> (pred (B, H, W) int32, counts dict)`` over ``mesh``."""
+    """jit ``(state, batch) -> (pred (B, H, W) int32, counts dict)`` over ``mesh``.
+
+    The model's per-example solvers run device-local (traced under
+    :func:`rwseg.models.device_local.batch_axis`). ``counts["solves"]`` is
+    ``[non-converged solves, solves]`` of the examples with at least one labelled pixel
+    (padding examples count nowhere).
+    """
     widths = tuple(float(w) for w in widths)
 
     def fn(state, batch):
-        scores = merge(graphdef, state).predict(batch["image"])
+        with batch_axis(mesh):
+            scores, info = merge(graphdef, state).predict(batch["image"], return_info=True)
         pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
         labels = batch["label"]
+        counted = jnp.any((labels >= 0) & (labels < num_classes), axis=(1, 2)).astype(jnp.int32)
         counts = {
             "confusion": metrics.confusion_matrix(pred, labels, num_classes),
             "trimap": metrics.trimap_counts(pred, labels, widths),
             "boundary": metrics.boundary_counts(pred, labels, float(tolerance)),
+            "solves": jnp.stack([jnp.sum(info["nonconverged"] * counted), jnp.sum(info["solves"] * counted)]),
         }
         return pred, counts
 
@@ -93,6 +103,9 @@ def summarize_counts(totals: dict, widths, tolerance) -> dict:
         out[f"trimap_error@{w:g}"] = float(e)
     out.update({f"boundary_{k}": float(v) for k, v in boundary.items()})
     out["boundary_tolerance"] = float(tolerance)
+    if "solves" in totals:  # fraction of the per-example solves that did not converge (0 without solvers)
+        nonconverged, solves = (int(v) for v in np.asarray(totals["solves"]))
+        out["nonconverged_fraction"] = nonconverged / max(solves, 1)
     return out
 
 
@@ -141,7 +154,8 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
     alpha = float(config.rawks.alpha)
 
     def fn(state, batch):
-        p = merge(graphdef, state).propagate(batch["image"], batch["scribbles"])
+        with batch_axis(mesh):
+            p = merge(graphdef, state).propagate(batch["image"], batch["scribbles"])
         w = jax.vmap(lambda pp: rawks.uncertainty_weights(pp, alpha))(p)
         grid = pooled_grid(int(config.rawks.downsample))  # P lies on the walk grid (block-centred)
         p = upsample(p, batch["image"].shape[1:3], grid)

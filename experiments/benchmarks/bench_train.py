@@ -6,7 +6,8 @@ real train step of :func:`rwseg.train.state.make_train_step` (forward + backward
 optimizer update, ``jax.jit`` over a 1-device mesh) and reports the median wall time of
 one step over ``--repeats`` steps after ``--warmup`` warm-up steps (which absorb the
 compilation), the steps per second and the overhead over the baseline (ratio of the
-step times, measured in the same process). The batch is fixed (synthetic images of the
+step times, measured in the same process, in interleaved rounds: one step of every
+method per round, so a drifting machine speed affects every method alike). The batch is fixed (synthetic images of the
 built-in dataset, :func:`rwseg.data.synthetic.synthetic_example`; scribbles for RAWKS
 from :func:`rwseg.rawks.scribbles_from_labels`), so every step does the same work.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import sys
 
 import jax
@@ -61,13 +63,13 @@ def make_batch(config, crop: int, batch: int) -> dict:
     return out
 
 
-def step_time(method: str, device, *, crop: int, batch: int, repeats: int, warmup: int) -> float:
-    """Median seconds of one jitted training step of ``method`` on ``device``."""
+def make_runner(method: str, device, *, crop: int, batch: int):
+    """A no-argument function running one jitted training step of ``method`` on ``device``
+    (blocking until it is done; each call feeds the previous call's state)."""
     config = method_config(method, crop, batch)
     host = make_batch(config, crop, batch)
     with jax.default_device(device):
-        statistics = dataset_statistics(config, host["label"])
-        setup = create(config, NUM_CLASSES, statistics)
+        setup = create(config, NUM_CLASSES, dataset_statistics(config, host["label"]))
     mesh = Mesh(np.asarray([device]), ("data",))
     step_fn = make_train_step(setup, mesh)
     # placed exactly as the step's in/out shardings, so no call recompiles or reshards
@@ -81,7 +83,27 @@ def step_time(method: str, device, *, crop: int, batch: int, repeats: int, warmu
         holder["state"], metrics = step_fn(holder["state"], batch_arrays, step)
         block(metrics)
 
-    return median_time(run, repeats=repeats, warmup=warmup)
+    return run
+
+
+def step_times(methods, device, *, crop: int, batch: int, repeats: int, warmup: int) -> dict:
+    """Median seconds of one training step per method, timed in interleaved rounds.
+
+    Every method is compiled and warmed up first; then each round times one step of
+    every method in turn, so a slow drift of the shared machine's speed affects all
+    methods alike and the ratios to the baseline stay meaningful.
+    """
+    runners = {}
+    for method in methods:
+        runners[method] = make_runner(method, device, crop=crop, batch=batch)
+        for _ in range(warmup):
+            runners[method]()
+        print(f"# {method}: compiled and warmed up", file=sys.stderr, flush=True)
+    samples = {m: [] for m in methods}
+    for _ in range(repeats):
+        for method in methods:
+            samples[method].append(median_time(runners[method], repeats=1, warmup=0))
+    return {m: statistics.median(v) for m, v in samples.items()}
 
 
 def main(argv=None) -> int:
@@ -102,11 +124,9 @@ def main(argv=None) -> int:
 
     times = {}
     for label, device in devices:
-        for method in methods:
-            t = step_time(method, device, crop=args.crop, batch=args.batch, repeats=args.repeats,
-                          warmup=args.warmup)
-            times[label, method] = t
-            print(f"# {label} {method}: {t * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+        measured = step_times(methods, device, crop=args.crop, batch=args.batch, repeats=args.repeats,
+                              warmup=args.warmup)
+        times.update({(label, m): t for m, t in measured.items()})
 
     headers = ["method"]
     for label, _ in devices:
@@ -119,7 +139,7 @@ def main(argv=None) -> int:
             row += [f"{t * 1e3:.1f}", f"{1 / t:.2f}", f"{t / base:.2f}"]
         rows.append(row)
     print(f"Training step (forward + backward + optimizer), {args.crop}x{args.crop}, batch {args.batch}, "
-          f"median of {args.repeats} steps after {args.warmup} warm-up steps")
+          f"median of {args.repeats} steps (interleaved rounds over the methods) after {args.warmup} warm-up steps")
     print(f"machine: {machine()}; gpu: {gpu if gpu is not None else 'none'}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print()

@@ -6,6 +6,14 @@ replicated (``P()``); ``jax.jit`` then inserts the gradient all-reduce itself, s
 step is the same pure function as on one device. Each process feeds its own slice of
 the global batch (:func:`global_batch`).
 
+Per-example solvers (Krylov loops, GMF iterations) are not left to ``jit``'s
+partitioner, which would turn a vmapped loop over the sharded batch into one loop with
+an all-reduce in its condition: the steps trace the models under
+:func:`rwseg.models.device_local.batch_axis`, and the models run their solvers with
+:func:`rwseg.models.device_local.map_examples` (``jax.shard_map`` over ``"data"``), so
+each device iterates on its own examples. :func:`collectives_in_loops` checks a compiled
+step for collectives inside while loops.
+
 Multi-host: call :func:`initialize` first (``jax.distributed.initialize``); on CPU it
 selects the gloo collectives so that processes on one machine can run together.
 """

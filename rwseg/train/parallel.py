@@ -98,7 +98,7 @@ _COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|collective-permute|reduce-sc
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _WHILE = re.compile(r"\bwhile\(.*?condition=%?([\w.\-]+).*?body=%?([\w.\-]+)")
 _CALLED = re.compile(r"\b(?:to_apply|calls|condition|body|true_computation|false_computation)=%?([\w.\-]+)"
-                     r"|\bbranch_computations=\{([^}]*)\}")
+                     r"|\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 
 
 def _computations(hlo_text: str) -> dict:

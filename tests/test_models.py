@@ -185,3 +185,65 @@ def test_method_trains_with_decreasing_loss(method, tfds_dir):
     assert scores.shape == batch["image"].shape[:3] + (setup.num_classes,)
     assert scores.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(scores)))
+
+
+def _eval_solves(config):
+    """nonconverged_fraction and solve count of one eval step on a synthetic batch (1 device)."""
+    from rwseg import data
+    from rwseg.data.synthetic import NUM_CLASSES, synthetic_example
+    from rwseg.models import dataset_statistics
+    from rwseg.train import parallel
+    from rwseg.train.evaluate import make_eval_step, summarize_counts
+    from rwseg.train.state import create
+
+    size = config.data.synthetic.image_size
+    examples = [synthetic_example(0, "validation", i, (size, size)) for i in range(config.eval_batch_size)]
+    batch = {"image": np.stack([data.normalize(e["image"]) for e in examples]).astype(np.float32),
+             "label": np.stack([e["label"] for e in examples]).astype(np.int32)}
+    setup = create(config, NUM_CLASSES, dataset_statistics(config, batch["label"]))
+    mesh = parallel.make_mesh()
+    step = make_eval_step(setup.graphdef, mesh, NUM_CLASSES, config.trimap_widths, config.boundary_tolerance)
+    _, counts = step(parallel.replicate(setup.state, mesh), parallel.global_batch(batch, mesh))
+    counts = parallel.to_host(counts)
+    result = summarize_counts(counts, [float(w) for w in config.trimap_widths], config.boundary_tolerance)
+    return result["nonconverged_fraction"], int(counts["solves"][1])
+
+
+@pytest.mark.parametrize("method,section,key", [("rwn", "rwn", "max_iters"), ("gcrf", "gcrf", "max_layers")])
+def test_evaluation_reports_nonconverged_solves(method, section, key):
+    """Solver diagnostics reach the metrics (issue 9): the smoke config's solves all
+    converge; one iteration per solve converges none."""
+    config = smoke(method)
+    assert _eval_solves(config) == (0.0, config.eval_batch_size)
+    config[section][key] = 1
+    fraction, solves = _eval_solves(config)
+    assert solves == config.eval_batch_size and fraction == 1.0
+
+
+def test_methods_without_solvers_report_zero_solves():
+    assert _eval_solves(smoke("baseline")) == (0.0, 0)
+
+
+def test_predict_info_and_rawks_propagation_info():
+    """predict(return_info=True) has the same scores; RAWKS's P solve reports non-convergence."""
+    from rwseg.models.base import no_solves, solver_stats
+
+    stats = solver_stats(jnp.asarray([[True, True], [True, False], [True, True]]),
+                         jnp.asarray([[0.0], [1.0], [jnp.nan]]))
+    np.testing.assert_array_equal(stats["nonconverged"], [0, 1, 1])  # unconverged channel; NaN output
+    np.testing.assert_array_equal(stats["solves"], [1, 1, 1])
+    np.testing.assert_array_equal(no_solves(2)["solves"], [0, 0])
+
+    config = smoke("rawks")
+    config.rawks.max_iters, config.rawks.tol = 1, 1e-30  # 30 refinements of 1 CG step each: not enough
+    model = build_model(config, 3, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+    scribbles = np.full((2, 16, 16), -1, np.int32)
+    scribbles[:, 2, 2], scribbles[:, 12, 12] = 0, 1
+    _, info = jax.jit(lambda m, x, s: m.propagate(x, s, return_info=True))(model, images, scribbles)
+    np.testing.assert_array_equal(info["solves"], [1, 1])
+    np.testing.assert_array_equal(info["nonconverged"], [1, 1])
+    scores, info = model.predict(images, return_info=True)
+    np.testing.assert_allclose(scores, model.predict(images), rtol=1e-6)
+    np.testing.assert_array_equal(info["solves"], [0, 0])

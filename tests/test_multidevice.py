@@ -5,6 +5,7 @@ config; parameters are read back from the checkpoints with
 :func:`rwseg.train.checkpoint.read_state` and compared leaf by leaf.
 """
 
+import json
 import pathlib
 import subprocess
 
@@ -50,24 +51,11 @@ def _assert_same_params(a, b, rtol, atol):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
-def test_initial_params_moved(one_device):
-    """Guard: the compared parameters are trained ones (two steps changed them)."""
-    _, state = one_device
-    mu = jax.tree.leaves(state["opt_state"])
-    assert any(np.abs(np.asarray(m, np.float64)).max() > 0 for m in mu if np.ndim(m) > 0)
-
-
-def test_eight_devices_match_one(tmp_path, one_device, cache_env):
-    run_train(CONFIG, tmp_path, OVERRIDES, devices=8, env=cache_env, cwd=ROOT)
-    # reductions over 8 shards associate differently: float32 rounding only
-    _assert_same_params(read_state(tmp_path), one_device, rtol=1e-4, atol=1e-5)
-
-
-def test_two_processes_match_one(tmp_path, one_device, cache_env):
-    """Two processes on localhost (jax.distributed.initialize, gloo CPU collectives)."""
+def _run_two_processes(config, workdir, overrides, cache_env):
+    """The CLI on two processes on localhost (jax.distributed.initialize, gloo CPU collectives)."""
     address = f"localhost:{free_port()}"
     procs = [
-        subprocess.Popen(train_command(CONFIG, tmp_path, OVERRIDES, process=(address, 2, i)),
+        subprocess.Popen(train_command(config, workdir, overrides, process=(address, 2, i)),
                          env=subprocess_env(1, cache_env), cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
         for i in range(2)
@@ -86,4 +74,38 @@ def test_two_processes_match_one(tmp_path, one_device, cache_env):
         if "gloo" in text.lower() and ("not supported" in text.lower() or "unimplemented" in text.lower()):
             pytest.skip(f"this jax cannot run CPU collectives across processes:\n{text}")
         raise AssertionError(f"two-process run failed (rc {[p.returncode for p in procs]}):\n{text}")
+
+
+def test_initial_params_moved(one_device):
+    """Guard: the compared parameters are trained ones (two steps changed them)."""
+    _, state = one_device
+    mu = jax.tree.leaves(state["opt_state"])
+    assert any(np.abs(np.asarray(m, np.float64)).max() > 0 for m in mu if np.ndim(m) > 0)
+
+
+def test_eight_devices_match_one(tmp_path, one_device, cache_env):
+    run_train(CONFIG, tmp_path, OVERRIDES, devices=8, env=cache_env, cwd=ROOT)
+    # reductions over 8 shards associate differently: float32 rounding only
     _assert_same_params(read_state(tmp_path), one_device, rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_match_one(tmp_path, one_device, cache_env):
+    """Two processes on localhost (jax.distributed.initialize, gloo CPU collectives)."""
+    _run_two_processes(CONFIG, tmp_path, OVERRIDES, cache_env)
+    _assert_same_params(read_state(tmp_path), one_device, rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_run_device_local_solvers(tmp_path, cache_env):
+    """RWN on two processes: the evaluation's converged walk runs under ``jax.shard_map``
+    across processes (one device each) and its diagnostics reach the metrics."""
+    config = str(ROOT / "experiments" / "configs" / "rwn.py") + ":smoke"
+    overrides = dict(OVERRIDES, eval_at_end=True, eval_batch_size=8)
+    # build the smoke dataset first: two processes building it at once race on the rename
+    from rwseg import data
+
+    data.load_source("synthetic", "train", data_dir=cache_env["TFDS_DATA_DIR"], num_train=32, num_validation=8,
+                     image_size=(32, 32))
+    _run_two_processes(config, tmp_path, overrides, cache_env)
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0.0 <= result["nonconverged_fraction"] <= 1.0
+    assert 0.0 < result["pixel_accuracy"] <= 1.0

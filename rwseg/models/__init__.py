@@ -2,7 +2,8 @@
 
 ``build_model(config, num_classes, rngs=..., statistics=None)`` picks the class from
 ``config.method`` (see :data:`METHODS`); configs only switch. Each model implements
-``loss(batch, step)`` and ``predict(images)`` (see :mod:`rwseg.models.base`).
+``loss(batch, step)``, ``infer(images)`` and ``predict(images, return_info=False)``
+(see :mod:`rwseg.models.base`).
 ``dataset_statistics(config, labels)`` computes the constants a method needs from
 training label maps (only ``dilated`` needs any) before the model is built.
 """

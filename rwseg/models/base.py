@@ -7,8 +7,14 @@ statistics where a method needs them, as :class:`Statistic` variables). It expos
   batch dict from ``rwseg.data.make_batches`` (``image`` (B, H, W, 3) float32,
   ``label`` (B, H, W) int32, optionally ``scribbles``); ``step`` is the (traced)
   global step, for schedules inside the loss (GCRF pretraining);
-* ``predict(images) -> (B, H, W, num_classes)`` — full-resolution class scores used
-  for evaluation (argmax = prediction).
+* ``predict(images, return_info=False) -> (B, H, W, num_classes)`` — full-resolution
+  class scores used for evaluation (argmax = prediction); with ``return_info=True``
+  also the solver diagnostics of :func:`solver_stats` (how many per-example solves ran
+  and how many did not converge), so that a non-converged solve is never silent.
+  Subclasses implement ``infer(images) -> (scores, diagnostics)``.
+
+Per-example solvers are batched with :func:`rwseg.models.device_local.map_examples`
+(``vmap``, device-local under a mesh) rather than a bare ``jax.vmap``.
 
 The maths stays in the operator modules (rwseg.rwn, rwseg.spn, ...); models only
 produce their inputs and batch them with ``jax.vmap``.
@@ -16,17 +22,40 @@ produce their inputs and batch them with ``jax.vmap``.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from rwseg.models.backbone import Backbone, upsample
 from rwseg.models.common import cross_entropy
 
-__all__ = ["Statistic", "Segmenter", "Baseline"]
+__all__ = ["Statistic", "Segmenter", "Baseline", "solver_stats", "no_solves"]
 
 
 class Statistic(nnx.Variable):
     """A constant dataset statistic stored with the model (not trained, but checkpointed)."""
+
+
+def solver_stats(converged, *outputs) -> dict:
+    """Diagnostics of one solve per example: ``{"solves": (B,) int32, "nonconverged": (B,) int32}``.
+
+    converged: (B, ...) bool, the solver's per-right-hand-side flags (e.g.
+    ``SolveInfo.converged`` of a vmapped solve); outputs: (B, ...) arrays of the solve.
+    An example counts as non-converged when any flag is False or any output entry is
+    not finite (a NaN result is never reported as converged).
+    """
+    b = converged.shape[0]
+    ok = jnp.all(jnp.reshape(converged, (b, -1)), axis=1)
+    for out in outputs:
+        ok &= jnp.all(jnp.isfinite(jnp.reshape(out, (b, -1))), axis=1)
+    ok = jax.lax.stop_gradient(ok)
+    return {"solves": jnp.ones((b,), jnp.int32), "nonconverged": (~ok).astype(jnp.int32)}
+
+
+def no_solves(batch_size: int) -> dict:
+    """The diagnostics of a prediction that runs no solver (zero solves)."""
+    zeros = jnp.zeros((batch_size,), jnp.int32)
+    return {"solves": zeros, "nonconverged": zeros}
 
 
 class Segmenter(nnx.Module):
@@ -46,8 +75,14 @@ class Segmenter(nnx.Module):
     def loss(self, batch, step):
         raise NotImplementedError
 
-    def predict(self, images):
+    def infer(self, images):
+        """(scores (B, H, W, K), diagnostics of :func:`solver_stats` / :func:`no_solves`)."""
         raise NotImplementedError
+
+    def predict(self, images, *, return_info: bool = False):
+        """Class scores (B, H, W, K) for images (B, H, W, 3); ``return_info``: also the diagnostics."""
+        scores, info = self.infer(images)
+        return (scores, info) if return_info else scores
 
 
 class Baseline(Segmenter):
@@ -58,5 +93,5 @@ class Baseline(Segmenter):
         ce = cross_entropy(logits, batch["label"])
         return ce, {"ce": ce}
 
-    def predict(self, images):
-        return self.coarse_scores(images)
+    def infer(self, images):
+        return self.coarse_scores(images), no_solves(images.shape[0])

@@ -23,7 +23,7 @@ from flax import nnx
 
 from rwseg import dilated as ops
 from rwseg.models.backbone import upsample
-from rwseg.models.base import Segmenter, Statistic
+from rwseg.models.base import Segmenter, Statistic, no_solves
 from rwseg.models.common import IGNORE_INDEX, cross_entropy
 
 __all__ = ["DilatedAffinityModel"]
@@ -74,8 +74,8 @@ class DilatedAffinityModel(Segmenter):
             lambda a, l: ops.affinity_loss(a, l, self.rates, freq, gamma=self.gamma))(aff, batch["label"]))
         return ce + self.beta * aff_loss, {"ce": ce, "affinity": aff_loss}
 
-    def predict(self, images):
+    def infer(self, images):
         logits, aff = self.outputs(images)
         probs = jax.nn.softmax(logits, axis=-1)
         refine = lambda p, a: ops.propagate(p, a, self.rates, lam=self.lam, mu=self.mu, iterations=self.iterations)
-        return jax.vmap(refine)(probs, aff)
+        return jax.vmap(refine)(probs, aff), no_solves(images.shape[0])

@@ -25,7 +25,8 @@ from flax import nnx
 
 from rwseg import gcrf as ops
 from rwseg.models.backbone import pooled_grid, upsample
-from rwseg.models.base import Segmenter
+from rwseg.models.base import Segmenter, solver_stats
+from rwseg.models.device_local import map_examples
 from rwseg.models.common import avg_pool, cross_entropy, subsample_labels
 
 __all__ = ["GCRFModel"]
@@ -57,16 +58,26 @@ class GCRFModel(Segmenter):
         return logits, sim
 
     def _gmf(self, logits, sim, num_layers):
+        """GMF per image (device-local under a mesh): (y (B, h, w, K), converged (B, K) or None).
+
+        ``num_layers`` unrolled layers (training) or to ``tol`` (``None``, evaluation,
+        with the solver's ``converged`` flags).
+        """
         c = ops.compatibility(self.compat[...])
-        run = lambda r, s: ops.gmf(r, s, c, self.offsets, num_layers=num_layers, tol=self.tol,
-                                   max_layers=self.max_layers)
-        return jax.vmap(run)(jax.nn.softmax(logits, axis=-1), sim)
+
+        def run(r, s, cc):
+            if num_layers is not None:
+                return ops.gmf(r, s, cc, self.offsets, num_layers=num_layers), None
+            y, info = ops.gmf(r, s, cc, self.offsets, tol=self.tol, max_layers=self.max_layers, return_info=True)
+            return y, info.converged
+
+        return map_examples(run, jax.nn.softmax(logits, axis=-1), sim, shared=(c,))
 
     def loss(self, batch, step):
         images, labels = batch["image"], batch["label"]
         logits, sim = self._crf_inputs(images)
         grid = pooled_grid(self.downsample)
-        y = upsample(self._gmf(logits, sim, self.num_layers), images.shape[1:3], grid)
+        y = upsample(self._gmf(logits, sim, self.num_layers)[0], images.shape[1:3], grid)
         margin = jnp.mean(jax.vmap(lambda yy, l: ops.margin_loss(yy, l, self.margin))(y, labels))
         aux = cross_entropy(upsample(logits, images.shape[1:3], grid), labels)
         small = subsample_labels(labels, self.downsample, self.num_classes)
@@ -74,6 +85,7 @@ class GCRFModel(Segmenter):
         pre_w = jnp.where(step < self.pretrain_steps, self.pretrain_weight, 0.0).astype(margin.dtype)
         return margin + self.aux_weight * aux + pre_w * pre, {"margin": margin, "ce_unary": aux, "pretrain": pre}
 
-    def predict(self, images):
+    def infer(self, images):
         logits, sim = self._crf_inputs(images)
-        return upsample(self._gmf(logits, sim, None), images.shape[1:3], pooled_grid(self.downsample))
+        y, converged = self._gmf(logits, sim, None)
+        return upsample(y, images.shape[1:3], pooled_grid(self.downsample)), solver_stats(converged, y)

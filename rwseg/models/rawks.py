@@ -23,7 +23,8 @@ from flax import nnx
 
 from rwseg import rawks as ops
 from rwseg.models.backbone import ConvBlock, pooled_grid, upsample
-from rwseg.models.base import Segmenter
+from rwseg.models.base import Segmenter, no_solves, solver_stats
+from rwseg.models.device_local import map_examples
 from rwseg.models.common import avg_pool, subsample_scribbles
 
 __all__ = ["RAWKSModel"]
@@ -51,12 +52,23 @@ class RAWKSModel(Segmenter):
         b = jax.nn.softplus(self.boundary_out(x)[..., 0])
         return jnp.minimum(b, self.max_boundary)
 
-    def propagate(self, images, scribbles):
-        """P (B, H/f, W/f, K): hitting probabilities of the scribbles (eq. 5-8)."""
+    def propagate(self, images, scribbles, *, return_info: bool = False):
+        """P (B, H/f, W/f, K): hitting probabilities of the scribbles (eq. 5-8).
+
+        One refined CG solve per image, device-local under a mesh
+        (:func:`rwseg.models.device_local.map_examples`). ``return_info``: also the
+        diagnostics of :func:`rwseg.models.base.solver_stats`.
+        """
         b = self.boundary(images)
         seeds = subsample_scribbles(scribbles, self.downsample)
-        hit = lambda bb, s: ops.hitting_probabilities(bb, s, self.num_classes, tol=self.tol, max_iters=self.max_iters)
-        return jax.vmap(hit)(b, seeds)
+
+        def hit(bb, s):
+            p, info = ops.hitting_probabilities(bb, s, self.num_classes, tol=self.tol, max_iters=self.max_iters,
+                                                return_info=True)
+            return p, info.solve.converged
+
+        p, converged = map_examples(hit, b, seeds)
+        return (p, solver_stats(converged, p)) if return_info else p
 
     def loss(self, batch, step):
         images = batch["image"]
@@ -66,5 +78,5 @@ class RAWKSModel(Segmenter):
         loss = jnp.mean(jax.vmap(lambda pp, q: ops.rawks_loss(pp, q, alpha=self.alpha))(p, logits))
         return loss, {"rawks": loss}
 
-    def predict(self, images):
-        return self.coarse_scores(images)
+    def infer(self, images):
+        return self.coarse_scores(images), no_solves(images.shape[0])

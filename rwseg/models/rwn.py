@@ -25,7 +25,8 @@ from flax import nnx
 from rwseg import rwn as ops
 from rwseg import stencil
 from rwseg.models.backbone import pooled_grid, upsample
-from rwseg.models.base import Segmenter
+from rwseg.models.base import Segmenter, solver_stats
+from rwseg.models.device_local import map_examples
 from rwseg.models.common import avg_pool, cross_entropy, subsample_labels
 
 __all__ = ["RWNModel"]
@@ -66,10 +67,16 @@ class RWNModel(Segmenter):
         aff = jnp.mean(jax.vmap(lambda w, l: ops.affinity_loss(w, l, offsets))(weights, small))
         return ce + self.affinity_weight * aff, {"ce": ce, "affinity": aff}
 
-    def predict(self, images):
+    def infer(self, images):
+        """Converged walk (one CG solve per image, device-local under a mesh) and its diagnostics."""
         f, feats = self._inputs(images)
         offsets = self.eval_offsets
         weights = self._weights(feats, offsets)
-        walk = lambda w, x: ops.random_walk(w, x, offsets, alpha=self.alpha, steps=None, symmetric=True,
-                                            tol=self.tol, max_iters=self.max_iters)
-        return upsample(jax.vmap(walk)(weights, f), images.shape[1:3], pooled_grid(self.downsample))
+
+        def walk(w, x):
+            y, info = ops.random_walk(w, x, offsets, alpha=self.alpha, steps=None, symmetric=True,
+                                      tol=self.tol, max_iters=self.max_iters, return_info=True)
+            return y, info.converged
+
+        y, converged = map_examples(walk, weights, f)
+        return upsample(y, images.shape[1:3], pooled_grid(self.downsample)), solver_stats(converged, y)

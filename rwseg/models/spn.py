@@ -17,7 +17,7 @@ from flax import nnx
 
 from rwseg import spn as spn_ops
 from rwseg.models.backbone import ConvBlock, pooled_grid, upsample
-from rwseg.models.base import Segmenter
+from rwseg.models.base import Segmenter, no_solves
 from rwseg.models.common import avg_pool, cross_entropy
 
 __all__ = ["SPNModel"]
@@ -70,5 +70,5 @@ class SPNModel(Segmenter):
         aux = cross_entropy(coarse, batch["label"])
         return ce + self.aux_weight * aux, {"ce": ce, "ce_coarse": aux}
 
-    def predict(self, images):
-        return self.refine(images)[0]
+    def infer(self, images):
+        return self.refine(images)[0], no_solves(images.shape[0])

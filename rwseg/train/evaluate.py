@@ -6,7 +6,9 @@ evaluates on ``config.data.eval_split``. Outputs, in ``DIR/eval/``:
 
 * ``metrics.json`` — mean IoU, frequency-weighted IoU, pixel accuracy, mean accuracy,
   per-class IoU, trimap error per width (``config.trimap_widths``), boundary
-  precision/recall/F (``config.boundary_tolerance``), the checkpoint step;
+  precision/recall/F (``config.boundary_tolerance``), ``nonconverged_fraction`` (the
+  fraction of the model's per-image solves that did not converge; 0.0 for methods
+  without a solver at evaluation), the checkpoint step;
 * ``metrics.md`` — the same as a markdown table row;
 * for RAWKS also ``train_P_*``: the propagated labels P on training images
   (:func:`evaluate_propagation`);
@@ -31,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from rwseg import data, metrics
+from rwseg.models.device_local import batch_axis
 from rwseg.train import parallel
 from rwseg.train.panels import save_panels
 from rwseg.train.state import merge
@@ -40,17 +43,26 @@ __all__ = ["make_eval_step", "evaluate", "evaluate_propagation", "summarize_coun
 
 
 def make_eval_step(graphdef, mesh, num_classes: int, widths, tolerance):
-    """jit ``(state, batch) -> (pred (B, H, W) int32, counts dict)`` over ``mesh``."""
+    """jit ``(state, batch) -> (pred (B, H, W) int32, counts dict)`` over ``mesh``.
+
+    The model's per-example solvers run device-local (traced under
+    :func:`rwseg.models.device_local.batch_axis`). ``counts["solves"]`` is
+    ``[non-converged solves, solves]`` of the examples with at least one labelled pixel
+    (padding examples count nowhere).
+    """
     widths = tuple(float(w) for w in widths)
 
     def fn(state, batch):
-        scores = merge(graphdef, state).predict(batch["image"])
+        with batch_axis(mesh):
+            scores, info = merge(graphdef, state).predict(batch["image"], return_info=True)
         pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
         labels = batch["label"]
+        counted = jnp.any((labels >= 0) & (labels < num_classes), axis=(1, 2)).astype(jnp.int32)
         counts = {
             "confusion": metrics.confusion_matrix(pred, labels, num_classes),
             "trimap": metrics.trimap_counts(pred, labels, widths),
             "boundary": metrics.boundary_counts(pred, labels, float(tolerance)),
+            "solves": jnp.stack([jnp.sum(info["nonconverged"] * counted), jnp.sum(info["solves"] * counted)]),
         }
         return pred, counts
 
@@ -93,6 +105,9 @@ def summarize_counts(totals: dict, widths, tolerance) -> dict:
         out[f"trimap_error@{w:g}"] = float(e)
     out.update({f"boundary_{k}": float(v) for k, v in boundary.items()})
     out["boundary_tolerance"] = float(tolerance)
+    if "solves" in totals:  # fraction of the per-example solves that did not converge (0 without solvers)
+        nonconverged, solves = (int(v) for v in np.asarray(totals["solves"]))
+        out["nonconverged_fraction"] = nonconverged / max(solves, 1)
     return out
 
 
@@ -133,7 +148,9 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
     The paper evaluates P on the training images (whose dense labels the model never
     saw) and Q on validation. Returns ``train_P_mean_iou``, ``train_P_pixel_accuracy``
     (P's argmax, upsampled, against the dense labels) and ``train_P_abstain`` (fraction of
-    labelled pixels with uncertainty weight ``w(x) < 0.5``, where the paper abstains).
+    labelled pixels with uncertainty weight ``w(x) < 0.5``, where the paper abstains) and
+    ``train_P_nonconverged_fraction`` (fraction of the hitting-probability solves that did
+    not converge).
     """
     from rwseg import rawks
     from rwseg.models.backbone import pooled_grid, upsample
@@ -141,7 +158,8 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
     alpha = float(config.rawks.alpha)
 
     def fn(state, batch):
-        p = merge(graphdef, state).propagate(batch["image"], batch["scribbles"])
+        with batch_axis(mesh):
+            p, info = merge(graphdef, state).propagate(batch["image"], batch["scribbles"], return_info=True)
         w = jax.vmap(lambda pp: rawks.uncertainty_weights(pp, alpha))(p)
         grid = pooled_grid(int(config.rawks.downsample))  # P lies on the walk grid (block-centred)
         p = upsample(p, batch["image"].shape[1:3], grid)
@@ -149,8 +167,10 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
         pred = jnp.argmax(p, axis=-1).astype(jnp.int32)
         labels = batch["label"]
         valid = (labels >= 0) & (labels < num_classes)
+        counted = jnp.any(valid, axis=(1, 2)).astype(jnp.int32)
         return {"confusion": metrics.confusion_matrix(pred, labels, num_classes),
-                "abstain": jnp.stack([jnp.sum(valid & (w < 0.5)), jnp.sum(valid)])}
+                "abstain": jnp.stack([jnp.sum(valid & (w < 0.5)), jnp.sum(valid)]),
+                "solves": jnp.stack([jnp.sum(info["nonconverged"] * counted), jnp.sum(info["solves"] * counted)])}
 
     rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     step = jax.jit(fn, in_shardings=(rep, shard), out_shardings=rep)
@@ -165,7 +185,8 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
         totals = counts if totals is None else jax.tree.map(lambda a, b: np.asarray(a, np.int64) + b, totals, counts)
     region = metrics.summarize(totals["confusion"])
     return {"train_P_mean_iou": float(region["mean_iou"]), "train_P_pixel_accuracy": float(region["pixel_accuracy"]),
-            "train_P_abstain": float(totals["abstain"][0] / max(int(totals["abstain"][1]), 1))}
+            "train_P_abstain": float(totals["abstain"][0] / max(int(totals["abstain"][1]), 1)),
+            "train_P_nonconverged_fraction": float(totals["solves"][0] / max(int(totals["solves"][1]), 1))}
 
 
 def markdown_table(rows, widths) -> str:

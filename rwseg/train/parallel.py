@@ -6,18 +6,28 @@ replicated (``P()``); ``jax.jit`` then inserts the gradient all-reduce itself, s
 step is the same pure function as on one device. Each process feeds its own slice of
 the global batch (:func:`global_batch`).
 
+Per-example solvers (Krylov loops, GMF iterations) are not left to ``jit``'s
+partitioner, which would turn a vmapped loop over the sharded batch into one loop with
+an all-reduce in its condition: the steps trace the models under
+:func:`rwseg.models.device_local.batch_axis`, and the models run their solvers with
+:func:`rwseg.models.device_local.map_examples` (``jax.shard_map`` over ``"data"``), so
+each device iterates on its own examples. :func:`collectives_in_loops` checks a compiled
+step for collectives inside while loops.
+
 Multi-host: call :func:`initialize` first (``jax.distributed.initialize``); on CPU it
 selects the gloo collectives so that processes on one machine can run together.
 """
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["initialize", "make_mesh", "batch_sharding", "replicated", "global_batch", "replicate",
-           "local_batch_size", "to_host"]
+           "local_batch_size", "to_host", "collectives_in_loops", "while_loop_count"]
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0) -> None:
@@ -80,3 +90,66 @@ def to_host(tree):
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+# --------------------------------------------------------------------------- compiled-step inspection
+
+_COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|collective-permute|reduce-scatter|all-to-all)(-start)?\(")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_WHILE = re.compile(r"\bwhile\(.*?condition=%?([\w.\-]+).*?body=%?([\w.\-]+)")
+_CALLED = re.compile(r"\b(?:to_apply|calls|condition|body|true_computation|false_computation)=%?([\w.\-]+)"
+                     r"|\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+
+
+def _computations(hlo_text: str) -> dict:
+    """Compiled HLO module text -> {computation name: its instruction lines}."""
+    comps, name = {}, None
+    for line in hlo_text.splitlines():
+        if name is None:
+            m = _HEADER.match(line)
+            if m and not line.startswith((" ", "\t")):
+                name = m.group(1)
+                comps[name] = []
+        elif line.strip() == "}":
+            name = None
+        else:
+            comps[name].append(line)
+    return comps
+
+
+def collectives_in_loops(hlo_text: str) -> list[str]:
+    """Collectives that run inside a ``while`` loop of a compiled module (``[]`` if none).
+
+    hlo_text: ``jax.jit(f).lower(...).compile().as_text()``. For every ``while`` op, its
+    condition and body computations and everything they call (fusions, reductions,
+    branches, nested loops) are searched for all-reduce / all-gather /
+    collective-permute / reduce-scatter / all-to-all. Returns ``"computation: instruction"``
+    strings. A collective in a loop synchronises every device once per iteration.
+    """
+    comps = _computations(hlo_text)
+    roots = []
+    for lines in comps.values():
+        for line in lines:
+            m = _WHILE.search(line)
+            if m:
+                roots += [m.group(1), m.group(2)]
+    seen, stack, found = set(), list(roots), []
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        for line in comps[name]:
+            if _COLLECTIVE.search(line):
+                found.append(f"{name}: {line.strip()[:200]}")
+            for m in _CALLED.finditer(line):
+                if m.group(1):
+                    stack.append(m.group(1))
+                else:
+                    stack += [n.strip().lstrip("%") for n in m.group(2).split(",") if n.strip()]
+    return found
+
+
+def while_loop_count(hlo_text: str) -> int:
+    """Number of ``while`` ops in a compiled module's text."""
+    return sum(bool(_WHILE.search(line)) for lines in _computations(hlo_text).values() for line in lines)

@@ -21,6 +21,7 @@ from flax import nnx
 from rwseg import data
 from rwseg.models import build_model, dataset_statistics, model_class
 from rwseg.models.base import Statistic
+from rwseg.models.device_local import batch_axis
 from rwseg.train import parallel
 from rwseg.train.optim import make_optimizer
 
@@ -105,13 +106,17 @@ def make_train_step(setup: Setup, mesh):
 
     batch arrays are sharded along ``"data"``, the state is replicated; the loss is the
     mean over the global batch, so the result does not depend on the device count.
+    The model is traced under :func:`rwseg.models.device_local.batch_axis`: its
+    per-example solvers run device-local (``jax.shard_map``), so no solver loop waits on
+    the other devices; ``jax.jit`` inserts the gradient all-reduce outside them.
     """
     graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
 
     def step_fn(state, batch, step):
         def loss_fn(params):
             model = merge(graphdef, dict(state, params=params))
-            return model.loss(batch, step)
+            with batch_axis(mesh):
+                return model.loss(batch, step)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -406,8 +406,9 @@ def gmf(
     if num_layers is None and not (V.is_concrete(similarity) and V.is_concrete(compat)):
         # traced and unchecked values: an asymmetric / non-finite similarity or a non-PSD
         # compat makes the implicit gradient (or the iteration) wrong, so say it with NaN
+        # (a factor, not a where: the gradient must be NaN too, not a plausible zero)
         ok = _values_ok(similarity, compat, offsets)
-        y = jnp.where(ok, y, jnp.asarray(jnp.nan, y.dtype))
+        y = y * jnp.where(ok, 1, jnp.nan).astype(y.dtype)
         info = info._replace(converged=info.converged & ok)
     return (y, info) if return_info else y
 

@@ -233,7 +233,8 @@ def random_walk(
         if not np.all(np.isfinite(np.asarray(f))):
             raise ValueError(f"f: expected finite scores, got {int(np.sum(~np.isfinite(np.asarray(f))))} NaN/inf entries")
         if symmetric:
-            _check_symmetric(weights, offsets)
+            with jax.ensure_compile_time_eval():  # concrete weights closed over inside a jit trace
+                _check_symmetric(weights, offsets)
 
     if symmetric:
         inv_sqrt_d = _inverse_sqrt_degree(weights, offsets)

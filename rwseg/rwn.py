@@ -137,6 +137,35 @@ def _inverse_sqrt_degree(weights, offsets):
 _LANES = 8
 
 
+# The stencil product inside the solve is computed in groups of at most this many offsets,
+# each group one stencil.apply pass, with an optimization barrier between the groups so that
+# XLA keeps them as separate loops: for the radius-5 disk (K = 80), XLA's CPU code for one
+# fused loop over 80 shifted operands ran ~1.2-1.6x slower than two loops over 40 (measured at
+# 128x128x24; docs/benchmarks/random_walks.md). Same result up to summation order.
+_GROUP = 40
+
+
+def _grouped_apply(weights, offsets):
+    """``x -> stencil.apply(weights, x, offsets)`` summed over groups of <= _GROUP offsets.
+
+    The per-group weight slices are taken once here, outside any solver loop.
+    """
+    k = len(offsets)
+    parts = np.array_split(np.arange(k), -(-k // _GROUP))
+    groups = [(weights[..., p], tuple(offsets[i] for i in p)) for p in parts]
+
+    def apply(x):
+        y = None
+        for n, (wg, og) in enumerate(groups):
+            t = stencil.apply(wg, x, og)
+            if n < len(groups) - 1:
+                t = jax.lax.optimization_barrier(t)
+            y = t if y is None else y + t
+        return y
+
+    return apply
+
+
 def _pad_channels(x):
     c = x.shape[-1]
     extra = (-c) % _LANES if c > _LANES else 0
@@ -173,26 +202,30 @@ def random_walk(
       eagerly on concrete weights) it solves the SPD system in its symmetric scaling
       ``(I - alpha D^-1/2 W D^-1/2) z = (1 - alpha) D^1/2 f``, ``y = D^-1/2 z``, by CG
       (unit diagonal: the Jacobi preconditioner is built into the operator, whose two
-      diagonal scalings fuse into the stencil product, so an iteration is one stencil pass
-      and no preconditioner pass;
-      the channels are padded with zeros to a multiple of 8 inside the solve, which XLA's
-      CPU code handles faster);
-      otherwise ``(I - alpha A) y = (1 - alpha) f`` by BiCGStab.
+      diagonal scalings fuse into the stencil product, so an iteration is one stencil
+      product and no preconditioner pass; the product runs in groups of at most 40
+      offsets and the channels are padded with zeros to a multiple of 8 inside the solve,
+      both of which XLA's CPU code runs faster — together ~2x over the unscaled
+      Jacobi-preconditioned CG at 128x128x21, radius 5, see
+      ``docs/benchmarks/random_walks.md``); otherwise ``(I - alpha A) y = (1 - alpha) f``
+      by BiCGStab.
 
     tol, max_iters: solver settings per channel: stop when the relative residual of the
     solved system (``||b - A z|| / ||b||``, in the scaled variables for ``symmetric=True``)
     is ``<= tol``. return_info: also return the :class:`rwseg.linsolve.SolveInfo` (``None``
     for ``steps=n``), so that a non-converged solve can be detected.
 
-    Reachable accuracy in float32: the residual of the CG iterate is limited by the
-    rounding of the product ``A z`` itself, about ``eps * (||b|| + ||A|| ||z||)`` with
-    ``eps = 6e-8`` and ``||A|| ||z|| <= (1 + alpha) / (1 - alpha) ||b||`` (19 ||b|| at
-    alpha = 0.9), times a small growth factor from summing the K neighbour terms; the CG
-    recurrence residual also drifts from the true residual by that much. So float32 CG
-    stalls at a relative residual of about ``1e-6 (1 + alpha) / (1 - alpha)``: ~1e-5 at
-    alpha = 0.9, ~1e-4 at alpha = 0.99, ~1e-6 for alpha <= 0.5. A smaller ``tol`` only
-    spends iterations up to ``max_iters`` and ends with ``converged=False``; ``tol=1e-5``
-    (alpha <= 0.9) is what float32 reaches. float64 inputs reach ``tol=1e-12``.
+    Reachable accuracy in float32 (why CG "stalls"): CG updates its residual by a
+    recurrence, which keeps decreasing, while the true residual ``b - A z`` of the float32
+    iterate cannot drop below the rounding error of computing ``A z`` itself, about
+    ``eps (||b|| + ||A|| ||z||)`` with ``eps = 6e-8``, ``||A|| <= 1 + alpha`` and
+    ``||z|| <= ||b|| / (1 - alpha)``; so the true relative residual levels off near
+    ``2 eps (1 + alpha) / (1 - alpha)``: measured (64x64, radius 5, 21 classes) 1-2e-7 at
+    alpha = 0.5, 0.7-1.5e-6 at alpha = 0.9, 0.8-1.6e-5 at alpha = 0.99 (the "~1e-5 stall"
+    of the strongly diffusing walk). ``info.converged`` tests the true residual, so ask for
+    ``tol`` a few times above that floor: ``tol = 1e-5`` up to alpha = 0.9, ``1e-4`` for
+    alpha = 0.99; below it the loop may stop (recurrence converged) with
+    ``converged=False``. float64 inputs reach ``tol = 1e-12``.
 
     Bad values: a negative weight, ``alpha`` out of [0, 1) (converged walk) or a
     non-symmetric W with ``symmetric=True`` raise ``ValueError`` when the inputs are
@@ -239,9 +272,10 @@ def random_walk(
     if symmetric:
         inv_sqrt_d = _inverse_sqrt_degree(weights, offsets)
         alpha_s = alpha_c * inv_sqrt_d
+        apply = _grouped_apply(weights, offsets)
 
-        def matvec(z):  # (I - alpha D^-1/2 W D^-1/2) z: the scalings fuse into the stencil pass
-            return z - alpha_s * stencil.apply(weights, inv_sqrt_d * z, offsets)
+        def matvec(z):  # (I - alpha D^-1/2 W D^-1/2) z: the scalings fuse into the stencil passes
+            return z - alpha_s * apply(inv_sqrt_d * z)
 
         c = f.shape[-1]
         z, info = linsolve.cg(matvec, _pad_channels((1 - alpha_c) * f / inv_sqrt_d), tol=tol,

@@ -257,3 +257,29 @@ def test_float32_walk_reaches_the_documented_tolerance():
     assert bool(jnp.all(info.converged)) and y.dtype == jnp.float32
     want = _dense_limit(_sym_weights(), _scores(), 0.9)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_stencil_product_matches_dense_value_and_gradient():
+    """K = 48 > 40 offsets: the converged walk's product runs in two groups (rwn._GROUP)."""
+    offs = stencil.disk_offsets(4)
+    assert len(offs) > rwn._GROUP
+    feats, f = _features(), _scores()
+    g = _scores(seed=7)
+
+    def weights_of(theta):
+        return rwn.affinity(rwn.feature_distances(feats, offs), theta, offs)
+
+    def dense(theta, f):
+        m = stencil.to_dense(weights_of(theta), offs)
+        a = m / jnp.sum(m, axis=1, keepdims=True)
+        return 0.3 * jnp.linalg.solve(jnp.eye(H * W) - 0.7 * a, f.reshape(H * W, C)).reshape(f.shape)
+
+    def walk(theta, f):
+        return rwn.random_walk(weights_of(theta), f, offs, alpha=0.7, symmetric=True, tol=1e-13)
+
+    theta = jnp.asarray([-0.5, -1.0, -0.2, -0.7])
+    np.testing.assert_allclose(jax.jit(walk)(theta, f), dense(theta, f), rtol=1e-9, atol=1e-11)
+    got = jax.jit(jax.grad(lambda t, f: jnp.sum(g * walk(t, f) ** 2), argnums=(0, 1)))(theta, f)
+    want = jax.grad(lambda t, f: jnp.sum(g * dense(t, f) ** 2), argnums=(0, 1))(theta, f)
+    for a, e in zip(got, want):
+        np.testing.assert_allclose(a, e, rtol=1e-7, atol=1e-10)

@@ -38,16 +38,19 @@ Conventions and choices (``../shared/docs/methods.md`` §4):
   ``<= tol * max|r|`` and is differentiated implicitly: :func:`rwseg.linsolve.implicit_solve`
   on ``(I + L_s ⊗ C)``, whose backward pass is the same GMF iteration on the cotangent.
 
-Value checks: a non-symmetric ``compat`` and out-of-range labels raise ``ValueError``
+Value checks: a non-symmetric, non-PSD or non-finite ``compat``, a non-symmetric or
+non-finite ``similarity`` (:func:`gmf`) and out-of-range labels raise ``ValueError``
 eagerly when the inputs are concrete; under ``jit`` call :func:`gmf` /
 :func:`margin_loss` with ``checked=True`` inside ``jax.experimental.checkify.checkify``
-to get the same errors (:func:`rwseg._validate.value_check`).
+to get the same errors (:func:`rwseg._validate.value_check`); unchecked, the converged
+:func:`gmf` answers such values with NaN and ``converged=False``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -104,21 +107,84 @@ def _check_similarity(similarity, hw, offsets):
     )
 
 
+def _compat_defects(c, xp):
+    """(asymmetry, min eigenvalue of the symmetric part, scale) of compat ``c`` (numpy or jnp ``xp``)."""
+    asym = xp.max(xp.abs(c - c.T))
+    scale = xp.max(xp.abs(c))
+    return asym, xp.linalg.eigvalsh(0.5 * (c + c.T))[0], scale
+
+
 def _check_compat(compat, k, checked=False):
+    """Shape and value checks of C: finite, symmetric (C = R R^T) and positive semidefinite."""
     V.check_rank("compat", compat, 2, "(K, K)")
     V.check_floating("compat", compat)
     if compat.shape[0] != compat.shape[1]:
         raise ValueError(f"compat: expected a square (K, K) matrix, got shape {tuple(compat.shape)}")
     V.check_shape("compat", compat, (k, k), f"(K, K) with K = {k} classes of unary")
     msg = "compat: expected a symmetric matrix (C = R R^T), got max |C - C^T| = "
+    psd = "compat: expected a positive semidefinite matrix (C = R R^T), got smallest eigenvalue "
     if V.is_concrete(compat):
-        c = np.asarray(compat)
-        asym = float(np.max(np.abs(c - c.T)))
-        if not asym <= 1e-6 * max(float(np.max(np.abs(c))), 1.0):
+        c = np.asarray(compat, np.float64)
+        if not np.all(np.isfinite(c)):
+            raise ValueError(f"compat: expected finite values, got {int(np.sum(~np.isfinite(c)))} NaN/inf entries")
+        asym, low, scale = _compat_defects(c, np)
+        if not asym <= 1e-6 * max(float(scale), 1.0):
             raise ValueError(f"{msg}{asym:.3g}")
+        if not low >= -_PSD_RTOL * scale:
+            raise ValueError(f"{psd}{low:.3g} (max |C| = {scale:.3g}); build it with compatibility(r)")
     elif checked:
-        asym = jnp.max(jnp.abs(compat - compat.T))
-        V.value_check(asym <= 1e-6 * jnp.maximum(jnp.max(jnp.abs(compat)), 1), msg + "{}", asym)
+        asym, low, scale = _compat_defects(compat, jnp)
+        V.value_check(jnp.all(jnp.isfinite(compat)), "compat: expected finite values, got NaN/inf entries")
+        V.value_check(asym <= 1e-6 * jnp.maximum(scale, 1), msg + "{}", asym)
+        V.value_check(low >= -_PSD_RTOL * scale, psd + "{} (max |C| = {})", low, scale)
+
+
+# relative tolerances of the value checks (float32 round-off of C = R R^T and of similarities)
+_PSD_RTOL = 1e-5
+_SYM_RTOL = 1e-5
+
+
+def _similarity_defect(similarity, offsets):
+    """max over entries inside the image of ``|s[i, o] - s[i + o, -o]|`` (0 when symmetric).
+
+    NaN when ``similarity`` holds NaN/inf inside the image. Entries pointing outside are
+    ignored (``where``). One shift of an (H, W) slice per offset: O(H·W·N).
+    """
+    h, w, _ = similarity.shape
+    index = {o: n for n, o in enumerate(offsets)}
+    valid = stencil.valid_mask(h, w, offsets)
+    sv = jnp.where(valid, similarity, 0)
+    back = jnp.stack([stencil.shift(sv[..., index[(-dy, -dx)]], (dy, dx)) for dy, dx in offsets], axis=-1)
+    nonfinite = ~jnp.all(jnp.isfinite(sv))
+    defect = jnp.max(jnp.abs(jnp.where(valid, sv - back, 0)))
+    return jnp.where(nonfinite, jnp.nan, defect), jnp.max(jnp.abs(sv))
+
+
+def _check_similarity_values(similarity, offsets, checked=False):
+    """Finite and symmetric similarity (the converged GMF's implicit gradient relies on it)."""
+    msg = ("similarity: expected s[i, o] == s[i + o, -o] (a symmetric graph, as pairwise_similarity "
+           "makes it), got max |s[i, o] - s[i + o, -o]| = ")
+    if V.is_concrete(similarity):
+        sv = np.where(stencil.valid_mask(*similarity.shape[:2], offsets), np.asarray(similarity), 0)
+        if not np.all(np.isfinite(sv)):
+            raise ValueError(f"similarity: expected finite values, got {int(np.sum(~np.isfinite(sv)))} NaN/inf "
+                             "entries (on neighbours inside the image)")
+        with jax.ensure_compile_time_eval():  # concrete even when gmf is called inside a jit trace
+            defect, scale = (float(v) for v in _similarity_defect(jnp.asarray(similarity), offsets))
+        if not defect <= _SYM_RTOL * scale:
+            raise ValueError(f"{msg}{defect:.3g} (max s = {scale:.3g})")
+    elif checked:
+        defect, scale = _similarity_defect(similarity, offsets)
+        V.value_check(~jnp.isnan(defect), "similarity: expected finite values, got NaN/inf entries")
+        V.value_check(jnp.isnan(defect) | (defect <= _SYM_RTOL * scale), msg + "{}", defect)
+
+
+def _values_ok(similarity, compat, offsets):
+    """Traced validity flag of the converged GMF problem (symmetric finite s, finite PSD C)."""
+    defect, s_scale = _similarity_defect(similarity, offsets)
+    asym, low, c_scale = _compat_defects(compat, jnp)
+    return ((defect <= _SYM_RTOL * s_scale) & jnp.all(jnp.isfinite(compat))
+            & (asym <= 1e-6 * jnp.maximum(c_scale, 1)) & (low >= -_PSD_RTOL * c_scale))
 
 
 def _check_labels(labels, hw, num_classes, ignore_index, checked=False):
@@ -314,21 +380,36 @@ def gmf(
     by the factor ``1 / (1 - rate)`` of a slowly converging iteration (strong
     similarities); check ``info.residual``.
 
-    Checks: a non-symmetric ``compat`` raises ``ValueError`` when it is concrete; under
-    ``jit`` pass ``checked=True`` and wrap the call in ``checkify.checkify`` to get the
-    same error. The similarity is assumed symmetric (``s[i, o] == s[i + o, -o]``, as
-    :func:`pairwise_similarity` makes it); implicit gradients rely on it.
+    Checks: ``compat`` must be finite, symmetric and positive semidefinite, and
+    ``similarity`` finite and symmetric (``s[i, o] == s[i + o, -o]`` on entries inside the
+    image, as :func:`pairwise_similarity` makes it; relative tolerance 1e-5): the
+    converged iteration and its implicit gradient rely on both (a non-symmetric
+    similarity gives a wrong gradient, a non-PSD compat singular blocks). Concrete
+    inputs that fail raise ``ValueError`` naming the argument. Under ``jit`` pass
+    ``checked=True`` and wrap the call in ``checkify.checkify`` to get the same errors;
+    unchecked, the converged GMF (``num_layers=None``) returns NaN everywhere with
+    ``converged=False`` for such values, and for a NaN/inf ``unary`` or an iteration that
+    overflows (never a stale iterate). ``tol`` may be a Python or numpy scalar.
     """
     offsets = _check_offsets(offsets)
     _check_scores("unary", unary)
     _check_similarity(similarity, unary.shape[:2], offsets)
     _check_compat(compat, unary.shape[-1], checked)
+    _check_similarity_values(similarity, offsets, checked)
     max_layers = V.check_nonnegative_int("max_layers", max_layers, positive=True)
-    if not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol: expected a float >= 0, got {tol!r}")
+    # Python or numpy scalars (np.float32(1e-5)); numbers.Real excludes arrays and bool is refused
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= float(tol) < math.inf:
+        raise ValueError(f"tol: expected a finite float >= 0 (Python or numpy scalar), got {tol!r}")
     if num_layers is not None:
         num_layers = V.check_nonnegative_int("num_layers", num_layers)
     y, info = _gmf_core(unary, similarity, compat, offsets, num_layers, float(tol), max_layers, bool(return_info))
+    if num_layers is None and not (V.is_concrete(similarity) and V.is_concrete(compat)):
+        # traced and unchecked values: an asymmetric / non-finite similarity or a non-PSD
+        # compat makes the implicit gradient (or the iteration) wrong, so say it with NaN
+        # (a factor, not a where: the gradient must be NaN too, not a plausible zero)
+        ok = _values_ok(similarity, compat, offsets)
+        y = y * jnp.where(ok, 1, jnp.nan).astype(y.dtype)
+        info = info._replace(converged=info.converged & ok)
     return (y, info) if return_info else y
 
 
@@ -367,6 +448,11 @@ def _gmf_core(unary, similarity, compat, offsets, num_layers, tol, max_layers, w
 
         init = (rhs, jnp.asarray(jnp.inf, rhs.dtype), jnp.zeros((), jnp.int32))
         mu, delta, it = jax.lax.while_loop(cond, body, init)
+        # NaN/inf in rhs (threshold), or produced by a layer (delta): the loop stops at once;
+        # return NaN everywhere, never the stale iterate (delta is finite after any layer
+        # that produced finite values, and inf only when no layer ran)
+        broken = ~jnp.isfinite(delta) | ~jnp.isfinite(threshold)
+        mu = jnp.where(broken, jnp.asarray(jnp.nan, mu.dtype), mu)
         return mu, _info(matvec, rhs, mu, it, delta <= threshold)
 
     return linsolve.implicit_solve(matvec, unary, solve, symmetric=True)

@@ -161,6 +161,13 @@ def _refined_cg(abs_matvec, *, tol, inner_tol, max_iters, max_refinements):
         r0, omega0, small0 = measure(x0)
         x, _, omega, small, _, its = jax.lax.while_loop(
             cond, body, (x0, r0, omega0, small0, jnp.asarray(0, jnp.int32), jnp.asarray(0, jnp.int32)))
+        # A NaN/inf right-hand side or operator makes omega non-finite (NaN > tol is False, so
+        # the loop stops): return NaN for that label, never the zero start or a stale iterate.
+        # (``small`` is then meaningless too: clear it so that no pixel falls back to the
+        # path-cost approximation, which would look like a valid P.)
+        finite = jnp.isfinite(omega)
+        x = jnp.where(finite, x, jnp.asarray(jnp.nan, dt))
+        small = small & jnp.all(finite)
         return x, (linsolve.SolveInfo(residual=omega, iterations=its, converged=omega <= tol), small)
 
     return solve
@@ -239,7 +246,8 @@ def hitting_probabilities(
     Value checks: seeds out of range and negative / non-finite boundary raise
     ``ValueError`` eagerly when the inputs are concrete. Under ``jit``/``vmap`` they cannot
     raise; out-of-range seeds then act as labelled pixels of no label (absorbing with
-    Z = 0). ``checked=True`` adds ``checkify`` checks for traced inputs; the caller must
+    Z = 0), and a NaN boundary gives an all-NaN P with ``info.solve.converged`` False
+    (never a plausible P). ``checked=True`` adds ``checkify`` checks for traced inputs; the caller must
     then wrap the (jitted) function in ``jax.experimental.checkify.checkify`` and call
     ``err.throw()``.
 

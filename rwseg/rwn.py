@@ -106,6 +106,72 @@ def _check_symmetric(weights, offsets):
             f"of the reverse pair by up to {worst:.3g} (max weight {scale:.3g}); pass symmetric=False")
 
 
+def _check_alpha(alpha, dtype, converged, checked):
+    """alpha as a ``dtype`` scalar; for the converged walk NaN unless ``0 <= alpha < 1``."""
+    if V.is_concrete(alpha) and np.ndim(alpha) != 0:
+        raise ValueError(f"alpha: expected a scalar, got shape {np.shape(alpha)}")
+    alpha_c = jnp.asarray(alpha, dtype)
+    if not converged:
+        return alpha_c
+    if V.is_concrete(alpha):
+        if not 0 <= float(alpha) < 1:
+            raise ValueError(f"alpha: expected 0 <= alpha < 1 for the converged walk (steps=None), got {alpha}")
+        return alpha_c
+    ok = (alpha_c >= 0) & (alpha_c < 1)
+    if checked:
+        V.value_check(ok, "alpha: expected 0 <= alpha < 1 for the converged walk (steps=None), got {}", alpha_c)
+    # unchecked: a traced alpha out of range (e.g. a saturated sigmoid = 1.0) gives NaN, not zeros
+    return jnp.where(ok, alpha_c, jnp.asarray(jnp.nan, dtype))
+
+
+def _inverse_sqrt_degree(weights, offsets):
+    """``D^-1/2`` (H, W, 1), with 1 in place of a zero degree (such a row has no coupling)."""
+    d = stencil.degree(weights, offsets)[..., None]
+    return jax.lax.rsqrt(jnp.where(d > 0, d, 1))
+
+
+# The CG state is padded with zero channels to a multiple of this many when C > _LANES:
+# XLA's CPU code for the 80-neighbour stencil product vectorises over the channel axis,
+# and with C = 21 it ran ~1.5x slower per channel than with C = 24 (measured at 128x128,
+# docs/benchmarks/random_walks.md). Zero channels converge at once (zero right-hand side).
+_LANES = 8
+
+
+# The stencil product inside the solve is computed in groups of at most this many offsets,
+# each group one stencil.apply pass, with an optimization barrier between the groups so that
+# XLA keeps them as separate loops: for the radius-5 disk (K = 80), XLA's CPU code for one
+# fused loop over 80 shifted operands ran ~1.2-1.6x slower than two loops over 40 (measured at
+# 128x128x24; docs/benchmarks/random_walks.md). Same result up to summation order.
+_GROUP = 40
+
+
+def _grouped_apply(weights, offsets):
+    """``x -> stencil.apply(weights, x, offsets)`` summed over groups of <= _GROUP offsets.
+
+    The per-group weight slices are taken once here, outside any solver loop.
+    """
+    k = len(offsets)
+    parts = np.array_split(np.arange(k), -(-k // _GROUP))
+    groups = [(weights[..., p], tuple(offsets[i] for i in p)) for p in parts]
+
+    def apply(x):
+        y = None
+        for n, (wg, og) in enumerate(groups):
+            t = stencil.apply(wg, x, og)
+            if n < len(groups) - 1:
+                t = jax.lax.optimization_barrier(t)
+            y = t if y is None else y + t
+        return y
+
+    return apply
+
+
+def _pad_channels(x):
+    c = x.shape[-1]
+    extra = (-c) % _LANES if c > _LANES else 0
+    return jnp.pad(x, ((0, 0), (0, 0), (0, extra))) if extra else x
+
+
 def random_walk(
     weights,
     f,
@@ -117,6 +183,7 @@ def random_walk(
     tol: float = 1e-6,
     max_iters: int = 1000,
     return_info: bool = False,
+    checked: bool = False,
 ):
     """The random-walk layer / converged random walk of RWN (paper eq. 2-3, §3.4).
 
@@ -130,15 +197,41 @@ def random_walk(
     - ``steps=n`` (Python int): exactly n steps with ``lax.scan`` (differentiated through the
       scan). ``steps=1, alpha=1.0`` is the paper's training layer ``y = A f`` (eq. 2).
     - ``steps=None``: the limit ``(1 - alpha)(I - alpha A)^-1 f`` (eq. 3), requiring
-      ``0 <= alpha < 1`` (checked eagerly when ``alpha`` is concrete), by a linear solve with
-      implicit gradients in ``weights`` and ``f`` (one adjoint solve). With
-      ``symmetric=True`` (a promise that W = W^T, verified eagerly on concrete weights) it
-      solves the SPD system ``(D - alpha W) y = (1 - alpha) D f`` by Jacobi-preconditioned CG;
-      otherwise ``(I - alpha A) y = (1 - alpha) f`` by BiCGStab.
+      ``0 <= alpha < 1``, by a linear solve with implicit gradients in ``weights`` and ``f``
+      (one adjoint solve). With ``symmetric=True`` (a promise that W = W^T, verified
+      eagerly on concrete weights) it solves the SPD system in its symmetric scaling
+      ``(I - alpha D^-1/2 W D^-1/2) z = (1 - alpha) D^1/2 f``, ``y = D^-1/2 z``, by CG
+      (unit diagonal: the Jacobi preconditioner is built into the operator, whose two
+      diagonal scalings fuse into the stencil product, so an iteration is one stencil
+      product and no preconditioner pass; the product runs in groups of at most 40
+      offsets and the channels are padded with zeros to a multiple of 8 inside the solve,
+      both of which XLA's CPU code runs faster — together ~2x over the unscaled
+      Jacobi-preconditioned CG at 128x128x21, radius 5, see
+      ``docs/benchmarks/random_walks.md``); otherwise ``(I - alpha A) y = (1 - alpha) f``
+      by BiCGStab.
 
-    tol, max_iters: solver settings (per channel, relative residual). return_info: also
-    return the :class:`rwseg.linsolve.SolveInfo` (``None`` for ``steps=n``), so that a
-    non-converged solve can be detected.
+    tol, max_iters: solver settings per channel: stop when the relative residual of the
+    solved system (``||b - A z|| / ||b||``, in the scaled variables for ``symmetric=True``)
+    is ``<= tol``. return_info: also return the :class:`rwseg.linsolve.SolveInfo` (``None``
+    for ``steps=n``), so that a non-converged solve can be detected.
+
+    Reachable accuracy in float32 (why CG "stalls"): CG updates its residual by a
+    recurrence, which keeps decreasing, while the true residual ``b - A z`` of the float32
+    iterate cannot drop below the rounding error of computing ``A z`` itself, about
+    ``eps (||b|| + ||A|| ||z||)`` with ``eps = 6e-8``, ``||A|| <= 1 + alpha`` and
+    ``||z|| <= ||b|| / (1 - alpha)``; so the true relative residual levels off near
+    ``2 eps (1 + alpha) / (1 - alpha)``: measured (64x64, radius 5, 21 classes) 1-2e-7 at
+    alpha = 0.5, 0.7-1.5e-6 at alpha = 0.9, 0.8-1.6e-5 at alpha = 0.99 (the "~1e-5 stall"
+    of the strongly diffusing walk). ``info.converged`` tests the true residual, so ask for
+    ``tol`` a few times above that floor: ``tol = 1e-5`` up to alpha = 0.9, ``1e-4`` for
+    alpha = 0.99; below it the loop may stop (recurrence converged) with
+    ``converged=False``. float64 inputs reach ``tol = 1e-12``.
+
+    Bad values: a negative weight, ``alpha`` out of [0, 1) (converged walk) or a
+    non-symmetric W with ``symmetric=True`` raise ``ValueError`` when the inputs are
+    concrete. Under ``jit`` an ``alpha`` outside [0, 1) and NaN/inf weights or scores give
+    NaN output (``converged=False``), never zeros; ``checked=True`` adds a ``checkify`` check
+    of ``alpha`` (wrap the call in ``jax.experimental.checkify.checkify``).
 
     Returns y (H, W, C) in the common dtype of ``weights`` and ``f`` (or ``(y, info)``).
     """
@@ -151,12 +244,11 @@ def random_walk(
                   f"(H, W, K) matching f and K = len(offsets) = {len(offsets)}")
     dtype = jnp.result_type(weights, f)
     weights, f = jnp.asarray(weights, dtype), jnp.asarray(f, dtype)
-    if V.is_concrete(alpha) and np.ndim(alpha) != 0:
-        raise ValueError(f"alpha: expected a scalar, got shape {np.shape(alpha)}")
-    alpha_c = jnp.asarray(alpha, dtype)
-
     if steps is not None:
         steps = V.check_nonnegative_int("steps", steps)
+    alpha_c = _check_alpha(alpha, dtype, steps is None, checked)
+
+    if steps is not None:
 
         def step(y, _):
             return alpha_c * transition(weights, y, offsets) + (1 - alpha_c) * f, None
@@ -164,24 +256,34 @@ def random_walk(
         y, _ = jax.lax.scan(step, f, None, length=steps)
         return (y, None) if return_info else y
 
-    if V.is_concrete(alpha) and not 0 <= float(alpha) < 1:
-        raise ValueError(f"alpha: expected 0 <= alpha < 1 for the converged walk (steps=None), got {alpha}")
     if V.is_concrete(weights) and V.is_concrete(f):
-        if np.any(np.asarray(weights) < 0):
+        w_np = np.where(stencil.valid_mask(h, w, offsets), np.asarray(weights), 0)  # outside: ignored
+        if not np.all(np.isfinite(w_np)):
+            raise ValueError(f"weights: expected finite affinities, got {int(np.sum(~np.isfinite(w_np)))} "
+                             "NaN/inf entries (on neighbours inside the image)")
+        if np.any(w_np < 0):
             raise ValueError("weights: expected nonnegative affinities, got negative entries")
+        if not np.all(np.isfinite(np.asarray(f))):
+            raise ValueError(f"f: expected finite scores, got {int(np.sum(~np.isfinite(np.asarray(f))))} NaN/inf entries")
         if symmetric:
-            _check_symmetric(weights, offsets)
+            with jax.ensure_compile_time_eval():  # concrete weights closed over inside a jit trace
+                _check_symmetric(weights, offsets)
 
-    inv_d, d = _inverse_degree(weights, offsets)
     if symmetric:
-        d1 = jnp.where(d > 0, d, 1)  # zero-degree rows: y_i = (1 - alpha) f_i
+        inv_sqrt_d = _inverse_sqrt_degree(weights, offsets)
+        alpha_s = alpha_c * inv_sqrt_d
+        apply = _grouped_apply(weights, offsets)
 
-        def matvec(y):
-            return d1 * y - alpha_c * stencil.apply(weights, y, offsets)
+        def matvec(z):  # (I - alpha D^-1/2 W D^-1/2) z: the scalings fuse into the stencil passes
+            return z - alpha_s * apply(inv_sqrt_d * z)
 
-        y, info = linsolve.cg(matvec, (1 - alpha_c) * d1 * f, tol=tol, max_iters=max_iters,
-                              preconditioner=linsolve.jacobi(d1))
+        c = f.shape[-1]
+        z, info = linsolve.cg(matvec, _pad_channels((1 - alpha_c) * f / inv_sqrt_d), tol=tol,
+                              max_iters=max_iters)
+        y = inv_sqrt_d * z[..., :c]
+        info = linsolve.SolveInfo(info.residual[:c], info.iterations, info.converged[:c])
     else:
+        inv_d, _ = _inverse_degree(weights, offsets)
 
         def matvec(y):
             return y - alpha_c * inv_d * stencil.apply(weights, y, offsets)

@@ -302,3 +302,64 @@ def test_checked_mode_under_jit():
     ok = np.ones((H, W), bool)
     ok[2, 3] = False
     assert float(got) == pytest.approx(float(gcrf.margin_loss(unary, np.where(ok, labels, 255))), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- value checks (issue 9.5)
+
+
+def _bad_cases():
+    unary, s, compat = _problem(21)
+    s_asym = s.copy()
+    n = OFFS.index((-1, -1))
+    s_asym[3, 3, n] *= 3  # (3, 3) -> (2, 2) is inside; its reverse entry is unchanged
+    s_nan = s.copy()
+    s_nan[2, 2, n] = np.nan
+    return unary, s, compat, [
+        ("asymmetric", (unary, s_asym, compat), r"similarity: expected s\[i, o\] == s\[i \+ o, -o\]"),
+        ("nan similarity", (unary, s_nan, compat), r"similarity: expected finite values"),
+        ("compat = -I", (unary, s, -np.eye(K)), r"compat: expected a positive semidefinite matrix"),
+        ("nan compat", (unary, s, np.where(np.eye(K) > 0, np.nan, compat)), r"compat: expected finite values"),
+    ]
+
+
+def test_gmf_value_checks_eager_checkify_and_nan_when_unchecked():
+    _, _, _, cases = _bad_cases()
+    run = jax.jit(lambda u, s, c: gcrf.gmf(u, s, c, OFFS, return_info=True))
+    checked = jax.jit(checkify.checkify(lambda u, s, c: gcrf.gmf(u, s, c, OFFS, tol=1e-12, checked=True)))
+    for name, args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            gcrf.gmf(*args, OFFS)
+        y, info = run(*args)
+        assert bool(jnp.all(jnp.isnan(y))) and not bool(jnp.any(info.converged)), name
+        err, _ = checked(*args)
+        with pytest.raises(checkify.JaxRuntimeError, match=msg):
+            err.throw()
+    unary, s, compat, _ = _bad_cases()
+    err, y = checked(unary, s, compat)
+    err.throw()  # valid input: no error, the dense solution
+    np.testing.assert_allclose(y, _dense_solve(unary, s, compat), rtol=1e-5, atol=1e-6)
+
+
+def test_gmf_nonsymmetric_similarity_never_gives_a_wrong_gradient():
+    """Issue 9.5: the implicit gradient of a non-symmetric similarity was silently wrong
+    (-0.720 against a finite difference of -1.914); now it is NaN under jit (and an error eagerly)."""
+    unary, s, compat, cases = _bad_cases()
+    s_asym = cases[0][1][1]
+    g = jax.jit(jax.grad(lambda u, s: jnp.sum(gcrf.gmf(u, s, compat, OFFS, tol=1e-13) ** 2), argnums=(0, 1)))
+    for part in g(unary, s_asym):
+        assert bool(jnp.all(jnp.isnan(part)))
+    for part in g(unary, s):  # symmetric: finite and equal to the dense solve's gradient
+        assert bool(jnp.all(jnp.isfinite(part)))
+    want = jax.grad(lambda u: jnp.sum(_dense_solve(u, s, compat) ** 2))(unary)
+    np.testing.assert_allclose(g(unary, s)[0], want, rtol=1e-6, atol=1e-8)
+
+
+def test_gmf_nonfinite_unary_gives_nan_and_numpy_tol_is_accepted():
+    unary, s, compat, _ = _bad_cases()
+    y, info = jax.jit(lambda u: gcrf.gmf(u, s, compat, OFFS, return_info=True))(unary.copy() * np.where(
+        np.arange(H * W * K).reshape(H, W, K) == 7, np.nan, 1.0))
+    assert bool(jnp.all(jnp.isnan(y))) and not bool(jnp.any(info.converged))
+    y = gcrf.gmf(unary, s, compat, OFFS, tol=np.float32(1e-12))
+    np.testing.assert_allclose(y, _dense_solve(unary, s, compat), rtol=1e-8, atol=1e-9)
+    with pytest.raises(ValueError, match=r"tol: expected a finite float >= 0"):
+        gcrf.gmf(unary, s, compat, OFFS, tol=np.float32(np.nan))

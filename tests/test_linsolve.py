@@ -242,3 +242,63 @@ def test_bad_arguments():
         linsolve.bicgstab(spd_matvec(w), _rhs(), tol=-1.0)
     with pytest.raises(TypeError, match="diagonal"):
         linsolve.jacobi(jnp.ones((H, W, 1), jnp.int32))
+
+
+# --------------------------------------------------------------------------- non-finite values (issue 9)
+
+
+@pytest.mark.parametrize("solver,mv", [(linsolve.cg, spd_matvec), (linsolve.bicgstab, nonsym_matvec)])
+def test_nonfinite_rhs_gives_nan_for_that_channel_only(solver, mv):
+    w, b = _weights(), _rhs()
+    bad = b.at[2, 3, 1].set(jnp.nan).at[0, 0, 2].set(jnp.inf)
+    for run in (solver, jax.jit(solver, static_argnums=0)):
+        x, info = run(mv(w), bad)
+        assert bool(jnp.all(jnp.isnan(x[..., 1]))) and bool(jnp.all(jnp.isnan(x[..., 2])))
+        assert not bool(info.converged[1]) and not bool(info.converged[2]) and bool(info.converged[0])
+        good, _ = solver(mv(w), b[..., :1])  # the finite channel is unaffected
+        np.testing.assert_allclose(x[..., :1], good, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver,mv", [(linsolve.cg, spd_matvec), (linsolve.bicgstab, nonsym_matvec)])
+@pytest.mark.parametrize("zero_rhs", [False, True])
+def test_nan_operator_gives_nan_never_zero(solver, mv, zero_rhs):
+    """matvec(0) = NaN used to fail the residual test silently and return the zero start."""
+    w = _weights().at[3, 3, 0].set(jnp.nan)
+    b = jnp.zeros((H, W, C)) if zero_rhs else _rhs()
+
+    @jax.jit
+    def run(w, b):
+        return solver(mv(w), b)
+
+    x, info = run(w, b)
+    assert bool(jnp.all(jnp.isnan(x))) and not bool(jnp.any(info.converged))
+    # a warm start that is already the answer does not hide it either
+    x, info = solver(mv(w), b, x0=jnp.ones_like(b))
+    assert bool(jnp.all(jnp.isnan(x))) and not bool(jnp.any(info.converged))
+
+
+def test_argument_shape_checks_name_the_argument():
+    w, b = _weights(), _rhs()
+    with pytest.raises(ValueError, match=r"x0: expected a warm start shaped like b \(6, 7, 3\), got shape \(6, 7, 2\)"):
+        linsolve.cg(spd_matvec(w), b, x0=jnp.zeros((H, W, 2)))
+    with pytest.raises(ValueError, match=r"x0: expected .* got shape \(6, 7\)"):
+        linsolve.bicgstab(nonsym_matvec(w), b, x0=jnp.zeros((H, W)))
+    with pytest.raises(ValueError, match=r"preconditioner: expected .* shaped like b \(6, 7, 3\), got shape \(6, 7, 1\)"):
+        linsolve.cg(spd_matvec(w), b, preconditioner=lambda v: v[..., :1])
+    with pytest.raises(ValueError, match=r"preconditioner: expected"):
+        linsolve.bicgstab(nonsym_matvec(w), b, preconditioner=lambda v: jnp.sum(v, -1))
+    with pytest.raises(ValueError, match=r"matvec: expected .* got shape \(6, 7, 1\)"):
+        linsolve.cg(lambda v: v[..., :1], b)
+    with pytest.raises(TypeError, match=r"preconditioner: expected a callable"):
+        linsolve.cg(spd_matvec(w), b, preconditioner=jnp.ones((H, W, C)))
+
+
+def test_numpy_scalar_tolerances_are_accepted():
+    w, b = _weights(), _rhs()
+    x, info = linsolve.cg(spd_matvec(w), b, tol=np.float32(1e-9), atol=np.float64(0.0), max_iters=np.int64(500))
+    np.testing.assert_allclose(x, _dense_solve(spd_dense(w), b), rtol=1e-7, atol=1e-8)
+    x, _ = linsolve.bicgstab(nonsym_matvec(w), b, tol=np.float32(1e-9))
+    np.testing.assert_allclose(x, _dense_solve(nonsym_dense(w), b), rtol=1e-7, atol=1e-8)
+    for bad in (np.nan, -1e-3, np.ones(2)):
+        with pytest.raises(ValueError, match=r"tol: expected a finite float >= 0"):
+            linsolve.cg(spd_matvec(w), b, tol=bad)

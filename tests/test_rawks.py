@@ -289,3 +289,16 @@ def test_scribbles_from_labels():
     acc = [np.mean(np.argmax(np.asarray(HP(jnp.asarray(edges), jnp.asarray(sd), 4)),
                              -1)[ok] == labels[ok]) for sd in (seeds, dense)]
     assert acc[0] > 0.75 and acc[1] > 0.95
+
+
+def test_nan_boundary_under_jit_gives_nan_never_a_plausible_p():
+    """Issue 9: a NaN in B made the refinement stop at its zero start, and the path-cost
+    fallback then returned a valid-looking P. Now P is NaN and the solve is not converged."""
+    b, s = _problem(3)
+    b = b.copy()
+    b[3, 4] = np.nan
+    s[3, 4] = -1
+    p, info = HP(b, s, num_labels=L, return_info=True)
+    assert bool(jnp.all(jnp.isnan(p))) and not bool(jnp.any(info.solve.converged))
+    with pytest.raises(ValueError, match="boundary: expected finite values"):
+        rawks.hitting_probabilities(b, s, L)

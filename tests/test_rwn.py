@@ -194,3 +194,92 @@ def test_bad_arguments():
         rwn.random_walk(w, f, OFFS, alpha=0.5, steps=-1)
     with pytest.raises(ValueError, match="theta: expected shape"):
         rwn.affinity(rwn.feature_distances(_features(), OFFS), jnp.ones(3))
+
+
+# --------------------------------------------------------------------------- non-finite values (issue 9)
+
+
+def test_nan_weight_converged_walk_is_nan_or_an_error_never_zero():
+    """Issue 9.1 repro: one NaN weight made the converged walk return exactly zero."""
+    offs = stencil.four_connected()
+    w = jnp.ones((8, 8, 4)).at[3, 3, 0].set(jnp.nan)
+    f = jnp.ones((8, 8, 2))
+    for sym in (False, True):
+        with pytest.raises(ValueError, match="weights: expected finite affinities, got 1 NaN/inf"):
+            rwn.random_walk(w, f, offs, alpha=0.9, symmetric=sym)
+        run = jax.jit(lambda w, f: rwn.random_walk(w, f, offs, alpha=0.9, symmetric=sym, return_info=True))
+        y, info = run(w, f)
+        assert bool(jnp.all(jnp.isnan(y))) and not bool(jnp.any(info.converged))
+        # and in the scores
+        y, info = run(jnp.ones((8, 8, 4)), f.at[0, 0, 1].set(jnp.inf))
+        assert bool(jnp.all(jnp.isnan(y[..., 1]))) and not bool(info.converged[1]) and bool(info.converged[0])
+    with pytest.raises(ValueError, match="f: expected finite scores"):
+        rwn.random_walk(jnp.ones((8, 8, 4)), f.at[0, 0, 1].set(jnp.nan), offs, alpha=0.9)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_traced_alpha_out_of_range_gives_nan_and_checkify_error(symmetric):
+    """Issue 9.2: alpha = 1.0 traced under jit returned zeros with converged=True."""
+    from jax.experimental import checkify
+
+    w, f = _sym_weights(), _scores()
+    run = jax.jit(lambda a: rwn.random_walk(w, f, OFFS, alpha=a, symmetric=symmetric, return_info=True))
+    for a in (1.0, 1.5, -0.1, jnp.nan):
+        y, info = run(jnp.asarray(a))
+        assert bool(jnp.all(jnp.isnan(y))) and not bool(jnp.any(info.converged)), a
+    y, info = run(jnp.asarray(0.5))
+    np.testing.assert_allclose(y, _dense_limit(w, f, 0.5), rtol=1e-5, atol=1e-6)
+    assert bool(jnp.all(info.converged))
+    checked = jax.jit(checkify.checkify(
+        lambda a: rwn.random_walk(w, f, OFFS, alpha=a, symmetric=symmetric, checked=True)))
+    err, _ = checked(jnp.asarray(1.0))
+    with pytest.raises(checkify.JaxRuntimeError, match=r"alpha: expected 0 <= alpha < 1 .* got 1.0"):
+        err.throw()
+    err, y = checked(jnp.asarray(0.5))
+    err.throw()  # no error for a valid alpha
+    assert bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_symmetric_walk_with_many_channels_matches_dense():
+    """C = 11 (> 8, padded inside the solve to 16): the result and the info have C entries."""
+    w = _sym_weights()
+    f = jnp.asarray(np.random.default_rng(5).normal(size=(H, W, 11)))
+    y, info = rwn.random_walk(w, f, OFFS, alpha=0.9, symmetric=True, tol=1e-11, return_info=True)
+    want = 0.1 * jnp.linalg.solve(jnp.eye(H * W) - 0.9 * _dense_A(w), f.reshape(H * W, 11)).reshape(f.shape)
+    np.testing.assert_allclose(y, want, rtol=1e-8, atol=1e-10)
+    assert info.residual.shape == (11,) and info.converged.shape == (11,) and bool(jnp.all(info.converged))
+
+
+def test_float32_walk_reaches_the_documented_tolerance():
+    """The docstring's claim: float32 CG reaches tol = 1e-5 at alpha = 0.9 (it stalls near that)."""
+    w, f = _sym_weights(dtype=np.float32), _scores(dtype=np.float32)
+    y, info = rwn.random_walk(w, f, OFFS, alpha=0.9, symmetric=True, tol=1e-5, return_info=True)
+    assert bool(jnp.all(info.converged)) and y.dtype == jnp.float32
+    want = _dense_limit(_sym_weights(), _scores(), 0.9)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_stencil_product_matches_dense_value_and_gradient():
+    """K = 48 > 40 offsets: the converged walk's product runs in two groups (rwn._GROUP)."""
+    offs = stencil.disk_offsets(4)
+    assert len(offs) > rwn._GROUP
+    feats, f = _features(), _scores()
+    g = _scores(seed=7)
+
+    def weights_of(theta):
+        return rwn.affinity(rwn.feature_distances(feats, offs), theta, offs)
+
+    def dense(theta, f):
+        m = stencil.to_dense(weights_of(theta), offs)
+        a = m / jnp.sum(m, axis=1, keepdims=True)
+        return 0.3 * jnp.linalg.solve(jnp.eye(H * W) - 0.7 * a, f.reshape(H * W, C)).reshape(f.shape)
+
+    def walk(theta, f):
+        return rwn.random_walk(weights_of(theta), f, offs, alpha=0.7, symmetric=True, tol=1e-13)
+
+    theta = jnp.asarray([-0.5, -1.0, -0.2, -0.7])
+    np.testing.assert_allclose(jax.jit(walk)(theta, f), dense(theta, f), rtol=1e-9, atol=1e-11)
+    got = jax.jit(jax.grad(lambda t, f: jnp.sum(g * walk(t, f) ** 2), argnums=(0, 1)))(theta, f)
+    want = jax.grad(lambda t, f: jnp.sum(g * dense(t, f) ** 2), argnums=(0, 1))(theta, f)
+    for a, e in zip(got, want):
+        np.testing.assert_allclose(a, e, rtol=1e-7, atol=1e-10)

@@ -15,12 +15,19 @@ Prints one markdown table, every row measured in this run (medians over ``--repe
     against scipy ``splu`` of ``(D - alpha W)`` (build + factorise + solve) and against dense
     CRF inference (``pydensecrf2``, 5 mean-field iterations) on the same scores.
 
+(c) the converged walk alone (weights precomputed), new ``rwn.random_walk`` against the
+    previous formulation kept here as :func:`reference_walk` (Jacobi-preconditioned CG on the
+    unscaled ``(D - alpha W) y = (1 - alpha) D f``, 21 channels, zero start with its initial
+    product; issue 8.4), timed alternately in the same process, with the CG iteration counts
+    and the largest difference of the results. ``--old-walk`` also runs (b) with the old
+    formulation.
+
 Ratios are peer time / rwseg time (> 1: rwseg faster). A GPU column appears when jax sees
 a GPU; otherwise the table says so. Peers that are not installed print "n/a (not
 installed)".
 
 Usage: ``python experiments/benchmarks/bench_random_walks.py [--repeats 5] [--sizes 64,128]
-[--rawks-size 96x128] [--labels 21] [--alpha 0.9]``
+[--rawks-size 96x128] [--labels 21] [--alpha 0.9] [--skip a|b|c] [--old-walk]``
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import scipy.sparse.linalg as spla
 sys.path.insert(0, os.path.dirname(__file__))
 from common import fmt_ms, gpu_device, machine, markdown_table, median_time  # noqa: E402
 
-from rwseg import rawks, rwn, stencil  # noqa: E402
+from rwseg import linsolve, rawks, rwn, stencil  # noqa: E402
 
 try:
     import pydensecrf.densecrf as dcrf
@@ -192,6 +199,50 @@ def dense_crf(img, scores, iterations=5):
     return run
 
 
+def reference_walk(weights, f, offsets, alpha, tol, max_iters=1000):
+    """The converged walk as rwn.random_walk(symmetric=True) computed it before issue 8.4.
+
+    Jacobi-preconditioned CG on ``(D - alpha W) y = (1 - alpha) D f`` in the channels of f,
+    started from zero with the product ``A 0`` (``x0=zeros``); returns ``(y, info)``.
+    """
+    d = stencil.degree(weights, offsets)[..., None]
+    d1 = jnp.where(d > 0, d, 1)
+
+    def matvec(y):
+        return d1 * y - alpha * stencil.apply(weights, y, offsets)
+
+    return linsolve.cg(matvec, (1 - alpha) * d1 * f, tol=tol, max_iters=max_iters,
+                       preconditioner=linsolve.jacobi(d1), x0=jnp.zeros_like(f))
+
+
+def bench_walk_old_new(args, devices):
+    """(c) the converged walk alone: old formulation vs rwn.random_walk, alternating runs."""
+    offsets = stencil.disk_offsets(5)
+    rows = []
+    for size in args.sizes:
+        img, scores = rwn_problem(size, args.labels)
+        theta = np.full(3, -0.05, np.float32)
+        wts = np.asarray(jax.jit(lambda i: rwn.affinity(rwn.feature_distances(i, offsets), theta, offsets))(img))
+        new = jax.jit(lambda w, f: rwn.random_walk(w, f, offsets, alpha=args.alpha, symmetric=True, tol=1e-5,
+                                                   return_info=True))
+        old = jax.jit(lambda w, f: reference_walk(w, f, offsets, args.alpha, 1e-5))
+        for name, dev in devices:
+            w_d, s_d = jax.device_put(wts, dev), jax.device_put(scores, dev)
+            (y_new, i_new), (y_old, i_old) = jax.block_until_ready((new(w_d, s_d), old(w_d, s_d)))  # compile
+            t_new, t_old = [], []
+            for _ in range(2 * args.repeats + 1):  # alternate, so that load drift hits both alike
+                t_old.append(median_time(lambda: jax.block_until_ready(old(w_d, s_d)), repeats=1, warmup=0))
+                t_new.append(median_time(lambda: jax.block_until_ready(new(w_d, s_d)), repeats=1, warmup=0))
+            t_new, t_old = float(np.median(t_new)), float(np.median(t_old))
+            diff = float(jnp.max(jnp.abs(y_new - y_old)) / jnp.max(jnp.abs(y_old)))
+            log(f"walk-only {size} {name}: old {t_old} new {t_new}")
+            rows.append([f"(c) converged walk only, {size}x{size}, {args.labels} classes, alpha={args.alpha} [{name}]",
+                         fmt_ms(t_new), fmt_ms(t_old), f"{t_old / t_new:.2f}x",
+                         f"CG iterations old {int(i_old.iterations)} / new {int(i_new.iterations)}; "
+                         f"rel. diff {diff:.1e}; converged {bool(jnp.all(i_new.converged))}"])
+    return rows
+
+
 def bench_rwn(args, devices):
     offsets = stencil.disk_offsets(5)
     rows = []
@@ -201,6 +252,8 @@ def bench_rwn(args, devices):
 
         def walk(img, scores):
             wts = rwn.affinity(rwn.feature_distances(img, offsets), theta, offsets)
+            if args.old_walk:
+                return reference_walk(wts, scores, offsets, args.alpha, 1e-5)[0]
             return rwn.random_walk(wts, scores, offsets, alpha=args.alpha, symmetric=True, tol=1e-5)
 
         fn = jax.jit(walk)
@@ -246,7 +299,10 @@ def main(argv=None):
                    help="H x W of the RAWKS problem (default 96x128)")
     p.add_argument("--labels", type=int, default=21)
     p.add_argument("--alpha", type=float, default=0.9)
-    p.add_argument("--skip", choices=["a", "b"], default=None)
+    p.add_argument("--skip", choices=["a", "b", "c"], action="append", default=[],
+                   help="skip a section (repeatable)")
+    p.add_argument("--old-walk", action="store_true",
+                   help="run (b) with the pre-issue-8.4 walk (reference_walk) instead of rwn.random_walk")
     args = p.parse_args(argv)
 
     devices = [("cpu", jax.devices("cpu")[0])]
@@ -257,15 +313,19 @@ def main(argv=None):
     print("GPU: " + (f"yes ({gpu.device_kind}); rwseg GPU column measured" if gpu else
                      "none seen by jax; no GPU column"))
     rows = []
-    if args.skip != "a":
+    if "a" not in args.skip:
         rows += bench_rawks(args, devices)
-    if args.skip != "b":
+    if "b" not in args.skip:
         rows += bench_rwn(args, devices)
     headers = ["case", "rwseg CPU ms"] + (["rwseg GPU ms"] if gpu else [])
     headers += ["peer 1 ms", "peer 1 / rwseg CPU", "peer 2 ms", "peer 2 / rwseg CPU", "check"]
     print("peers: (a) peer 1 = scipy SuperLU (factors reused for all labels and the adjoint), "
           "peer 2 = scipy CG; (b) peer 1 = scipy splu, peer 2 = pydensecrf2 DenseCRF2D, 5 iterations")
     print(markdown_table(headers, rows))
+    if "c" not in args.skip:
+        print("\n(c) new = rwn.random_walk(symmetric=True, tol=1e-5); old = reference_walk (the formulation "
+              "before issue 8.4); medians of alternating runs")
+        print(markdown_table(["case", "new ms", "old ms", "old / new", "check"], bench_walk_old_new(args, devices)))
 
 
 if __name__ == "__main__":

@@ -189,6 +189,29 @@ def _identity(v):
 # --------------------------------------------------------------------------- CG
 
 
+def _rescaled(loop):
+    """Run a Krylov ``loop`` on ``A y = rhs / s`` and return ``x = s y``, ``s = max |rhs|`` per channel.
+
+    Krylov inner products square the entries: without rescaling, a right-hand side below
+    about ``sqrt(finfo.tiny)`` (1e-19 in float32, 1e-154 in float64) gives zero norms and
+    the loop returns ``x = 0`` as "converged", and one above ``sqrt(finfo.max)`` overflows
+    to a non-finite residual. ``A`` is linear and acts on every channel independently, so
+    the rescaled solve is exact; ``atol`` is rescaled with it, and relative residuals do
+    not change. A zero or non-finite scale is left at 1 (``b = 0`` stays 0, NaN stays NaN).
+    """
+
+    def run(matvec, rhs, x_init, *, atol, **kw):
+        s = jnp.max(jnp.abs(rhs), axis=tuple(range(rhs.ndim - 1)) if rhs.ndim >= 2 else None)
+        s = jnp.where(jnp.isfinite(s) & (s > 0), s, jnp.ones((), s.dtype))
+        sb = _bcast(s, rhs)
+        x_init = None if x_init is None else x_init / sb
+        y, info = loop(matvec, rhs / sb, x_init, atol=jnp.asarray(atol, rhs.dtype) / s, **kw)
+        return y * sb, info
+
+    return run
+
+
+@_rescaled
 def _cg_loop(matvec, rhs, x_init, *, tol, atol, max_iters, preconditioner):
     M = preconditioner or _identity
     thresh = _threshold(rhs, tol, atol)
@@ -262,6 +285,7 @@ def cg(
 # --------------------------------------------------------------------------- BiCGStab
 
 
+@_rescaled
 def _bicgstab_loop(matvec, rhs, x_init, *, tol, atol, max_iters, preconditioner):
     M = preconditioner or _identity
     thresh = _threshold(rhs, tol, atol)

@@ -302,3 +302,27 @@ def test_numpy_scalar_tolerances_are_accepted():
     for bad in (np.nan, -1e-3, np.ones(2)):
         with pytest.raises(ValueError, match=r"tol: expected a finite float >= 0"):
             linsolve.cg(spd_matvec(w), b, tol=bad)
+
+
+@pytest.mark.parametrize("solver,mv,dense", [
+    (linsolve.cg, spd_matvec, spd_dense),
+    (linsolve.bicgstab, nonsym_matvec, nonsym_dense),
+])
+@pytest.mark.parametrize("dtype,scale", [
+    (np.float64, 1e-200), (np.float64, 1e200), (np.float32, 1e-25), (np.float32, 1e25),
+])
+def test_tiny_and_huge_right_hand_sides_are_solved(solver, mv, dense, dtype, scale):
+    """Squared norms used to underflow (x = 0, converged) or overflow (NaN) far from 1.
+
+    Found by the hypothesis 'dev' profile: rwn.random_walk of a 1e-200 score map gave 0.
+    """
+    w, b = _weights(dtype=dtype), _rhs(dtype=dtype)
+    b = b.at[..., 0].multiply(scale)  # one extreme channel beside normal ones
+    x, info = solver(mv(w), b, tol=1e-5 if dtype == np.float32 else 1e-10)
+    expected = _dense_solve(dense(_weights()), np.asarray(b, np.float64))
+    assert bool(jnp.all(info.converged)), info
+    rtol = 1e-4 if dtype == np.float32 else 1e-8
+    for c in range(C):
+        ref = expected[..., c]
+        np.testing.assert_allclose(np.asarray(x[..., c], np.float64) / np.abs(ref).max(), ref / np.abs(ref).max(),
+                                   rtol=0, atol=rtol)

@@ -31,8 +31,8 @@ column of ``D * max(H, W)`` rows (each direction a row segment; padded rows and 
 zero input and zero gates, so H != W needs no second scan). Gates pointing outside their
 own image and the input term ``(1 - sum_k p_k) * x`` are computed once, outside the loop.
 The recurrence ``h_t = a_t + P_t h_{t-1}`` is solved by :mod:`rwseg.spn_pallas`: a
-``lax.scan`` carrying one column (CPU, GPU) or a Pallas kernel (TPU, or interpret mode on
-request), wrapped in ``lax.custom_linear_solve`` as the triangular system
+``lax.scan`` carrying one column (CPU) or a Pallas kernel (TPU; on GPU its Triton variant
+when it lowers; interpret mode on request), wrapped in ``lax.custom_linear_solve`` as the triangular system
 ``(I - A) h = a``: gradients w.r.t. ``x`` run the adjoint recurrence (the reverse scan
 with transposed gates) instead of storing per-step intermediates, gradients w.r.t. the
 gates are ``lambda * h_prev`` neighbours, and forward mode (``jvp``, ``jacfwd``) works as
@@ -211,29 +211,40 @@ def _unpack(h, layout: _Layout):
 # --------------------------------------------------------------------------- the solve
 
 
-def _resolve_implementation(implementation, x, gates):
-    """"scan" or "pallas" for this call (see :func:`propagate`)."""
+def _resolve_implementation(implementation, x, gates, directions):
+    """"scan", "pallas" (block kernel: TPU, or interpret mode on CPU) or "pallas_gpu" for this call.
+
+    See :func:`propagate`. On GPU, "pallas" is the Triton kernel
+    (:func:`spn_pallas.recurrence_gpu`) and "auto" picks it only if it lowers for this
+    shape on this backend (:func:`spn_pallas.gpu_kernel_lowers`), else the scan.
+    """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")
     backend = jax.default_backend()
-    if implementation == "pallas" and backend in ("gpu", "cuda", "rocm"):
-        raise NotImplementedError(
-            "implementation='pallas': the Pallas SPN kernel does not lower for GPU yet (Mosaic GPU rejects its "
-            "strided block loads, Triton has no rule for slicing a value); use implementation='scan' or 'auto'"
-        )
+    on_gpu = backend in ("gpu", "cuda", "rocm")
+    if implementation == "pallas":
+        return "pallas_gpu" if on_gpu else "pallas"
     if implementation == "auto":
         height, width, channels = x.shape
         n = max(height, width)
-        on_chip = spn_pallas.fits_on_chip(n, n, channels, gates.shape[-1], jnp.result_type(x, gates).itemsize)
+        dtype = jnp.result_type(x, gates)
+        if on_gpu:
+            layout = _layout(height, width, directions)
+            lowers = spn_pallas.gpu_kernel_lowers(layout.steps, len(directions) * layout.rows, channels,
+                                                  gates.shape[-1], jnp.dtype(dtype).name, layout.rows)
+            return "pallas_gpu" if lowers else "scan"
+        on_chip = spn_pallas.fits_on_chip(n, n, channels, gates.shape[-1], dtype.itemsize)
         return "pallas" if backend == "tpu" and on_chip else "scan"
     return implementation
 
 
 def _recurrence(b, p, transpose, implementation, segment_rows):
     """Run the stacked recurrence (or its transpose) on right-hand side b (T, R, C)."""
+    interpret = jax.default_backend() == "cpu"
     if implementation == "pallas":
-        return spn_pallas.recurrence(b, p, transpose=transpose, segment_rows=segment_rows,
-                                     interpret=jax.default_backend() == "cpu")
+        return spn_pallas.recurrence(b, p, transpose=transpose, segment_rows=segment_rows, interpret=interpret)
+    if implementation == "pallas_gpu":
+        return spn_pallas.recurrence_gpu(b, p, transpose=transpose, segment_rows=segment_rows, interpret=interpret)
     return spn_pallas.scan_recurrence(b, p, transpose=transpose)
 
 
@@ -264,7 +275,8 @@ def _solve(a, p, implementation, segment_rows):
 
 def _propagate_stacked(x, gates, directions, implementation):
     """x (H, W, C), gates (D, H, W, C, G) -> list of D maps (H, W, C), one solve for all."""
-    return _propagate_stacked_jit(x, gates, tuple(directions), _resolve_implementation(implementation, x, gates))
+    directions = tuple(directions)
+    return _propagate_stacked_jit(x, gates, directions, _resolve_implementation(implementation, x, gates, directions))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))  # compiled once per shape, also when called eagerly
@@ -283,8 +295,9 @@ def propagate(x, gates, direction: str, implementation: str = "auto"):
     ``k`` of pixel ``i`` weighting the neighbour ``i + direction_offsets(direction, G)[k]``
     of the previous column/row; direction: one of :data:`DIRECTIONS`; implementation:
     ``"scan"`` (``lax.scan``), ``"pallas"`` (the Pallas kernel of
-    :mod:`rwseg.spn_pallas`; interpret mode on CPU) or ``"auto"`` (Pallas on GPU/TPU,
-    scan on CPU).
+    :mod:`rwseg.spn_pallas`, its Triton variant on GPU; interpret mode on CPU) or ``"auto"``
+    (Pallas on TPU when the blocks fit on chip and on GPU when the kernel lowers, else the
+    scan; the scan on CPU).
     Returns h: (H, W, C), dtype ``result_type(x, gates)``. Gates pointing outside the
     image count as zero in both sums (so the first column/row is copied from ``x``).
     Differentiable in ``x`` and ``gates`` in both modes: the scan is a

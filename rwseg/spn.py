@@ -238,9 +238,12 @@ def _resolve_implementation(implementation, x, gates, directions):
     return implementation
 
 
-def _recurrence(b, p, transpose, implementation, segment_rows):
-    """Run the stacked recurrence (or its transpose) on right-hand side b (T, R, C)."""
-    interpret = jax.default_backend() == "cpu"
+def _recurrence(b, p, transpose, implementation, segment_rows, interpret):
+    """Run the stacked recurrence (or its transpose) on right-hand side b (T, R, C).
+
+    interpret: run a Pallas kernel in interpret mode (decided outside the jit, from the
+    backend, so that it is part of the jit's static arguments).
+    """
     if implementation == "pallas":
         return spn_pallas.recurrence(b, p, transpose=transpose, segment_rows=segment_rows, interpret=interpret)
     if implementation == "pallas_gpu":
@@ -248,7 +251,7 @@ def _recurrence(b, p, transpose, implementation, segment_rows):
     return spn_pallas.scan_recurrence(b, p, transpose=transpose)
 
 
-def _solve(a, p, implementation, segment_rows):
+def _solve(a, p, implementation, segment_rows, interpret):
     """h with ``h_t = a_t + P_t h_{t-1}`` (h_{-1} = 0), i.e. ``(I - A) h = a``.
 
     a: (T, R, C); p: (T, G, R, C), already masked. A ``lax.custom_linear_solve``: the
@@ -265,10 +268,10 @@ def _solve(a, p, implementation, segment_rows):
         return h - sum(gates[k] * spn_pallas.shift_rows(prev, d, axis=1) for k, d in enumerate(steps))
 
     def solve(_, rhs):
-        return _recurrence(rhs, p, False, implementation, segment_rows)
+        return _recurrence(rhs, p, False, implementation, segment_rows, interpret)
 
     def transpose_solve(_, rhs):
-        return _recurrence(rhs, p, True, implementation, segment_rows)
+        return _recurrence(rhs, p, True, implementation, segment_rows, interpret)
 
     return jax.lax.custom_linear_solve(matvec, a, solve, transpose_solve)
 
@@ -276,16 +279,17 @@ def _solve(a, p, implementation, segment_rows):
 def _propagate_stacked(x, gates, directions, implementation):
     """x (H, W, C), gates (D, H, W, C, G) -> list of D maps (H, W, C), one solve for all."""
     directions = tuple(directions)
-    return _propagate_stacked_jit(x, gates, directions, _resolve_implementation(implementation, x, gates, directions))
+    implementation = _resolve_implementation(implementation, x, gates, directions)
+    return _propagate_stacked_jit(x, gates, directions, implementation, jax.default_backend() == "cpu")
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))  # compiled once per shape, also when called eagerly
-def _propagate_stacked_jit(x, gates, directions, implementation):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))  # compiled once per shape, also when called eagerly
+def _propagate_stacked_jit(x, gates, directions, implementation, interpret):
     dtype = jnp.result_type(x, gates)
     x, gates = x.astype(dtype), gates.astype(dtype)
     layout = _layout(x.shape[0], x.shape[1], directions)
     a, p = _pack(x, gates, layout)
-    return _unpack(_solve(a, p, implementation, layout.rows), layout)
+    return _unpack(_solve(a, p, implementation, layout.rows, interpret), layout)
 
 
 def propagate(x, gates, direction: str, implementation: str = "auto"):

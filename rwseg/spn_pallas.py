@@ -16,8 +16,8 @@ transposed three-way gates (the coupling of row ``j`` to ``j - 1`` takes the gat
 ``j - 1`` that pointed down, and so on). Both run with one column ``(R, C)`` carried from
 step to step; no per-step intermediates are stored.
 
-Two implementations of the same two step functions (:func:`column_step`,
-:func:`column_step_transposed`):
+Three implementations of the same step functions (:func:`column_step`,
+:func:`column_step_transposed`, :func:`mirrored_gates`):
 
 - :func:`scan_recurrence`: ``jax.lax.scan`` over the leading (time) axis, the carried
   column shifted by two concatenates. The CPU path.
@@ -28,17 +28,23 @@ Two implementations of the same two step functions (:func:`column_step`,
   reading one column of ``b`` and of each gate and writing one output column per step. The grid
   tiles channels, never rows: the three-way coupling needs the whole column. With
   ``interpret=True`` the same kernel runs on any backend (slow; tests).
+- :func:`recurrence_gpu`: the same grid and loop for the Triton backend of Pallas (GPU).
+  Triton has no lowering for slicing a value, so the row shift goes through memory: each
+  finished column is stored to the output and the next step loads its neighbours
+  ``h_{t-1}[i + d]`` back with masked gather loads; the transpose uses the mirrored gates
+  (``P^T = sum_j diag(S_{d_j} p_{G-1-j}) S_{d_j}``) so that it, too, only shifts loads.
+  Rows are padded to a power of two per segment, channels to the power-of-two tile.
 
-Status on accelerators (no GPU or TPU was available when this was written; the kernel is
-verified in interpret mode only, ``tests/test_spn_pallas.py``): it lowers for TPU (Mosaic
-TPU lowering runs without a device; compiling for the chip was not tried), so
-``implementation="auto"`` uses it on TPU when one program's blocks fit in 4 MiB
-(:func:`fits_on_chip`). It does not lower for GPU: Mosaic GPU (the default backend of
-``pallas_call`` in this jax) rejects the strided block loads, and the Triton lowering has
-no rule for slicing a value, which the in-register row shift uses. A GPU version needs
-the columns streamed from global memory (``memory_space=pl.ANY`` and per-step copies)
-and the row shift done through memory; until then ``"auto"`` uses the scan on GPU and
-``"pallas"`` raises there.
+Status on accelerators (no GPU or TPU was available when this was written; the kernels
+are verified in interpret mode only, ``tests/test_spn_pallas.py``): :func:`recurrence`
+lowers for TPU (Mosaic TPU lowering runs without a device; compiling for the chip was not
+tried), so ``implementation="auto"`` uses it on TPU when one program's blocks fit in
+4 MiB (:func:`fits_on_chip`). It does not lower for GPU (Mosaic GPU rejects its strided
+block loads; Triton cannot slice a value). :func:`recurrence_gpu` lowers for CUDA
+(Triton; checked without a device, forward, transpose and the whole batched,
+differentiated layer); it has not been compiled by Triton or run on a GPU. On GPU,
+``"pallas"`` uses it and ``"auto"`` uses it when it lowers for the shape
+(:func:`gpu_kernel_lowers`), else the scan.
 """
 
 from __future__ import annotations

@@ -125,6 +125,15 @@ def test_kernel_lowers_for_cuda():
     assert not spn_pallas.gpu_kernel_lowers(9, 4 * 9, 3, 1, "float32", 9, "tpu")
 
 
+def test_spn_layer_lowers_for_cuda():
+    """The whole layer, batched and differentiated, with the GPU kernel (not interpreted)."""
+    x, g = jnp.ones((2, 5, 7, 3), jnp.float32), jnp.full((2, 4, 5, 7, 3, 3), 0.1, jnp.float32)
+    layer = jax.vmap(lambda a, b: sum(spn._propagate_stacked_jit(a, b, DIRECTIONS, "pallas_gpu", False)))
+    text = jax.jit(jax.grad(lambda a, b: jnp.sum(layer(a, b)), (0, 1))).trace(x, g).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2  # the forward and the transposed kernel
+
+
 def test_auto_uses_the_gpu_kernel_only_if_it_lowers(monkeypatch):
     x, gates, _ = _inputs(5, (5, 7, 3), 3)
     asked = []
@@ -185,7 +194,7 @@ def test_gpu_variant_values_and_vjp(shape, g, directions):
 
     @functools.partial(jax.jit, static_argnums=2)
     def value_and_vjp(a, b, impl):
-        outs, vjp = jax.vjp(lambda a, b: spn._propagate_stacked_jit(a, b, directions, impl), a, b)
+        outs, vjp = jax.vjp(lambda a, b: spn._propagate_stacked_jit(a, b, directions, impl, True), a, b)
         return outs, vjp([cot] * len(directions))
 
     got, want = value_and_vjp(x, gates, "pallas_gpu"), value_and_vjp(x, gates, "scan")

@@ -215,8 +215,8 @@ def _resolve_implementation(implementation, x, gates, directions):
     """"scan", "pallas" (block kernel: TPU, or interpret mode on CPU) or "pallas_gpu" for this call.
 
     See :func:`propagate`. On GPU, "pallas" is the Triton kernel
-    (:func:`spn_pallas.recurrence_gpu`) and "auto" picks it only if it lowers for this
-    shape on this backend (:func:`spn_pallas.gpu_kernel_lowers`), else the scan.
+    (:func:`spn_pallas.recurrence_gpu`) and "auto" picks it only if it lowers (and compiles)
+    for this shape on this backend (:func:`spn_pallas.gpu_kernel_lowers`), else the scan.
     """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")

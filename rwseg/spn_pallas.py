@@ -43,7 +43,7 @@ tried), so ``implementation="auto"`` uses it on TPU when one program's blocks fi
 block loads; Triton cannot slice a value). :func:`recurrence_gpu` lowers for CUDA
 (Triton; checked without a device, forward, transpose and the whole batched,
 differentiated layer); it has not been compiled by Triton or run on a GPU. On GPU,
-``"pallas"`` uses it and ``"auto"`` uses it when it lowers for the shape
+``"pallas"`` uses it and ``"auto"`` uses it when it lowers and compiles for the shape
 (:func:`gpu_kernel_lowers`), else the scan.
 """
 
@@ -326,9 +326,9 @@ def gpu_kernel_lowers(steps: int, rows: int, channels: int, num_gates: int, dtyp
                       platform: str | None = None) -> bool:
     """Whether :func:`recurrence_gpu` (forward and transpose) lowers for these shapes.
 
-    platform: a lowering platform (``"cuda"``, ``"rocm"``) or None for the default
-    backend. ``implementation="auto"`` uses the GPU kernel only when this holds (cached
-    per shape); lowering needs no device.
+    platform: a lowering platform (``"cuda"``, ``"rocm"``; lowering needs no device), or
+    None for the default backend, where the kernels are also compiled (Triton runs there).
+    ``implementation="auto"`` uses the GPU kernel only when this holds (cached per shape).
     """
     b = jax.ShapeDtypeStruct((steps, rows, channels), jnp.dtype(dtype))
     p = jax.ShapeDtypeStruct((steps, num_gates, rows, channels), jnp.dtype(dtype))
@@ -336,7 +336,9 @@ def gpu_kernel_lowers(steps: int, rows: int, channels: int, num_gates: int, dtyp
     try:
         for transpose in (False, True):
             f = functools.partial(recurrence_gpu, transpose=transpose, segment_rows=segment_rows)
-            jax.jit(f).trace(b, p).lower(**kwargs)
+            lowered = jax.jit(f).trace(b, p).lower(**kwargs)
+            if platform is None:
+                lowered.compile()
     except Exception:  # noqa: BLE001 - any lowering failure means: use the scan
         return False
     return True

@@ -201,3 +201,18 @@ def test_gpu_variant_values_and_vjp(shape, g, directions):
     for p, s in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert p.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(p), np.asarray(s), rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_variant_under_vmap():
+    """Batched (vmap adds a grid axis), values and gradients of the merged layer."""
+    rng = np.random.default_rng(9)
+    xb = rng.normal(size=(2, 4, 6, 2)).astype(np.float32)
+    gb = np.asarray(spn.stabilize(rng.normal(scale=0.6, size=(2, 4, 4, 6, 2, 3)).astype(np.float32)))
+
+    def value_and_grads(impl):
+        layer = jax.vmap(lambda a, b: functools.reduce(
+            jnp.maximum, spn._propagate_stacked_jit(a, b, DIRECTIONS, impl, True)))
+        return jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(layer(a, b))), (0, 1)))(xb, gb)
+
+    for got, want in zip(jax.tree.leaves(value_and_grads("pallas_gpu")), jax.tree.leaves(value_and_grads("scan"))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)

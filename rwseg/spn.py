@@ -31,8 +31,8 @@ column of ``D * max(H, W)`` rows (each direction a row segment; padded rows and 
 zero input and zero gates, so H != W needs no second scan). Gates pointing outside their
 own image and the input term ``(1 - sum_k p_k) * x`` are computed once, outside the loop.
 The recurrence ``h_t = a_t + P_t h_{t-1}`` is solved by :mod:`rwseg.spn_pallas`: a
-``lax.scan`` carrying one column (CPU, GPU) or a Pallas kernel (TPU, or interpret mode on
-request), wrapped in ``lax.custom_linear_solve`` as the triangular system
+``lax.scan`` carrying one column (CPU) or a Pallas kernel (TPU; on GPU its Triton variant
+when it lowers; interpret mode on request), wrapped in ``lax.custom_linear_solve`` as the triangular system
 ``(I - A) h = a``: gradients w.r.t. ``x`` run the adjoint recurrence (the reverse scan
 with transposed gates) instead of storing per-step intermediates, gradients w.r.t. the
 gates are ``lambda * h_prev`` neighbours, and forward mode (``jvp``, ``jacfwd``) works as
@@ -211,33 +211,47 @@ def _unpack(h, layout: _Layout):
 # --------------------------------------------------------------------------- the solve
 
 
-def _resolve_implementation(implementation, x, gates):
-    """"scan" or "pallas" for this call (see :func:`propagate`)."""
+def _resolve_implementation(implementation, x, gates, directions):
+    """"scan", "pallas" (block kernel: TPU, or interpret mode on CPU) or "pallas_gpu" for this call.
+
+    See :func:`propagate`. On GPU, "pallas" is the Triton kernel
+    (:func:`spn_pallas.recurrence_gpu`) and "auto" picks it only if it lowers (and compiles)
+    for this shape on this backend (:func:`spn_pallas.gpu_kernel_lowers`), else the scan.
+    """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")
     backend = jax.default_backend()
-    if implementation == "pallas" and backend in ("gpu", "cuda", "rocm"):
-        raise NotImplementedError(
-            "implementation='pallas': the Pallas SPN kernel does not lower for GPU yet (Mosaic GPU rejects its "
-            "strided block loads, Triton has no rule for slicing a value); use implementation='scan' or 'auto'"
-        )
+    on_gpu = backend in ("gpu", "cuda", "rocm")
+    if implementation == "pallas":
+        return "pallas_gpu" if on_gpu else "pallas"
     if implementation == "auto":
         height, width, channels = x.shape
         n = max(height, width)
-        on_chip = spn_pallas.fits_on_chip(n, n, channels, gates.shape[-1], jnp.result_type(x, gates).itemsize)
+        dtype = jnp.result_type(x, gates)
+        if on_gpu:
+            layout = _layout(height, width, directions)
+            lowers = spn_pallas.gpu_kernel_lowers(layout.steps, len(directions) * layout.rows, channels,
+                                                  gates.shape[-1], jnp.dtype(dtype).name, layout.rows)
+            return "pallas_gpu" if lowers else "scan"
+        on_chip = spn_pallas.fits_on_chip(n, n, channels, gates.shape[-1], dtype.itemsize)
         return "pallas" if backend == "tpu" and on_chip else "scan"
     return implementation
 
 
-def _recurrence(b, p, transpose, implementation, segment_rows):
-    """Run the stacked recurrence (or its transpose) on right-hand side b (T, R, C)."""
+def _recurrence(b, p, transpose, implementation, segment_rows, interpret):
+    """Run the stacked recurrence (or its transpose) on right-hand side b (T, R, C).
+
+    interpret: run a Pallas kernel in interpret mode (decided outside the jit, from the
+    backend, so that it is part of the jit's static arguments).
+    """
     if implementation == "pallas":
-        return spn_pallas.recurrence(b, p, transpose=transpose, segment_rows=segment_rows,
-                                     interpret=jax.default_backend() == "cpu")
+        return spn_pallas.recurrence(b, p, transpose=transpose, segment_rows=segment_rows, interpret=interpret)
+    if implementation == "pallas_gpu":
+        return spn_pallas.recurrence_gpu(b, p, transpose=transpose, segment_rows=segment_rows, interpret=interpret)
     return spn_pallas.scan_recurrence(b, p, transpose=transpose)
 
 
-def _solve(a, p, implementation, segment_rows):
+def _solve(a, p, implementation, segment_rows, interpret):
     """h with ``h_t = a_t + P_t h_{t-1}`` (h_{-1} = 0), i.e. ``(I - A) h = a``.
 
     a: (T, R, C); p: (T, G, R, C), already masked. A ``lax.custom_linear_solve``: the
@@ -254,26 +268,28 @@ def _solve(a, p, implementation, segment_rows):
         return h - sum(gates[k] * spn_pallas.shift_rows(prev, d, axis=1) for k, d in enumerate(steps))
 
     def solve(_, rhs):
-        return _recurrence(rhs, p, False, implementation, segment_rows)
+        return _recurrence(rhs, p, False, implementation, segment_rows, interpret)
 
     def transpose_solve(_, rhs):
-        return _recurrence(rhs, p, True, implementation, segment_rows)
+        return _recurrence(rhs, p, True, implementation, segment_rows, interpret)
 
     return jax.lax.custom_linear_solve(matvec, a, solve, transpose_solve)
 
 
 def _propagate_stacked(x, gates, directions, implementation):
     """x (H, W, C), gates (D, H, W, C, G) -> list of D maps (H, W, C), one solve for all."""
-    return _propagate_stacked_jit(x, gates, tuple(directions), _resolve_implementation(implementation, x, gates))
+    directions = tuple(directions)
+    implementation = _resolve_implementation(implementation, x, gates, directions)
+    return _propagate_stacked_jit(x, gates, directions, implementation, jax.default_backend() == "cpu")
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))  # compiled once per shape, also when called eagerly
-def _propagate_stacked_jit(x, gates, directions, implementation):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))  # compiled once per shape, also when called eagerly
+def _propagate_stacked_jit(x, gates, directions, implementation, interpret):
     dtype = jnp.result_type(x, gates)
     x, gates = x.astype(dtype), gates.astype(dtype)
     layout = _layout(x.shape[0], x.shape[1], directions)
     a, p = _pack(x, gates, layout)
-    return _unpack(_solve(a, p, implementation, layout.rows), layout)
+    return _unpack(_solve(a, p, implementation, layout.rows, interpret), layout)
 
 
 def propagate(x, gates, direction: str, implementation: str = "auto"):
@@ -283,8 +299,9 @@ def propagate(x, gates, direction: str, implementation: str = "auto"):
     ``k`` of pixel ``i`` weighting the neighbour ``i + direction_offsets(direction, G)[k]``
     of the previous column/row; direction: one of :data:`DIRECTIONS`; implementation:
     ``"scan"`` (``lax.scan``), ``"pallas"`` (the Pallas kernel of
-    :mod:`rwseg.spn_pallas`; interpret mode on CPU) or ``"auto"`` (Pallas on GPU/TPU,
-    scan on CPU).
+    :mod:`rwseg.spn_pallas`, its Triton variant on GPU; interpret mode on CPU) or ``"auto"``
+    (Pallas on TPU when the blocks fit on chip and on GPU when the kernel lowers, else the
+    scan; the scan on CPU).
     Returns h: (H, W, C), dtype ``result_type(x, gates)``. Gates pointing outside the
     image count as zero in both sums (so the first column/row is copied from ``x``).
     Differentiable in ``x`` and ``gates`` in both modes: the scan is a

@@ -16,8 +16,8 @@ transposed three-way gates (the coupling of row ``j`` to ``j - 1`` takes the gat
 ``j - 1`` that pointed down, and so on). Both run with one column ``(R, C)`` carried from
 step to step; no per-step intermediates are stored.
 
-Two implementations of the same two step functions (:func:`column_step`,
-:func:`column_step_transposed`):
+Three implementations of the same step functions (:func:`column_step`,
+:func:`column_step_transposed`, :func:`mirrored_gates`):
 
 - :func:`scan_recurrence`: ``jax.lax.scan`` over the leading (time) axis, the carried
   column shifted by two concatenates. The CPU path.
@@ -28,31 +28,40 @@ Two implementations of the same two step functions (:func:`column_step`,
   reading one column of ``b`` and of each gate and writing one output column per step. The grid
   tiles channels, never rows: the three-way coupling needs the whole column. With
   ``interpret=True`` the same kernel runs on any backend (slow; tests).
+- :func:`recurrence_gpu`: the same grid and loop for the Triton backend of Pallas (GPU).
+  Triton has no lowering for slicing a value, so the row shift goes through memory: each
+  finished column is stored to the output and the next step loads its neighbours
+  ``h_{t-1}[i + d]`` back with masked gather loads; the transpose uses the mirrored gates
+  (``P^T = sum_j diag(S_{d_j} p_{G-1-j}) S_{d_j}``) so that it, too, only shifts loads.
+  Rows are padded to a power of two per segment, channels to the power-of-two tile.
 
-Status on accelerators (no GPU or TPU was available when this was written; the kernel is
-verified in interpret mode only, ``tests/test_spn_pallas.py``): it lowers for TPU (Mosaic
-TPU lowering runs without a device; compiling for the chip was not tried), so
-``implementation="auto"`` uses it on TPU when one program's blocks fit in 4 MiB
-(:func:`fits_on_chip`). It does not lower for GPU: Mosaic GPU (the default backend of
-``pallas_call`` in this jax) rejects the strided block loads, and the Triton lowering has
-no rule for slicing a value, which the in-register row shift uses. A GPU version needs
-the columns streamed from global memory (``memory_space=pl.ANY`` and per-step copies)
-and the row shift done through memory; until then ``"auto"`` uses the scan on GPU and
-``"pallas"`` raises there.
+Status on accelerators (no GPU or TPU was available when this was written; the kernels
+are verified in interpret mode only, ``tests/test_spn_pallas.py``): :func:`recurrence`
+lowers for TPU (Mosaic TPU lowering runs without a device; compiling for the chip was not
+tried), so ``implementation="auto"`` uses it on TPU when one program's blocks fit in
+4 MiB (:func:`fits_on_chip`). It does not lower for GPU (Mosaic GPU rejects its strided
+block loads; Triton cannot slice a value). :func:`recurrence_gpu` lowers for CUDA
+(Triton; checked without a device, forward, transpose and the whole batched,
+differentiated layer); it has not been compiled by Triton or run on a GPU. On GPU,
+``"pallas"`` uses it and ``"auto"`` uses it when it lowers and compiles for the shape
+(:func:`gpu_kernel_lowers`), else the scan.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
-__all__ = ["ROW_STEPS", "shift_rows", "column_step", "column_step_transposed", "scan_recurrence",
-           "recurrence", "fits_on_chip", "channel_tile"]
+__all__ = ["ROW_STEPS", "shift_rows", "column_step", "column_step_transposed", "mirrored_gates",
+           "scan_recurrence", "recurrence", "fits_on_chip", "channel_tile", "recurrence_gpu",
+           "gpu_channel_tile", "gpu_kernel_lowers"]
 
-ROW_STEPS = {1: (0,), 3: (-1, 0, 1)}  # d_k for gate k, one-way and three-way
+ROW_STEPS = {1: (0,), 3: (-1, 0, 1)}  # d_k for gate k, one-way and three-way; d_{G-1-k} = -d_k
 
 
 def shift_rows(v, d: int, axis: int = 0):
@@ -66,20 +75,34 @@ def shift_rows(v, d: int, axis: int = 0):
     return jnp.concatenate([jax.lax.slice_in_dim(v, 1, n, axis=axis), zero], axis=axis)
 
 
-def column_step(b_t, p_t, h):
+def column_step(b_t, p_t, h, shift=shift_rows):
     """One forward step ``h_t = b_t + P_t h_{t-1}``.
 
     b_t: (L, C); p_t: the G gates of the step (an array (G, L, C) or a sequence of (L, C));
-    h: (L, C), the previous column. Returns the new column (L, C).
+    h: (L, C), the previous column. Returns the new column (L, C). shift: how the
+    neighbours ``h[i + d]`` (zero outside) are formed, :func:`shift_rows` on a value; the GPU
+    kernel passes a masked load from memory instead (``h`` is then a column in a ref).
     """
     steps = ROW_STEPS[len(p_t)]
-    return b_t + sum(p_t[k] * shift_rows(h, d) for k, d in enumerate(steps))
+    return b_t + sum(p_t[k] * shift(h, d) for k, d in enumerate(steps))
 
 
 def column_step_transposed(p_t, lam):
     """``P_t^T lam`` for the gates ``p_t`` (as in :func:`column_step`); lam: (L, C)."""
     steps = ROW_STEPS[len(p_t)]
     return sum(shift_rows(p_t[k] * lam, -d) for k, d in enumerate(steps))
+
+
+def mirrored_gates(p_t, shift=shift_rows):
+    """The gates of ``P_t^T`` in the form of :func:`column_step`: ``P_t^T v = sum_j q_j * v[i + d_j]``.
+
+    Since ``d_{G-1-j} = -d_j``, ``P_t^T = sum_j diag(S_{d_j} p_{G-1-j}) S_{d_j}`` with
+    ``(S_d v)[i] = v[i + d]``: ``q_j = shift(p_t[G - 1 - j], d_j)``. So the transposed step
+    is ``column_step(b_t, mirrored_gates(p_{t+1}), l_{t+1})`` (the GPU kernel's form: every
+    shift is a shifted load, no product is stored to be shifted).
+    """
+    steps = ROW_STEPS[len(p_t)]
+    return [shift(p_t[len(steps) - 1 - j], d) for j, d in enumerate(steps)]
 
 
 def scan_recurrence(b, p, *, transpose: bool = False):
@@ -173,3 +196,149 @@ def recurrence(b, p, *, transpose: bool = False, segment_rows: int | None = None
         out_specs=pl.BlockSpec((steps, seg, ct), lambda s, c: (0, s, c)),
         interpret=interpret,
     )(b, p)
+
+
+# --------------------------------------------------------------------------- GPU (Triton) variant
+
+
+class _Column(NamedTuple):
+    """Column ``ref[lead]`` of a kernel ref, (L, ct): read only through :func:`_load_shifted`.
+
+    Indexing adds to ``lead``, so a gate ref's column ``(t,)`` indexed by ``k`` is the
+    column ``(t, k)``: it stands for ``p_t`` in :func:`mirrored_gates`.
+    """
+
+    ref: object
+    lead: tuple
+
+    def __len__(self):
+        return self.ref.shape[len(self.lead)]
+
+    def __getitem__(self, k):
+        return _Column(self.ref, self.lead + (k,))
+
+
+def _load_shifted(column: _Column, d: int):
+    """``out[i] = column[i + d]``, zero outside: one masked gather load (no value slicing).
+
+    Row and channel indices are integer arrays (clipped into the block, the rows outside
+    masked to zero): Triton lowers them to a masked pointer load, and interpret mode
+    discharges them as a gather.
+    """
+    rows, ct = column.ref.shape[-2:]
+    i = jax.lax.broadcasted_iota(jnp.int32, (rows, ct), 0) + d
+    c = jax.lax.broadcasted_iota(jnp.int32, (rows, ct), 1)
+    inside = (i >= 0) & (i < rows)
+    idx = column.lead + (jnp.clip(i, 0, rows - 1), c)
+    return plt.load(column.ref.at[idx], mask=inside, other=jnp.zeros((), column.ref.dtype))
+
+
+def _gpu_kernel(b_ref, p_ref, o_ref, *, transpose: bool, barrier: bool):
+    """One program: b_ref, o_ref (T, L, ct), p_ref (T, G, L, ct), L and ct powers of two.
+
+    Each finished column is stored to ``o_ref[t]`` and the next step reads its shifted
+    neighbours back from there (:func:`_load_shifted`): the column never has to be sliced
+    in registers. A barrier orders each column's store before the next step's loads
+    (other threads of the program read rows this thread wrote).
+    Forward ``h_t = column_step(b_t, p_t, h_{t-1})``; transpose
+    ``l_t = column_step(b_t, mirrored_gates(p_{t+1}), l_{t+1})``.
+    """
+    steps = p_ref.shape[0]
+    first, sign = (steps - 1, -1) if transpose else (0, 1)
+    o_ref[first] = b_ref[first]
+
+    def body(i, carry):
+        t = first + sign * i
+        prev = t - sign
+        if barrier:
+            plt.debug_barrier()
+        if transpose:
+            gates = mirrored_gates(_Column(p_ref, (prev,)), shift=_load_shifted)
+        else:
+            gates = [p_ref[t, k] for k in range(p_ref.shape[1])]
+        o_ref[t] = column_step(b_ref[t], gates, _Column(o_ref, (prev,)), shift=_load_shifted)
+        return carry
+
+    jax.lax.fori_loop(1, steps, body, 0)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def gpu_channel_tile(rows: int, channels: int, elements: int = 2048) -> int:
+    """Channels per GPU program: a power of two, with ``rows * tile <= elements`` (at least 1).
+
+    rows: the segment height already rounded up to a power of two. Triton block shapes
+    must be powers of two; the bound keeps one (L, tile) column in registers.
+    """
+    return max(1, min(_next_pow2(channels), elements // rows))
+
+
+def recurrence_gpu(b, p, *, transpose: bool = False, segment_rows: int | None = None,
+                   channel_tile_size: int | None = None, interpret: bool = False):
+    """The recurrence (or its transpose) as a Pallas Triton kernel: b (T, R, C), p (T, G, R, C) -> (T, R, C).
+
+    Same arguments and result as :func:`recurrence`; lowers for GPU (``backend`` Triton).
+    Each segment is zero-padded to a power-of-two number of rows and the channels to a
+    multiple of the power-of-two channel tile (:func:`gpu_channel_tile`), as Triton needs;
+    padded rows carry zero input and zero gates (and the gates crossing into them are
+    already zero), so they stay zero and are cut off again. Grid: (R // segment_rows,
+    padded C // tile); each program loops over the T columns, streaming them from global
+    memory. ``num_stages=1``: no software pipelining, whose early loads would read
+    ``o_ref[t - 1]`` before it is written.
+    """
+    steps, rows, channels = b.shape
+    num_gates = p.shape[1]
+    seg = rows if segment_rows is None else segment_rows
+    if rows % seg:
+        raise ValueError(f"segment_rows={seg} must divide R={rows}")
+    segments, seg_p = rows // seg, _next_pow2(seg)
+    ct = gpu_channel_tile(seg_p, channels) if channel_tile_size is None else channel_tile_size
+    if ct != _next_pow2(ct):
+        raise ValueError(f"channel_tile_size: expected a power of two, got {ct}")
+    chan_p = -(-channels // ct) * ct
+
+    def padded(a):  # (..., R, C) -> (..., S * seg_p, chan_p)
+        if (seg_p, chan_p) == (seg, channels):
+            return a
+        a = a.reshape(a.shape[:-2] + (segments, seg, channels))
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, seg_p - seg), (0, chan_p - channels)])
+        return a.reshape(a.shape[:-3] + (segments * seg_p, chan_p))
+
+    out = pl.pallas_call(
+        functools.partial(_gpu_kernel, transpose=transpose, barrier=not interpret),
+        out_shape=jax.ShapeDtypeStruct((steps, segments * seg_p, chan_p), b.dtype),
+        grid=(segments, chan_p // ct),
+        in_specs=[pl.BlockSpec((steps, seg_p, ct), lambda s, c: (0, s, c)),
+                  pl.BlockSpec((steps, num_gates, seg_p, ct), lambda s, c: (0, 0, s, c))],
+        out_specs=pl.BlockSpec((steps, seg_p, ct), lambda s, c: (0, s, c)),
+        compiler_params=plt.CompilerParams(num_stages=1),
+        interpret=interpret,
+    )(padded(b), padded(p))
+    if (seg_p, chan_p) == (seg, channels):
+        return out
+    return out.reshape(steps, segments, seg_p, chan_p)[:, :, :seg, :channels].reshape(steps, rows, channels)
+
+
+@functools.lru_cache(maxsize=64)
+def gpu_kernel_lowers(steps: int, rows: int, channels: int, num_gates: int, dtype: str, segment_rows: int,
+                      platform: str | None = None) -> bool:
+    """Whether :func:`recurrence_gpu` (forward and transpose) lowers for these shapes.
+
+    platform: a lowering platform (``"cuda"``, ``"rocm"``; lowering needs no device), or
+    None for the default backend, where the kernels are also compiled (Triton runs there).
+    ``implementation="auto"`` uses the GPU kernel only when this holds (cached per shape).
+    """
+    b = jax.ShapeDtypeStruct((steps, rows, channels), jnp.dtype(dtype))
+    p = jax.ShapeDtypeStruct((steps, num_gates, rows, channels), jnp.dtype(dtype))
+    kwargs = {} if platform is None else {"lowering_platforms": (platform,)}
+    try:
+        for transpose in (False, True):
+            f = functools.partial(recurrence_gpu, transpose=transpose, segment_rows=segment_rows)
+            lowered = jax.jit(f).trace(b, p).lower(**kwargs)
+            if platform is None:
+                lowered.compile()
+    except Exception:  # noqa: BLE001 - any lowering failure means: use the scan
+        return False
+    return True

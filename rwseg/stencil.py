@@ -277,15 +277,8 @@ def _abstract_eval(a, b, *, kind, offsets):
     return jax.core.ShapedArray(shape, jnp.result_type(a.dtype, b.dtype))
 
 
-def _lowered_kernel(a, b, *, kind, offsets):
-    # The barrier keeps XLA CPU from fusing the K-term chain into a consumer's reduction
-    # (its YNN fusion then materialises every window: a plain sum(apply(w, x) * g) took
-    # ~2.5x the operator alone at K = 144; see docs/benchmarks/stencil.md).
-    return jax.lax.optimization_barrier(_kernel(a, b, kind=kind, offsets=offsets))
-
-
 _stencil_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(_stencil_p, mlir.lower_fun(_lowered_kernel, multiple_results=False))
+mlir.register_lowering(_stencil_p, mlir.lower_fun(_kernel, multiple_results=False))
 
 
 def _bind(kind, a, b, offsets):

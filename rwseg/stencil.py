@@ -316,8 +316,8 @@ def _batch_rule(args, dims, *, kind, offsets):
         # shared weights: fold the batch of x into its channels, one pass for the batch
         b = jnp.moveaxis(b, db, -2)  # (..., H, W, B, C)
         lead, (h, w, n, c) = b.shape[:-4], b.shape[-4:]
-        y = _bind(kind, a, b.reshape(lead + (h, w, n * c)), offsets)
-        return y.reshape(lead + (h, w, n, c)), y.ndim - 2
+        y = _bind(kind, a, b.reshape(lead + (h, w, n * c)), offsets).reshape(lead + (h, w, n, c))
+        return y, y.ndim - 2
     size = a.shape[da] if da is not None else b.shape[db]
     a = jnp.moveaxis(a, da, 0) if da is not None else jnp.broadcast_to(a, (size,) + a.shape)
     b = jnp.moveaxis(b, db, 0) if db is not None else jnp.broadcast_to(b, (size,) + b.shape)

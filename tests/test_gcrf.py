@@ -302,3 +302,64 @@ def test_checked_mode_under_jit():
     ok = np.ones((H, W), bool)
     ok[2, 3] = False
     assert float(got) == pytest.approx(float(gcrf.margin_loss(unary, np.where(ok, labels, 255))), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- half-width half-updates (issue 8)
+
+
+@pytest.mark.parametrize("pattern", ["odd", "odd_columns"])
+@pytest.mark.parametrize("shape", [(4, 6), (3, 5), (3, 1), (2, 2)])
+def test_half_width_layers_match_numpy_loop(shape, pattern):
+    """Sub-grid half-updates (even and odd widths, offsets mapping to (0, 0)) equal eq. 2 pixel by pixel."""
+    offsets = gcrf.bipartite_offsets(3, pattern=pattern)
+    unary, s, compat = _problem(20, shape=shape, offsets=offsets, strength=2.0)
+    got = gcrf.gmf(unary, s, compat, offsets, num_layers=2)
+    np.testing.assert_allclose(np.asarray(got), _numpy_gmf(unary, s, compat, offsets, 2), rtol=1e-10, atol=1e-12)
+    mu = np.random.default_rng(21).normal(size=unary.shape)
+    for parity in (0, 1):
+        half = np.asarray(gcrf.gmf_half_update(mu, unary, s, compat, offsets, parity))
+        want = mu.copy()
+        want[:, parity::2] = _numpy_gmf_half(mu, unary, s, compat, offsets, parity)[:, parity::2]
+        np.testing.assert_allclose(half, want, rtol=1e-10, atol=1e-12)
+
+
+def _numpy_gmf_half(mu, unary, s, compat, offsets, parity):
+    h, w, k = unary.shape
+    new = mu.copy()
+    for y in range(h):
+        for x in range(parity, w, 2):
+            total, pull = 0.0, np.zeros(k)
+            for n, (dy, dx) in enumerate(offsets):
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    total += s[y, x, n]
+                    pull += s[y, x, n] * mu[y + dy, x + dx]
+            new[y, x] = np.linalg.solve(np.eye(k) + total * compat, unary[y, x] + compat @ pull)
+    return new
+
+
+def test_out_of_image_similarity_is_ignored():
+    """NaN / inf similarity on entries pointing outside the image changes nothing (issue 9)."""
+    unary, s, compat = _problem(22)
+    valid = stencil.valid_mask(H, W, OFFS)
+    s_bad = np.where(valid, s, np.nan)
+    s_bad[0, 0, ~valid[0, 0]] = np.inf
+    for kwargs in ({"num_layers": 3}, {"tol": 1e-12}):
+        got = gcrf.gmf(unary, s_bad, compat, OFFS, **kwargs)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(gcrf.gmf(unary, s, compat, OFFS, **kwargs)))
+    g = jax.grad(lambda s: jnp.sum(gcrf.gmf(unary, s, compat, OFFS, num_layers=2)))(jnp.asarray(s_bad))
+    assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g)[~valid] == 0)
+
+
+def test_gmf_unrolled_forward_mode_and_vmap_of_grad():
+    unary, s, compat = _problem(23, shape=(3, 5))
+    f = lambda u, s, c: gcrf.gmf(u, s, c, OFFS, num_layers=2)
+    check_grads(f, (unary, s, compat), order=1, modes=("fwd", "rev"))
+    # vmap of the reverse mode through the layers equals the per-example gradients
+    probs = [_problem(24 + b, shape=(3, 5)) for b in range(2)]
+    ub, sb, cb = (np.stack(p) for p in zip(*probs))
+    grad = jax.grad(lambda u, s, c: jnp.sum(jnp.sin(f(u, s, c))), argnums=(1, 2))
+    got = jax.jit(jax.vmap(grad))(ub, sb, cb)
+    for b in range(2):
+        want = grad(ub[b], sb[b], cb[b])
+        for g, w_ in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g[b]), np.asarray(w_), rtol=1e-10, atol=1e-12)

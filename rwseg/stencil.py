@@ -272,9 +272,21 @@ _kernel_jit = jax.jit(_kernel, static_argnames=("kind", "offsets"))
 _stencil_p.def_impl(lambda a, b, *, kind, offsets: _kernel_jit(a, b, kind=kind, offsets=offsets))
 
 
+def _varying(aval):
+    return getattr(getattr(aval, "mat", None), "varying", frozenset())
+
+
 def _abstract_eval(a, b, *, kind, offsets):
     shape = b.shape[:-1] + (len(offsets),) if kind == "correlate" else b.shape
-    return jax.core.ShapedArray(shape, jnp.result_type(a.dtype, b.dtype))
+    # Built from an operand's aval so that shard_map's record of the mesh axes a value
+    # varies over carries through (the output varies wherever an operand does).
+    template = a if _varying(b) <= _varying(a) else b
+    if not _varying(a) | _varying(b) <= _varying(template):
+        raise ValueError(
+            f"rwseg.stencil: weights and x vary over different manual mesh axes "
+            f"({sorted(_varying(a))} and {sorted(_varying(b))}); apply jax.lax.pvary to one of them"
+        )
+    return template.update(shape=shape, dtype=jnp.result_type(a.dtype, b.dtype), weak_type=False)
 
 
 _stencil_p.def_abstract_eval(_abstract_eval)

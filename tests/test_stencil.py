@@ -319,3 +319,25 @@ def test_out_of_image_weights_are_ignored_exactly(bad):
     # an invalid entry inside the image is still used: NaN there does reach the output
     w_nan_inside = jnp.asarray(np.where(valid, w, 0.0)).at[2, 2, 0].set(np.nan)
     assert np.isnan(np.asarray(S.apply(w_nan_inside, x, offsets))[2, 2]).all()
+
+
+def test_grad_inside_shard_map():
+    """The primitive keeps shard_map's varying-axes types (check_vma), so grad works inside it."""
+    from jax.sharding import PartitionSpec as P
+
+    offsets = S.four_connected()
+    mesh = jax.make_mesh((1,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+    w = jnp.asarray(RNG.normal(size=(2, 3, 4, 4)))
+    x = jnp.asarray(RNG.normal(size=(2, 3, 4, 2)))
+    shared = jnp.asarray(RNG.normal(size=(3, 4, 4)))
+
+    def loss(w, x):
+        per = jax.vmap(lambda w, x: S.apply(w, x, offsets) + S.apply_transpose(shared, x, offsets))
+        return jnp.sum(jax.shard_map(per, mesh=mesh, in_specs=(P("b"), P("b")), out_specs=P("b"))(w, x) ** 2)
+
+    def loss_ref(w, x):
+        per = jax.vmap(lambda w, x: _dense_apply(w, x, offsets) + _dense_apply_transpose(shared, x, offsets))
+        return jnp.sum(per(w, x) ** 2)
+
+    for got, want in zip(jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x), jax.grad(loss_ref, argnums=(0, 1))(w, x)):
+        np.testing.assert_allclose(got, want, atol=1e-11)

@@ -201,9 +201,6 @@ def valid_mask(height: int, width: int, offsets) -> np.ndarray:
 # Invalid entries (i + o_k outside the image) are masked with ``where``, never multiplied
 # by padding, so a NaN or inf weight there cannot leak into the result.
 
-_KINDS = ("apply", "transpose", "correlate")
-
-
 def _valid(height, width, offsets) -> np.ndarray:
     ys = np.arange(height)[:, None, None]
     xs = np.arange(width)[None, :, None]
@@ -254,9 +251,7 @@ def _kernel(a, b, *, kind, offsets):
     sums = []
     for j in range(0, len(offsets), _CORRELATE_GROUP):
         products = tuple(a * _window_hw(bp, halo, shape, o) for o in offsets[j : j + _CORRELATE_GROUP])
-        sums.extend(
-            jax.lax.reduce(products, (zero,) * len(products), _add_all, (a.ndim - 1,))
-        )
+        sums.extend(jax.lax.reduce(products, (zero,) * len(products), _add_all, (a.ndim - 1,)))
     return jnp.where(valid, jnp.stack(sums, axis=-1), zero)
 
 

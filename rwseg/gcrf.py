@@ -286,26 +286,91 @@ def _block_inverse(similarity, compat, offsets):
     return jnp.linalg.inv(blocks)
 
 
-def _half_update(mu, rhs, similarity, compat, inverse, offsets, columns):
-    """Solve eq. 2 exactly at the pixels where ``columns`` (1, W, 1) is True."""
-    pull = stencil.apply(similarity, mu, offsets) @ compat.T  # C sum_j s_ij mu_j
-    new = jnp.einsum("hwkl,hwl->hwk", inverse, rhs + pull)
-    return jnp.where(columns, new, mu)
+# A half-update only touches the columns of one parity, and (every dx odd) reads only the
+# other parity. Both live on half-width sub-grids: column 2m + p of the image is column m
+# of sub-grid p. Offset (dy, dx) from target parity p lands on source column
+# 2m + p + dx = 2m' + q, i.e. m' = m + (dx + p - q) / 2: a stencil between the two
+# sub-grids with offsets (dy, (dx + 2p - 1) / 2), and an entry is inside the sub-grid
+# exactly when it is inside the image. So the pull is one rwseg.stencil.apply on half the
+# map (and its backward is stencil.apply's). An offset that maps to (0, 0) (dy = 0,
+# dx = ±1) is a plain product, kept out of the stencil.
 
 
-def _column_parity(width, parity):
-    return (np.arange(width) % 2 == parity)[None, :, None]
+def _split_columns(a):
+    """(H, W, ...) -> (even columns, odd columns): (H, ceil(W/2), ...), (H, floor(W/2), ...)."""
+    return a[:, 0::2], a[:, 1::2]
+
+
+def _merge_columns(even, odd):
+    """Inverse of :func:`_split_columns`."""
+    width = even.shape[1] + odd.shape[1]
+    if odd.shape[1] < even.shape[1]:
+        odd = _pad_columns(odd, even.shape[1])
+    both = jnp.stack([even, odd], axis=2)  # (H, ceil(W/2), 2, ...)
+    return both.reshape((both.shape[0], 2 * even.shape[1]) + both.shape[3:])[:, :width]
+
+
+def _pad_columns(a, width):
+    return jnp.pad(a, ((0, 0), (0, width - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
+
+
+def _half_pull(similarity, offsets, parity):
+    """``pull(src) = sum_n s[i, n] mu[i + o_n]`` for the columns ``i`` of ``parity``.
+
+    similarity: (H, W, N), zero on entries pointing outside the image. Returns a
+    function of the other parity's sub-grid (H, W_q, K) giving (H, W_p, K). The weight
+    slices are taken once here, so layers share them.
+    """
+    h, width, _ = similarity.shape
+    w_p, w_q = (width + 1 - parity) // 2, (width + parity) // 2
+    common = max(w_p, w_q)
+    sub = [(dy, (dx + 2 * parity - 1) // 2) for dy, dx in offsets]
+    others = [n for n, o in enumerate(sub) if o != (0, 0)]
+    selfs = [n for n, o in enumerate(sub) if o == (0, 0)]
+    weights = _pad_columns(similarity[:, parity::2], common)
+    sub_offsets = tuple(sub[n] for n in others)
+    w_others = weights if not selfs else weights[..., np.asarray(others, np.int32)]
+    w_self = weights[..., selfs[0], None] if selfs else None
+
+    def pull(src):
+        if w_p == 0 or w_q == 0:
+            return jnp.zeros((h, w_p) + src.shape[2:], jnp.result_type(similarity, src))
+        src = _pad_columns(src, common)
+        out = stencil.apply(w_others, src, sub_offsets) if sub_offsets else 0
+        if w_self is not None:
+            out = out + w_self * src
+        return out[:, :w_p]
+
+    return pull
+
+
+def _half_update(mu_q, rhs_p, inverse_p, pull, compat):
+    """Eq. 2 on the columns of one parity p: ``(I + S_i C)^-1 (r_i + C sum_j s_ij mu_j)``.
+
+    mu_q: (H, W_q, K) the other parity's columns; rhs_p: (H, W_p, K); inverse_p:
+    (H, W_p, K, K); pull from :func:`_half_pull`. Returns the new (H, W_p, K).
+    """
+    return jnp.einsum("hwkl,hwl->hwk", inverse_p, rhs_p + pull(mu_q) @ compat.T)
+
+
+def _half_operators(similarity, compat, offsets):
+    """What the half-updates share across layers: per parity (block inverses, pull)."""
+    h, w = similarity.shape[:2]
+    masked = jnp.where(stencil.valid_mask(h, w, offsets), similarity, jnp.zeros((), similarity.dtype))
+    inverse = _split_columns(_block_inverse(masked, compat, offsets))
+    return tuple((inverse[p], _half_pull(masked, offsets, p)) for p in (0, 1))
 
 
 def _layer_fn(similarity, compat, offsets):
     """One GMF layer (even half-update, then odd) as a function ``(mu, rhs) -> mu``."""
-    inverse = _block_inverse(similarity, compat, offsets)
-    width = similarity.shape[1]
+    (inv_even, pull_even), (inv_odd, pull_odd) = _half_operators(similarity, compat, offsets)
 
     def layer(mu, rhs):
-        for parity in (0, 1):
-            mu = _half_update(mu, rhs, similarity, compat, inverse, offsets, _column_parity(width, parity))
-        return mu
+        even, odd = _split_columns(mu)
+        rhs_even, rhs_odd = _split_columns(rhs)
+        even = _half_update(odd, rhs_even, inv_even, pull_even, compat)
+        odd = _half_update(even, rhs_odd, inv_odd, pull_odd, compat)
+        return _merge_columns(even, odd)
 
     return layer
 
@@ -333,8 +398,10 @@ def gmf_half_update(mu, unary, similarity, compat, offsets, parity: int):
     offsets = _check_state("mu", mu, unary, similarity, compat, offsets)
     if parity not in (0, 1):
         raise ValueError(f"parity: expected 0 (even columns) or 1 (odd columns), got {parity!r}")
-    inverse = _block_inverse(similarity, compat, offsets)
-    return _half_update(mu, unary, similarity, compat, inverse, offsets, _column_parity(mu.shape[1], parity))
+    inverse, pull = _half_operators(similarity, compat, offsets)[parity]
+    halves = list(_split_columns(mu))
+    halves[parity] = _half_update(halves[1 - parity], _split_columns(unary)[parity], inverse, pull, compat)
+    return _merge_columns(*halves)
 
 
 def _max_abs(a):

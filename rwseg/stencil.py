@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence, Union
 
+import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad, batching, mlir
 
 from rwseg import _validate as V
 
@@ -175,6 +178,30 @@ def valid_mask(height: int, width: int, offsets) -> np.ndarray:
     offsets = as_offsets(offsets)
     height = V.check_nonnegative_int("height", height, positive=True)
     width = V.check_nonnegative_int("width", width, positive=True)
+    return _valid(height, width, offsets)
+
+
+# --------------------------------------------------------------------------- operators
+#
+# apply, apply_transpose and the weight correlation are the three faces of one bilinear
+# map B(w, x) = sum_k w[:, :, k] * shift(x, o_k). Each is a JAX primitive whose jvp is
+# bilinear (B(dw, x) + B(w, dx)) and whose transposes are the other two faces:
+#
+#   apply(w, x)           y[i]    = sum_k w[i, k] x[i + o_k]
+#   transpose(w, x)       y[j]    = sum_k w[j - o_k, k] x[j - o_k]
+#   correlate(g, x)       d[i, k] = sum_c g[i, c] x[i + o_k, c]          (valid entries)
+#
+#   apply:      dx = transpose(w, g),  dw = correlate(g, x)
+#   transpose:  dx = apply(w, g),      dw = correlate(x, g)
+#   correlate:  dg = apply(t, x),      dx = transpose(t, g)
+#
+# so reverse mode costs two passes of the forward's shape (no K-fold padded maps, no
+# stored windows), forward mode and higher orders close over the same three kernels, and
+# vmap folds the batch into leading axes (or into the channels when only x is batched).
+# Invalid entries (i + o_k outside the image) are masked with ``where``, never multiplied
+# by padding, so a NaN or inf weight there cannot leak into the result.
+
+def _valid(height, width, offsets) -> np.ndarray:
     ys = np.arange(height)[:, None, None]
     xs = np.arange(width)[None, :, None]
     dy = np.array([o[0] for o in offsets])[None, None, :]
@@ -182,45 +209,163 @@ def valid_mask(height: int, width: int, offsets) -> np.ndarray:
     return (ys + dy >= 0) & (ys + dy < height) & (xs + dx >= 0) & (xs + dx < width)
 
 
-# --------------------------------------------------------------------------- operators
+def _pad_hw(x, halo):
+    """Zero-pad the (H, W) axes of a (..., H, W, C) array."""
+    py, px = halo
+    return jnp.pad(x, ((0, 0),) * (x.ndim - 3) + ((py, py), (px, px), (0, 0)))
+
+
+def _window_hw(xp, halo, shape, offset):
+    (py, px), (h, w), (dy, dx) = halo, shape, offset
+    return xp[..., py + dy : py + dy + h, px + dx : px + dx + w, :]
+
+
+def _kernel(a, b, *, kind, offsets):
+    """The three faces on (..., H, W, .) arrays (leading axes are a batch)."""
+    dtype = jnp.result_type(a, b)
+    a, b = a.astype(dtype), b.astype(dtype)
+    shape = b.shape[-3:-1]
+    halo = _halo(offsets)
+    valid = _valid(*shape, offsets)
+    bp = _pad_hw(b, halo)
+    if kind == "apply":  # a = weights (..., H, W, K), b = x (..., H, W, C)
+        w = jnp.where(valid, a, jnp.zeros((), dtype))
+        y = jnp.zeros(b.shape, dtype)
+        for k, o in enumerate(offsets):
+            y = y + w[..., k, None] * _window_hw(bp, halo, shape, o)
+        return y
+    if kind == "transpose":  # a = weights, b = x; both windows read pixel j - o_k, and an
+        # invalid source entry can only pair with a j outside the image: exact without a mask
+        ap = _pad_hw(a, halo)
+        y = jnp.zeros(b.shape, dtype)
+        for k, (dy, dx) in enumerate(offsets):
+            src = (-dy, -dx)
+            y = y + _window_hw(ap, halo, shape, src)[..., k, None] * _window_hw(bp, halo, shape, src)
+        return y
+    # correlate: a = g (..., H, W, C), b = x (..., H, W, C) -> (..., H, W, K).
+    # The channel sums are taken _CORRELATE_GROUP offsets at a time by one variadic
+    # reduce: XLA CPU fuses it with the products and windows, whereas one jnp.sum per
+    # offset becomes a separate YNN reduce fusion and a copied window each (~15x slower at
+    # K = 144, see docs/benchmarks/stencil.md).
+    zero = jnp.zeros((), dtype)
+    sums = []
+    for j in range(0, len(offsets), _CORRELATE_GROUP):
+        products = tuple(a * _window_hw(bp, halo, shape, o) for o in offsets[j : j + _CORRELATE_GROUP])
+        sums.extend(jax.lax.reduce(products, (zero,) * len(products), _add_all, (a.ndim - 1,)))
+    return jnp.where(valid, jnp.stack(sums, axis=-1), zero)
+
+
+_CORRELATE_GROUP = 8
+
+
+def _add_all(xs, ys):
+    return tuple(x + y for x, y in zip(xs, ys))
+
+
+_stencil_p = jex_core.Primitive("rwseg_stencil")
+_kernel_jit = jax.jit(_kernel, static_argnames=("kind", "offsets"))
+_stencil_p.def_impl(lambda a, b, *, kind, offsets: _kernel_jit(a, b, kind=kind, offsets=offsets))
+
+
+def _varying(aval):
+    return getattr(getattr(aval, "mat", None), "varying", frozenset())
+
+
+def _abstract_eval(a, b, *, kind, offsets):
+    shape = b.shape[:-1] + (len(offsets),) if kind == "correlate" else b.shape
+    # Built from an operand's aval so that shard_map's record of the mesh axes a value
+    # varies over carries through (the output varies wherever an operand does).
+    template = a if _varying(b) <= _varying(a) else b
+    if not _varying(a) | _varying(b) <= _varying(template):
+        raise ValueError(
+            f"rwseg.stencil: weights and x vary over different manual mesh axes "
+            f"({sorted(_varying(a))} and {sorted(_varying(b))}); apply jax.lax.pvary to one of them"
+        )
+    return template.update(shape=shape, dtype=jnp.result_type(a.dtype, b.dtype), weak_type=False)
+
+
+_stencil_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(_stencil_p, mlir.lower_fun(_kernel, multiple_results=False))
+
+
+def _bind(kind, a, b, offsets):
+    return _stencil_p.bind(a, b, kind=kind, offsets=offsets)
+
+
+def _ct(value, primal):
+    """A cotangent in the dtype of the (undefined) primal it belongs to."""
+    return value.astype(primal.aval.dtype)
+
+
+def _transpose_lhs(ct, a, b, *, kind, offsets):
+    if kind == "apply":
+        return _ct(_bind("correlate", ct, b, offsets), a)
+    if kind == "transpose":
+        return _ct(_bind("correlate", b, ct, offsets), a)
+    return _ct(_bind("apply", ct, b, offsets), a)
+
+
+def _transpose_rhs(ct, a, b, *, kind, offsets):
+    if kind == "apply":
+        return _ct(_bind("transpose", a, ct, offsets), b)
+    if kind == "transpose":
+        return _ct(_bind("apply", a, ct, offsets), b)
+    return _ct(_bind("transpose", ct, a, offsets), b)
+
+
+ad.defbilinear(_stencil_p, _transpose_lhs, _transpose_rhs)
+
+
+def _batch_rule(args, dims, *, kind, offsets):
+    a, b = args
+    da, db = dims
+    if da is None and kind != "correlate":
+        # shared weights: fold the batch of x into its channels, one pass for the batch
+        b = jnp.moveaxis(b, db, -2)  # (..., H, W, B, C)
+        lead, (h, w, n, c) = b.shape[:-4], b.shape[-4:]
+        y = _bind(kind, a, b.reshape(lead + (h, w, n * c)), offsets).reshape(lead + (h, w, n, c))
+        return y, y.ndim - 2
+    size = a.shape[da] if da is not None else b.shape[db]
+    a = jnp.moveaxis(a, da, 0) if da is not None else jnp.broadcast_to(a, (size,) + a.shape)
+    b = jnp.moveaxis(b, db, 0) if db is not None else jnp.broadcast_to(b, (size,) + b.shape)
+    return _bind(kind, a, b, offsets), 0
+
+
+batching.primitive_batchers[_stencil_p] = _batch_rule
 
 
 def apply(weights, x, offsets) -> jnp.ndarray:
     """Sparse matrix-vector product on the stencil: ``y[i] = sum_k weights[i, k] x[i + o_k]``.
 
-    weights: (H, W, K); x: (H, W, C) -> y: (H, W, C). Entries pointing outside the image
-    are ignored. This is ``to_dense(weights, offsets) @ x.reshape(H*W, C)`` without the
-    matrix: one pass over the K shifted copies, memory O(H·W·C).
+    weights: (H, W, K); x: (H, W, C) -> y: (H, W, C) in ``result_type(weights, x)``.
+    Entries pointing outside the image are ignored exactly (masked with ``where``: a NaN
+    or inf weight there does not reach ``y``). This is ``to_dense(weights, offsets) @
+    x.reshape(H*W, C)`` without the matrix: one pass over the K shifted copies, memory
+    O(H·W·C).
+
+    Differentiation is hand-written: reverse mode gives ``dx = apply_transpose(weights, g)``
+    and ``dw[i, k] = sum_c g[i, c] x[i + o_k, c]`` on valid entries (zero elsewhere), two
+    passes of the forward's shape; forward mode is ``apply(dw, x) + apply(weights, dx)``;
+    both compose to any order and under ``vmap``.
     """
     offsets = as_offsets(offsets)
     _check_map("x", x)
     _check_weights(weights, x.shape, offsets)
-    halo = _halo(offsets)
-    xp = _pad(x, halo)
-    y = jnp.zeros(x.shape, jnp.result_type(weights, x))
-    for k, o in enumerate(offsets):
-        y = y + weights[:, :, k, None] * _window(xp, halo, x.shape[:2], o)
-    return y
+    return _bind("apply", weights, x, offsets)
 
 
 def apply_transpose(weights, x, offsets) -> jnp.ndarray:
     """The exact adjoint of :func:`apply`: ``y[j] = sum_k weights[j - o_k, k] x[j - o_k]``.
 
     weights: (H, W, K); x: (H, W, C) -> (H, W, C). Equals
-    ``to_dense(weights, offsets).T @ x.reshape(H*W, C)``; memory O(H·W·C).
+    ``to_dense(weights, offsets).T @ x.reshape(H*W, C)``; memory O(H·W·C). Entries
+    pointing outside the image are ignored exactly. Its reverse mode is
+    ``dx = apply(weights, g)``, ``dw[i, k] = sum_c x[i, c] g[i + o_k, c]`` (valid entries).
     """
     offsets = as_offsets(offsets)
     _check_map("x", x)
     _check_weights(weights, x.shape, offsets)
-    halo = _halo(offsets)
-    xp, wp = _pad(x, halo), _pad(weights, halo)
-    y = jnp.zeros(x.shape, jnp.result_type(weights, x))
-    # Both windows read pixel j - o_k. A source pixel i = j - o_k whose neighbour i + o_k
-    # is outside can only pair with an outside j, so invalid entries never contribute.
-    for k, (dy, dx) in enumerate(offsets):
-        src = (-dy, -dx)
-        y = y + _window(wp, halo, x.shape[:2], src)[:, :, k, None] * _window(xp, halo, x.shape[:2], src)
-    return y
+    return _bind("transpose", weights, x, offsets)
 
 
 def degree(weights, offsets) -> jnp.ndarray:

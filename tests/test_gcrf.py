@@ -363,3 +363,56 @@ def test_gmf_nonfinite_unary_gives_nan_and_numpy_tol_is_accepted():
     np.testing.assert_allclose(y, _dense_solve(unary, s, compat), rtol=1e-8, atol=1e-9)
     with pytest.raises(ValueError, match=r"tol: expected a finite float >= 0"):
         gcrf.gmf(unary, s, compat, OFFS, tol=np.float32(np.nan))
+
+# --------------------------------------------------------------------------- half-width half-updates (issue 8)
+
+
+@pytest.mark.parametrize(
+    "shape, pattern", [((4, 6), "odd_columns"), ((3, 5), "odd"), ((3, 5), "odd_columns"), ((3, 1), "odd"), ((2, 2), "odd")]
+)
+def test_half_width_layers_match_numpy_loop(shape, pattern):
+    """Sub-grid half-updates (even and odd widths, offsets mapping to (0, 0)) equal eq. 2 pixel by pixel."""
+    offsets = gcrf.bipartite_offsets(3, pattern=pattern)
+    unary, s, compat = _problem(20, shape=shape, offsets=offsets, strength=2.0)
+    got = gcrf.gmf(unary, s, compat, offsets, num_layers=2)
+    np.testing.assert_allclose(np.asarray(got), _numpy_gmf(unary, s, compat, offsets, 2), rtol=1e-10, atol=1e-12)
+    mu = np.random.default_rng(21).normal(size=unary.shape)
+    for parity in (0, 1):
+        half = np.asarray(gcrf.gmf_half_update(mu, unary, s, compat, offsets, parity))
+        want = mu.copy()
+        want[:, parity::2] = _numpy_gmf_half(mu, unary, s, compat, offsets, parity)[:, parity::2]
+        np.testing.assert_allclose(half, want, rtol=1e-10, atol=1e-12)
+
+
+def _numpy_gmf_half(mu, unary, s, compat, offsets, parity):
+    h, w, k = unary.shape
+    new = mu.copy()
+    for y in range(h):
+        for x in range(parity, w, 2):
+            total, pull = 0.0, np.zeros(k)
+            for n, (dy, dx) in enumerate(offsets):
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    total += s[y, x, n]
+                    pull += s[y, x, n] * mu[y + dy, x + dx]
+            new[y, x] = np.linalg.solve(np.eye(k) + total * compat, unary[y, x] + compat @ pull)
+    return new
+
+
+def test_out_of_image_similarity_is_ignored():
+    """NaN / inf similarity on entries pointing outside the image changes nothing (issue 9)."""
+    unary, s, compat = _problem(22)
+    valid = stencil.valid_mask(H, W, OFFS)
+    s_bad = np.where(valid, s, np.nan)
+    s_bad[0, 0, ~valid[0, 0]] = np.inf
+    for kwargs in ({"num_layers": 3}, {"tol": 1e-12}):
+        got = gcrf.gmf(unary, s_bad, compat, OFFS, **kwargs)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(gcrf.gmf(unary, s, compat, OFFS, **kwargs)))
+    g = jax.grad(lambda s: jnp.sum(gcrf.gmf(unary, s, compat, OFFS, num_layers=2)))(jnp.asarray(s_bad))
+    assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g)[~valid] == 0)
+
+
+def test_gmf_unrolled_forward_mode():
+    """jvp through the unrolled layers (the stencil primitive's bilinear jvp); rev is checked above."""
+    unary, s, compat = _problem(23, shape=(3, 4))
+    f = jax.jit(lambda u, s, c: gcrf.gmf(u, s, c, OFFS, num_layers=2))  # traced: compat's check is skipped
+    check_grads(f, (unary, s, compat), order=1, modes=("fwd",))

@@ -197,3 +197,147 @@ def test_operator_errors(call, exc, words):
     with pytest.raises(exc) as info:
         call()
     assert words in str(info.value)
+
+
+# --------------------------------------------------------------------------- hand-written derivatives (issue 8)
+
+
+def _dense_apply(w, x, offsets):
+    """The oracle: the dense matrix times x, differentiated by plain autodiff."""
+    h, wd, c = x.shape
+    return (S.to_dense(w, offsets) @ x.reshape(h * wd, c)).reshape(x.shape)
+
+
+def _dense_apply_transpose(w, x, offsets):
+    h, wd, c = x.shape
+    return (S.to_dense(w, offsets).T @ x.reshape(h * wd, c)).reshape(x.shape)
+
+
+OPS = {"apply": (S.apply, _dense_apply), "apply_transpose": (S.apply_transpose, _dense_apply_transpose)}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("name", ["four", "dilated", "far"])
+def test_vjp_and_jvp_match_the_dense_oracle(op, name):
+    offsets = STENCILS[name]
+    fast, dense = (lambda w, x, f=f: f(w, x, offsets) for f in OPS[op])
+    w, x, g, dw, dx = (jnp.asarray(RNG.normal(size=s)) for s in [(4, 5, len(offsets)), (4, 5, 3), (4, 5, 3), (4, 5, len(offsets)), (4, 5, 3)])
+    y, pullback = jax.vjp(fast, w, x)
+    y_ref, pullback_ref = jax.vjp(dense, w, x)
+    np.testing.assert_allclose(y, y_ref, atol=1e-12)
+    for got, want in zip(pullback(g), pullback_ref(g)):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    _, tangent = jax.jvp(fast, (w, x), (dw, dx))
+    _, tangent_ref = jax.jvp(dense, (w, x), (dw, dx))
+    np.testing.assert_allclose(tangent, tangent_ref, atol=1e-12)
+    # second order: Hessian-vector products of a non-linear loss through the operator
+    loss = lambda f: (lambda w, x: jnp.sum(jnp.sin(f(w, x)) * g))
+    hvp = lambda f: jax.jvp(jax.grad(loss(f), argnums=(0, 1)), (w, x), (dw, dx))[1]
+    for got, want in zip(hvp(fast), hvp(dense)):
+        np.testing.assert_allclose(got, want, atol=1e-11)
+    check_grads(fast, (w, x), order=2, modes=("fwd", "rev"))
+    check_grads(lambda w, x: jnp.tanh(fast(w, x)), (w, x), order=2, modes=("fwd", "rev"))
+
+
+def test_weight_cotangent_is_the_gather_dot():
+    offsets = STENCILS["disk2"]
+    w, x, g = (RNG.normal(size=s) for s in [(5, 6, len(offsets)), (5, 6, 2), (5, 6, 2)])
+    _, pullback = jax.vjp(lambda w: S.apply(w, jnp.asarray(x), offsets), jnp.asarray(w))
+    (dw,) = pullback(jnp.asarray(g))
+    want = np.zeros_like(w)
+    for i, j in itertools.product(range(5), range(6)):
+        for k, (dy, dx) in enumerate(offsets):
+            want[i, j, k] = g[i, j] @ np_neighbor(x, i, j, dy, dx)  # zero for invalid entries
+    np.testing.assert_allclose(dw, want, atol=1e-12)
+
+
+def test_vmap_of_the_vjp_and_jit_of_grad():
+    offsets = S.dilated_offsets([1, 2])
+    b = 3
+    w = jnp.asarray(RNG.normal(size=(b, 4, 5, len(offsets))))
+    x, g = (jnp.asarray(RNG.normal(size=(b, 4, 5, 2))) for _ in range(2))
+
+    def vjp(w, x, g):
+        y, pullback = jax.vjp(lambda w, x: S.apply(w, x, offsets), w, x)
+        return (y,) + pullback(g)
+
+    def vjp_ref(w, x, g):
+        y, pullback = jax.vjp(lambda w, x: _dense_apply(w, x, offsets), w, x)
+        return (y,) + pullback(g)
+
+    # every batching pattern: all batched, shared weights (folded into channels), shared x,
+    # and a batch axis that is not the leading one
+    cases = [
+        ((0, 0, 0), (w, x, g)),
+        ((None, 0, 0), (w[0], x, g)),
+        ((0, None, 0), (w, x[0], g)),
+        ((0, 2, 0), (w, jnp.moveaxis(x, 0, 2), g)),
+    ]
+    for axes, args in cases:
+        got = jax.jit(jax.vmap(vjp, in_axes=axes))(*args)
+        for n in range(b):
+            per = [a if ax is None else jnp.take(a, n, axis=ax) for a, ax in zip(args, axes)]
+            for got_part, want_part in zip(got, vjp_ref(*per)):
+                np.testing.assert_allclose(got_part[n], want_part, atol=1e-12)
+    # nested vmap and jit(grad)
+    nested = jax.vmap(jax.vmap(lambda w, x: S.apply_transpose(w, x, offsets), in_axes=(None, 0)), in_axes=(0, 0))
+    xx = jnp.stack([x, 2 * x], axis=1)  # (b, 2, H, W, C)
+    got = nested(w, xx)
+    for n, m in itertools.product(range(b), range(2)):
+        np.testing.assert_allclose(got[n, m], _dense_apply_transpose(w[n], xx[n, m], offsets), atol=1e-12)
+    loss = lambda w, x: jnp.sum(S.apply(w, x, offsets) ** 2)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(w[0], x[0])
+    want = jax.grad(lambda w, x: jnp.sum(_dense_apply(w, x, offsets) ** 2), argnums=(0, 1))(w[0], x[0])
+    for a, c in zip(got, want):
+        np.testing.assert_allclose(a, c, atol=1e-12)
+
+
+def test_mixed_dtypes_keep_cotangent_dtypes():
+    offsets = S.four_connected()
+    w = jnp.asarray(RNG.normal(size=(3, 4, 4)), jnp.float32)
+    x = jnp.asarray(RNG.normal(size=(3, 4, 2)), jnp.float64)
+    y, pullback = jax.vjp(lambda w, x: S.apply(w, x, offsets), w, x)
+    dw, dx = pullback(jnp.ones_like(y))
+    assert y.dtype == jnp.float64 and dw.dtype == jnp.float32 and dx.dtype == jnp.float64
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_out_of_image_weights_are_ignored_exactly(bad):
+    """Issue 9: a non-finite weight on an entry pointing outside the image changes nothing."""
+    offsets = STENCILS["dilated"]
+    valid = S.valid_mask(5, 6, offsets)
+    w = RNG.normal(size=(5, 6, len(offsets)))
+    x = jnp.asarray(RNG.normal(size=(5, 6, 2)))
+    w_bad = jnp.asarray(np.where(valid, w, bad))
+    w_zero = jnp.asarray(np.where(valid, w, 0.0))
+    for op in (S.apply, S.apply_transpose):
+        np.testing.assert_array_equal(op(w_bad, x, offsets), op(w_zero, x, offsets))
+        gx = jax.grad(lambda x: jnp.sum(op(w_bad, x, offsets)))(x)
+        np.testing.assert_array_equal(gx, jax.grad(lambda x: jnp.sum(op(w_zero, x, offsets)))(x))
+        gw = jax.grad(lambda w: jnp.sum(op(w, x, offsets)))(w_bad)
+        assert np.all(np.isfinite(gw)) and np.all(np.asarray(gw)[~valid] == 0)
+    # an invalid entry inside the image is still used: NaN there does reach the output
+    w_nan_inside = jnp.asarray(np.where(valid, w, 0.0)).at[2, 2, 0].set(np.nan)
+    assert np.isnan(np.asarray(S.apply(w_nan_inside, x, offsets))[2, 2]).all()
+
+
+def test_grad_inside_shard_map():
+    """The primitive keeps shard_map's varying-axes types (check_vma), so grad works inside it."""
+    from jax.sharding import PartitionSpec as P
+
+    offsets = S.four_connected()
+    mesh = jax.make_mesh((1,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+    w = jnp.asarray(RNG.normal(size=(2, 3, 4, 4)))
+    x = jnp.asarray(RNG.normal(size=(2, 3, 4, 2)))
+    shared = jnp.asarray(RNG.normal(size=(3, 4, 4)))
+
+    def loss(w, x):
+        per = jax.vmap(lambda w, x: S.apply(w, x, offsets) + S.apply_transpose(shared, x, offsets))
+        return jnp.sum(jax.shard_map(per, mesh=mesh, in_specs=(P("b"), P("b")), out_specs=P("b"))(w, x) ** 2)
+
+    def loss_ref(w, x):
+        per = jax.vmap(lambda w, x: _dense_apply(w, x, offsets) + _dense_apply_transpose(shared, x, offsets))
+        return jnp.sum(per(w, x) ** 2)
+
+    for got, want in zip(jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x), jax.grad(loss_ref, argnums=(0, 1))(w, x)):
+        np.testing.assert_allclose(got, want, atol=1e-11)

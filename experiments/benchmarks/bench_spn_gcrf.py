@@ -11,10 +11,14 @@ Prints one markdown table measured in one run (medians over repeats, float32):
   the four directions batched like rwseg does), and optionally ``torch.compile`` of it
   (``--torch-compile``; ~140 s of compilation per shape, so off by default).
 - GMF, 5 layers on the paper's 23x23 bipartite window (144 offsets), 64x64x21 (1/8 of
-  a 505x505 image), forward and forward + backward (w.r.t. unary, similarity, compat);
-  peer: ``pydensecrf2`` (DenseCRF2D, Gaussian + bilateral kernels, 5 iterations) on the
-  same scores — a different CRF (dense, permutohedral filtering), compared as the usual
-  CRF post-processing cost at the same size.
+  a 505x505 image), forward and forward + backward (w.r.t. unary, similarity, compat:
+  the output and the pullback of a fixed cotangent, ``jax.vjp``), measured interleaved;
+  the ratio column is fwd+bwd / fwd. Next to it, the previous GMF (before issue 8: the
+  pull computed on the whole map and masked to one parity, through a plain-autodiff
+  stencil), kept below as :func:`previous_gmf`. Peer: ``pydensecrf2`` (DenseCRF2D,
+  Gaussian + bilateral kernels, 5 iterations) on the same scores — a different CRF
+  (dense, permutohedral filtering), compared as the usual CRF post-processing cost at
+  the same size.
 
 When jax sees a GPU, a GPU column is added for rwseg, and an SPN GPU section times the
 scan against the Pallas kernel at 64x64x32 and 1024x1024x8, batch 16 (the published CUDA
@@ -38,9 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import block, fmt_ms, gpu_device, machine, markdown_table, median_time  # noqa: E402
+from bench_stencil import autodiff_apply  # noqa: E402
+from common import block, fmt_ms, gpu_device, machine, markdown_table, median_time, median_times  # noqa: E402
 
-from rwseg import gcrf, spn  # noqa: E402
+from rwseg import gcrf, spn, stencil  # noqa: E402
 
 try:
     import torch
@@ -274,15 +279,46 @@ def gmf_inputs(shape=(64, 64, 21), radius=11, seed=0):
     return scores, sim, compat, offsets
 
 
-def time_jax_gmf(device, repeats, layers=5):
+def previous_gmf(unary, similarity, compat, offsets, num_layers):
+    """rwseg.gcrf.gmf(num_layers=n) before issue 8, the baseline of the GMF rows.
+
+    Each half-update computes the pull ``C sum_j s_ij mu_j`` on the whole map and keeps
+    the columns of one parity; the stencil product is differentiated by plain autodiff
+    (bench_stencil.autodiff_apply).
+    """
+    deg = stencil.degree(similarity, offsets)
+    inverse = jnp.linalg.inv(jnp.eye(compat.shape[0], dtype=compat.dtype) + deg[..., None, None] * compat)
+    parity = [(np.arange(unary.shape[1]) % 2 == p)[None, :, None] for p in (0, 1)]
+
+    def layer(mu, _):
+        for columns in parity:
+            pull = autodiff_apply(similarity, mu, offsets) @ compat.T
+            mu = jnp.where(columns, jnp.einsum("hwkl,hwl->hwk", inverse, unary + pull), mu)
+        return mu, None
+
+    return jax.lax.scan(layer, unary, None, length=num_layers)[0]
+
+
+GMF_IMPLS = {
+    "rwseg": lambda u, s, c, o, n: gcrf.gmf(u, s, c, o, num_layers=n),
+    "previous": previous_gmf,
+}
+
+
+def time_jax_gmf(device, repeats, layers=5, impl="rwseg"):
+    """Forward and forward + backward (output and pullback of a fixed cotangent), interleaved."""
     scores, sim, compat, offsets = gmf_inputs()
     u, s, c = (jax.device_put(a, device) for a in (scores, sim, compat))
-    fwd = jax.jit(lambda u, s, c: gcrf.gmf(u, s, c, offsets, num_layers=layers))
+    run = GMF_IMPLS[impl]
+    fwd = jax.jit(lambda u, s, c: run(u, s, c, offsets, layers))
     cot = jax.device_put(np.random.default_rng(1).normal(size=scores.shape).astype(np.float32), device)
-    bwd = jax.jit(jax.value_and_grad(lambda u, s, c: jnp.sum(gcrf.gmf(u, s, c, offsets, num_layers=layers) * cot),
-                                     argnums=(0, 1, 2)))
-    return median_time(lambda: block(fwd(u, s, c)), repeats=repeats), median_time(
-        lambda: block(bwd(u, s, c)), repeats=repeats)
+
+    def fwd_bwd(u, s, c, cot):
+        y, pullback = jax.vjp(lambda u, s, c: run(u, s, c, offsets, layers), u, s, c)
+        return y, pullback(cot)
+
+    bwd = jax.jit(fwd_bwd)
+    return tuple(median_times([lambda: block(fwd(u, s, c)), lambda: block(bwd(u, s, c, cot))], repeats=repeats))
 
 
 def time_densecrf(repeats, iterations=5):
@@ -360,14 +396,24 @@ def main(argv=None):
         spn_lines += [""] + spn_gpu_section(gpu, args.repeats)
 
     case = "GMF 5 layers, 23x23 window (144 offsets), 64x64x21"
-    f_cpu, b_cpu = time_jax_gmf(cpu, args.repeats)
-    f_gpu = b_gpu = None
-    if gpu is not None:
-        f_gpu, b_gpu = time_jax_gmf(gpu, args.repeats)
+    times = {}
+    for impl in GMF_IMPLS:
+        times[impl] = time_jax_gmf(cpu, args.repeats, impl=impl)
+        if gpu is not None:
+            times[impl] += time_jax_gmf(gpu, args.repeats, impl=impl)
+        print(f"done GMF {impl}", file=sys.stderr, flush=True)
     t_crf = time_densecrf(args.repeats) if dcrf is not None else None
     peer = "pydensecrf2 DenseCRF2D, 5 it. (CPU)" if dcrf is not None else "pydensecrf2 " + NA
-    add(case, "fwd", f_cpu, peer, t_crf, f_gpu)
-    add(case, "fwd+bwd", b_cpu, "-", None, b_gpu)
+    f_cpu, b_cpu, *gpu_t = times["rwseg"] + (None, None)
+    f_old, b_old = times["previous"][:2]
+    previous = "previous rwseg GMF (CPU)"
+    add(case, "fwd", f_cpu, peer, t_crf, gpu_t[0])
+    add(case, "fwd", f_cpu, previous, f_old, gpu_t[0])
+    add(case, "fwd+bwd", b_cpu, previous, b_old, gpu_t[1])
+    gmf_ratios = (
+        f"GMF fwd+bwd / fwd: rwseg {b_cpu / f_cpu:.1f}x, previous {b_old / f_old:.1f}x (CPU, "
+        f"measured interleaved); fwd rwseg / previous {f_cpu / f_old:.2f}"
+    )
 
     print(f"Machine: {machine()}")
     print(f"torch: {torch.__version__ if torch else NA}; torch threads: {torch.get_num_threads() if torch else '-'}; "
@@ -377,6 +423,7 @@ def main(argv=None):
               "are skipped.")
     if not args.torch_compile:
         print("torch.compile peer skipped (pass --torch-compile; ~140 s compilation per shape).")
+    print(gmf_ratios)
     print()
     print(markdown_table(headers, rows))
     print()

@@ -1,4 +1,4 @@
-"""Benchmark of the stencil operators (issue 2): ``apply`` and ``apply_transpose``.
+"""Benchmark of the stencil operators (issues 2 and 8): ``apply`` and ``apply_transpose``.
 
 For a 256x256 map with 21 channels (float32) and two stencils — the radius-5 disk
 (RWN's test-time stencil, K = 80) and dilated rates {8, 16} (K = 16) — prints the
@@ -10,7 +10,17 @@ median time of ``rwseg.stencil.apply`` / ``apply_transpose`` under ``jit`` next 
 - scipy.sparse CSR sparse-times-dense (``M @ X`` and ``M.T @ X``) on the same operator,
   the usual CPU peer.
 
-Usage: ``python experiments/benchmarks/bench_stencil.py [--size 256] [--channels 21] [--repeats 10]``
+A second table (issue 8) times forward and forward + backward at 64x64x21 for the
+144-offset GCRF window (``gcrf.bipartite_offsets(11)``) and the radius-5 disk, for
+rwseg's operators (hand-written transposes) next to the previous implementation kept
+below as :func:`autodiff_apply` / :func:`autodiff_apply_transpose` (a Python sum of K
+shifted windows differentiated by plain autodiff). "fwd+bwd" is the output and the
+pullback of a fixed output cotangent (``jax.vjp``), gradients w.r.t. weights and x;
+"grad of sum" is ``jax.value_and_grad`` of ``sum(op(w, x) * cot)``. Forward and
+backward are measured interleaved, so their ratio survives the drift of a shared machine.
+
+Usage: ``python experiments/benchmarks/bench_stencil.py [--size 256] [--channels 21] [--repeats 10]
+[--grad-size 64]``
 """
 
 from __future__ import annotations
@@ -25,9 +35,38 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import fmt_ms, machine, markdown_table, median_time  # noqa: E402
+from common import fmt_ms, machine, markdown_table, median_time, median_times  # noqa: E402
 
+from rwseg import gcrf  # noqa: E402
 from rwseg import stencil as S  # noqa: E402
+
+
+# --------------------------------------------------------------------------- the previous implementation
+
+
+def autodiff_apply(weights, x, offsets):
+    """rwseg.stencil.apply before issue 8: a sum of K shifted windows, plain autodiff.
+
+    Its reverse mode pads a full map per offset and writes each weight cotangent into a
+    zero (H, W, K) array; kept here as the baseline of the fwd/bwd table.
+    """
+    halo = S._halo(offsets)
+    xp = S._pad(x, halo)
+    y = jnp.zeros(x.shape, jnp.result_type(weights, x))
+    for k, o in enumerate(offsets):
+        y = y + weights[:, :, k, None] * S._window(xp, halo, x.shape[:2], o)
+    return y
+
+
+def autodiff_apply_transpose(weights, x, offsets):
+    """rwseg.stencil.apply_transpose before issue 8 (plain autodiff)."""
+    halo = S._halo(offsets)
+    xp, wp = S._pad(x, halo), S._pad(weights, halo)
+    y = jnp.zeros(x.shape, jnp.result_type(weights, x))
+    for k, (dy, dx) in enumerate(offsets):
+        src = (-dy, -dx)
+        y = y + S._window(wp, halo, x.shape[:2], src)[:, :, k, None] * S._window(xp, halo, x.shape[:2], src)
+    return y
 
 
 def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -51,6 +90,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--channels", type=int, default=21)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--grad-size", type=int, default=64, help="map size of the fwd/bwd table (issue 8)")
     args = p.parse_args(argv)
 
     h = w = args.size
@@ -82,6 +122,49 @@ def main(argv=None):
             ["stencil", "K", "op", "rwseg ms", "bytes bound ms", "of bound", "scipy CSR ms", "scipy / rwseg"], rows
         )
     )
+    print(f"\n# forward vs forward + backward, {args.grad_size}x{args.grad_size}x{c} float32, median of {args.repeats}\n")
+    print(markdown_table(GRAD_HEADERS, grad_rows(args.grad_size, c, args.repeats)))
+
+
+GRAD_HEADERS = ["stencil", "K", "op", "implementation", "fwd ms", "fwd+bwd ms", "ratio", "grad of sum ms", "ratio"]
+
+
+def grad_rows(size, channels, repeats):
+    """The issue-8 table: forward and forward + backward, new and previous implementation."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(size, size, channels)).astype(np.float32))
+    cot = jnp.asarray(rng.normal(size=(size, size, channels)).astype(np.float32))
+    rows = []
+    for name, offsets in [("GCRF 23x23 window", gcrf.bipartite_offsets(11)), ("disk r=5", S.disk_offsets(5))]:
+        k = len(offsets)
+        weights = jnp.asarray(rng.uniform(size=(size, size, k)).astype(np.float32))
+        for op, new, old in [
+            ("apply", S.apply, autodiff_apply),
+            ("apply_transpose", S.apply_transpose, autodiff_apply_transpose),
+        ]:
+            for impl, fn in [("rwseg (hand-written transposes)", new), ("previous (plain autodiff)", old)]:
+                op_fn = lambda w, v, fn=fn, o=offsets: fn(w, v, o)
+                fwd = jax.jit(op_fn)
+
+                def fwd_bwd(w, v, g, op_fn=op_fn):
+                    y, pullback = jax.vjp(op_fn, w, v)
+                    return y, pullback(g)
+
+                fb = jax.jit(fwd_bwd)
+                gs = jax.jit(jax.value_and_grad(lambda w, v, op_fn=op_fn: jnp.sum(op_fn(w, v) * cot), argnums=(0, 1)))
+                t_f, t_fb, t_gs = median_times(
+                    [
+                        lambda: fwd(weights, x).block_until_ready(),
+                        lambda: jax.block_until_ready(fb(weights, x, cot)),
+                        lambda: jax.block_until_ready(gs(weights, x)),
+                    ],
+                    repeats=repeats,
+                )
+                rows.append(
+                    [name, k, op, impl, fmt_ms(t_f), fmt_ms(t_fb), f"{t_fb / t_f:.1f}x", fmt_ms(t_gs), f"{t_gs / t_f:.1f}x"]
+                )
+                print(f"done {name} {op} {impl}", file=sys.stderr, flush=True)
+    return rows
 
 
 if __name__ == "__main__":

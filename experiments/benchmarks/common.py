@@ -74,3 +74,21 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def median_times(fns: Sequence[Callable[[], object]], *, repeats: int = 10, warmup: int = 2) -> list[float]:
+    """Median wall times in seconds of several blocking callables, measured interleaved.
+
+    Each round calls every function once, in turn, so slow drifts of a shared machine
+    hit all of them alike and their ratios stay meaningful.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]

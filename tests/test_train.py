@@ -201,7 +201,9 @@ def test_rawks_propagation_evaluated_on_training_images(tfds_dir):
     train = data.load_source("synthetic", "train", data_dir=tfds_dir, num_train=32, num_validation=8,
                              image_size=(32, 32))
     out = evaluate_propagation(config, setup.graphdef, state, mesh, train, num_classes=setup.num_classes)
-    assert set(out) == {"train_P_mean_iou", "train_P_pixel_accuracy", "train_P_abstain"}
+    assert set(out) == {"train_P_mean_iou", "train_P_pixel_accuracy", "train_P_abstain",
+                        "train_P_nonconverged_fraction"}
+    assert out["train_P_nonconverged_fraction"] == 0.0  # default solver settings converge
     assert all(0.0 <= v <= 1.0 for v in out.values())
     # scribbles alone already label part of each image: P is far better than chance
     assert out["train_P_pixel_accuracy"] > 1.0 / setup.num_classes

@@ -38,20 +38,10 @@ def _dense_solve(unary, s, compat, offsets=OFFS):
 
 def _numpy_gmf(unary, s, compat, offsets, layers):
     """The paper's updates written out pixel by pixel (eq. 2, even columns then odd)."""
-    h, w, k = unary.shape
     mu = unary.copy()
     for _ in range(layers):
         for parity in (0, 1):
-            new = mu.copy()
-            for y in range(h):
-                for x in range(parity, w, 2):
-                    total, pull = 0.0, np.zeros(k)
-                    for n, (dy, dx) in enumerate(offsets):
-                        if 0 <= y + dy < h and 0 <= x + dx < w:
-                            total += s[y, x, n]
-                            pull += s[y, x, n] * mu[y + dy, x + dx]
-                    new[y, x] = np.linalg.solve(np.eye(k) + total * compat, unary[y, x] + compat @ pull)
-            mu = new
+            mu = _numpy_gmf_half(mu, unary, s, compat, offsets, parity)
     return mu
 
 

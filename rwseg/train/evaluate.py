@@ -1,6 +1,6 @@
 """Evaluation of a trained run: metrics table (JSON + markdown) and PNG panels.
 
-``python -m rwseg.evaluate --workdir DIR [--checkpoint best|latest] [--baseline_workdir B]``
+``python -m rwseg.evaluate --workdir DIR [--checkpoint best|latest] [--baseline_workdir B] [--eval_batches N]``
 reads ``DIR/config.json`` (written by ``rwseg.train``), restores the checkpoint and
 evaluates on ``config.data.eval_split``. Outputs, in ``DIR/eval/``:
 
@@ -276,10 +276,16 @@ def predict_panels(config, setup, state, mesh, images):
     return parallel.to_host(pred)
 
 
-def evaluate_run(workdir, *, checkpoint: str = "best", baseline_workdir: str = "", name: str | None = None):
-    """Evaluate a saved run and write its results; returns (metrics, eval dir)."""
+def evaluate_run(workdir, *, checkpoint: str = "best", baseline_workdir: str = "", name: str | None = None,
+                 eval_batches: int | None = None):
+    """Evaluate a saved run and write its results; returns (metrics, eval dir).
+
+    ``eval_batches`` overrides the run's ``config.eval_batches`` (0 = the whole split).
+    """
     mesh = parallel.make_mesh()
     config, setup, state, step = load_run(workdir, mesh, checkpoint=checkpoint)
+    if eval_batches is not None:
+        config.eval_batches = int(eval_batches)
     source = data.load_source(config.data.name, config.data.eval_split, **_kw(config))
     result, panels = evaluate(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes,
                               num_panels=int(config.num_panels))
@@ -327,8 +333,13 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="run directory written by `python -m rwseg.train`")
     parser.add_argument("--checkpoint", default="best", choices=("best", "latest"))
     parser.add_argument("--baseline_workdir", default="", help="add this run's predictions as the panels' baseline column")
+    parser.add_argument("--eval_batches", type=int, default=None,
+                        help="evaluate the first N * eval_batch_size images (0 = the whole split; default: the run's config)")
     args = parser.parse_args(argv)
-    result, out = evaluate_run(args.workdir, checkpoint=args.checkpoint, baseline_workdir=args.baseline_workdir)
+    if args.eval_batches is not None and args.eval_batches < 0:
+        parser.error(f"--eval_batches: expected an integer >= 0, got {args.eval_batches}")
+    result, out = evaluate_run(args.workdir, checkpoint=args.checkpoint, baseline_workdir=args.baseline_workdir,
+                               eval_batches=args.eval_batches)
     print((out / "metrics.md").read_text())
     print(f"results: {out / 'metrics.json'}; panels: {out / 'panels.png'}")
     return 0

@@ -159,3 +159,20 @@ def test_cli_method_without_its_section(tmp_path):
     assert proc.returncode == 1
     assert "config.spn: method 'spn' reads its options from config.spn" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluation_loads_the_latest_config_of_the_run(tmp_path):
+    """rwseg.evaluate must see a harmless change made on resume (e.g. rwn.alpha), not config.json."""
+    import json
+
+    from rwseg.train.evaluate import load_config
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_config(tmp_path)
+    first = {"method": "rwn", "rwn": {"alpha": 0.9}}
+    (tmp_path / "config.json").write_text(json.dumps(first))
+    assert load_config(tmp_path).rwn.alpha == 0.9  # a run from before the history file
+    later = {"method": "rwn", "rwn": {"alpha": 0.5}}
+    (tmp_path / "config_history.jsonl").write_text(
+        json.dumps({"step": 0, "config": first}) + "\n" + json.dumps({"step": 4, "config": later}) + "\n")
+    assert load_config(tmp_path).rwn.alpha == 0.5

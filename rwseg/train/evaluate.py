@@ -259,10 +259,18 @@ def write_results(workdir, name: str, result: dict, widths) -> pathlib.Path:
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
+    """The config of the latest (re)start of the run in ``workdir``.
+
+    The last entry of ``config_history.jsonl`` (a resume may change evaluation-only
+    settings such as ``rwn.alpha``), else ``config.json`` (runs from before the history).
+    """
+    from rwseg.train.trainer import previous_config  # trainer imports this module
+
+    found = previous_config(workdir)
+    if found is None:
+        path = pathlib.Path(workdir) / "config.json"
         raise FileNotFoundError(f"workdir: expected {path} written by `python -m rwseg.train`, not found")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(found[0])
 
 
 def load_run(workdir, mesh, *, checkpoint: str = "best"):

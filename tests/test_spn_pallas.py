@@ -24,16 +24,24 @@ def _inputs(seed, shape=(5, 7, 3), g=3, lead=(4,), dtype=np.float32):
     return x, gates, cot
 
 
+def _segmented_problem(seed, g, channels):
+    """Kernel inputs: 6 steps, 3 row segments of 5 rows, ``channels`` channels, ``g`` gates.
+
+    The gates that cross a segment boundary are zero, as spn's stacked layout makes them.
+    """
+    rng = np.random.default_rng(seed)
+    b = jnp.asarray(rng.normal(size=(6, 3 * 5, channels)).astype(np.float32))
+    p = jnp.asarray(rng.normal(scale=0.5, size=(6, g, 3 * 5, channels)).astype(np.float32))
+    if g == 3:
+        p = p.at[:, 0, 0::5].set(0).at[:, 2, 4::5].set(0)
+    return b, p
+
+
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("g", [1, 3])
 def test_kernel_matches_scan_recurrence(g, transpose):
     """Several row segments and channel tiles per call: every program sees only its block."""
-    rng = np.random.default_rng(0)
-    b = jnp.asarray(rng.normal(size=(6, 3 * 5, 4)).astype(np.float32))
-    p = jnp.asarray(rng.normal(scale=0.5, size=(6, g, 3 * 5, 4)).astype(np.float32))
-    # zero the gates that cross a segment boundary, as spn's layout does
-    if g == 3:
-        p = p.at[:, 0, 0::5].set(0).at[:, 2, 4::5].set(0)
+    b, p = _segmented_problem(0, g, channels=4)
     want = spn_pallas.scan_recurrence(b, p, transpose=transpose)
     for tile in (1, 2, 4):
         got = spn_pallas.recurrence(b, p, transpose=transpose, segment_rows=5, channel_tile_size=tile, interpret=True)
@@ -159,11 +167,7 @@ def test_auto_uses_the_gpu_kernel_only_if_it_lowers(monkeypatch):
 @pytest.mark.parametrize("g", [1, 3])
 def test_gpu_kernel_matches_scan_recurrence(g, transpose):
     """Segments of 5 rows (padded to 8), 3 channels (padded to the tile), several tiles."""
-    rng = np.random.default_rng(6)
-    b = jnp.asarray(rng.normal(size=(6, 3 * 5, 3)).astype(np.float32))
-    p = jnp.asarray(rng.normal(scale=0.5, size=(6, g, 3 * 5, 3)).astype(np.float32))
-    if g == 3:
-        p = p.at[:, 0, 0::5].set(0).at[:, 2, 4::5].set(0)
+    b, p = _segmented_problem(6, g, channels=3)
     want = spn_pallas.scan_recurrence(b, p, transpose=transpose)
     for tile in (None, 1, 2):  # None: one tile of 4 (channels padded); 1: no padding; 2: two tiles, padded
         got = spn_pallas.recurrence_gpu(b, p, transpose=transpose, segment_rows=5, channel_tile_size=tile,

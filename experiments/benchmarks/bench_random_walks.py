@@ -43,7 +43,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import fmt_ms, gpu_device, machine, markdown_table, median_time  # noqa: E402
+from common import fmt_ms, gpu_device, machine, markdown_table, median_time, median_times  # noqa: E402
 
 from rwseg import linsolve, rawks, rwn, stencil  # noqa: E402
 
@@ -229,11 +229,10 @@ def bench_walk_old_new(args, devices):
         for name, dev in devices:
             w_d, s_d = jax.device_put(wts, dev), jax.device_put(scores, dev)
             (y_new, i_new), (y_old, i_old) = jax.block_until_ready((new(w_d, s_d), old(w_d, s_d)))  # compile
-            t_new, t_old = [], []
-            for _ in range(2 * args.repeats + 1):  # alternate, so that load drift hits both alike
-                t_old.append(median_time(lambda: jax.block_until_ready(old(w_d, s_d)), repeats=1, warmup=0))
-                t_new.append(median_time(lambda: jax.block_until_ready(new(w_d, s_d)), repeats=1, warmup=0))
-            t_new, t_old = float(np.median(t_new)), float(np.median(t_old))
+            # alternating runs, so that load drift hits both alike
+            t_old, t_new = median_times([lambda: jax.block_until_ready(old(w_d, s_d)),
+                                         lambda: jax.block_until_ready(new(w_d, s_d))],
+                                        repeats=2 * args.repeats + 1, warmup=0)
             diff = float(jnp.max(jnp.abs(y_new - y_old)) / jnp.max(jnp.abs(y_old)))
             log(f"walk-only {size} {name}: old {t_old} new {t_new}")
             rows.append([f"(c) converged walk only, {size}x{size}, {args.labels} classes, alpha={args.alpha} [{name}]",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 
 import jax
@@ -31,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import block, gpu_device, machine, markdown_table, median_time  # noqa: E402
+from common import block, gpu_device, machine, markdown_table, median_times  # noqa: E402
 
 from rwseg import data  # noqa: E402
 from rwseg.data.synthetic import NUM_CLASSES, synthetic_example  # noqa: E402
@@ -99,11 +98,8 @@ def step_times(methods, device, *, crop: int, batch: int, repeats: int, warmup: 
         for _ in range(warmup):
             runners[method]()
         print(f"# {method}: compiled and warmed up", file=sys.stderr, flush=True)
-    samples = {m: [] for m in methods}
-    for _ in range(repeats):
-        for method in methods:
-            samples[method].append(median_time(runners[method], repeats=1, warmup=0))
-    return {m: statistics.median(v) for m, v in samples.items()}
+    times = median_times([runners[m] for m in methods], repeats=repeats, warmup=0)
+    return dict(zip(methods, times))
 
 
 def main(argv=None) -> int:

@@ -144,22 +144,6 @@ _PSD_RTOL = 1e-5
 _SYM_RTOL = 1e-5
 
 
-def _similarity_defect(similarity, offsets):
-    """max over entries inside the image of ``|s[i, o] - s[i + o, -o]|`` (0 when symmetric).
-
-    NaN when ``similarity`` holds NaN/inf inside the image. Entries pointing outside are
-    ignored (``where``). One shift of an (H, W) slice per offset: O(H·W·N).
-    """
-    h, w, _ = similarity.shape
-    index = {o: n for n, o in enumerate(offsets)}
-    valid = stencil.valid_mask(h, w, offsets)
-    sv = jnp.where(valid, similarity, 0)
-    back = jnp.stack([stencil.shift(sv[..., index[(-dy, -dx)]], (dy, dx)) for dy, dx in offsets], axis=-1)
-    nonfinite = ~jnp.all(jnp.isfinite(sv))
-    defect = jnp.max(jnp.abs(jnp.where(valid, sv - back, 0)))
-    return jnp.where(nonfinite, jnp.nan, defect), jnp.max(jnp.abs(sv))
-
-
 def _check_similarity_values(similarity, offsets, checked=False):
     """Finite and symmetric similarity (the converged GMF's implicit gradient relies on it)."""
     msg = ("similarity: expected s[i, o] == s[i + o, -o] (a symmetric graph, as pairwise_similarity "
@@ -170,18 +154,18 @@ def _check_similarity_values(similarity, offsets, checked=False):
             raise ValueError(f"similarity: expected finite values, got {int(np.sum(~np.isfinite(sv)))} NaN/inf "
                              "entries (on neighbours inside the image)")
         with jax.ensure_compile_time_eval():  # concrete even when gmf is called inside a jit trace
-            defect, scale = (float(v) for v in _similarity_defect(jnp.asarray(similarity), offsets))
+            defect, scale = (float(v) for v in stencil.asymmetry(jnp.asarray(similarity), offsets))
         if not defect <= _SYM_RTOL * scale:
             raise ValueError(f"{msg}{defect:.3g} (max s = {scale:.3g})")
     elif checked:
-        defect, scale = _similarity_defect(similarity, offsets)
+        defect, scale = stencil.asymmetry(similarity, offsets)
         V.value_check(~jnp.isnan(defect), "similarity: expected finite values, got NaN/inf entries")
         V.value_check(jnp.isnan(defect) | (defect <= _SYM_RTOL * scale), msg + "{}", defect)
 
 
 def _values_ok(similarity, compat, offsets):
     """Traced validity flag of the converged GMF problem (symmetric finite s, finite PSD C)."""
-    defect, s_scale = _similarity_defect(similarity, offsets)
+    defect, s_scale = stencil.asymmetry(similarity, offsets)
     asym, low, c_scale = _compat_defects(compat, jnp)
     return ((defect <= _SYM_RTOL * s_scale) & jnp.all(jnp.isfinite(compat))
             & (asym <= 1e-6 * jnp.maximum(c_scale, 1)) & (low >= -_PSD_RTOL * c_scale))

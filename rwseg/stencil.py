@@ -43,6 +43,7 @@ __all__ = [
     "apply",
     "apply_transpose",
     "degree",
+    "asymmetry",
     "to_dense",
     "label_affinity",
 ]
@@ -396,6 +397,38 @@ def to_dense(weights, offsets) -> jnp.ndarray:
     cols = (ys + np.array([o[0] for o in offsets])[ks]) * w + xs + np.array([o[1] for o in offsets])[ks]
     dense = jnp.zeros((h * w, h * w), weights.dtype)
     return dense.at[rows, cols].add(weights[ys, xs, ks])
+
+
+def asymmetry(weights, offsets):
+    """How far stencil weights are from describing a symmetric matrix ``W = W^T``.
+
+    Args:
+      weights: (H, W, K) float, entry ``[i, k]`` linking ``i`` to ``i + o_k``.
+      offsets: K offsets; ``-o`` must be in the stencil for every ``o`` (``ValueError``
+        naming the missing ones otherwise).
+
+    Returns:
+      ``(defect, scale)``, two scalars: ``defect = max |weights[i, o] - weights[i + o, -o]|``
+      over entries inside the image (``max |M - M^T|`` of :func:`to_dense`), NaN when a
+      weight inside the image is NaN/inf; ``scale = max |weights|`` over the same entries.
+      Entries pointing outside the image are ignored (``where``). O(H·W·K): one shift of
+      an (H, W) slice per offset. Used by the symmetry checks of the converged RWN walk
+      (seed 000, eq. 3 with CG) and of the GCRF similarity (seed 003, eq. 1).
+    """
+    offsets = as_offsets(offsets)
+    V.check_rank("weights", weights, 3, "(H, W, K)")
+    h, w, _ = weights.shape
+    V.check_shape("weights", weights, (h, w, len(offsets)), f"(H, W, K) with K = len(offsets) = {len(offsets)}")
+    index = {o: k for k, o in enumerate(offsets)}
+    missing = [o for o in offsets if (-o[0], -o[1]) not in index]
+    if missing:
+        raise ValueError(f"offsets: a symmetric W needs -o in the stencil for every offset o; missing the "
+                         f"negation of {missing[:3]}")
+    valid = valid_mask(h, w, offsets)
+    wv = jnp.where(valid, weights, 0)
+    back = jnp.stack([shift(wv[..., index[(-dy, -dx)]], (dy, dx)) for dy, dx in offsets], axis=-1)
+    defect = jnp.max(jnp.abs(jnp.where(valid, wv - back, 0)))
+    return jnp.where(jnp.all(jnp.isfinite(wv)), defect, jnp.nan), jnp.max(jnp.abs(wv))
 
 
 def label_affinity(labels, offsets, ignore_index: int = 255):

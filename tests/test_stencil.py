@@ -341,3 +341,27 @@ def test_grad_inside_shard_map():
 
     for got, want in zip(jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x), jax.grad(loss_ref, argnums=(0, 1))(w, x)):
         np.testing.assert_allclose(got, want, atol=1e-11)
+
+
+def test_asymmetry_matches_the_dense_matrix():
+    """defect = max |M - M^T| of to_dense; NaN inside the image shows, outside is ignored."""
+    offsets = S.disk_offsets(2)
+    h, w = 5, 6
+    rng = np.random.default_rng(3)
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, (h, w, len(offsets))))
+    m = np.asarray(S.to_dense(weights, offsets))
+    defect, scale = S.asymmetry(weights, offsets)
+    np.testing.assert_allclose(float(defect), np.max(np.abs(m - m.T)), rtol=1e-12)
+    np.testing.assert_allclose(float(scale), np.max(np.abs(m)), rtol=1e-12)
+    sym = jnp.asarray((m + m.T) / 2)  # back to stencil weights: W[i, k] = M[i, i + o_k]
+    valid = S.valid_mask(h, w, offsets)
+    ys, xs, ks = np.nonzero(valid)
+    cols = (ys + np.array(offsets)[ks, 0]) * w + xs + np.array(offsets)[ks, 1]
+    sym_w = jnp.zeros_like(weights).at[ys, xs, ks].set(sym[ys * w + xs, cols])
+    assert float(S.asymmetry(sym_w, offsets)[0]) == 0.0
+    outside = tuple(np.argwhere(~valid)[0])
+    assert float(S.asymmetry(sym_w.at[outside].set(jnp.nan), offsets)[0]) == 0.0
+    inside = tuple(np.argwhere(valid)[0])
+    assert np.isnan(float(S.asymmetry(sym_w.at[inside].set(jnp.nan), offsets)[0]))
+    with pytest.raises(ValueError, match="missing the negation"):
+        S.asymmetry(weights[..., :3], offsets[:3])

@@ -169,6 +169,15 @@ def rwn_problem(size, classes, seed=0):
     return img, scores
 
 
+WALK_OFFSETS = stencil.disk_offsets(5)  # RWN's test-time stencil (K = 80)
+
+
+def walk_weights(img):
+    """The benchmark's affinities on :data:`WALK_OFFSETS`: ``exp(-0.05 sum_c |F_i - F_j|)`` of the RGB image."""
+    theta = np.full(3, -0.05, np.float32)
+    return rwn.affinity(rwn.feature_distances(img, WALK_OFFSETS), theta, WALK_OFFSETS)
+
+
 def scipy_walk(weights, f, offsets, alpha):
     """(1 - alpha) (D - alpha W)^-1 D f by splu (build + factorise + solve), float64."""
     h, w, _ = weights.shape
@@ -217,12 +226,11 @@ def reference_walk(weights, f, offsets, alpha, tol, max_iters=1000):
 
 def bench_walk_old_new(args, devices):
     """(c) the converged walk alone: old formulation vs rwn.random_walk, alternating runs."""
-    offsets = stencil.disk_offsets(5)
+    offsets = WALK_OFFSETS
     rows = []
     for size in args.sizes:
         img, scores = rwn_problem(size, args.labels)
-        theta = np.full(3, -0.05, np.float32)
-        wts = np.asarray(jax.jit(lambda i: rwn.affinity(rwn.feature_distances(i, offsets), theta, offsets))(img))
+        wts = np.asarray(jax.jit(walk_weights)(img))
         new = jax.jit(lambda w, f: rwn.random_walk(w, f, offsets, alpha=args.alpha, symmetric=True, tol=1e-5,
                                                    return_info=True))
         old = jax.jit(lambda w, f: reference_walk(w, f, offsets, args.alpha, 1e-5))
@@ -243,14 +251,13 @@ def bench_walk_old_new(args, devices):
 
 
 def bench_rwn(args, devices):
-    offsets = stencil.disk_offsets(5)
+    offsets = WALK_OFFSETS
     rows = []
     for size in args.sizes:
         img, scores = rwn_problem(size, args.labels)
-        theta = np.full(3, -0.05, np.float32)
 
         def walk(img, scores):
-            wts = rwn.affinity(rwn.feature_distances(img, offsets), theta, offsets)
+            wts = walk_weights(img)
             if args.old_walk:
                 return reference_walk(wts, scores, offsets, args.alpha, 1e-5)[0]
             return rwn.random_walk(wts, scores, offsets, alpha=args.alpha, symmetric=True, tol=1e-5)
@@ -261,7 +268,7 @@ def bench_rwn(args, devices):
             i_d, s_d = jax.device_put(img, dev), jax.device_put(scores, dev)
             times[name] = median_time(lambda: jax.block_until_ready(fn(i_d, s_d)), repeats=args.repeats)
         log(f"walk {size} rwseg {times}")
-        wts = np.asarray(jax.jit(lambda i: rwn.affinity(rwn.feature_distances(i, offsets), theta, offsets))(img))
+        wts = np.asarray(jax.jit(walk_weights)(img))
         ref = scipy_walk(wts, scores, offsets, args.alpha)
         rel = float(np.max(np.abs(np.asarray(fn(img, scores)) - ref)) / np.max(np.abs(ref)))
         t_lu = median_time(lambda: scipy_walk(wts, scores, offsets, args.alpha), repeats=max(1, args.repeats // 2),

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import sys
 

@@ -184,8 +184,9 @@ def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **buil
     build (call ``load_source`` on process 0, then synchronise) before the others read.
 
     Raises:
-      ValueError: unknown name or split; ``DataFileError`` (a ``ValueError``) naming
-      the file when a raw image/label file is missing or corrupt during the build.
+      ValueError: unknown name or split.
+      DataFileError: (a ``ValueError``) naming the file, when a raw image or label
+        file is missing or corrupt during the build.
     """
     import tensorflow_datasets as tfds
 

@@ -294,14 +294,16 @@ def make_batches(
       start_step: first batch number to produce (resume).
       num_steps: number of batches (``None``: infinite in training, one pass in evaluation).
       scribbles: add ``"scribbles"`` from ``rwseg.rawks.scribbles_from_labels``.
-      shard_index, shard_count: this process and the number of processes (default
-        ``jax.process_index()`` / ``jax.process_count()``).
+      shard_index: this process's shard (default ``jax.process_index()``).
+      shard_count: the number of shards (default ``jax.process_count()``).
       scale_range: random scale factors for training; ``None`` or ``(1, 1)`` disables.
       flip: random left-right flips in training.
-      mean, std: normalisation in 0..255 units (default ImageNet statistics).
+      mean: per-channel mean subtracted, in 0..255 units (default ImageNet statistics).
+      std: per-channel divisor, in 0..255 units (default ImageNet statistics).
       pad_size: evaluation size ``(h, w)``; ``None`` = the maximum over the source (reads
         every example once). An image larger than ``pad_size`` raises ``ValueError``.
-      num_threads, prefetch: grain read threads and prefetch buffer (do not affect results).
+      num_threads: grain read threads (does not affect the results).
+      prefetch: grain prefetch buffer, in batches (does not affect the results).
 
     Returns:
       An iterator of batch dicts (shapes in the module docstring).

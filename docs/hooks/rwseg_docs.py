@@ -113,9 +113,27 @@ def rewrite_links(markdown: str, repo_path: str, site_path: str) -> str:
     return _LINK.sub(replace, markdown)
 
 
+def _execution_cache() -> dict:
+    """Executed notebooks of this process, kept across the rebuilds of ``mkdocs serve``.
+
+    mkdocs loads the hook module anew for every rebuild, so the cache lives in
+    ``sys.modules``; it is keyed by the notebook's source and the settings it reads, so an
+    edited notebook runs again (a change of the library needs a restart of ``serve``).
+    """
+    import sys
+    import types
+
+    holder = sys.modules.setdefault("_rwseg_docs_executed", types.ModuleType("_rwseg_docs_executed"))
+    if not hasattr(holder, "cache"):
+        holder.cache = {}
+    return holder.cache
+
+
 def _executed_notebooks() -> str:
     """A temporary folder holding ``notebooks/<name>.ipynb``, executed, for every notebook."""
     global _executed_dir
+    import hashlib
+
     import nbformat
 
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
@@ -126,12 +144,17 @@ def _executed_notebooks() -> str:
             raise FileNotFoundError(f"{NOTEBOOKS_ENV}={given}: no executed copy of {missing}")
     _executed_dir = tempfile.mkdtemp(prefix="rwseg-docs-")
     (pathlib.Path(_executed_dir) / "notebooks").mkdir()
+    cache = _execution_cache()
     for name in names:
         target = pathlib.Path(_executed_dir) / "notebooks" / name
         if given:
             shutil.copyfile(pathlib.Path(given) / name, target)
-        else:
-            nbformat.write(execute_notebook(NOTEBOOKS / name), target)
+            continue
+        settings = sorted((k, v) for k, v in os.environ.items() if k.startswith(("RWSEG_", "XLA_", "JAX_")))
+        key = hashlib.sha256((NOTEBOOKS / name).read_bytes() + repr(settings).encode()).hexdigest()
+        if key not in cache:
+            cache[key] = nbformat.writes(execute_notebook(NOTEBOOKS / name))
+        target.write_text(cache[key], encoding="utf-8")
     return _executed_dir
 
 

@@ -46,6 +46,16 @@ def test_links_of_repository_pages_are_rewritten():
                                "experiments/index.md") == "[log](stanford_baseline_log.md) [home](../index.md)"
 
 
+def test_sphinx_roles_become_optional_cross_references():
+    html = ("see :func:<code>batch_dataset</code>, :mod:<code>~rwseg.train.state</code> and "
+            ":data:<code>rwseg.data.IGNORE_INDEX</code>; <code>plain</code>")
+    assert docs_hooks().sphinx_roles_to_autorefs(html, "rwseg.data") == (
+        'see <autoref identifier="rwseg.data.batch_dataset" optional><code>batch_dataset</code></autoref>, '
+        '<autoref identifier="rwseg.train.state" optional><code>state</code></autoref> and '
+        '<autoref identifier="rwseg.data.IGNORE_INDEX" optional><code>rwseg.data.IGNORE_INDEX</code></autoref>; '
+        '<code>plain</code>')
+
+
 @pytest.mark.slow
 def test_docs_build_strict(executed_notebooks, tmp_path):
     """mkdocs build --strict: the docstrings, pages and links are valid; notebooks carry their outputs."""
@@ -75,6 +85,10 @@ def test_docs_build_strict(executed_notebooks, tmp_path):
         assert f'id="rwseg.{module}"' in page(f"api/{module}"), module
     assert 'id="rwseg.rwn.random_walk"' in page("api/rwn")
     assert 'id="rwseg.data.make_batches"' in page("api/data")
+    # the Sphinx roles of the docstrings became cross-references, e.g. from one module's page to another's
+    api = "".join(page(f"api/{m}") for m in docs_hooks().public_modules())
+    assert not re.search(r":(func|class|mod|data|meth|attr|exc|obj):<code>", api)
+    assert re.search(r'class="autorefs autorefs-internal"[^>]* href="\.\./\w+/#rwseg\.', api)
     # the notebooks with their outputs: printed text and figures
     operators = page("notebooks/operators")
     assert "rows of G from the scan match spn.propagation_matrix" in operators

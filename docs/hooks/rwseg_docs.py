@@ -50,6 +50,9 @@ API_ORDER = ("stencil", "linsolve", "rwn", "rawks", "spn", "spn_pallas", "gcrf",
              "constants", "layers", "models", "data", "train", "compare", "evaluate", "viz")
 API_SECTION = "API reference"
 
+# a Sphinx role left in a docstring, as Markdown renders it: :func:<code>~rwseg.x.f</code>
+_ROLE = re.compile(r":(?:func|class|mod|data|meth|attr|exc|obj):<code>(~?)([\w.]+)</code>")
+
 _LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)")
 _executed_dir: str | None = None  # temporary folder of notebooks executed by this build
 
@@ -222,6 +225,33 @@ def on_files(files, config):
         files.append(File(f"notebooks/{path.name}", src_dir=src_dir, dest_dir=config.site_dir,
                           use_directory_urls=config.use_directory_urls))
     return files
+
+
+def sphinx_roles_to_autorefs(html: str, module: str) -> str:
+    """Turns the Sphinx roles of the docstrings (``:func:`name```) into optional cross-references.
+
+    A name is taken as absolute when it starts with ``rwseg.``, else relative to the page's
+    ``module``; mkdocs-autorefs links it when the site documents it and shows plain code
+    otherwise (``optional``: no warning), so the docstrings keep one convention.
+    """
+
+    def replace(match: re.Match) -> str:
+        tilde, name = match.groups()
+        name = name.lstrip(".")
+        identifier = name if name.startswith("rwseg.") else f"{module}.{name}"
+        shown = name.rsplit(".", 1)[-1] if tilde else name
+        return f'<autoref identifier="{identifier}" optional><code>{shown}</code></autoref>'
+
+    return _ROLE.sub(replace, html)
+
+
+def on_page_content(html, page, config, files):
+    """Cross-references for the Sphinx roles in the API reference pages."""
+    src = page.file.src_uri
+    if not src.startswith("api/"):
+        return html
+    module = "rwseg" if src == "api/index.md" else "rwseg." + src[len("api/"):-len(".md")]
+    return sphinx_roles_to_autorefs(html, module)
 
 
 def on_post_build(config):

@@ -5,31 +5,33 @@ shard_count, options)``. It is built from a grain ``MapDataset`` with random acc
 a run resumed at ``start_step`` sees exactly the batches an uninterrupted run would,
 whatever was read before.
 
-Training (``train=True``)
-  A global stream of examples: the source shuffled per epoch (grain ``shuffle`` then
-  ``repeat``; every epoch a new permutation) and augmented per stream position
-  (``random_map``: random scale in ``scale_range``, pad with ignore + random crop to
-  ``crop_size``, random left-right flip; the RNG depends on the seed and the position
-  only). Global batch ``s`` is stream positions ``[s*G, (s+1)*G)`` with
-  ``G = batch_size * shard_count``; process ``p`` takes the ``p``-th block of
-  ``batch_size`` of them. So processes read disjoint examples, and the union of the
-  per-process batches is the same for any ``shard_count`` with the same ``G``.
-  The stream is infinite (``num_steps=None`` iterates forever).
+**Training** (``train=True``): a global stream of examples: the source shuffled per
+epoch (grain ``shuffle`` then ``repeat``; every epoch a new permutation) and augmented
+per stream position (``random_map``: random scale in ``scale_range``, pad with ignore +
+random crop to ``crop_size``, random left-right flip; the RNG depends on the seed and
+the position only). Global batch ``s`` is stream positions ``[s*G, (s+1)*G)`` with
+``G = batch_size * shard_count``; process ``p`` takes the ``p``-th block of
+``batch_size`` of them. So processes read disjoint examples, and the union of the
+per-process batches is the same for any ``shard_count`` with the same ``G``. The stream
+is infinite (``num_steps=None`` iterates forever).
 
-Evaluation (``train=False``)
-  No augmentation, no shuffling. Process ``p`` reads source indices ``p, p+P, p+2P, ...``
-  (``P = shard_count``) in order; each image is padded bottom/right (never cropped) to
-  ``pad_size`` with label 255, so every batch has one shape. Every process yields the
-  same number of batches, ``ceil(ceil(N / P) / batch_size)``; slots past its last example
-  are *ignore-only examples* (image 0, label 255 everywhere, ``mask`` False, ``valid``
-  False, ``index`` -1). Metrics that skip label 255 are therefore exact: every example
-  counts exactly once over all processes. ``num_steps=None`` = one pass.
+**Evaluation** (``train=False``): no augmentation, no shuffling. Process ``p`` reads
+source indices ``p, p+P, p+2P, ...`` (``P = shard_count``) in order; each image is
+padded bottom/right (never cropped) to ``pad_size`` with label 255, so every batch has
+one shape. Every process yields the same number of batches,
+``ceil(ceil(N / P) / batch_size)``; slots past its last example are *ignore-only
+examples* (image 0, label 255 everywhere, ``mask`` False, ``valid`` False, ``index``
+-1). Metrics that skip label 255 are therefore exact: every example counts exactly once
+over all processes. ``num_steps=None`` = one pass.
 
-Batch: ``{"image": float32 (B, h, w, 3)`` normalised ``(x - mean) / std``,
-``"label": int32 (B, h, w)`` (255 = ignore), ``"mask": bool (B, h, w)`` (pixel comes from
-the image, False on padding), ``"valid": bool (B,)`` (False on ignore-only examples),
-``"index": int64 (B,)`` (source index, -1 on ignore-only examples), and with
-``scribbles=True`` ``"scribbles": int32 (B, h, w)`` (-1 unlabelled, 0..L-1 labelled)``}``.
+**Batch**: a dict of numpy arrays:
+
+- ``"image"``: float32 ``(B, h, w, 3)``, normalised ``(x - mean) / std``;
+- ``"label"``: int32 ``(B, h, w)`` (255 = ignore);
+- ``"mask"``: bool ``(B, h, w)``, True where the pixel comes from the image (False on padding);
+- ``"valid"``: bool ``(B,)``, False on ignore-only examples;
+- ``"index"``: int64 ``(B,)``, the source index (-1 on ignore-only examples);
+- with ``scribbles=True``, ``"scribbles"``: int32 ``(B, h, w)`` (-1 unlabelled, 0..L-1 labelled).
 """
 
 from __future__ import annotations
@@ -171,7 +173,14 @@ class _EvalBatch:
 
 
 def max_image_size(source) -> tuple[int, int]:
-    """``(max H, max W)`` over ``source`` (reads every example once)."""
+    """The largest height and width over a source (reads every example once).
+
+    Args:
+        source: random-access source of ``{"label": (H, W), ...}`` examples.
+
+    Returns:
+        ``(max H, max W)``.
+    """
     h = w = 0
     for i in range(len(source)):
         sh = np.shape(source[i]["label"])
@@ -219,8 +228,29 @@ def batch_dataset(
 ) -> grain.MapDataset:
     """A grain ``MapDataset`` whose element ``s`` is batch ``s`` (see the module docstring).
 
-    Training: infinite length (``sys.maxsize``); evaluation: one pass,
-    ``ceil(ceil(N / shard_count) / batch_size)`` batches. Arguments as in :func:`make_batches`.
+    The arguments are those of :func:`make_batches` (which iterates over this dataset).
+
+    Args:
+        source: random-access source of ``{"image": uint8 (H, W, 3), "label": int (H, W)}``.
+        batch_size: per-process batch ``B``.
+        crop_size: training crop ``(h, w)`` (or int); ``None`` keeps each image's size.
+        train: augmented, shuffled training batches (True) or padded evaluation batches (False).
+        seed: seed of shuffling, augmentation and scribbles.
+        scribbles: add ``"scribbles"`` to each batch.
+        shard_index: this process's shard (default ``jax.process_index()``).
+        shard_count: the number of shards (default ``jax.process_count()``).
+        scale_range: random scale factors for training; ``None`` disables.
+        flip: random left-right flips in training.
+        mean: per-channel mean subtracted, in 0..255 units.
+        std: per-channel divisor, in 0..255 units.
+        pad_size: evaluation size ``(h, w)``; ``None`` = the maximum over the source.
+
+    Returns:
+        A ``grain.MapDataset`` of batch dicts: of length ``sys.maxsize`` in training
+        (infinite), ``ceil(ceil(N / shard_count) / batch_size)`` in evaluation.
+
+    Raises:
+        ValueError: an empty source, a bad shard, size or ``scale_range``.
     """
     batch_size = V.check_nonnegative_int("batch_size", batch_size, positive=True)
     seed = V.check_nonnegative_int("seed", seed)
@@ -306,7 +336,7 @@ def make_batches(
       prefetch: grain prefetch buffer, in batches (does not affect the results).
 
     Returns:
-      An iterator of batch dicts (shapes in the module docstring).
+      An iterator of batch dicts of numpy arrays (keys and shapes in the module docstring).
     """
     ds = batch_dataset(
         source,

@@ -56,7 +56,7 @@ def _shared_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def executed_notebooks(tmp_path_factory):
-    """``get(name) -> pathlib.Path`` of ``notebooks/<name>`` executed (once per pytest run)."""
+    """``get(name, wait=True) -> pathlib.Path`` of ``notebooks/<name>`` executed (once per pytest run)."""
     pytest.importorskip("nbformat")
     pytest.importorskip("nbclient")
     import nbformat
@@ -64,10 +64,14 @@ def executed_notebooks(tmp_path_factory):
     folder = _shared_dir(tmp_path_factory)
     (folder / NO_STANFORD).mkdir(exist_ok=True)
 
-    def get(name: str) -> pathlib.Path:
+    def get(name: str, *, wait: bool = True) -> pathlib.Path | None:
+        """The executed copy; with ``wait=False``, None while another worker is executing it."""
         out = folder / name
         with open(folder / f"{name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            try:  # released when the file closes
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return None
             if not out.exists():
                 env = dict(KERNEL_ENV)
                 if name == "gradients.ipynb":

@@ -278,7 +278,7 @@ def mean_iou(scores, labels, num_classes: int) -> float:
         The mean IoU of ``argmax(scores, -1)`` against ``labels``, a float in ``[0, 1]``.
     """
     pred = jnp.argmax(jnp.asarray(scores), axis=-1).astype(jnp.int32)
-    cm = metrics.confusion_matrix(pred, jnp.asarray(labels), num_classes, ignore_index=IGNORE)
+    cm = metrics.confusion_matrix(pred, jnp.asarray(labels), num_classes, IGNORE)
     return float(metrics.summarize(cm)["mean_iou"])
 
 

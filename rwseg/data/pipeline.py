@@ -5,24 +5,25 @@ shard_count, options)``. It is built from a grain ``MapDataset`` with random acc
 a run resumed at ``start_step`` sees exactly the batches an uninterrupted run would,
 whatever was read before.
 
-**Training** (``train=True``): a global stream of examples: the source shuffled per
-epoch (grain ``shuffle`` then ``repeat``; every epoch a new permutation) and augmented
-per stream position (``random_map``: random scale in ``scale_range``, pad with ignore +
-random crop to ``crop_size``, random left-right flip; the RNG depends on the seed and
-the position only). Global batch ``s`` is stream positions ``[s*G, (s+1)*G)`` with
-``G = batch_size * shard_count``; process ``p`` takes the ``p``-th block of
-``batch_size`` of them. So processes read disjoint examples, and the union of the
-per-process batches is the same for any ``shard_count`` with the same ``G``. The stream
-is infinite (``num_steps=None`` iterates forever).
+Training (``train=True``)
+  A global stream of examples: the source shuffled per epoch (grain ``shuffle`` then
+  ``repeat``; every epoch a new permutation) and augmented per stream position
+  (``random_map``: random scale in ``scale_range``, pad with ignore + random crop to
+  ``crop_size``, random left-right flip; the RNG depends on the seed and the position
+  only). Global batch ``s`` is stream positions ``[s*G, (s+1)*G)`` with
+  ``G = batch_size * shard_count``; process ``p`` takes the ``p``-th block of
+  ``batch_size`` of them. So processes read disjoint examples, and the union of the
+  per-process batches is the same for any ``shard_count`` with the same ``G``.
+  The stream is infinite (``num_steps=None`` iterates forever).
 
-**Evaluation** (``train=False``): no augmentation, no shuffling. Process ``p`` reads
-source indices ``p, p+P, p+2P, ...`` (``P = shard_count``) in order; each image is
-padded bottom/right (never cropped) to ``pad_size`` with label 255, so every batch has
-one shape. Every process yields the same number of batches,
-``ceil(ceil(N / P) / batch_size)``; slots past its last example are *ignore-only
-examples* (image 0, label 255 everywhere, ``mask`` False, ``valid`` False, ``index``
--1). Metrics that skip label 255 are therefore exact: every example counts exactly once
-over all processes. ``num_steps=None`` = one pass.
+Evaluation (``train=False``)
+  No augmentation, no shuffling. Process ``p`` reads source indices ``p, p+P, p+2P, ...``
+  (``P = shard_count``) in order; each image is padded bottom/right (never cropped) to
+  ``pad_size`` with label 255, so every batch has one shape. Every process yields the
+  same number of batches, ``ceil(ceil(N / P) / batch_size)``; slots past its last example
+  are *ignore-only examples* (image 0, label 255 everywhere, ``mask`` False, ``valid``
+  False, ``index`` -1). Metrics that skip label 255 are therefore exact: every example
+  counts exactly once over all processes. ``num_steps=None`` = one pass.
 
 **Batch**: a dict of numpy arrays:
 

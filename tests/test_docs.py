@@ -56,6 +56,13 @@ def test_sphinx_roles_become_optional_cross_references():
         '<code>plain</code>')
 
 
+def test_home_page_links_module_names_to_their_api_pages():
+    text = "`rwseg.rwn` and `rwseg.rwn.random_walk`, `rwseg.nothing`\n```python\nx = `rwseg.rwn`\n```\n| `rwseg.data` |"
+    assert docs_hooks().link_modules(text, ["rwn", "data"]) == (
+        "[`rwseg.rwn`](api/rwn.md) and `rwseg.rwn.random_walk`, `rwseg.nothing`\n```python\nx = `rwseg.rwn`\n```\n"
+        "| [`rwseg.data`](api/data.md) |")
+
+
 @pytest.mark.slow
 def test_docs_build_strict(executed_notebooks, tmp_path):
     """mkdocs build --strict: the docstrings, pages and links are valid; notebooks carry their outputs."""
@@ -81,7 +88,7 @@ def test_docs_build_strict(executed_notebooks, tmp_path):
 
     # the home page is the README, with its links rewritten to the site's pages
     home = page(".")
-    assert "What is this" in home and 'href="methods/"' in home
+    assert "What is this" in home and 'href="methods/"' in home and 'href="api/rwn/"' in home
     # the API reference: a page per public module, rendered from the docstrings
     for module in docs_hooks().public_modules():
         assert f'id="rwseg.{module}"' in page(f"api/{module}"), module

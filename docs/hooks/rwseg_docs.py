@@ -132,6 +132,17 @@ def _execution_cache() -> dict:
     return holder.cache
 
 
+def link_modules(markdown: str, modules) -> str:
+    """Links each inline code span naming a public module (`` `rwseg.rwn` ``) to its API page.
+
+    Only on the home page (``index.md``); fenced code blocks are left alone.
+    """
+    pattern = re.compile(r"(?<![\[`])`rwseg\.(" + "|".join(map(re.escape, modules)) + r")`(?![`\]])")
+    parts = re.split(r"(^```.*?^```)", markdown, flags=re.S | re.M)
+    return "".join(part if part.startswith("```") else pattern.sub(r"[`rwseg.\1`](api/\1.md)", part)
+                   for part in parts)
+
+
 def _executed_notebooks() -> str:
     """A temporary folder holding ``notebooks/<name>.ipynb``, executed, for every notebook."""
     global _executed_dir
@@ -214,8 +225,10 @@ def on_files(files, config):
     from mkdocs.structure.files import File
 
     for repo_path, site_path in REPO_PAGES.items():
-        text = (ROOT / repo_path).read_text(encoding="utf-8")
-        files.append(File.generated(config, site_path, content=rewrite_links(text, repo_path, site_path)))
+        text = rewrite_links((ROOT / repo_path).read_text(encoding="utf-8"), repo_path, site_path)
+        if site_path == "index.md":
+            text = link_modules(text, public_modules())
+        files.append(File.generated(config, site_path, content=text))
     for site_path, text in _api_pages().items():
         files.append(File.generated(config, site_path, content=text))
     # A File with its own src_dir rather than File.generated: mkdocs-jupyter reads the

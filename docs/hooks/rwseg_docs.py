@@ -14,7 +14,7 @@ source:
   an overview page with each module's summary line: a new module appears by itself.
 * ``notebooks/*.ipynb`` are rendered by mkdocs-jupyter *with their outputs*. The
   notebooks are stored without outputs, so they are executed here, at build time
-  (:func:`execute_notebook`, about a minute on a CPU at ``RWSEG_NOTEBOOK_SIZE=48``),
+  (:func:`execute_notebook`, about 1.5 CPU-minutes at ``RWSEG_NOTEBOOK_SIZE=48``),
   unless the environment variable ``RWSEG_DOCS_NOTEBOOKS`` names a folder that holds
   executed copies (``tests/test_docs.py`` passes the copies that the notebook tests
   executed, so the suite runs each notebook once).

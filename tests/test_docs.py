@@ -54,6 +54,9 @@ def test_sphinx_roles_become_optional_cross_references():
         '<autoref identifier="rwseg.train.state" optional><code>state</code></autoref> and '
         '<autoref identifier="rwseg.data.IGNORE_INDEX" optional><code>rwseg.data.IGNORE_INDEX</code></autoref>; '
         '<code>plain</code>')
+    literal = 'the energy::</p>\n<div class="highlight"><pre>E = ...</pre></div> a::b'
+    assert docs_hooks().sphinx_roles_to_autorefs(literal, "rwseg") == (
+        'the energy:</p>\n<div class="highlight"><pre>E = ...</pre></div> a::b')
 
 
 def test_home_page_links_module_names_to_their_api_pages():

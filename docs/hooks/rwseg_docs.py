@@ -53,6 +53,9 @@ API_SECTION = "API reference"
 # a Sphinx role left in a docstring, as Markdown renders it: :func:<code>~rwseg.x.f</code>
 _ROLE = re.compile(r":(?:func|class|mod|data|meth|attr|exc|obj):<code>(~?)([\w.]+)</code>")
 
+# reST's literal-block marker ("text::" then an indented block), which Markdown shows as "::"
+_LITERAL_MARKER = re.compile(r"::(</p>\s*<div class=\"highlight\">)")
+
 _LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)")
 _executed_dir: str | None = None  # temporary folder of notebooks executed by this build
 
@@ -243,6 +246,9 @@ def on_files(files, config):
 def sphinx_roles_to_autorefs(html: str, module: str) -> str:
     """Turns the Sphinx roles of the docstrings (``:func:`name```) into optional cross-references.
 
+    Also drops the second colon of reST's literal-block marker (``text::`` before a code
+    block), which Markdown renders as it is.
+
     A name is taken as absolute when it starts with ``rwseg.``, else relative to the page's
     ``module``; mkdocs-autorefs links it when the site documents it and shows plain code
     otherwise (``optional``: no warning), so the docstrings keep one convention.
@@ -255,7 +261,7 @@ def sphinx_roles_to_autorefs(html: str, module: str) -> str:
         shown = name.rsplit(".", 1)[-1] if tilde else name
         return f'<autoref identifier="{identifier}" optional><code>{shown}</code></autoref>'
 
-    return _ROLE.sub(replace, html)
+    return _LITERAL_MARKER.sub(r":\1", _ROLE.sub(replace, html))
 
 
 def on_page_content(html, page, config, files):

@@ -1,6 +1,6 @@
 """Reader for the Stanford Background dataset in its ``iccv09Data`` layout.
 
-Layout (Gould et al., ICCV 2009)::
+Layout (Gould et al., ICCV 2009):
 
     <root>/images/<id>.jpg            RGB JPEG, about 320x240, variable sizes
     <root>/labels/<id>.regions.txt    H rows of W integers: 0..7 = class, negative = unknown

@@ -1,7 +1,7 @@
 """Reader for PASCAL VOC 2012 semantic segmentation (``VOCtrainval_11-May-2012``).
 
 TFDS's catalogue ``voc/2012`` holds boxes and image-level labels only (no masks), so
-rwseg builds its own TFDS dataset from the official layout::
+rwseg builds its own TFDS dataset from the official layout:
 
     <root>/JPEGImages/<id>.jpg
     <root>/SegmentationClass/<id>.png           palette PNG: 0..20 classes, 255 = border/void

@@ -246,12 +246,11 @@ def on_files(files, config):
 def sphinx_roles_to_autorefs(html: str, module: str) -> str:
     """Turns the Sphinx roles of the docstrings (``:func:`name```) into optional cross-references.
 
-    Also drops the second colon of reST's literal-block marker (``text::`` before a code
-    block), which Markdown renders as it is.
-
     A name is taken as absolute when it starts with ``rwseg.``, else relative to the page's
     ``module``; mkdocs-autorefs links it when the site documents it and shows plain code
-    otherwise (``optional``: no warning), so the docstrings keep one convention.
+    otherwise (``optional``: no warning), so the docstrings keep one convention. Also drops
+    the second colon of reST's literal-block marker (``text::`` before a code block), which
+    Markdown renders as it is.
     """
 
     def replace(match: re.Match) -> str:
@@ -265,7 +264,7 @@ def sphinx_roles_to_autorefs(html: str, module: str) -> str:
 
 
 def on_page_content(html, page, config, files):
-    """Cross-references for the Sphinx roles in the API reference pages."""
+    """Cross-references for the Sphinx roles in the API reference pages (see :func:`sphinx_roles_to_autorefs`)."""
     src = page.file.src_uri
     if not src.startswith("api/"):
         return html

@@ -13,7 +13,7 @@ from rwseg.train.config_files import load_config_file
 from rwseg.train.testing import subprocess_env, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "experiments" / "configs"
+CONFIGS = ROOT / "rwseg" / "configs"
 METHODS = sorted(METHOD_OPTIONS)
 
 

@@ -21,7 +21,7 @@ from rwseg.train.testing import run_train, subprocess_env
 from rwseg.train.trainer import MetricsWriter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "experiments" / "configs" / "baseline.py") + ":smoke"
+CONFIG = str(ROOT / "rwseg" / "configs" / "baseline.py") + ":smoke"
 
 
 def _opt(**kw):
@@ -161,7 +161,7 @@ def _smoke_setup(method, tfds_dir):
     from rwseg.train.config_files import load_config_file
     from rwseg.train.state import compute_statistics, create, source_kwargs
 
-    config = load_config_file(str(ROOT / "experiments" / "configs" / f"{method}.py"), "smoke")
+    config = load_config_file(str(ROOT / "rwseg" / "configs" / f"{method}.py"), "smoke")
     config.data.data_dir = tfds_dir
     kw = source_kwargs(config)
     setup = create(config, data.dataset_info("synthetic").num_classes,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rwseg.train.checkpoint import read_state
-from rwseg.train.testing import free_port, run_train, subprocess_env, train_command
+from _train_cli import free_port, run_train, subprocess_env, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "rwseg" / "configs" / "baseline.py") + ":smoke"

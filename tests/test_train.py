@@ -17,7 +17,7 @@ from rwseg.train.checkpoint import Checkpoints, read_state
 from rwseg.train.evaluate import markdown_table
 from rwseg.train.optim import make_optimizer, make_schedule
 from rwseg.train.panels import colorize, palette, save_panels
-from rwseg.train.testing import run_train, subprocess_env
+from _train_cli import run_train, subprocess_env
 from rwseg.train.trainer import MetricsWriter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

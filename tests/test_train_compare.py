@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from rwseg.train.testing import subprocess_env
+from _train_cli import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

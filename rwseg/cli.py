@@ -47,11 +47,12 @@ def _quiet_logs() -> None:
 _NOISE = (
     "Using custom data configuration",  # tfds, on every load of the built-in dataset's generated config
     "OpenCV is not installed",          # tfds image decoding falls back to PIL (correct, only slower)
+    "Given directory is read only",     # orbax, on every read-only CheckpointManager (rwseg evaluate)
 )
 
 
 def _drop_known_noise(record: std_logging.LogRecord) -> bool:
-    """Drop harmless tfds warnings that every run would print (shown with ``--verbosity``)."""
+    """Drop harmless tfds/orbax warnings that every run would print (shown with ``--verbosity``)."""
     return record.levelno >= std_logging.ERROR or not str(record.msg).startswith(_NOISE)
 
 

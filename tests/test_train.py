@@ -3,6 +3,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -113,6 +114,13 @@ def test_cli_train_then_evaluate(tmp_path):
     env = {"TFDS_DATA_DIR": str(tmp_path / "tfds")}  # private dataset build (pytest-xdist)
     out = run_train(CONFIG, workdir, {"num_steps": 4, "checkpoint_every": 2}, env=env, cwd=ROOT)
     assert "| baseline |" in out.stdout
+    # quiet by default: no INFO log line (orbax logs each save at INFO, absl's app would show them),
+    # and what a run prints ends with the metrics table and where the results are
+    assert not re.search(r"^I\d{4} ", out.stdout + out.stderr, re.M), (out.stdout + out.stderr)[-3000:]
+    assert "orbax" not in out.stdout + out.stderr
+    tail = [l for l in out.stdout.strip().splitlines() if l.strip()][-5:]
+    assert tail[0].startswith("| method | mIoU |") and tail[2].startswith("| baseline |"), tail
+    assert tail[3] == "(all in %)" and tail[4] == f"results and panels: {workdir / 'eval'}", tail
     config = json.loads((workdir / "config.json").read_text())
     assert config["num_steps"] == 4 and config["method"] == "baseline"
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -131,6 +139,7 @@ def test_cli_train_then_evaluate(tmp_path):
                            "--baseline_workdir", str(workdir)],
                           env=subprocess_env(1, env), capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not re.search(r"^[IW]\d{4} ", proc.stdout + proc.stderr, re.M), proc.stderr[-3000:]  # quiet too
     again = json.loads((workdir / "eval" / "metrics.json").read_text())
     for key in ("mean_iou", "fw_iou", "pixel_accuracy", "boundary_fscore"):
         assert again[key] == pytest.approx(first[key], abs=1e-6), key

@@ -71,7 +71,8 @@ def venv(tmp_path_factory) -> pathlib.Path:
     python = env_dir / "bin" / "python"
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                    env=_env()).stdout.strip()
-    here = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    here = site.getsitepackages() + [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    here = [p for p in dict.fromkeys(here) if os.path.isdir(p)]  # this environment's packages, not the checkout
     (pathlib.Path(purelib) / "_rwseg_test_dependencies.pth").write_text("\n".join(here) + "\n")
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
           str(wheel)], timeout=300)

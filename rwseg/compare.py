@@ -2,10 +2,12 @@
 dataset, evaluate them on its validation split, print a comparison table and write
 picture panels.
 
-    python -m rwseg.compare [--methods spn,dilated] [--workdir runs/main] [--steps N]
+    rwseg compare [--methods spn,dilated] [--workdir runs/main] [--steps N] [--smoke]
+    python -m rwseg.compare ...   (the same)
 
-Each method trains with its config from ``experiments/configs/<method>.py`` (``--steps``
-overrides ``num_steps``; ``--smoke`` uses the few-second configs) in
+Each method trains with its shipped config :mod:`rwseg.configs` ``.<method>`` (or
+``<config_dir>/<method>.py``; ``--steps`` overrides ``num_steps``; ``--smoke`` uses the
+few-second configs) in
 ``WORKDIR/<method>`` through :func:`rwseg.train.train_and_evaluate` — so a second call
 on the same workdir resumes or reuses finished runs. Outputs in WORKDIR:
 ``results.md`` / ``results.json`` (the table) and ``panels_<method>.png`` (image |
@@ -14,7 +16,6 @@ ground truth | baseline | method, the same validation images for every method).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -22,19 +23,33 @@ import time
 
 import numpy as np
 
-__all__ = ["DEFAULT_METHODS", "run", "main"]
+__all__ = ["DEFAULT_METHODS", "check_methods", "run"]
 
 DEFAULT_METHODS = ("spn",)
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 
-def _config(config_dir: pathlib.Path, method: str, steps: int | None, smoke: bool):
+def check_methods(methods, config_dir=None) -> None:
+    """Raise ``ValueError`` naming ``--methods`` unless every method has a config
+    (shipped, or ``<config_dir>/<method>.py``)."""
+    from rwseg import configs
+
+    if config_dir is None:
+        bad = [m for m in methods if m not in configs.NAMES]
+        if bad:
+            raise ValueError(f"--methods: expected names among {', '.join(configs.NAMES[1:])}, got {bad}")
+        return
+    missing = [str(pathlib.Path(config_dir) / f"{m}.py") for m in ["baseline", *methods]
+               if not (pathlib.Path(config_dir) / f"{m}.py").is_file()]
+    if missing:
+        raise ValueError(f"--methods/--config_dir: no config file {', '.join(missing)}")
+
+
+def _config(config_dir, method: str, steps: int | None, smoke: bool):
     from rwseg.train.config_files import load_config_file
 
-    path = config_dir / f"{method}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"--methods: no config {path} for method {method!r}")
-    config = load_config_file(str(path), "smoke" if smoke else None)
+    check_methods([method], config_dir)
+    spec = method if config_dir is None else str(pathlib.Path(config_dir) / f"{method}.py")
+    config = load_config_file(spec, "smoke" if smoke else None)
     if steps is not None:
         config.num_steps = int(steps)
         config.checkpoint_every = max(1, min(int(config.checkpoint_every), int(steps)))
@@ -42,8 +57,11 @@ def _config(config_dir: pathlib.Path, method: str, steps: int | None, smoke: boo
 
 
 def run(methods=DEFAULT_METHODS, *, workdir="runs/main", steps: int | None = None, smoke: bool = False,
-        config_dir=CONFIG_DIR, progress: bool = True) -> dict:
-    """Train + evaluate ``baseline`` and ``methods``; returns {method: metrics}."""
+        config_dir=None, progress: bool = True) -> dict:
+    """Train + evaluate ``baseline`` and ``methods``; returns {method: metrics}.
+
+    ``config_dir``: a folder of ``<method>.py`` config files (default: the shipped
+    :mod:`rwseg.configs`)."""
     from rwseg.train.evaluate import markdown_table
     from rwseg.train.panels import save_panels
     from rwseg.train.trainer import train_and_evaluate
@@ -52,7 +70,7 @@ def run(methods=DEFAULT_METHODS, *, workdir="runs/main", steps: int | None = Non
     names = ["baseline"] + [m for m in methods if m != "baseline"]
     results, panels, widths, num_classes = {}, {}, None, None
     for name in names:
-        config = _config(pathlib.Path(config_dir), name, steps, smoke)
+        config = _config(config_dir, name, steps, smoke)
         config.progress = progress and config.progress
         widths = config.trimap_widths
         t0 = time.perf_counter()
@@ -85,24 +103,7 @@ def run(methods=DEFAULT_METHODS, *, workdir="runs/main", steps: int | None = Non
     return results
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rwseg.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="comma-separated methods among rwn, rawks, spn, gcrf, dilated (default: %(default)s)")
-    parser.add_argument("--workdir", default="runs/main")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per method (default: each config's)")
-    parser.add_argument("--smoke", action="store_true", help="few-second configs (tiny model, 32x32 images)")
-    parser.add_argument("--config_dir", default=str(CONFIG_DIR))
-    parser.add_argument("--no_progress", action="store_true")
-    args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    run(methods, workdir=args.workdir, steps=args.steps, smoke=args.smoke, config_dir=args.config_dir,
-        progress=not args.no_progress)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from rwseg.cli import run_command
+
+    sys.exit(run_command("compare", prog="python -m rwseg.compare"))

@@ -74,7 +74,7 @@ def probe(mesh):
 
 
 def run(method, steps, mesh):
-    config = load_config_file(str(ROOT / "experiments" / "configs" / f"{method}.py"), "smoke")
+    config = load_config_file(str(ROOT / "rwseg" / "configs" / f"{method}.py"), "smoke")
     config.batch_size = BATCH
     host = host_batch(config)
     setup = create(config, NUM_CLASSES, dataset_statistics(config, host["label"]))

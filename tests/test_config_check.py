@@ -10,10 +10,10 @@ import pytest
 
 from rwseg.train.config_check import HARMLESS_KEYS, METHOD_OPTIONS, ConfigError, check_config, config_changes
 from rwseg.train.config_files import load_config_file
-from rwseg.train.testing import subprocess_env, train_command
+from _train_cli import subprocess_env, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "experiments" / "configs"
+CONFIGS = ROOT / "rwseg" / "configs"
 METHODS = sorted(METHOD_OPTIONS)
 
 

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from rwseg import rwn, stencil
 from rwseg.models.device_local import batch_axis, current_batch_axis, map_examples
 from rwseg.train import parallel
-from rwseg.train.testing import subprocess_env
+from _train_cli import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "_device_local_steps.py"

@@ -35,7 +35,7 @@ def _source(shapes, seed=0):
 
 @pytest.fixture(scope="module")
 def model():
-    config = load_config_file(str(ROOT / "experiments" / "configs" / "baseline.py"), "smoke")
+    config = load_config_file(str(ROOT / "rwseg" / "configs" / "baseline.py"), "smoke")
     config.eval_batches = 0
     config.eval_batch_size = 2
     setup = create(config, NUM_CLASSES, {})

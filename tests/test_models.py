@@ -15,7 +15,7 @@ from rwseg.models.common import avg_pool, cross_entropy, subsample_labels, subsa
 from rwseg.train.config_files import load_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "experiments" / "configs"
+CONFIGS = ROOT / "rwseg" / "configs"
 
 
 def smoke(method):

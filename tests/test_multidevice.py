@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from rwseg.train.checkpoint import read_state
-from rwseg.train.testing import free_port, run_train, subprocess_env, train_command
+from _train_cli import free_port, run_train, subprocess_env, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "experiments" / "configs" / "baseline.py") + ":smoke"
+CONFIG = str(ROOT / "rwseg" / "configs" / "baseline.py") + ":smoke"
 # 2 steps, global batch 8 (divisible by 8 devices and 2 processes), no evaluation
 OVERRIDES = {"num_steps": 2, "batch_size": 8, "eval_at_end": False, "checkpoint_every": 2}
 
@@ -98,7 +98,7 @@ def test_two_processes_match_one(tmp_path, one_device, cache_env):
 def test_two_processes_run_device_local_solvers(tmp_path, cache_env):
     """RWN on two processes: the evaluation's converged walk runs under ``jax.shard_map``
     across processes (one device each) and its diagnostics reach the metrics."""
-    config = str(ROOT / "experiments" / "configs" / "rwn.py") + ":smoke"
+    config = str(ROOT / "rwseg" / "configs" / "rwn.py") + ":smoke"
     overrides = dict(OVERRIDES, eval_at_end=True, eval_batch_size=8)
     # build the smoke dataset first: two processes building it at once race on the rename
     from rwseg import data

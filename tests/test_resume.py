@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from rwseg.train.checkpoint import read_state
-from rwseg.train.testing import run_train, subprocess_env, train_command
+from _train_cli import run_train, subprocess_env, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "experiments" / "configs" / "baseline.py") + ":smoke"
+CONFIG = str(ROOT / "rwseg" / "configs" / "baseline.py") + ":smoke"
 STEPS = 200
 OVERRIDES = {"num_steps": STEPS, "checkpoint_every": 10, "log_every": 10, "eval_at_end": False}
 

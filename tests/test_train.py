@@ -3,6 +3,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -17,11 +18,11 @@ from rwseg.train.checkpoint import Checkpoints, read_state
 from rwseg.train.evaluate import markdown_table
 from rwseg.train.optim import make_optimizer, make_schedule
 from rwseg.train.panels import colorize, palette, save_panels
-from rwseg.train.testing import run_train, subprocess_env
+from _train_cli import run_train, subprocess_env
 from rwseg.train.trainer import MetricsWriter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "experiments" / "configs" / "baseline.py") + ":smoke"
+CONFIG = str(ROOT / "rwseg" / "configs" / "baseline.py") + ":smoke"
 
 
 def _opt(**kw):
@@ -113,6 +114,13 @@ def test_cli_train_then_evaluate(tmp_path):
     env = {"TFDS_DATA_DIR": str(tmp_path / "tfds")}  # private dataset build (pytest-xdist)
     out = run_train(CONFIG, workdir, {"num_steps": 4, "checkpoint_every": 2}, env=env, cwd=ROOT)
     assert "| baseline |" in out.stdout
+    # quiet by default: no INFO log line (orbax logs each save at INFO, absl's app would show them),
+    # and what a run prints ends with the metrics table and where the results are
+    assert not re.search(r"^I\d{4} ", out.stdout + out.stderr, re.M), (out.stdout + out.stderr)[-3000:]
+    assert "orbax" not in out.stdout + out.stderr
+    tail = [l for l in out.stdout.strip().splitlines() if l.strip()][-5:]
+    assert tail[0].startswith("| method | mIoU |") and tail[2].startswith("| baseline |"), tail
+    assert tail[3] == "(all in %)" and tail[4] == f"results and panels: {workdir / 'eval'}", tail
     config = json.loads((workdir / "config.json").read_text())
     assert config["num_steps"] == 4 and config["method"] == "baseline"
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -131,6 +139,7 @@ def test_cli_train_then_evaluate(tmp_path):
                            "--baseline_workdir", str(workdir)],
                           env=subprocess_env(1, env), capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not re.search(r"^[IW]\d{4} ", proc.stdout + proc.stderr, re.M), proc.stderr[-3000:]  # quiet too
     again = json.loads((workdir / "eval" / "metrics.json").read_text())
     for key in ("mean_iou", "fw_iou", "pixel_accuracy", "boundary_fscore"):
         assert again[key] == pytest.approx(first[key], abs=1e-6), key
@@ -161,7 +170,7 @@ def _smoke_setup(method, tfds_dir):
     from rwseg.train.config_files import load_config_file
     from rwseg.train.state import compute_statistics, create, source_kwargs
 
-    config = load_config_file(str(ROOT / "experiments" / "configs" / f"{method}.py"), "smoke")
+    config = load_config_file(str(ROOT / "rwseg" / "configs" / f"{method}.py"), "smoke")
     config.data.data_dir = tfds_dir
     kw = source_kwargs(config)
     setup = create(config, data.dataset_info("synthetic").num_classes,

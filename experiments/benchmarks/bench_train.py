@@ -1,6 +1,6 @@
 """Training-throughput benchmark (issue 8.6): one training step of every method vs the baseline.
 
-For the baseline and every method (``experiments/configs/<method>.py``, default
+For the baseline and every method (``rwseg/configs/<method>.py``, default
 settings, training crops ``--crop`` = 128, global batch ``--batch`` = 8), builds the
 real train step of :func:`rwseg.train.state.make_train_step` (forward + backward +
 optimizer update, ``jax.jit`` over a 1-device mesh) and reports the median wall time of
@@ -40,12 +40,11 @@ from rwseg.train import parallel  # noqa: E402
 from rwseg.train.config_files import load_config_file  # noqa: E402
 from rwseg.train.state import create, make_train_step  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ("baseline", "spn", "rwn", "gcrf", "dilated", "rawks")
 
 
 def method_config(method: str, crop: int, batch: int):
-    config = load_config_file(os.path.join(ROOT, "experiments", "configs", f"{method}.py"))
+    config = load_config_file(method)
     config.data.crop_size = crop
     config.batch_size = batch
     return config

@@ -13,9 +13,7 @@ The data folder comes from ``$RWSEG_STANFORD_DIR`` or ``--config.data.manual_dir
 Evaluation covers the whole validation split (``eval_batches = 0``), the benchmark setting.
 """
 
-from rwseg.train.config_files import sibling
-
-common = sibling(__file__, "common")
+from rwseg.configs import common
 
 
 def get_config(arg=None):

@@ -1,4 +1,4 @@
-"""Training and evaluation: ``python -m rwseg.train --config experiments/configs/<method>.py --workdir DIR``.
+"""Training and evaluation: ``rwseg train --config <method>[:smoke] --workdir DIR`` (:mod:`rwseg.cli`).
 
 Modules: :mod:`~rwseg.train.trainer` (the loop), :mod:`~rwseg.train.state` (model,
 train state, pure jitted step), :mod:`~rwseg.train.parallel` (mesh, sharding,

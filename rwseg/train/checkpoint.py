@@ -24,7 +24,6 @@ warning that they are unverified.
 from __future__ import annotations
 
 import hashlib
-import json
 import pathlib
 import shutil
 import time
@@ -118,14 +117,38 @@ def _handlers() -> dict:
     return {STATE_ITEM: ocp.StandardCheckpointHandler(), CHECKSUM_ITEM: ocp.JsonCheckpointHandler()}
 
 
-def _step_records_checksum(step_dir: pathlib.Path) -> bool:
-    """Whether the step's orbax metadata says a checksum item was saved (a damaged or
-    unreadable metadata file counts as yes: it is then verified, and fails, like the rest)."""
+def _step_records_checksum(manager, step: int) -> bool:
+    """Whether the step's orbax metadata says a checksum item was saved (damaged or
+    unreadable metadata counts as yes: it is then verified, and fails, like the rest)."""
     try:
-        meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
-        return CHECKSUM_ITEM in (meta.get("item_handlers") or {})
-    except (OSError, ValueError, AttributeError):
+        return CHECKSUM_ITEM in (manager.metadata(step).item_handlers or {})
+    except Exception:  # noqa: BLE001 - unreadable step metadata is damage, found by the restore
         return True
+
+
+def _restore_verified(manager, step: int, template, *, verify: bool = True, log=print):
+    """Restore ``step`` of ``manager`` into ``template`` (abstract arrays) and check its checksum.
+
+    Raises :class:`DamagedCheckpointError` (message starting with the step directory) for a
+    mismatch or a missing checksum item that the step's metadata records; a checkpoint of an
+    older rwseg without checksums is restored with a warning through ``log``. ``verify=False``
+    restores the arrays only.
+    """
+    step_dir = pathlib.Path(manager.directory) / str(step)
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_like(template))}
+    has_checksum = verify and CHECKSUM_ITEM in manager.item_metadata(step)
+    if has_checksum:
+        items[CHECKSUM_ITEM] = ocp.args.JsonRestore()
+    elif verify and _step_records_checksum(manager, step):
+        raise DamagedCheckpointError(f"{step_dir}: its checksum item {step_dir / CHECKSUM_ITEM} is missing")
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    state = restored[STATE_ITEM]
+    if has_checksum:
+        verify_digest(state, restored[CHECKSUM_ITEM], step_dir)
+    elif verify:
+        log(f"rwseg.train: WARNING: checkpoint {step_dir} has no checksum (saved by an older "
+            "rwseg); restored without verification")
+    return state
 
 
 def _compare_structure(manager, step: int, template) -> None:
@@ -181,13 +204,15 @@ class Checkpoints:
         self.read_only = read_only
         self.log = log or (lambda msg: print(msg, flush=True))
         common = dict(create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only)
+        if read_only:  # what orbax would otherwise reset, with a warning each
+            common.update(save_interval_steps=0)
         self.latest = ocp.CheckpointManager(
             self.root / "checkpoints", item_handlers=_handlers(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **common))
+            options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, **common))
         self.best = ocp.CheckpointManager(
             self.root / "best", item_handlers=_handlers(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: float(m["mean_iou"]),
-                                                 best_mode="max", **common))
+            options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else 1,
+                                                 best_fn=lambda m: float(m["mean_iou"]), best_mode="max", **common))
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -209,22 +234,8 @@ class Checkpoints:
         self.best.save(step, args=self._args(state), metrics={"mean_iou": float(mean_iou)}, force=True)
 
     def _restore_verified(self, manager, step: int, template):
-        step_dir = pathlib.Path(manager.directory) / str(step)
         _compare_structure(manager, step, template)
-        has_checksum = (step_dir / CHECKSUM_ITEM).exists()
-        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_like(template))}
-        if has_checksum:
-            items[CHECKSUM_ITEM] = ocp.args.JsonRestore()
-        elif _step_records_checksum(step_dir):
-            raise DamagedCheckpointError(f"{step_dir}: its checksum item {step_dir / CHECKSUM_ITEM} is missing")
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
-        state = restored[STATE_ITEM]
-        if has_checksum:
-            verify_digest(state, restored[CHECKSUM_ITEM], step_dir)
-        else:
-            self.log(f"rwseg.train: WARNING: checkpoint {step_dir} has no checksum (saved by an older "
-                     "rwseg); restored without verification")
-        return state
+        return _restore_verified(manager, step, template, log=self.log)
 
     def restore(self, template, *, which: str = "latest", step: int | None = None):
         """Restore the newest intact checkpoint into the structure/shardings of ``template``.
@@ -306,36 +317,46 @@ class Checkpoints:
 def read_state(workdir, *, which: str = "latest", step: int | None = None, verify: bool = True) -> tuple[int, dict]:
     """(step, state as numpy arrays) of a saved run, whatever device topology saved it.
 
-    For inspection (tests, notebooks): restores every array onto the first local device
-    and converts it to numpy. ``which``: ``"latest"`` (periodic) or ``"best"``. With
-    ``verify`` (default) the arrays are checked against the checkpoint's recorded
-    checksum (:class:`DamagedCheckpointError` on a mismatch; none recorded: not checked).
+    For inspection (tests, notebooks), through orbax's API: the step comes from the
+    CheckpointManager (``which="latest"``: the periodic checkpoints; ``"best"``: the best
+    one), the array tree, shapes and dtypes from its item metadata, and every array is
+    restored onto the first local device and converted to numpy. With ``verify`` (default)
+    the arrays are checked against the checkpoint's recorded checksum, as
+    :meth:`Checkpoints.restore` does (none recorded: not checked). Nothing is moved or
+    cleaned up.
+
+    Raises:
+      FileNotFoundError: no finished checkpoint (``which``) in ``workdir``.
+      DamagedCheckpointError: the checkpoint cannot be read or does not match its checksum
+        (the message starts with the step directory).
     """
     if which not in ("latest", "best"):
         raise ValueError(f"which: expected 'latest' or 'best', got {which!r}")
     root = pathlib.Path(workdir).absolute() / ("checkpoints" if which == "latest" else "best")
-    if step is None:
-        steps = [int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / STATE_ITEM).is_dir()]
-        if not steps:
-            raise FileNotFoundError(f"workdir: no finished checkpoint under {root}")
-        step = max(steps) if which == "latest" else None
-        if step is None:
-            manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
-            step = manager.best_step() or max(steps)
-    step_dir = root / str(step)
+    if not root.is_dir():
+        raise FileNotFoundError(f"workdir: no finished checkpoint under {root}")
+    ckpts = Checkpoints(workdir, read_only=True)
     try:
-        checkpointer = ocp.StandardCheckpointer()
-        meta = checkpointer.metadata(step_dir / STATE_ITEM)
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
-        state = jax.tree.map(np.asarray, checkpointer.restore(step_dir / STATE_ITEM, target))
-        checksum = step_dir / CHECKSUM_ITEM / "metadata"
-        if verify and checksum.exists():
-            verify_digest(state, json.loads(checksum.read_text()), step_dir)
-    except DamagedCheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - name the checkpoint whatever orbax/TensorStore/JSON says
-        raise DamagedCheckpointError(f"{step_dir}: {_reason(e, step_dir)}") from e
-    return step, state
+        manager = ckpts.latest if which == "latest" else ckpts.best
+        if step is None:
+            step = manager.best_step() if which == "best" else manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"workdir: no finished checkpoint under {root}")
+        step_dir = pathlib.Path(manager.directory) / str(step)
+        try:
+            meta = manager.item_metadata(step)
+            tree = meta.get(STATE_ITEM) if hasattr(meta, "get") else None
+            tree = getattr(tree, "tree", tree)
+            if tree is None:
+                raise DamagedCheckpointError(f"{step_dir}: the array metadata of {step_dir / STATE_ITEM} is "
+                                             "missing or unreadable")
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+            state = jax.tree.map(np.asarray, _restore_verified(manager, step, target, verify=verify))
+        except DamagedCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - name the checkpoint whatever orbax/TensorStore/JSON says
+            raise DamagedCheckpointError(f"{step_dir}: {_reason(e, step_dir)}") from e
+    finally:
+        ckpts.close()
+    return int(step), state

@@ -261,7 +261,7 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
     """Validate a training config (and ``workdir``) before anything is built.
 
     Args:
-      config: the ``ml_collections.ConfigDict`` of experiments/configs/<method>.py.
+      config: the ``ml_collections.ConfigDict`` of rwseg/configs/<method>.py.
       workdir: the run directory (checked to be a directory or creatable), optional.
       num_devices, num_processes: for the batch-size checks (default: ``jax.device_count()``
         and ``jax.process_count()``).
@@ -336,7 +336,7 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
         if options and section is _MISSING:
             errors.append(f"config.{method}: method {method!r} reads its options from config.{method} "
                           f"({', '.join(options)}), which this config does not have; start from "
-                          f"experiments/configs/{method}.py")
+                          f"rwseg/configs/{method}.py")
         elif options:
             m = {name: check(f"{method}.{name}", pred) for name, pred in options.items()}
             if norm == "group" and method in ("rawks", "spn") and m["width"] is not _MISSING and m["depth"]:

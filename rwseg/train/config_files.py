@@ -1,39 +1,61 @@
-"""Helpers for ml_collections config files (experiments/configs/*.py).
+"""Loading ml_collections config files: shipped ones by name, any other by path.
 
-Config files are loaded by path (``--config experiments/configs/spn.py``), not as a
-package, so they import their shared module with :func:`sibling`.
+A config is a Python file defining ``get_config(arg=None)``. The method configs ship in
+:mod:`rwseg.configs` and are named (``spn``, ``spn:smoke``); experiment configs anywhere
+else are given by path (``experiments/configs/stanford_baseline.py``) and import the
+shared fields with ``from rwseg.configs import common``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import pathlib
-import sys
-import types
 
 import ml_collections
 
-__all__ = ["sibling", "load_config_file"]
+from rwseg import configs
+
+__all__ = ["resolve", "load_config_file"]
 
 
-def sibling(file: str, name: str) -> types.ModuleType:
-    """Import ``<dir of file>/<name>.py`` as a module (cached under a path-unique name)."""
-    path = pathlib.Path(file).resolve().with_name(f"{name}.py")
-    key = f"_rwseg_config_{abs(hash(str(path)))}_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, path)
-    if spec is None or not path.exists():
-        raise FileNotFoundError(f"config helper module not found: {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module
+def resolve(spec: str) -> str:
+    """The file (and ``:arg``) a ``--config`` value means.
+
+    ``spec`` is ``NAME[:arg]`` for a shipped config (:data:`rwseg.configs.NAMES`) or
+    ``PATH[:arg]`` for a file. An existing file wins over a name; a path
+    ``.../rwseg/configs/NAME.py`` that does not exist here (run outside a checkout) means the
+    shipped ``NAME``. Returns ``"/abs/path/NAME.py[:arg]"``.
+
+    Raises:
+      FileNotFoundError: neither a file nor a shipped config name (the message lists the names).
+    """
+    spec = str(spec)
+    where, sep, arg = spec.partition(":")
+    candidate = pathlib.Path(where)
+    if candidate.is_file():
+        found = candidate.resolve()
+    elif where in configs.NAMES:
+        found = configs.path(where)
+    elif candidate.parent.parts[-2:] == ("rwseg", "configs") and candidate.stem in configs.NAMES:
+        found = configs.path(candidate.stem)
+    else:
+        raise FileNotFoundError(f"config: {where!r} is neither a config file nor a shipped config name "
+                                f"(expected a path to a .py file or one of {', '.join(configs.NAMES)})")
+    return f"{found}{sep}{arg}"
 
 
-def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of a config file given by path (``path:arg`` also accepted)."""
-    if arg is None and ":" in str(path):
-        path, arg = str(path).split(":", 1)
-    module = sibling(str(pathlib.Path(path).resolve().parent / "x.py"), pathlib.Path(path).stem)
+def load_config_file(spec: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of a config given by name or path (``NAME:arg`` / ``PATH:arg`` accepted).
+
+    Shipped configs are imported as the modules ``rwseg.configs.<name>``; other files are
+    executed as a fresh module each time (nothing is added to ``sys.modules``).
+    """
+    path, _, suffix = resolve(spec).partition(":")
+    arg = suffix or arg
+    path = pathlib.Path(path)
+    if path.parent == configs.DIRECTORY and path.stem in configs.NAMES:
+        return configs.get_config(path.stem, arg)
+    spec_ = importlib.util.spec_from_file_location(f"rwseg_config_file_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
     return module.get_config(arg) if arg is not None else module.get_config()

@@ -1,6 +1,6 @@
 """Evaluation of a trained run: metrics table (JSON + markdown) and PNG panels.
 
-``python -m rwseg.evaluate --workdir DIR [--checkpoint best|latest] [--baseline_workdir B] [--eval_batches N]``
+``rwseg evaluate --workdir DIR [--checkpoint best|latest] [--baseline_workdir B] [--eval_batches N]``
 reads ``DIR/config.json`` (written by ``rwseg.train``), restores the checkpoint and
 evaluates on ``config.data.eval_split``. Outputs, in ``DIR/eval/``:
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +51,7 @@ from rwseg.train.panels import save_panels
 from rwseg.train.state import merge
 
 __all__ = ["make_eval_step", "shape_groups", "eval_batches", "evaluate", "evaluate_propagation", "summarize_counts",
-           "markdown_table", "write_results", "load_run", "predict_panels", "main"]
+           "markdown_table", "write_results", "load_run", "predict_panels", "evaluate_run"]
 
 
 def make_eval_step(graphdef, mesh, num_classes: int, widths, tolerance):
@@ -353,26 +352,3 @@ def _baseline_predictions(baseline_workdir, mesh, panels, config):
         batch = np.concatenate([batch, np.repeat(batch[-1:], fill, axis=0)]).astype(np.float32)
         out[idx, :h, :w] = predict_panels(b_config, b_setup, b_state, mesh, batch)[: len(idx)]
     return out
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m rwseg.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="run directory written by `python -m rwseg.train`")
-    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"))
-    parser.add_argument("--baseline_workdir", default="", help="add this run's predictions as the panels' baseline column")
-    parser.add_argument("--eval_batches", type=int, default=None,
-                        help="evaluate the first N * eval_batch_size images (0 = the whole split; default: the run's config)")
-    args = parser.parse_args(argv)
-    if args.eval_batches is not None and args.eval_batches < 0:
-        parser.error(f"--eval_batches: expected an integer >= 0, got {args.eval_batches}")
-    result, out = evaluate_run(args.workdir, checkpoint=args.checkpoint, baseline_workdir=args.baseline_workdir,
-                               eval_batches=args.eval_batches)
-    print((out / "metrics.md").read_text())
-    print(f"results: {out / 'metrics.json'}; panels: {out / 'panels.png'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,6 @@
 """Baseline: the backbone alone, 1/8 logits bilinearly upsampled (softmax loss)."""
 
-from rwseg.train.config_files import sibling
-
-common = sibling(__file__, "common")
+from rwseg.configs import common
 
 
 def get_config(arg=None):

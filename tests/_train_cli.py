@@ -1,7 +1,5 @@
-"""Helpers to run the training CLI in subprocesses (fake CPU devices, several processes).
-
-Used by the test suite and handy for checking a config on "8 devices" on a laptop:
-``run_train(config_path, workdir, overrides, devices=8)``.
+"""Test helpers: run the training CLI (``python -m rwseg.train``) in subprocesses, with
+fake CPU devices or several processes: ``run_train(config, workdir, overrides, devices=8)``.
 """
 
 from __future__ import annotations

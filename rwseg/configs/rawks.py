@@ -3,9 +3,7 @@ scribbles with the uncertainty-weighted loss (eq. 11)."""
 
 import ml_collections
 
-from rwseg.train.config_files import sibling
-
-common = sibling(__file__, "common")
+from rwseg.configs import common
 
 
 def get_config(arg=None):

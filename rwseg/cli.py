@@ -1,0 +1,313 @@
+"""The ``rwseg`` command line: ``rwseg train|evaluate|compare|bench [flags]``.
+
+One flag library for every subcommand: absl flags, with ml_collections' config flags for
+``--config``. ``rwseg --help`` lists the subcommands, ``rwseg <command> --help`` its
+flags. ``python -m rwseg.train``, ``python -m rwseg.evaluate`` and ``python -m
+rwseg.compare`` run the same code as ``rwseg train|evaluate|compare``.
+
+Logging is quiet by default: library, orbax and absl logs are shown from WARNING up
+(what a run prints is its progress bar and the final metrics table); ``--verbosity 0``
+(``-v 0``) shows INFO logs, ``--verbosity 1`` and up debug logs.
+
+Flags are defined only for the subcommand being run (:func:`run_command`), so importing
+rwseg (or this module) never adds flags to ``absl.flags.FLAGS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging as std_logging
+import os
+import sys
+from typing import Callable
+
+__all__ = ["COMMANDS", "main", "run_command"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    summary: str
+    usage: str
+    define: Callable[[], None]
+    run: Callable[[list, str], int | None]
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def _quiet_logs() -> None:
+    """Library/orbax/absl logs at WARNING unless ``--verbosity``/``-v`` was given."""
+    from absl import flags, logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+        logging.get_absl_handler().addFilter(_drop_known_noise)
+
+
+_NOISE = (
+    "Using custom data configuration",  # tfds, on every load of the built-in dataset's generated config
+    "OpenCV is not installed",          # tfds image decoding falls back to PIL (correct, only slower)
+    "Given directory is read only",     # orbax, on every read-only CheckpointManager (rwseg evaluate)
+)
+
+
+def _drop_known_noise(record: std_logging.LogRecord) -> bool:
+    """Drop harmless tfds/orbax warnings that every run would print (shown with ``--verbosity``)."""
+    return record.levelno >= std_logging.ERROR or not str(record.msg).startswith(_NOISE)
+
+
+def _fail(prog: str, message) -> None:
+    sys.exit(f"{prog}: error: {message}")
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _define_train() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "Config: a shipped method name (baseline, spn, rwn, gcrf, dilated, rawks) or the path "
+        "of a config file, with an optional ':smoke' (few-second run); --config.key=value overrides a field.",
+        lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, panels); resumes if it has checkpoints.")
+    flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
+                        "host:port of process 0 for multi-host runs (default: $JAX_COORDINATOR_ADDRESS).")
+    flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+                         "Number of processes (default: $JAX_NUM_PROCESSES or 1).", lower_bound=1)
+    flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
+                         "This process's index (default: $JAX_PROCESS_ID or 0).", lower_bound=0)
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _run_train(argv, prog) -> int:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        _fail(prog, f"unexpected arguments: {argv[1:]}")
+    from rwseg.train.parallel import initialize
+
+    initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from rwseg.train.checkpoint import CheckpointMismatchError, NoIntactCheckpointError
+    from rwseg.train.config_check import ConfigError, check_config
+    from rwseg.train.evaluate import markdown_table
+    from rwseg.train.trainer import train_and_evaluate
+
+    try:  # user errors: one clear message, no traceback, exit status 1
+        check_config(FLAGS.config, workdir=FLAGS.workdir)
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, NoIntactCheckpointError, CheckpointMismatchError) as e:
+        _fail(prog, e)
+    if result:
+        print(markdown_table([(FLAGS.config.method, result)], FLAGS.config.trimap_widths))
+        print(f"results and panels: {os.path.join(FLAGS.workdir, 'eval')}")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _define_evaluate() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "Run directory written by `rwseg train`.")
+    flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to evaluate.")
+    flags.DEFINE_string("baseline_workdir", "", "Add this run's predictions as the panels' baseline column.")
+    flags.DEFINE_integer("eval_batches", None, "Evaluate the first N * eval_batch_size images (0 = the whole "
+                         "split; default: the run's config).", lower_bound=0)
+    flags.mark_flag_as_required("workdir")
+
+
+def _run_evaluate(argv, prog) -> int:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        _fail(prog, f"unexpected arguments: {argv[1:]}")
+    from rwseg.train.evaluate import evaluate_run
+
+    try:
+        _, out = evaluate_run(FLAGS.workdir, checkpoint=FLAGS.checkpoint, baseline_workdir=FLAGS.baseline_workdir,
+                              eval_batches=FLAGS.eval_batches)
+    except FileNotFoundError as e:
+        _fail(prog, e)
+    print((out / "metrics.md").read_text())
+    print(f"results: {out / 'metrics.json'}; panels: {out / 'panels.png'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _define_compare() -> None:
+    from absl import flags
+
+    from rwseg.compare import DEFAULT_METHODS
+
+    flags.DEFINE_list("methods", list(DEFAULT_METHODS),
+                      "Comma-separated methods among spn, rwn, gcrf, dilated, rawks (the baseline always runs).")
+    flags.DEFINE_string("workdir", "runs/main", "Output directory (one run directory per method, the table, panels).")
+    flags.DEFINE_integer("steps", None, "Training steps per method (default: each config's).", lower_bound=1)
+    flags.DEFINE_boolean("smoke", False, "Few-second configs (tiny model, 32x32 images, 5 steps).")
+    flags.DEFINE_string("config_dir", "", "Directory of <method>.py config files (default: the shipped "
+                        "rwseg.configs).")
+    flags.DEFINE_boolean("no_progress", False, "No progress bars.")
+
+
+def _run_compare(argv, prog) -> int:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        _fail(prog, f"unexpected arguments: {argv[1:]}")
+    from rwseg import compare
+
+    methods = [m.strip() for m in FLAGS.methods if m.strip()]
+    try:
+        compare.check_methods(methods, FLAGS.config_dir or None)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(prog, e)
+    compare.run(methods, workdir=FLAGS.workdir, steps=FLAGS.steps, smoke=FLAGS.smoke,
+                config_dir=FLAGS.config_dir or None, progress=not FLAGS.no_progress)
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _define_bench() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("benchmarks_dir", "", "Folder of the bench_<name>.py scripts (default: "
+                        "experiments/benchmarks of the source checkout holding the installed rwseg, or of the "
+                        "current directory or one of its parents).")
+
+
+def _run_bench(argv, prog) -> int:
+    from absl import flags
+
+    from rwseg import bench
+
+    try:
+        scripts = bench.find_benchmarks(flags.FLAGS.benchmarks_dir or None)
+    except FileNotFoundError as e:
+        _fail(prog, e)
+    if len(argv) < 2:
+        print(f"usage: {prog} NAME [-- script flags]; benchmarks in {next(iter(scripts.values())).parent}:")
+        for name, path in scripts.items():
+            print(f"  {name:14s} {bench.summary(path)}")
+        return 0
+    name, rest = argv[1], argv[2:]
+    if name not in scripts:
+        _fail(prog, f"benchmark: expected one of {', '.join(scripts)}, got {name!r}")
+    return bench.run_script(scripts[name], rest)
+
+
+COMMANDS = {
+    "train": Command("train one method (and evaluate it)",
+                     "--config NAME|PATH[:smoke] --workdir DIR [--config.key=value ...]", _define_train, _run_train),
+    "evaluate": Command("evaluate a saved run: metrics table and panels",
+                        "--workdir DIR [--checkpoint best|latest] [--baseline_workdir DIR] [--eval_batches N]",
+                        _define_evaluate, _run_evaluate),
+    "compare": Command("the main job: train + evaluate the baseline and methods, print the table",
+                       "[--methods spn,rwn] [--workdir runs/main] [--steps N] [--smoke]", _define_compare,
+                       _run_compare),
+    "bench": Command("run a benchmark script of a source checkout (experiments/benchmarks/)",
+                     "[NAME [-- script flags]] [--benchmarks_dir DIR]", _define_bench, _run_bench),
+}
+
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
+
+
+def _command_help(prog: str, command: Command) -> str:
+    from absl import flags
+
+    listing = "\n".join(l for l in flags.FLAGS.module_help(__name__).splitlines()
+                         if l.strip() and l.strip() != f"{__name__}:")  # drop absl's module heading
+    return (f"usage: {prog} {command.usage}\n\n{command.summary}.\n\nflags:\n{listing}\n"
+            "  --verbosity, -v: logging level: -1 (warnings, the default of rwseg), 0 (info), 1+ (debug)\n"
+            "    (--helpfull lists every flag, absl's and jax's included)\n")
+
+
+def _resolve_config_argv(argv: list, prog: str) -> list:
+    """``--config NAME[:arg]`` / ``--config=...`` -> the file it names (:func:`rwseg.train.config_files.resolve`),
+    since ml_collections' config flag only takes paths."""
+    from rwseg.train.config_files import resolve
+
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out += argv[i:]
+            break
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            value, head, i = argv[i + 1], [arg], i + 2
+        elif arg.startswith(("--config=", "-config=")):
+            head, value, i = [], arg.split("=", 1)[1], i + 1
+            arg = arg.split("=", 1)[0]
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        try:
+            value = resolve(value)
+        except FileNotFoundError as e:
+            _fail(prog, f"--config: {e}")
+        out += head + [value] if head else [f"{arg}={value}"]
+    return out
+
+
+def run_command(name: str, argv: list | None = None, *, prog: str | None = None) -> int:
+    """Run subcommand ``name`` with ``argv`` (default ``sys.argv[1:]``) under ``absl.app``;
+    exits the process with the command's status (as ``absl.app.run`` does)."""
+    from absl import app
+
+    command = COMMANDS[name]
+    prog = prog or f"rwseg {name}"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command.define()
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    if any(a in HELP_FLAGS for a in head):
+        print(_command_help(prog, command))
+        sys.exit(0)
+    if name == "train":
+        argv = _resolve_config_argv(argv, prog)
+
+    def main(args):
+        _quiet_logs()
+        return command.run(args, prog)
+
+    app.run(main, argv=[prog] + argv)
+    return 0  # not reached: app.run exits
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {n:{width}s}  {c.summary}" for n, c in COMMANDS.items()]
+    return ("usage: rwseg COMMAND [flags]   (rwseg COMMAND --help: the command's flags)\n\n"
+            "rwseg: affinity-based segmentation operators in JAX; training, evaluation, comparison, benchmarks.\n\n"
+            "commands:\n" + "\n".join(lines) + "\n\n"
+            "examples:\n"
+            "  rwseg compare --smoke                             # seconds: baseline vs spn, tiny configs\n"
+            "  rwseg train --config spn --workdir runs/spn --config.num_steps=1000\n"
+            "  rwseg evaluate --workdir runs/spn --baseline_workdir runs/baseline\n"
+            "  rwseg bench stencil -- --repeats 5\n")
+
+
+def main(argv: list | None = None) -> int:
+    """``rwseg COMMAND [flags]`` (the console script)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in HELP_FLAGS:
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"rwseg: error: unknown command {argv[0]!r} (expected one of {', '.join(COMMANDS)})\n\n{_usage()}",
+              file=sys.stderr)
+        return 2
+    return run_command(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,13 +25,33 @@ def _shape(x) -> tuple[int, ...]:
 
 
 def check_rank(name: str, x, rank: int, layout: str) -> None:
-    """Raise ``ValueError`` unless ``x.ndim == rank``; ``layout`` is e.g. ``"(H, W, C)"``."""
+    """Checks an array's rank.
+
+    Args:
+        name: the argument's name, for the message.
+        x: the array.
+        rank: the expected number of dimensions.
+        layout: the expected layout, for the message, e.g. ``"(H, W, C)"``.
+
+    Raises:
+        ValueError: ``x.ndim != rank``.
+    """
     if np.ndim(x) != rank:
         raise ValueError(f"{name}: expected a rank-{rank} array {layout}, got shape {_shape(x)}")
 
 
 def check_shape(name: str, x, expected: Sequence[int | None], layout: str) -> None:
-    """Raise ``ValueError`` unless ``x.shape`` matches ``expected`` (``None`` = any size)."""
+    """Checks an array's shape.
+
+    Args:
+        name: the argument's name, for the message.
+        x: the array.
+        expected: the expected shape; ``None`` for an axis of any size.
+        layout: the expected layout, for the message, e.g. ``"(H, W, K)"``.
+
+    Raises:
+        ValueError: ``x.shape`` does not match ``expected``.
+    """
     shape = _shape(x)
     ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
     if not ok:
@@ -40,14 +60,30 @@ def check_shape(name: str, x, expected: Sequence[int | None], layout: str) -> No
 
 
 def check_floating(name: str, x) -> None:
-    """Raise ``TypeError`` unless ``x`` has a floating dtype."""
+    """Checks that an array has a floating-point dtype.
+
+    Args:
+        name: the argument's name, for the message.
+        x: the array.
+
+    Raises:
+        TypeError: ``x`` has another dtype.
+    """
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating-point array, got dtype {dtype} (shape {_shape(x)})")
 
 
 def check_integer(name: str, x) -> None:
-    """Raise ``TypeError`` unless ``x`` has an integer dtype (labels, seeds)."""
+    """Checks that an array has an integer dtype (labels, seeds).
+
+    Args:
+        name: the argument's name, for the message.
+        x: the array.
+
+    Raises:
+        TypeError: ``x`` has another dtype.
+    """
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(
@@ -57,7 +93,20 @@ def check_integer(name: str, x) -> None:
 
 
 def check_nonnegative_int(name: str, value, *, positive: bool = False) -> int:
-    """Return ``int(value)``; raise ``ValueError`` if it is negative (or <= 0 with ``positive``)."""
+    """Checks a static count or size.
+
+    Args:
+        name: the argument's name, for the message.
+        value: the value; a Python or numpy int (not a bool).
+        positive: reject 0 as well.
+
+    Returns:
+        ``int(value)``.
+
+    Raises:
+        TypeError: ``value`` is not an int.
+        ValueError: ``value`` is negative (or 0 with ``positive``).
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected a Python int, got {type(value).__name__} {value!r}")
     if value < 0 or (positive and value == 0):
@@ -71,10 +120,24 @@ def value_check(pred, msg: str, *fmt_args, **fmt_kwargs) -> None:
 
     Inside a ``checkify.checkify``-transformed function it records an error that
     ``err.throw()`` raises; anywhere else (plain ``jit``, eager) it does nothing.
+
+    Args:
+        pred: a boolean scalar (may be traced): the condition that must hold.
+        msg: the error message, a format string (``{}`` fields take ``fmt_args`` and
+            ``fmt_kwargs``, which may be traced).
+        *fmt_args: positional values formatted into ``msg``.
+        **fmt_kwargs: keyword values formatted into ``msg``.
     """
     checkify.debug_check(pred, msg, *fmt_args, **fmt_kwargs)
 
 
 def is_concrete(x) -> bool:
-    """True when ``x`` holds concrete values (not a tracer), so values can be checked eagerly."""
+    """Whether values can be checked eagerly.
+
+    Args:
+        x: an array, possibly traced.
+
+    Returns:
+        True when ``x`` holds concrete values (it is not a tracer).
+    """
     return not isinstance(x, jax.core.Tracer)

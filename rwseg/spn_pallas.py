@@ -3,8 +3,9 @@
 :mod:`rwseg.spn` maps every direction of a propagation to one time-major system of
 ``T`` steps over a column of ``R`` rows (directions stacked as row segments, gates
 outside the image already zeroed) and solves it here. With the input term ``b`` of shape
-``(T, R, C)`` and the gates ``p`` of shape ``(T, G, R, C)`` (seed 002, eq. 1 / eq. 5 with
-``d = (-1, 0, +1)`` three-way, ``(0,)`` one-way)::
+``(T, R, C)`` and the gates ``p`` of shape ``(T, G, R, C)`` (Liu et al., *Learning
+Affinity via Spatial Propagation Networks*, NIPS 2017, eq. 1 / eq. 5, with
+``d = (-1, 0, +1)`` three-way, ``(0,)`` one-way):
 
     forward     h_t = b_t + P_t h_{t-1},         t = 0 .. T-1, h_{-1} = 0
     transpose   l_t = b_t + P_{t+1}^T l_{t+1},   t = T-1 .. 0, l_T = 0
@@ -65,7 +66,16 @@ ROW_STEPS = {1: (0,), 3: (-1, 0, 1)}  # d_k for gate k, one-way and three-way; d
 
 
 def shift_rows(v, d: int, axis: int = 0):
-    """``out[i] = v[i + d]`` along ``axis`` (``d`` in {-1, 0, +1}), zero outside."""
+    """Shifts rows: ``out[i] = v[i + d]`` along ``axis``, zero outside.
+
+    Args:
+        v: an array.
+        d: the shift, in ``{-1, 0, +1}``.
+        axis: the axis shifted.
+
+    Returns:
+        An array of ``v``'s shape and dtype.
+    """
     if d == 0:
         return v
     n = v.shape[axis]
@@ -76,19 +86,34 @@ def shift_rows(v, d: int, axis: int = 0):
 
 
 def column_step(b_t, p_t, h, shift=shift_rows):
-    """One forward step ``h_t = b_t + P_t h_{t-1}``.
+    """One forward step ``h_t = b_t + P_t h_{t-1}`` (eq. 1 of Liu et al.).
 
-    b_t: (L, C); p_t: the G gates of the step (an array (G, L, C) or a sequence of (L, C));
-    h: (L, C), the previous column. Returns the new column (L, C). shift: how the
-    neighbours ``h[i + d]`` (zero outside) are formed, :func:`shift_rows` on a value; the GPU
-    kernel passes a masked load from memory instead (``h`` is then a column in a ref).
+    Args:
+        b_t: ``(L, C)``, the input term of the step.
+        p_t: the ``G`` gates of the step (``G`` = 1 or 3): an array ``(G, L, C)`` or a
+            sequence of ``(L, C)``.
+        h: ``(L, C)``, the previous column ``h_{t-1}``.
+        shift: how the neighbours ``h[i + d]`` (zero outside) are formed:
+            :func:`shift_rows` on a value; the GPU kernel passes a masked load from memory
+            instead (``h`` is then a column in a ref).
+
+    Returns:
+        The new column ``h_t``, ``(L, C)``.
     """
     steps = ROW_STEPS[len(p_t)]
     return b_t + sum(p_t[k] * shift(h, d) for k, d in enumerate(steps))
 
 
 def column_step_transposed(p_t, lam):
-    """``P_t^T lam`` for the gates ``p_t`` (as in :func:`column_step`); lam: (L, C)."""
+    """The transposed step's product ``P_t^T lam``.
+
+    Args:
+        p_t: the ``G`` gates of the step, as in :func:`column_step`.
+        lam: ``(L, C)``.
+
+    Returns:
+        ``P_t^T lam``, ``(L, C)``.
+    """
     steps = ROW_STEPS[len(p_t)]
     return sum(shift_rows(p_t[k] * lam, -d) for k, d in enumerate(steps))
 
@@ -100,13 +125,29 @@ def mirrored_gates(p_t, shift=shift_rows):
     ``(S_d v)[i] = v[i + d]``: ``q_j = shift(p_t[G - 1 - j], d_j)``. So the transposed step
     is ``column_step(b_t, mirrored_gates(p_{t+1}), l_{t+1})`` (the GPU kernel's form: every
     shift is a shifted load, no product is stored to be shifted).
+
+    Args:
+        p_t: the ``G`` gates of the step, as in :func:`column_step`.
+        shift: how a gate is shifted (:func:`shift_rows`, or the GPU kernel's masked load).
+
+    Returns:
+        The list of the ``G`` mirrored gates ``q_j``, each ``(L, C)``.
     """
     steps = ROW_STEPS[len(p_t)]
     return [shift(p_t[len(steps) - 1 - j], d) for j, d in enumerate(steps)]
 
 
 def scan_recurrence(b, p, *, transpose: bool = False):
-    """The recurrence (or its transpose) as one ``lax.scan``: b (T, R, C), p (T, G, R, C) -> (T, R, C)."""
+    """The recurrence (or its transpose) as one ``lax.scan`` (the CPU path).
+
+    Args:
+        b: ``(T, R, C)``, the input terms.
+        p: ``(T, G, R, C)``, the gates (``G`` = 1 or 3).
+        transpose: solve the transposed (adjoint) recurrence, a reverse scan.
+
+    Returns:
+        ``(T, R, C)``: every column ``h_t`` (or ``l_t``), in ``b``'s dtype.
+    """
     init = jnp.zeros(b.shape[1:], b.dtype)
     if not transpose:
 
@@ -128,17 +169,35 @@ def fits_on_chip(steps: int, rows: int, channels: int, num_gates: int, itemsize:
                  budget: int = 4 << 20) -> bool:
     """Whether one program's blocks (input and output, smallest channel tile) fit ``budget`` bytes.
 
-    The kernel's BlockSpecs bring whole (T, L, tile) sequences of ``b``, of the G gates and
-    of the output on chip; ``"auto"`` uses the kernel on TPU only when they fit
+    The kernel's BlockSpecs bring whole ``(T, L, tile)`` sequences of ``b``, of the ``G``
+    gates and of the output on chip; ``"auto"`` uses the kernel on TPU only when they fit
     comfortably in VMEM.
+
+    Args:
+        steps: ``T``.
+        rows: ``L``, the rows of one segment.
+        channels: ``C``.
+        num_gates: ``G``.
+        itemsize: bytes per element.
+        budget: bytes allowed.
+
+    Returns:
+        True when ``T (2 + G) L tile itemsize <= budget``.
     """
     return steps * (2 + num_gates) * rows * channel_tile(channels) * itemsize <= budget
 
 
 def channel_tile(channels: int) -> int:
-    """Channels per program: all of them up to 128, else the largest multiple of 128 dividing C.
+    """Channels per program of :func:`recurrence`.
 
-    (A TPU block's minor dimension must be the whole axis or a multiple of 128 lanes.)
+    A TPU block's minor dimension must be the whole axis or a multiple of 128 lanes.
+
+    Args:
+        channels: ``C``.
+
+    Returns:
+        ``C`` up to 128, else the largest multiple of 128 that divides ``C`` (``C`` when
+        there is none).
     """
     if channels <= 128:
         return channels
@@ -174,12 +233,25 @@ def _kernel(b_ref, p_ref, o_ref, *, transpose: bool):
 
 def recurrence(b, p, *, transpose: bool = False, segment_rows: int | None = None,
                channel_tile_size: int | None = None, interpret: bool = False):
-    """The recurrence (or its transpose) as one Pallas kernel: b (T, R, C), p (T, G, R, C) -> (T, R, C).
+    """The recurrence (or its transpose) as one Pallas kernel (Mosaic TPU, or interpret mode).
 
-    segment_rows: rows of one independent segment (one direction); ``R`` must be a
-    multiple of it (default: ``R``, one segment). channel_tile_size: channels per
-    program (default :func:`channel_tile`). interpret: run in Pallas interpret mode.
-    Grid: (R // segment_rows, C // channel_tile_size).
+    Grid: ``(R // segment_rows, C // channel_tile_size)``.
+
+    Args:
+        b: ``(T, R, C)``, the input terms.
+        p: ``(T, G, R, C)``, the gates (``G`` = 1 or 3).
+        transpose: solve the transposed (adjoint) recurrence.
+        segment_rows: the rows of one independent segment (one direction); ``R`` must be a
+            multiple of it (default ``R``, one segment).
+        channel_tile_size: channels per program (default :func:`channel_tile`); must
+            divide ``C``.
+        interpret: run in Pallas interpret mode (any backend).
+
+    Returns:
+        ``(T, R, C)``, as :func:`scan_recurrence`.
+
+    Raises:
+        ValueError: ``segment_rows`` or the channel tile does not divide ``R`` or ``C``.
     """
     steps, rows, channels = b.shape
     num_gates = p.shape[1]
@@ -267,26 +339,49 @@ def _next_pow2(n: int) -> int:
 
 
 def gpu_channel_tile(rows: int, channels: int, elements: int = 2048) -> int:
-    """Channels per GPU program: a power of two, with ``rows * tile <= elements`` (at least 1).
+    """Channels per GPU program of :func:`recurrence_gpu`.
 
-    rows: the segment height already rounded up to a power of two. Triton block shapes
-    must be powers of two; the bound keeps one (L, tile) column in registers.
+    Triton block shapes must be powers of two; the bound keeps one ``(L, tile)`` column in
+    registers.
+
+    Args:
+        rows: the segment height, already rounded up to a power of two.
+        channels: ``C``.
+        elements: the most elements of one column ``(rows, tile)``.
+
+    Returns:
+        A power of two, at most the next power of two of ``C``, with
+        ``rows * tile <= elements`` (at least 1).
     """
     return max(1, min(_next_pow2(channels), elements // rows))
 
 
 def recurrence_gpu(b, p, *, transpose: bool = False, segment_rows: int | None = None,
                    channel_tile_size: int | None = None, interpret: bool = False):
-    """The recurrence (or its transpose) as a Pallas Triton kernel: b (T, R, C), p (T, G, R, C) -> (T, R, C).
+    """The recurrence (or its transpose) as a Pallas Triton kernel (GPU).
 
-    Same arguments and result as :func:`recurrence`; lowers for GPU (``backend`` Triton).
     Each segment is zero-padded to a power-of-two number of rows and the channels to a
     multiple of the power-of-two channel tile (:func:`gpu_channel_tile`), as Triton needs;
     padded rows carry zero input and zero gates (and the gates crossing into them are
-    already zero), so they stay zero and are cut off again. Grid: (R // segment_rows,
-    padded C // tile); each program loops over the T columns, streaming them from global
-    memory. ``num_stages=1``: no software pipelining, whose early loads would read
+    already zero), so they stay zero and are cut off again. Grid: ``(R // segment_rows,
+    padded C // tile)``; each program loops over the ``T`` columns, streaming them from
+    global memory. ``num_stages=1``: no software pipelining, whose early loads would read
     ``o_ref[t - 1]`` before it is written.
+
+    Args:
+        b: ``(T, R, C)``, the input terms.
+        p: ``(T, G, R, C)``, the gates (``G`` = 1 or 3).
+        transpose: solve the transposed (adjoint) recurrence.
+        segment_rows: the rows of one independent segment (default ``R``); must divide ``R``.
+        channel_tile_size: channels per program, a power of two (default
+            :func:`gpu_channel_tile`).
+        interpret: run in Pallas interpret mode (any backend; no barrier).
+
+    Returns:
+        ``(T, R, C)``, as :func:`scan_recurrence`.
+
+    Raises:
+        ValueError: ``segment_rows`` does not divide ``R``, or the tile is not a power of two.
     """
     steps, rows, channels = b.shape
     num_gates = p.shape[1]
@@ -326,9 +421,21 @@ def gpu_kernel_lowers(steps: int, rows: int, channels: int, num_gates: int, dtyp
                       platform: str | None = None) -> bool:
     """Whether :func:`recurrence_gpu` (forward and transpose) lowers for these shapes.
 
-    platform: a lowering platform (``"cuda"``, ``"rocm"``; lowering needs no device), or
-    None for the default backend, where the kernels are also compiled (Triton runs there).
     ``implementation="auto"`` uses the GPU kernel only when this holds (cached per shape).
+
+    Args:
+        steps: ``T``.
+        rows: ``R``.
+        channels: ``C``.
+        num_gates: ``G``.
+        dtype: the dtype's name, e.g. ``"float32"``.
+        segment_rows: the rows of one segment.
+        platform: a lowering platform (``"cuda"``, ``"rocm"``; lowering needs no device),
+            or ``None`` for the default backend, where the kernels are also compiled.
+
+    Returns:
+        True when both kernels lower (and, with ``platform=None``, compile); False on any
+        failure.
     """
     b = jax.ShapeDtypeStruct((steps, rows, channels), jnp.dtype(dtype))
     p = jax.ShapeDtypeStruct((steps, num_gates, rows, channels), jnp.dtype(dtype))

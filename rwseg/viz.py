@@ -15,7 +15,8 @@ the notebooks contain only the demonstration itself.
   and a one-line score.
 
 Plot functions return the matplotlib ``Figure``; they never call ``plt.show()``, so they run
-under any backend (the test suite uses ``Agg``).
+under any backend (the tests and the documentation build execute the notebooks with the
+inline backend, which keeps the figures as PNG outputs).
 """
 
 from __future__ import annotations
@@ -62,9 +63,18 @@ _PALETTE = np.array(
 
 
 def notebook_size(default: int = 160) -> int:
-    """Short side in pixels of the notebook's image: ``$RWSEG_NOTEBOOK_SIZE`` or ``default``.
+    """The short side, in pixels, of the notebooks' image.
 
-    The test suite sets it small (48) so that the notebooks run in seconds.
+    The test suite sets ``RWSEG_NOTEBOOK_SIZE`` small (48) so that the notebooks run in seconds.
+
+    Args:
+        default: the size when ``$RWSEG_NOTEBOOK_SIZE`` is unset or empty.
+
+    Returns:
+        ``int($RWSEG_NOTEBOOK_SIZE)``, or ``default``.
+
+    Raises:
+        ValueError: ``$RWSEG_NOTEBOOK_SIZE`` is not an integer, or is below 16.
     """
     raw = os.environ.get(SIZE_ENV)
     if raw is None or raw == "":
@@ -81,9 +91,16 @@ def notebook_size(default: int = 160) -> int:
 def stanford_dir(start=".") -> Optional[pathlib.Path]:
     """The Stanford Background folder, or ``None`` when it is absent.
 
-    ``$RWSEG_STANFORD_DIR`` if set, else ``<start>/../../shared/data/stanford_background``
-    (``start`` = the notebook's folder, ``notebooks/`` of the repository). A folder counts
-    only if it has ``images/`` and ``labels/``.
+    A folder counts only if it has ``images/`` and ``labels/``.
+
+    Args:
+        start: the notebook's folder (``notebooks/`` of the repository); without
+            ``$RWSEG_STANFORD_DIR`` the folder looked at is ``shared/data/stanford_background``
+            beside the repository (two levels above ``start``), the development layout.
+
+    Returns:
+        ``$RWSEG_STANFORD_DIR`` if set, else the default folder, as a ``pathlib.Path``;
+        ``None`` when that folder lacks ``images/`` or ``labels/``.
     """
     env = os.environ.get(STANFORD_ENV)
     path = pathlib.Path(env) if env else pathlib.Path(start).resolve().parents[1] / "shared" / "data" / "stanford_background"
@@ -101,14 +118,19 @@ def _resize(array: np.ndarray, size_hw: tuple[int, int], nearest: bool) -> np.nd
 def load_example(size: int, *, root=None, example_id: str = "0000047", synthetic_index: int = 0) -> dict:
     """One photo with its labels, resized so that the short side is ``size`` pixels.
 
-    root: the Stanford Background folder (see :func:`stanford_dir`) or ``None`` for the
-    synthetic fallback (``rwseg.data.synthetic_example(0, "train", synthetic_index)`` at
-    ``size x 4/3 size``). Returns a dict:
+    Args:
+        size: the short side in pixels (positive).
+        root: the Stanford Background folder (see :func:`stanford_dir`), or ``None`` for the
+            synthetic fallback: ``rwseg.data.synthetic_example(0, "train", synthetic_index)``
+            at ``size x 4/3 size``.
+        example_id: the Stanford Background photo.
+        synthetic_index: the synthetic example used without ``root``.
 
-    - ``image``: float32 (H, W, 3) in [0, 1];
-    - ``labels``: int32 (H, W), ``255`` = unknown (Stanford's ``-1``);
-    - ``class_names``: tuple of names, ``num_classes``;
-    - ``source``: a sentence saying where the picture came from (print it).
+    Returns:
+        A dict: ``"image"``: float32 ``(H, W, 3)`` in ``[0, 1]``; ``"labels"``: int32
+        ``(H, W)``, 255 = unknown (Stanford's ``-1``); ``"class_names"``: tuple of ``L``
+        names; ``"num_classes"``: ``L``; ``"source"``: a sentence saying where the picture
+        came from (print it).
     """
     size = V.check_nonnegative_int("size", size, positive=True)
     if root is not None:
@@ -144,11 +166,20 @@ def load_example(size: int, *, root=None, example_id: str = "0000047", synthetic
 def coarse_scores(labels, num_classes: int, factor: int = 8, *, smoothing: float = 0.05, dtype=np.float32):
     """Class probabilities of a blocky "coarse network" made from a label map.
 
-    labels: (H, W) int (``255`` / negative = unknown). The one-hot labels are averaged over
-    ``factor x factor`` blocks (unknown pixels count for nothing), mixed with ``smoothing``
-    of the uniform distribution, bilinearly upsampled back to (H, W) and renormalised.
-    Returns (H, W, num_classes) probabilities in ``dtype``: right in the interior of large
-    regions, wrong near boundaries and on thin structures, as a network at 1/8 resolution.
+    The one-hot labels are averaged over ``factor x factor`` blocks (unknown pixels count
+    for nothing), mixed with ``smoothing`` of the uniform distribution, bilinearly
+    upsampled back to ``(H, W)`` and renormalised: right in the interior of large regions,
+    wrong near boundaries and on thin structures, as a network at ``1/factor`` resolution.
+
+    Args:
+        labels: int ``(H, W)``; 255 or negative = unknown.
+        num_classes: ``L``.
+        factor: the block size.
+        smoothing: the weight of the uniform distribution, in ``[0, 1]``.
+        dtype: the output dtype.
+
+    Returns:
+        ``(H, W, L)`` probabilities (summing to 1 over the last axis) in ``dtype``.
     """
     labels = np.asarray(labels)
     h, w = labels.shape
@@ -168,18 +199,25 @@ def coarse_scores(labels, num_classes: int, factor: int = 8, *, smoothing: float
 def linear_rows(fn: Callable, x, pixels: Sequence[tuple[int, int]], *params, channel: int | None = 0) -> np.ndarray:
     """Rows of the linear map ``x -> fn(x, *params)`` as images, by vector-Jacobian products.
 
-    fn: linear in its first argument, (H, W, C) -> (H, W, C), whose output channel ``c``
-    depends only on input channel ``c`` (every rwseg operator on a fixed affinity is such a
-    map); x: an array of that shape (only its shape and dtype are used); pixels: ``(row,
-    col)`` pairs; params: the arrays ``fn`` depends on, passed as arguments of the compiled
-    function (arrays closed over by ``fn`` would be baked into it as constants).
+    ``out[n] = d fn(x)[pixels[n], c] / d x[:, :, c]``: the weights with which output pixel
+    ``pixels[n]`` combines the input pixels (a row of SPN's ``G``, of RWN's ``A`` or of
+    ``(I - alpha A)^-1``, ...). One compiled, vmapped backward pass; a dense
+    ``(H·W, H·W)`` matrix is never formed.
 
-    Returns ``out[n] = d fn(x)[pixels[n], c] / d x[:, :, c]``: the weights with which output
-    pixel ``pixels[n]`` combines the input pixels (a row of SPN's ``G``, of RWN's ``A`` or
-    ``(I - alpha A)^-1``, ...). With ``channel=c`` the result is (len(pixels), H, W); with
-    ``channel=None`` it is (len(pixels), H, W, C), one operator per channel (e.g. the four SPN
-    directions stacked as channels). One compiled, vmapped backward pass; a dense
-    (H·W, H·W) matrix is never formed.
+    Args:
+        fn: ``fn(x, *params)``, linear in ``x``, ``(H, W, C) -> (H, W, C)``, whose output
+            channel ``c`` depends only on input channel ``c`` (every rwseg operator on a
+            fixed affinity is such a map).
+        x: an array ``(H, W, C)``; only its shape and dtype are used.
+        pixels: ``(row, col)`` pairs, the output pixels whose rows are wanted.
+        *params: the arrays ``fn`` depends on, passed as arguments of the compiled
+            function (arrays closed over by ``fn`` would be baked into it as constants).
+        channel: the channel ``c`` whose rows are wanted, or ``None`` for every channel
+            (one operator per channel, e.g. the four SPN directions stacked as channels).
+
+    Returns:
+        numpy ``(len(pixels), H, W)`` with ``channel=c``; ``(len(pixels), H, W, C)`` with
+        ``channel=None``; in ``x``'s dtype.
     """
     h, w, c = np.shape(x)
     dtype = jnp.result_type(x)
@@ -204,10 +242,15 @@ def linear_rows(fn: Callable, x, pixels: Sequence[tuple[int, int]], *params, cha
 def boundary_pixels(labels, fractions: Sequence[tuple[float, float]]) -> list[tuple[int, int]]:
     """Ground-truth boundary pixels (``rwseg.metrics.boundary_mask``) nearest to given places.
 
-    labels: (H, W) int; fractions: ``(fy, fx)`` pairs in [0, 1] (relative positions). Returns
-    one ``(row, col)`` per pair: the boundary pixel closest to ``(fy·(H-1), fx·(W-1))``, or that
-    position itself when the label map has no boundary. Used to pick pixels whose operator
-    rows are interesting (they straddle an edge).
+    Used to pick pixels whose operator rows are interesting (they straddle an edge).
+
+    Args:
+        labels: int ``(H, W)``; 255 = unknown.
+        fractions: ``(fy, fx)`` pairs in ``[0, 1]``, relative positions.
+
+    Returns:
+        One ``(row, col)`` per pair: the boundary pixel closest to
+        ``(fy·(H-1), fx·(W-1))``, or that position itself when the map has no boundary.
     """
     labels = np.asarray(labels)
     h, w = labels.shape
@@ -224,7 +267,16 @@ def boundary_pixels(labels, fractions: Sequence[tuple[float, float]]) -> list[tu
 
 
 def mean_iou(scores, labels, num_classes: int) -> float:
-    """Mean IoU (``rwseg.metrics``) of ``argmax(scores)`` (H, W, K) against ``labels`` (H, W)."""
+    """Mean IoU (``rwseg.metrics``) of a score map's arg-max.
+
+    Args:
+        scores: ``(H, W, L)`` class scores or probabilities.
+        labels: int ``(H, W)``; 255 = ignored.
+        num_classes: ``L``.
+
+    Returns:
+        The mean IoU of ``argmax(scores, -1)`` against ``labels``, a float in ``[0, 1]``.
+    """
     pred = jnp.argmax(jnp.asarray(scores), axis=-1).astype(jnp.int32)
     cm = metrics.confusion_matrix(pred, jnp.asarray(labels), num_classes, IGNORE)
     return float(metrics.summarize(cm)["mean_iou"])
@@ -234,7 +286,15 @@ def mean_iou(scores, labels, num_classes: int) -> float:
 
 
 def color_labels(labels, num_classes: int | None = None) -> np.ndarray:
-    """(H, W) int labels -> (H, W, 3) float RGB; ignored (``255`` / negative) pixels are black."""
+    """Colours a label map.
+
+    Args:
+        labels: int ``(H, W)``; 255 or negative = ignored.
+        num_classes: unused (the palette has 20 colours, repeated beyond).
+
+    Returns:
+        float ``(H, W, 3)`` RGB in ``[0, 1]``; ignored pixels are black.
+    """
     labels = np.asarray(labels)
     known = (labels >= 0) & (labels != IGNORE)
     rgb = _PALETTE[np.where(known, labels, 0) % len(_PALETTE)]
@@ -266,12 +326,26 @@ def _imshow(ax, panel, title, cmap=None, symmetric=False, colorbar=False):
 
 def show_panels(panels: Sequence, titles: Sequence[str], *, ncols: int | None = None, cmap=None,
                 symmetric: Sequence[bool] | bool = False, colorbar: bool = False, width: float = 3.2):
-    """A grid of images: RGB (H, W, 3) or scalar (H, W) maps, one title each.
+    """A grid of images: RGB ``(H, W, 3)`` or scalar ``(H, W)`` maps, one title each.
 
-    symmetric: per panel (or for all), a diverging colour map centred at 0 (gradients).
     Scalar maps are shown with a robust range: the 1st to 99th percentile, or +-the 99th
     percentile of ``|value|`` when symmetric (a few spikes would wash out the rest).
-    Returns the Figure.
+
+    Args:
+        panels: the images, all of the first one's ``(H, W)`` aspect.
+        titles: one title per panel.
+        ncols: panels per row (default: all in one row).
+        cmap: the colour map of scalar panels (default ``viridis``, ``RdBu_r`` when symmetric).
+        symmetric: per panel (or one flag for all): a diverging colour map centred at 0
+            (for gradients).
+        colorbar: add a colour bar to scalar panels.
+        width: the width of one panel, in inches.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        ValueError: not one title per panel.
     """
     import matplotlib.pyplot as plt
 
@@ -294,13 +368,29 @@ def show_panels(panels: Sequence, titles: Sequence[str], *, ncols: int | None = 
 def show_rows(image, rows: Sequence, pixels: Sequence[tuple[int, int]], titles: Sequence[str], *,
               ncols: int | None = None, log: bool = False, zoom: int | None = None, floor: float = 1e-4,
               width: float = 3.2):
-    """Operator rows (each (H, W), e.g. from :func:`linear_rows`) over the grey image.
+    """Operator rows (e.g. from :func:`linear_rows`) as heat maps over the image in grey.
 
-    Each panel shows ``|row|`` (or ``log10 |row|`` with ``log=True``, where entries below
-    ``floor`` times the row's maximum are left transparent) as a heat map on the image in
-    grey, with the row's pixel marked by a cross. ``zoom=r`` crops every panel to the
-    ``(2r + 1)`` square around its pixel (for short-range rows such as a stencil's).
-    Returns the Figure.
+    Each panel shows ``|row|`` (or ``log10 |row|``) over the grey image, with the row's
+    pixel marked by a cross.
+
+    Args:
+        image: ``(H, W, 3)``, shown in grey.
+        rows: one ``(H, W)`` row per panel.
+        pixels: the ``(row, col)`` of each row's pixel.
+        titles: one title per row.
+        ncols: panels per row of the grid (default: all in one row).
+        log: show ``log10 |row|``; entries below ``floor`` times the row's maximum are
+            left transparent.
+        zoom: ``r`` crops every panel to the ``(2r + 1)`` square around its pixel (for
+            short-range rows such as a stencil's); ``None`` shows the whole image.
+        floor: the relative floor of the log scale.
+        width: the width of one panel, in inches.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        ValueError: not one pixel and one title per row.
     """
     import matplotlib.pyplot as plt
 

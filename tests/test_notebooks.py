@@ -3,7 +3,8 @@
 Each notebook runs top to bottom with nbclient in a fresh ``python3`` kernel of *this*
 interpreter (jupyter_client replaces a kernel spec's ``python`` by ``sys.executable``; the
 first cell prints the kernel's executable and the test checks it), with
-``cwd = notebooks/``, ``RWSEG_NOTEBOOK_SIZE=48`` and matplotlib's ``Agg`` backend. The
+``cwd = notebooks/``, ``RWSEG_NOTEBOOK_SIZE=48`` and matplotlib's inline backend (the
+figures are kept as PNG outputs for the documentation site). The
 notebooks contain their own checks (``assert``: stochastic rows of RWN's ``A``, SPN's
 Theorem 1 and rows of ``G`` against ``spn.propagation_matrix``, GMF energy never
 increasing, gradients equal to finite differences and to the unrolled walk,
@@ -14,29 +15,25 @@ increasing, gradients equal to finite differences and to the unrolled walk,
 (else on the synthetic image); ``gradients.ipynb`` runs with ``RWSEG_STANFORD_DIR``
 pointing at an empty folder, so the synthetic fallback is exercised end to end too.
 
-The arrays are tiny, so XLA compilation dominates the run time: the kernels get
-``XLA_FLAGS=--xla_backend_optimization_level=0`` (about half the compile time). Each
-notebook takes about 30 s of CPU time.
+The executed copies are shared with tests/test_docs.py (the documentation site shows
+them with their outputs): tests/_notebooks.py executes each notebook once per pytest
+run, whichever test asks first. The arrays are tiny, so XLA compilation dominates the
+run time: the kernels get ``XLA_FLAGS=--xla_backend_optimization_level=0`` (about half
+the compile time). Each notebook takes about 30 s of CPU time.
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _notebooks import NAMES, NOTEBOOKS, executed_notebooks  # noqa: F401 (executed_notebooks: fixture)
 
 from rwseg import rwn, spn, stencil, viz
-
-NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ("operators.ipynb", "gradients.ipynb")
-SIZE = "48"
-CELL_TIMEOUT = 300  # seconds per cell; at SIZE = 48 the slowest cell takes ~10 s
-
 
 # --------------------------------------------------------------------------- executing the notebooks
 
@@ -52,25 +49,12 @@ def _outputs_text(nb) -> str:
     return "".join(parts)
 
 
-def _execute(name: str, monkeypatch, extra_env: dict | None = None):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    env = {
-        "RWSEG_NOTEBOOK_SIZE": SIZE,
-        "MPLBACKEND": "Agg",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",
-        **(extra_env or {}),
-    }
-    for key, value in env.items():  # the kernel inherits this process's environment
-        monkeypatch.setenv(key, value)
-    client = nbclient.NotebookClient(
-        nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
-    )
-    client.execute()
-    text = _outputs_text(nb)
+def _execute(name: str, executed_notebooks) -> str:
+    """The text output of the executed notebook, after checking its kernel and that no cell failed."""
+    import nbformat
 
+    nb = nbformat.read(executed_notebooks(name), as_version=4)
+    text = _outputs_text(nb)
     lines = [line for line in text.splitlines() if line.startswith("kernel python: ")]
     assert lines, "the first cell did not print the kernel's executable:\n" + text[:500]
     kernel_python = lines[0][len("kernel python: "):].strip()
@@ -93,8 +77,8 @@ def test_notebook_is_stored_without_outputs(name):
 
 
 @pytest.mark.slow
-def test_operators_notebook(monkeypatch):
-    text = _execute("operators.ipynb", monkeypatch)
+def test_operators_notebook(executed_notebooks):
+    text = _execute("operators.ipynb", executed_notebooks)
     expected_source = "Stanford Background photo" if viz.stanford_dir(NOTEBOOKS) else "using synthetic image"
     assert expected_source in text
     for needle in ("rows of G from the scan match spn.propagation_matrix", "converged after", "ground truth  affinities"):
@@ -103,9 +87,9 @@ def test_operators_notebook(monkeypatch):
 
 
 @pytest.mark.slow
-def test_gradients_notebook_on_synthetic_fallback(monkeypatch, tmp_path):
+def test_gradients_notebook_on_synthetic_fallback(executed_notebooks):
     """Also the fallback: without Stanford Background the notebook uses a synthetic image and says so."""
-    text = _execute("gradients.ipynb", monkeypatch, {"RWSEG_STANFORD_DIR": str(tmp_path)})
+    text = _execute("gradients.ipynb", executed_notebooks)
     assert "Stanford Background not found" in text and "using synthetic image" in text
     for needle in ("implicit, unrolled and finite differences agree", "check_grads passed", "finite differences agree"):
         assert needle in text, needle

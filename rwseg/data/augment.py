@@ -15,21 +15,52 @@ from rwseg.data.constants import DEFAULT_MEAN, DEFAULT_STD, IGNORE_INDEX
 
 
 def normalize(image, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> np.ndarray:
-    """uint8 ``(..., 3)`` in 0..255 -> float32 ``(image - mean) / std``."""
+    """Normalises pictures: ``(image - mean) / std`` in float32.
+
+    Args:
+        image: uint8 (or any real) ``(..., 3)``, values in 0..255.
+        mean: per-channel mean ``(3,)`` in 0..255 units (default ImageNet's).
+        std: per-channel standard deviation ``(3,)`` in 0..255 units (default ImageNet's).
+
+    Returns:
+        float32 ``(..., 3)``, the shape of ``image``.
+    """
     mean = np.asarray(mean, dtype=np.float32)
     std = np.asarray(std, dtype=np.float32)
     return (np.asarray(image, dtype=np.float32) - mean) / std
 
 
 def denormalize(images, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> np.ndarray:
-    """Inverse of :func:`normalize` for pictures: float ``(..., 3)`` -> uint8 (rounded, clipped)."""
+    """Inverse of :func:`normalize`, for showing pictures.
+
+    Args:
+        images: float ``(..., 3)``, normalised with ``mean`` and ``std``.
+        mean: per-channel mean ``(3,)`` in 0..255 units, as given to :func:`normalize`.
+        std: per-channel standard deviation ``(3,)`` in 0..255 units, as given to :func:`normalize`.
+
+    Returns:
+        uint8 ``(..., 3)``: ``images * std + mean``, rounded and clipped to 0..255.
+    """
     images = np.asarray(images, dtype=np.float32)
     out = images * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def resize(image: np.ndarray, label: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Resize uint8 image (bilinear) and int label (nearest) to ``size = (H, W)``."""
+    """Resizes an image (bilinear) and its label map (nearest neighbour) to ``size``.
+
+    Args:
+        image: uint8 ``(H, W, 3)``.
+        label: int ``(H, W)``, values in 0..255 (255 = ignore).
+        size: ``(H', W')``, the new size.
+
+    Returns:
+        ``(image, label)``: uint8 ``(H', W', 3)`` and int32 ``(H', W')``; the inputs
+        themselves when the size does not change.
+
+    Raises:
+        ValueError: ``label`` has values outside 0..255.
+    """
     h, w = size
     if (h, w) == image.shape[:2]:
         return image, label
@@ -41,7 +72,18 @@ def resize(image: np.ndarray, label: np.ndarray, size: tuple[int, int]) -> tuple
 
 
 def random_scale(image, label, rng: np.random.Generator, scale_range=(0.75, 1.25)):
-    """Resize both by a factor drawn uniformly from ``scale_range`` (sizes rounded, >= 1)."""
+    """Resizes an image and its labels by a factor drawn uniformly from ``scale_range``.
+
+    Args:
+        image: uint8 ``(H, W, 3)``.
+        label: int ``(H, W)``, values in 0..255.
+        rng: the random generator that draws the factor.
+        scale_range: ``(low, high)`` bounds of the factor.
+
+    Returns:
+        ``(image, label)`` resized as by :func:`resize`, to ``(round(s H), round(s W))``
+        (at least 1 pixel each).
+    """
     lo, hi = scale_range
     s = rng.uniform(lo, hi)
     h, w = image.shape[:2]
@@ -49,7 +91,18 @@ def random_scale(image, label, rng: np.random.Generator, scale_range=(0.75, 1.25
 
 
 def pad_to(image: np.ndarray, label: np.ndarray, mask: np.ndarray, size: tuple[int, int]):
-    """Pad bottom/right to at least ``size``: image 0, label ``IGNORE_INDEX``, mask False."""
+    """Pads at the bottom and right to at least ``size``.
+
+    Args:
+        image: ``(H, W, 3)``; padded with 0.
+        label: int ``(H, W)``; padded with ``IGNORE_INDEX``.
+        mask: bool ``(H, W)``, True on image pixels; padded with False.
+        size: ``(h, w)``, the smallest size wanted.
+
+    Returns:
+        ``(image, label, mask)`` of size ``(max(H, h), max(W, w))``; the inputs when no
+        padding is needed.
+    """
     h, w = image.shape[:2]
     ph, pw = max(0, size[0] - h), max(0, size[1] - w)
     if ph == 0 and pw == 0:
@@ -61,7 +114,19 @@ def pad_to(image: np.ndarray, label: np.ndarray, mask: np.ndarray, size: tuple[i
 
 
 def random_crop(image, label, mask, size: tuple[int, int], rng: np.random.Generator):
-    """Crop a window of ``size`` at a uniform random position (pads first if needed)."""
+    """Crops a window of ``size`` at a uniformly random position (padding first if needed).
+
+    Args:
+        image: ``(H, W, 3)``.
+        label: int ``(H, W)``.
+        mask: bool ``(H, W)``, True on image pixels.
+        size: ``(h, w)``, the window.
+        rng: the random generator that draws the position.
+
+    Returns:
+        ``(image, label, mask)`` of size ``(h, w)``; padding (see :func:`pad_to`) has
+        label ``IGNORE_INDEX`` and mask False.
+    """
     image, label, mask = pad_to(image, label, mask, size)
     h, w = image.shape[:2]
     y = int(rng.integers(0, h - size[0] + 1))
@@ -71,7 +136,17 @@ def random_crop(image, label, mask, size: tuple[int, int], rng: np.random.Genera
 
 
 def random_flip(image, label, mask, rng: np.random.Generator):
-    """Mirror left-right with probability 1/2."""
+    """Mirrors left-right with probability 1/2.
+
+    Args:
+        image: ``(H, W, 3)``.
+        label: ``(H, W)``.
+        mask: ``(H, W)``.
+        rng: the random generator that draws the coin.
+
+    Returns:
+        ``(image, label, mask)``, all three mirrored or none.
+    """
     if rng.random() < 0.5:
         return image[:, ::-1], label[:, ::-1], mask[:, ::-1]
     return image, label, mask

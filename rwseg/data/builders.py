@@ -70,7 +70,17 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 
     @classmethod
     def make(cls, *, num_train=256, num_validation=64, image_size=(64, 64), seed=0) -> "SyntheticConfig":
-        """A config whose name encodes every parameter and the generator version."""
+        """A config whose name encodes every parameter and the generator version.
+
+        Args:
+            num_train: the number of training examples.
+            num_validation: the number of validation examples.
+            image_size: ``(H, W)`` of every example.
+            seed: the dataset seed (see :func:`rwseg.data.synthetic_example`).
+
+        Returns:
+            The config, named e.g. ``g1_seed0_train256_val64_64x64``.
+        """
         h, w = (int(s) for s in image_size)
         name = f"g{synthetic.GENERATOR_VERSION}_seed{int(seed)}_train{int(num_train)}_val{int(num_validation)}_{h}x{w}"
         return cls(
@@ -125,6 +135,16 @@ class StanfordConfig(tfds.core.BuilderConfig):
 
     @classmethod
     def make(cls, *, manual_dir=None, num_validation=72, split_seed=0) -> "StanfordConfig":
+        """A config whose name encodes the split and a fingerprint of the folder's files.
+
+        Args:
+            manual_dir: the ``iccv09Data`` folder (``None``: fingerprint ``"default"``).
+            num_validation: the size of the seeded validation split.
+            split_seed: the seed of the split.
+
+        Returns:
+            The config, named e.g. ``seed0_val72_<fingerprint>``.
+        """
         fp = stanford.fingerprint(manual_dir) if manual_dir is not None else "default"
         return cls(
             name=f"seed{int(split_seed)}_val{int(num_validation)}_{fp}",

@@ -1,13 +1,11 @@
 """Datasets by name: :func:`dataset_info` and :func:`load_source`.
 
-=====================  =============================================  ========  =====================
-name                   where the data comes from                      classes   ``validation`` split
-=====================  =============================================  ========  =====================
-``synthetic``          generated from a seed (``rwseg.data.synthetic``) 6       generated
-``stanford_background`` local ``iccv09Data`` folder (``manual_dir``)  8         seeded split
-``voc2012``            local ``VOCdevkit`` (``manual_dir``) or download 21      ``val.txt``
-``oxford_iiit_pet``    TFDS catalogue ``oxford_iiit_pet``               2       TFDS ``test``
-=====================  =============================================  ========  =====================
+| name | where the data comes from | classes | ``validation`` split |
+|---|---|---|---|
+| ``synthetic`` | generated from a seed (``rwseg.data.synthetic``) | 6 | generated |
+| ``stanford_background`` | local ``iccv09Data`` folder (``manual_dir``) | 8 | seeded split |
+| ``voc2012`` | local ``VOCdevkit`` (``manual_dir``) or download | 21 | ``val.txt`` |
+| ``oxford_iiit_pet`` | TFDS catalogue ``oxford_iiit_pet`` | 2 | TFDS ``test`` |
 
 Every source item is ``{"image": uint8 (H, W, 3), "label": int32 (H, W)}`` with
 ``IGNORE_INDEX = 255`` for pixels that count in no loss or metric: Stanford's unknown
@@ -34,7 +32,14 @@ SPLITS = ("train", "validation")
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about a dataset: ``name``, ``num_classes``, ``class_names``, ``ignore_index``."""
+    """Static facts about a dataset.
+
+    Attributes:
+        name: the canonical name, one of :data:`NAMES`.
+        num_classes: the number of classes ``L`` (labels ``0..L-1``).
+        class_names: ``L`` names, in label order.
+        ignore_index: the label of pixels that count in no loss or metric (255).
+    """
 
     name: str
     num_classes: int
@@ -55,12 +60,29 @@ ALIASES = {"voc/2012": "voc2012"}
 
 
 def canonical_name(name: str) -> str:
-    """``name`` with aliases resolved (``"voc/2012"`` -> ``"voc2012"``)."""
+    """Resolves aliases of dataset names.
+
+    Args:
+        name: a dataset name or an alias (``"voc/2012"``).
+
+    Returns:
+        The canonical name (``"voc2012"``); other names unchanged.
+    """
     return ALIASES.get(name, name)
 
 
 def dataset_info(name: str = "synthetic") -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``name`` (one of :data:`NAMES`, or an alias)."""
+    """The static facts about a dataset.
+
+    Args:
+        name: one of :data:`NAMES`, or an alias (``"voc/2012"``).
+
+    Returns:
+        Its :class:`DatasetInfo`.
+
+    Raises:
+        ValueError: an unknown name.
+    """
     try:
         return _INFOS[canonical_name(name)]
     except KeyError:
@@ -115,7 +137,14 @@ class Source:
     """Random-access source of ``{"image": uint8 (H, W, 3), "label": int32 (H, W)}``.
 
     Wraps a TFDS data source (``len``, ``__getitem__``), converting each record; usable
-    directly by ``grain.MapDataset.source``. Picklable when the wrapped source is.
+    directly by ``grain.MapDataset.source``. Picklable when the wrapped source is. Built by
+    :func:`load_source`.
+
+    Args:
+        name: the dataset's canonical name (its :class:`DatasetInfo` becomes ``.info``).
+        split: ``"train"`` or ``"validation"``.
+        records: the wrapped random-access records.
+        adapter: ``adapter(dataset, index, record) -> {"image", "label"}`` converting one record.
     """
 
     def __init__(self, name: str, split: str, records, adapter):
@@ -184,8 +213,9 @@ def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **buil
     build (call ``load_source`` on process 0, then synchronise) before the others read.
 
     Raises:
-      ValueError: unknown name or split; ``DataFileError`` (a ``ValueError``) naming
-      the file when a raw image/label file is missing or corrupt during the build.
+      ValueError: unknown name or split.
+      DataFileError: (a ``ValueError``) naming the file, when a raw image or label
+        file is missing or corrupt during the build.
     """
     import tensorflow_datasets as tfds
 

@@ -16,7 +16,12 @@ from PIL import Image
 
 
 class DataFileError(ValueError):
-    """A missing, corrupt or malformed data file; ``.path`` is the file."""
+    """A missing, corrupt or malformed data file; the message starts with the path.
+
+    Args:
+        path: the file (str or path-like); kept as ``.path`` (str).
+        problem: what is wrong with it.
+    """
 
     def __init__(self, path, problem: str):
         self.path = os.fspath(path)
@@ -24,7 +29,17 @@ class DataFileError(ValueError):
 
 
 def read_bytes(path) -> bytes:
-    """The raw bytes of ``path``; :class:`DataFileError` if missing or unreadable."""
+    """Reads a whole file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its bytes.
+
+    Raises:
+        DataFileError: the file is missing or cannot be read.
+    """
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -35,10 +50,20 @@ def read_bytes(path) -> bytes:
 
 
 def decode_rgb(path, data: bytes) -> np.ndarray:
-    """Decode image bytes (JPEG/PNG) read from ``path`` to uint8 ``(H, W, 3)``.
+    """Decodes image bytes (JPEG, PNG, anything PIL reads) to RGB.
 
-    Grey or palette images are converted to RGB. Truncated or corrupt files raise
-    :class:`DataFileError` naming ``path`` (PIL's lazy decoding is forced with ``load``).
+    Grey or palette images are converted to RGB. PIL's lazy decoding is forced (``load``),
+    so a truncated file fails here.
+
+    Args:
+        path: the file the bytes were read from (named in errors).
+        data: the file's bytes.
+
+    Returns:
+        uint8 ``(H, W, 3)``.
+
+    Raises:
+        DataFileError: naming ``path``, when the bytes are not a complete image.
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -50,15 +75,35 @@ def decode_rgb(path, data: bytes) -> np.ndarray:
 
 
 def read_rgb(path) -> np.ndarray:
-    """Read an image file as uint8 ``(H, W, 3)``; errors name ``path``."""
+    """Reads an image file as RGB.
+
+    Args:
+        path: the file.
+
+    Returns:
+        uint8 ``(H, W, 3)``.
+
+    Raises:
+        DataFileError: naming ``path``, when it is missing, unreadable or corrupt.
+    """
     return decode_rgb(path, read_bytes(path))
 
 
 def read_index_png(path) -> np.ndarray:
-    """Read a single-channel or palette PNG of class indices as uint8 ``(H, W)``.
+    """Reads a single-channel or palette PNG of class indices.
 
     Palette images (e.g. VOC ``SegmentationClass``) give their palette indices, not
-    colours. Errors name ``path``.
+    colours.
+
+    Args:
+        path: the PNG file.
+
+    Returns:
+        uint8 ``(H, W)`` class indices.
+
+    Raises:
+        DataFileError: naming ``path``, when it is missing, corrupt, or neither a palette
+            (``P``) nor a grey (``L``) image.
     """
     data = read_bytes(path)
     try:
@@ -74,7 +119,16 @@ def read_index_png(path) -> np.ndarray:
 
 
 def check_label_shape(path, label: np.ndarray, image_shape) -> None:
-    """Raise :class:`DataFileError` naming ``path`` unless ``label.shape == image (H, W)``."""
+    """Checks that a label map has its image's size.
+
+    Args:
+        path: the label file (named in the error).
+        label: ``(H, W)``.
+        image_shape: the image's shape ``(H, W, ...)``.
+
+    Raises:
+        DataFileError: naming ``path``, when ``label.shape != image_shape[:2]``.
+    """
     if tuple(label.shape) != tuple(image_shape[:2]):
         raise DataFileError(
             path,

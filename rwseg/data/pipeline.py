@@ -25,11 +25,14 @@ Evaluation (``train=False``)
   False, ``index`` -1). Metrics that skip label 255 are therefore exact: every example
   counts exactly once over all processes. ``num_steps=None`` = one pass.
 
-Batch: ``{"image": float32 (B, h, w, 3)`` normalised ``(x - mean) / std``,
-``"label": int32 (B, h, w)`` (255 = ignore), ``"mask": bool (B, h, w)`` (pixel comes from
-the image, False on padding), ``"valid": bool (B,)`` (False on ignore-only examples),
-``"index": int64 (B,)`` (source index, -1 on ignore-only examples), and with
-``scribbles=True`` ``"scribbles": int32 (B, h, w)`` (-1 unlabelled, 0..L-1 labelled)``}``.
+**Batch**: a dict of numpy arrays:
+
+- ``"image"``: float32 ``(B, h, w, 3)``, normalised ``(x - mean) / std``;
+- ``"label"``: int32 ``(B, h, w)`` (255 = ignore);
+- ``"mask"``: bool ``(B, h, w)``, True where the pixel comes from the image (False on padding);
+- ``"valid"``: bool ``(B,)``, False on ignore-only examples;
+- ``"index"``: int64 ``(B,)``, the source index (-1 on ignore-only examples);
+- with ``scribbles=True``, ``"scribbles"``: int32 ``(B, h, w)`` (-1 unlabelled, 0..L-1 labelled).
 """
 
 from __future__ import annotations
@@ -171,7 +174,14 @@ class _EvalBatch:
 
 
 def max_image_size(source) -> tuple[int, int]:
-    """``(max H, max W)`` over ``source`` (reads every example once)."""
+    """The largest height and width over a source (reads every example once).
+
+    Args:
+        source: random-access source of ``{"label": (H, W), ...}`` examples.
+
+    Returns:
+        ``(max H, max W)``.
+    """
     h = w = 0
     for i in range(len(source)):
         sh = np.shape(source[i]["label"])
@@ -219,8 +229,29 @@ def batch_dataset(
 ) -> grain.MapDataset:
     """A grain ``MapDataset`` whose element ``s`` is batch ``s`` (see the module docstring).
 
-    Training: infinite length (``sys.maxsize``); evaluation: one pass,
-    ``ceil(ceil(N / shard_count) / batch_size)`` batches. Arguments as in :func:`make_batches`.
+    The arguments are those of :func:`make_batches` (which iterates over this dataset).
+
+    Args:
+        source: random-access source of ``{"image": uint8 (H, W, 3), "label": int (H, W)}``.
+        batch_size: per-process batch ``B``.
+        crop_size: training crop ``(h, w)`` (or int); ``None`` keeps each image's size.
+        train: augmented, shuffled training batches (True) or padded evaluation batches (False).
+        seed: seed of shuffling, augmentation and scribbles.
+        scribbles: add ``"scribbles"`` to each batch.
+        shard_index: this process's shard (default ``jax.process_index()``).
+        shard_count: the number of shards (default ``jax.process_count()``).
+        scale_range: random scale factors for training; ``None`` disables.
+        flip: random left-right flips in training.
+        mean: per-channel mean subtracted, in 0..255 units.
+        std: per-channel divisor, in 0..255 units.
+        pad_size: evaluation size ``(h, w)``; ``None`` = the maximum over the source.
+
+    Returns:
+        A ``grain.MapDataset`` of batch dicts: of length ``sys.maxsize`` in training
+        (infinite), ``ceil(ceil(N / shard_count) / batch_size)`` in evaluation.
+
+    Raises:
+        ValueError: an empty source, a bad shard, size or ``scale_range``.
     """
     batch_size = V.check_nonnegative_int("batch_size", batch_size, positive=True)
     seed = V.check_nonnegative_int("seed", seed)
@@ -294,17 +325,19 @@ def make_batches(
       start_step: first batch number to produce (resume).
       num_steps: number of batches (``None``: infinite in training, one pass in evaluation).
       scribbles: add ``"scribbles"`` from ``rwseg.rawks.scribbles_from_labels``.
-      shard_index, shard_count: this process and the number of processes (default
-        ``jax.process_index()`` / ``jax.process_count()``).
+      shard_index: this process's shard (default ``jax.process_index()``).
+      shard_count: the number of shards (default ``jax.process_count()``).
       scale_range: random scale factors for training; ``None`` or ``(1, 1)`` disables.
       flip: random left-right flips in training.
-      mean, std: normalisation in 0..255 units (default ImageNet statistics).
+      mean: per-channel mean subtracted, in 0..255 units (default ImageNet statistics).
+      std: per-channel divisor, in 0..255 units (default ImageNet statistics).
       pad_size: evaluation size ``(h, w)``; ``None`` = the maximum over the source (reads
         every example once). An image larger than ``pad_size`` raises ``ValueError``.
-      num_threads, prefetch: grain read threads and prefetch buffer (do not affect results).
+      num_threads: grain read threads (does not affect the results).
+      prefetch: grain prefetch buffer, in batches (does not affect the results).
 
     Returns:
-      An iterator of batch dicts (shapes in the module docstring).
+      An iterator of batch dicts of numpy arrays (keys and shapes in the module docstring).
     """
     ds = batch_dataset(
         source,

@@ -1,6 +1,6 @@
 """Reader for the Stanford Background dataset in its ``iccv09Data`` layout.
 
-Layout (Gould et al., ICCV 2009)::
+Layout (Gould et al., ICCV 2009):
 
     <root>/images/<id>.jpg            RGB JPEG, about 320x240, variable sizes
     <root>/labels/<id>.regions.txt    H rows of W integers: 0..7 = class, negative = unknown
@@ -26,7 +26,17 @@ NUM_CLASSES = len(CLASS_NAMES)
 
 
 def list_ids(root) -> list[str]:
-    """Sorted ids of ``<root>/images/*.jpg``; ``DataFileError`` if the folder is missing or empty."""
+    """The example ids of a Stanford Background folder.
+
+    Args:
+        root: the ``iccv09Data`` folder.
+
+    Returns:
+        The sorted ids (file names without ``.jpg``) of ``<root>/images/*.jpg``.
+
+    Raises:
+        DataFileError: ``images/`` is missing or holds no ``.jpg``.
+    """
     images = pathlib.Path(root) / "images"
     if not images.is_dir():
         raise files.DataFileError(images, "folder not found (expected the iccv09Data layout: images/, labels/)")
@@ -37,16 +47,31 @@ def list_ids(root) -> list[str]:
 
 
 def paths(root, example_id: str) -> tuple[pathlib.Path, pathlib.Path]:
-    """``(image_path, label_path)`` of one id."""
+    """The files of one example.
+
+    Args:
+        root: the ``iccv09Data`` folder.
+        example_id: the id, e.g. ``"0000047"``.
+
+    Returns:
+        ``(image_path, label_path)``: ``images/<id>.jpg`` and ``labels/<id>.regions.txt``.
+    """
     root = pathlib.Path(root)
     return root / "images" / f"{example_id}.jpg", root / "labels" / f"{example_id}.regions.txt"
 
 
 def read_label_txt(path) -> np.ndarray:
-    """Parse a ``.regions.txt`` matrix to uint8 ``(H, W)``: 0..7 kept, negative -> 255.
+    """Parses a ``.regions.txt`` label matrix.
 
-    Raises ``DataFileError`` naming ``path`` for a missing file, ragged rows, non-integer
-    text or values above 7.
+    Args:
+        path: the file: ``H`` rows of ``W`` integers, ``0..7`` a class, negative unknown.
+
+    Returns:
+        uint8 ``(H, W)``: classes ``0..7`` kept, unknown (negative) -> ``IGNORE_INDEX`` (255).
+
+    Raises:
+        DataFileError: naming ``path``, for a missing or empty file, ragged rows,
+            non-integer text or values above 7.
     """
     text = files.read_bytes(path)
     rows = [r.split() for r in text.decode("ascii", errors="replace").splitlines() if r.strip()]
@@ -64,12 +89,20 @@ def read_label_txt(path) -> np.ndarray:
     return np.where(values < 0, IGNORE_INDEX, values).astype(np.uint8)
 
 
-def read_example(root, example_id: str, *, decode: bool = True) -> dict:
-    """Read and check one example.
+def read_example(root, example_id: str) -> dict:
+    """Reads and checks one example.
 
-    Returns ``{"id", "image_bytes", "image": uint8 (H, W, 3) (decoded, for the check),
-    "label": uint8 (H, W)}``; the label must have the image's ``(H, W)``. Errors name the
-    file at fault.
+    Args:
+        root: the ``iccv09Data`` folder.
+        example_id: the id.
+
+    Returns:
+        ``{"id": str, "image_bytes": bytes (the JPEG), "image": uint8 (H, W, 3),
+        "label": uint8 (H, W)}``; the image is decoded to check it.
+
+    Raises:
+        DataFileError: naming the file at fault: missing, corrupt, or a label whose
+            ``(H, W)`` is not the image's.
     """
     image_path, label_path = paths(root, example_id)
     image_bytes = files.read_bytes(image_path)
@@ -80,9 +113,18 @@ def read_example(root, example_id: str, *, decode: bool = True) -> dict:
 
 
 def split_ids(ids, *, num_validation: int, seed: int) -> dict[str, list[str]]:
-    """A seeded train/validation split of ``ids`` (sorted first, so order does not matter).
+    """A seeded train/validation split (``ids`` are sorted first, so their order does not matter).
 
-    Returns ``{"train": [...], "validation": [...]}``, each sorted.
+    Args:
+        ids: the example ids.
+        num_validation: the size of the validation split, ``0 <= num_validation < len(ids)``.
+        seed: the seed of the permutation.
+
+    Returns:
+        ``{"train": [...], "validation": [...]}``, each sorted.
+
+    Raises:
+        ValueError: ``num_validation`` out of range.
     """
     ids = sorted(ids)
     if not 0 <= num_validation < len(ids):
@@ -94,9 +136,15 @@ def split_ids(ids, *, num_validation: int, seed: int) -> dict[str, list[str]]:
 
 
 def fingerprint(root) -> str:
-    """Short hash of the file names, sizes and mtimes under ``images/`` and ``labels/``.
+    """A short hash of the file names, sizes and mtimes under ``images/`` and ``labels/``.
 
     Part of the builder config name, so pointing at a changed folder rebuilds the data.
+
+    Args:
+        root: the ``iccv09Data`` folder.
+
+    Returns:
+        10 hexadecimal digits.
     """
     h = hashlib.sha1()
     root = pathlib.Path(root)

@@ -4,16 +4,14 @@ Every image is a pure function of ``(seed, split, index, image_size)``
 (:func:`synthetic_example`). A scene is a textured background with 2-5 objects drawn in
 random order, so later objects occlude earlier ones:
 
-====  ==========  ==========================================  ====================
-id    name        shape                                       texture
-====  ==========  ==========================================  ====================
-0     background  whole image                                 vertical gradient + blotches
-1     blob        ellipse with a wavy (sinusoidal) radius     horizontal stripes
-2     band        region between two sine curves              checkerboard
-3     star        star polygon with sharp corners             dots
-4     ring        annulus (curved, 2-6 px thick)              diagonal stripes
-5     wire        thin curves and lines, 1-2 px wide          flat colour
-====  ==========  ==========================================  ====================
+| id | name | shape | texture |
+|---|---|---|---|
+| 0 | background | whole image | vertical gradient + blotches |
+| 1 | blob | ellipse with a wavy (sinusoidal) radius | horizontal stripes |
+| 2 | band | region between two sine curves | checkerboard |
+| 3 | star | star polygon with sharp corners | dots |
+| 4 | ring | annulus (curved, 2-6 px thick) | diagonal stripes |
+| 5 | wire | thin curves and lines, 1-2 px wide | flat colour |
 
 Colours are class-specific with per-image jitter, textures have per-image frequency and
 phase, and Gaussian pixel noise is added, so neither colour nor texture alone is a
@@ -131,7 +129,7 @@ _SHAPES = {1: _blob, 2: _band, 3: _star, 4: _ring, 5: _wire}
 
 
 def synthetic_example(seed: int, split: str, index: int, image_size: tuple[int, int] = (64, 64)) -> dict:
-    """Generate one synthetic example, a pure function of its arguments.
+    """Generates one synthetic example, a pure function of its arguments.
 
     Args:
       seed: dataset seed (int >= 0).
@@ -141,7 +139,12 @@ def synthetic_example(seed: int, split: str, index: int, image_size: tuple[int, 
 
     Returns:
       ``{"image": uint8 (H, W, 3), "label": int32 (H, W)}`` with labels in
-      ``0..NUM_CLASSES-1`` (see the module docstring for the classes).
+      ``0..NUM_CLASSES-1`` (the classes: ``blob``, ``band``, ``star``, ``ring`` and
+      ``wire`` objects on a textured ``background``, in random order, so that later
+      objects occlude earlier ones; see the module :mod:`rwseg.data.synthetic`).
+
+    Raises:
+      ValueError: an unknown split, or ``H`` or ``W`` below 8.
     """
     if split not in _SPLIT_IDS:
         raise ValueError(f"split: expected one of {sorted(_SPLIT_IDS)}, got {split!r}")

@@ -1,7 +1,7 @@
 """Reader for PASCAL VOC 2012 semantic segmentation (``VOCtrainval_11-May-2012``).
 
 TFDS's catalogue ``voc/2012`` holds boxes and image-level labels only (no masks), so
-rwseg builds its own TFDS dataset from the official layout::
+rwseg builds its own TFDS dataset from the official layout:
 
     <root>/JPEGImages/<id>.jpg
     <root>/SegmentationClass/<id>.png           palette PNG: 0..20 classes, 255 = border/void
@@ -30,7 +30,17 @@ SPLIT_FILES = {"train": "train.txt", "validation": "val.txt"}
 
 
 def find_root(path) -> pathlib.Path:
-    """The ``VOC2012`` folder at or below ``path``; ``DataFileError`` if there is none."""
+    """Finds the ``VOC2012`` folder.
+
+    Args:
+        path: the ``VOC2012`` folder, its parent, or the parent of ``VOCdevkit/``.
+
+    Returns:
+        The folder that holds ``ImageSets/Segmentation/``.
+
+    Raises:
+        DataFileError: naming ``path``, when none of the three places has the layout.
+    """
     path = pathlib.Path(path)
     for cand in (path, path / "VOC2012", path / "VOCdevkit" / "VOC2012"):
         if (cand / "ImageSets" / "Segmentation").is_dir():
@@ -39,7 +49,18 @@ def find_root(path) -> pathlib.Path:
 
 
 def split_ids(root, split: str) -> list[str]:
-    """Ids listed in ``ImageSets/Segmentation/{train,val}.txt``."""
+    """The ids of one split.
+
+    Args:
+        root: the ``VOC2012`` folder.
+        split: ``"train"`` (``train.txt``) or ``"validation"`` (``val.txt``).
+
+    Returns:
+        The ids listed in ``ImageSets/Segmentation/{train,val}.txt``, in file order.
+
+    Raises:
+        DataFileError: naming the list file, when it is missing or empty.
+    """
     path = pathlib.Path(root) / "ImageSets" / "Segmentation" / SPLIT_FILES[split]
     ids = files.read_bytes(path).decode().split()
     if not ids:
@@ -48,7 +69,20 @@ def split_ids(root, split: str) -> list[str]:
 
 
 def read_example(root, example_id: str) -> dict:
-    """Read and check one example: ``{"id", "image_bytes", "image": uint8 (H, W, 3), "label": uint8 (H, W)}``."""
+    """Reads and checks one example.
+
+    Args:
+        root: the ``VOC2012`` folder.
+        example_id: the id, e.g. ``"2007_000032"``.
+
+    Returns:
+        ``{"id": str, "image_bytes": bytes (the JPEG), "image": uint8 (H, W, 3),
+        "label": uint8 (H, W)}``: classes ``0..20``, 255 on borders and void.
+
+    Raises:
+        DataFileError: naming the file at fault: missing, corrupt, a label of another
+            size than the image, or label values other than ``0..20`` and 255.
+    """
     root = pathlib.Path(root)
     image_path = root / "JPEGImages" / f"{example_id}.jpg"
     label_path = root / "SegmentationClass" / f"{example_id}.png"

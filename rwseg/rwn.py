@@ -129,27 +129,54 @@ _LANES = 8
 
 
 # The stencil product inside the solve is computed in groups of at most this many offsets,
-# each group one stencil.apply pass, with an optimization barrier between the groups so that
-# XLA keeps them as separate loops: for the radius-5 disk (K = 80), XLA's CPU code for one
-# fused loop over 80 shifted operands ran ~1.2-1.6x slower than two loops over 40 (measured at
-# 128x128x24; docs/benchmarks/random_walks.md). Same result up to summation order.
+# with an optimization barrier between the groups so that XLA keeps them as separate loops:
+# for the radius-5 disk (K = 80), XLA's CPU code for one fused loop over 80 shifted operands
+# ran ~1.2-1.6x slower than two loops over 40 (measured at 128x128x24;
+# docs/benchmarks/random_walks.md). Same result up to summation order.
 _GROUP = 40
 
 
-def _grouped_apply(weights, offsets):
-    """``x -> stencil.apply(weights, x, offsets)`` summed over groups of <= _GROUP offsets.
+def _scaled_weights(weights, offsets, alpha):
+    """Stencil weights of ``alpha D^-1/2 W D^-1/2`` (H, W, K), zero on entries outside the image.
 
-    The per-group weight slices are taken once here, outside any solver loop.
+    ``out[i, k] = alpha s_i weights[i, k] s_{i + o_k}`` with ``s = D^-1/2``
+    (:func:`_inverse_sqrt_degree`). Computed once per solve, outside the Krylov loop, so that
+    an iteration is one plain sum of K shifted windows with no scaling or masking pass.
     """
-    k = len(offsets)
+    h, w, _ = weights.shape
+    s = _inverse_sqrt_degree(weights, offsets)[..., 0]
+    py, px = max(abs(dy) for dy, _ in offsets), max(abs(dx) for _, dx in offsets)
+    sp = jnp.pad(s, ((py, py), (px, px)))
+    s_nbr = jnp.stack([sp[py + dy:py + dy + h, px + dx:px + dx + w] for dy, dx in offsets], axis=-1)
+    valid = stencil.valid_mask(h, w, offsets)
+    return jnp.where(valid, alpha * s[..., None] * weights * s_nbr, jnp.zeros((), weights.dtype)), s[..., None]
+
+
+def _window_sum(weights, offsets):
+    """``x -> y``, ``y[i] = sum_k weights[i, k] x[i + o_k]`` for weights already zero outside the image.
+
+    The solver-loop form of :func:`rwseg.stencil.apply` (same map): plain pad-and-slice
+    windows summed in groups of <= _GROUP offsets, one loop per group. Inside the loop XLA's
+    CPU code for this ran ~2.5x faster than the ``stencil.apply`` primitive on the same
+    masked weights (its lowering re-masks the weights with a constant (H, W, K) mask on every
+    call; 128x128x24, K = 80, docs/benchmarks/random_walks.md). Differentiated by JAX's own
+    rules (slices and products); it only enters gradients once per solve, through the
+    implicit-differentiation rule of ``custom_linear_solve``.
+    """
+    h, w, k = weights.shape
+    py, px = max(abs(dy) for dy, _ in offsets), max(abs(dx) for _, dx in offsets)
     parts = np.array_split(np.arange(k), -(-k // _GROUP))
-    groups = [(weights[..., p], tuple(offsets[i] for i in p)) for p in parts]
 
     def apply(x):
+        xp = jnp.pad(x, ((py, py), (px, px), (0, 0)))
         y = None
-        for n, (wg, og) in enumerate(groups):
-            t = stencil.apply(wg, x, og)
-            if n < len(groups) - 1:
+        for n, part in enumerate(parts):
+            t = None
+            for j in part:
+                dy, dx = offsets[j]
+                term = weights[..., j, None] * xp[py + dy:py + dy + h, px + dx:px + dx + w]
+                t = term if t is None else t + term
+            if n < len(parts) - 1:
                 t = jax.lax.optimization_barrier(t)
             y = t if y is None else y + t
         return y
@@ -261,12 +288,11 @@ def random_walk(
                 _check_symmetric(weights, offsets)
 
     if symmetric:
-        inv_sqrt_d = _inverse_sqrt_degree(weights, offsets)
-        alpha_s = alpha_c * inv_sqrt_d
-        apply = _grouped_apply(weights, offsets)
+        scaled, inv_sqrt_d = _scaled_weights(weights, offsets, alpha_c)
+        apply = _window_sum(scaled, offsets)
 
-        def matvec(z):  # (I - alpha D^-1/2 W D^-1/2) z: the scalings fuse into the stencil passes
-            return z - alpha_s * apply(inv_sqrt_d * z)
+        def matvec(z):  # (I - alpha D^-1/2 W D^-1/2) z
+            return z - apply(z)
 
         c = f.shape[-1]
         z, info = linsolve.cg(matvec, _pad_channels((1 - alpha_c) * f / inv_sqrt_d), tol=tol,

@@ -136,20 +136,10 @@ _LANES = 8
 _GROUP = 40
 
 
-def _scaled_weights(weights, offsets, alpha):
-    """Stencil weights of ``alpha D^-1/2 W D^-1/2`` (H, W, K), zero on entries outside the image.
-
-    ``out[i, k] = alpha s_i weights[i, k] s_{i + o_k}`` with ``s = D^-1/2``
-    (:func:`_inverse_sqrt_degree`). Computed once per solve, outside the Krylov loop, so that
-    an iteration is one plain sum of K shifted windows with no scaling or masking pass.
-    """
+def _masked_weights(weights, offsets):
+    """weights with entries pointing outside the image set to zero (a NaN/inf there is dropped)."""
     h, w, _ = weights.shape
-    s = _inverse_sqrt_degree(weights, offsets)[..., 0]
-    py, px = max(abs(dy) for dy, _ in offsets), max(abs(dx) for _, dx in offsets)
-    sp = jnp.pad(s, ((py, py), (px, px)))
-    s_nbr = jnp.stack([sp[py + dy:py + dy + h, px + dx:px + dx + w] for dy, dx in offsets], axis=-1)
-    valid = stencil.valid_mask(h, w, offsets)
-    return jnp.where(valid, alpha * s[..., None] * weights * s_nbr, jnp.zeros((), weights.dtype)), s[..., None]
+    return jnp.where(stencil.valid_mask(h, w, offsets), weights, jnp.zeros((), weights.dtype))
 
 
 def _window_sum(weights, offsets):
@@ -288,11 +278,12 @@ def random_walk(
                 _check_symmetric(weights, offsets)
 
     if symmetric:
-        scaled, inv_sqrt_d = _scaled_weights(weights, offsets, alpha_c)
-        apply = _window_sum(scaled, offsets)
+        inv_sqrt_d = _inverse_sqrt_degree(weights, offsets)
+        alpha_s = alpha_c * inv_sqrt_d
+        apply = _window_sum(_masked_weights(weights, offsets), offsets)
 
-        def matvec(z):  # (I - alpha D^-1/2 W D^-1/2) z
-            return z - apply(z)
+        def matvec(z):  # (I - alpha D^-1/2 W D^-1/2) z: the scalings fuse into the window sums
+            return z - alpha_s * apply(inv_sqrt_d * z)
 
         c = f.shape[-1]
         z, info = linsolve.cg(matvec, _pad_channels((1 - alpha_c) * f / inv_sqrt_d), tol=tol,

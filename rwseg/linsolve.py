@@ -154,7 +154,12 @@ def _nan_where_nonfinite(x, rn):
 
 
 def _finish(matvec, rhs, x, iters, tol, atol):
-    r = rhs - matvec(x)
+    # The product runs in a branch of a (always taken) cond so that XLA compiles it on its own,
+    # as in the loop body: fused with the residual norm's reduction, XLA CPU split a stencil
+    # product into one materialised window per offset feeding the reduce, and this one product
+    # cost several loop iterations (converged RWN walk, 128x128x24, K = 80;
+    # docs/benchmarks/random_walks.md). An optimization barrier did not prevent that fusion.
+    r = rhs - jax.lax.cond(iters >= 0, matvec, jnp.zeros_like, x)
     rn, bn = _norm(r), _norm(rhs)
     # a NaN/inf right-hand side, operator output or iterate: NaN out, converged False
     x = _nan_where_nonfinite(x, rn)

@@ -283,3 +283,31 @@ def test_grouped_stencil_product_matches_dense_value_and_gradient():
     want = jax.grad(lambda t, f: jnp.sum(g * dense(t, f) ** 2), argnums=(0, 1))(theta, f)
     for a, e in zip(got, want):
         np.testing.assert_allclose(a, e, rtol=1e-7, atol=1e-10)
+
+
+def test_symmetric_walk_forward_mode_and_vmapped_gradient_match_dense():
+    """The loop product's derivative rule (rwn._window_sum -> stencil.apply) in jvp and vmap(grad)."""
+    theta = jnp.asarray([-0.5, -1.0, -0.2, -0.7])
+    dtheta = jnp.asarray([0.3, -0.2, 0.5, 0.1])
+    feats, f, df = _features(), _scores(), _scores(seed=5)
+
+    def weights_of(theta):
+        return rwn.affinity(rwn.feature_distances(feats, OFFS), theta, OFFS)
+
+    def walk(theta, f):
+        return rwn.random_walk(weights_of(theta), f, OFFS, alpha=0.7, symmetric=True, tol=1e-13)
+
+    def dense(theta, f):
+        return _dense_limit(weights_of(theta), f, 0.7)
+
+    y, dy = jax.jit(lambda t, f: jax.jvp(walk, (t, f), (dtheta, df)))(theta, f)
+    y_want, dy_want = jax.jvp(dense, (theta, f), (dtheta, df))
+    np.testing.assert_allclose(y, y_want, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dy, dy_want, rtol=1e-8, atol=1e-10)
+    thetas = jnp.stack([theta, theta + 0.1])
+    fs = jnp.stack([f, df])
+    got = jax.jit(jax.vmap(jax.grad(lambda t, f: jnp.sum(walk(t, f) ** 2), argnums=(0, 1))))(thetas, fs)
+    for n in range(2):
+        want = jax.grad(lambda t, f: jnp.sum(dense(t, f) ** 2), argnums=(0, 1))(thetas[n], fs[n])
+        for a, e in zip(got, want):
+            np.testing.assert_allclose(a[n], e, rtol=1e-7, atol=1e-10)

@@ -19,8 +19,11 @@ Prints one markdown table, every row measured in this run (medians over ``--repe
     previous formulation kept here as :func:`reference_walk` (Jacobi-preconditioned CG on the
     unscaled ``(D - alpha W) y = (1 - alpha) D f``, 21 channels, zero start with its initial
     product; issue 8.4), timed alternately in the same process, with the CG iteration counts
-    and the largest difference of the results. ``--old-walk`` also runs (b) with the old
-    formulation.
+    and the largest difference of the results; then the same for forward + backward (the
+    gradient of a linear loss in y with respect to weights and scores). The reference shares
+    ``rwseg.linsolve`` (and ``stencil.apply``) with the current code, so improvements there
+    speed it up too and the ratio only shows what the converged branch of ``rwn`` adds.
+    ``--old-walk`` also runs (b) with the old formulation.
 
 Ratios are peer time / rwseg time (> 1: rwseg faster). A GPU column appears when jax sees
 a GPU; otherwise the table says so. Peers that are not installed print "n/a (not
@@ -247,6 +250,19 @@ def bench_walk_old_new(args, devices):
                          fmt_ms(t_new), fmt_ms(t_old), f"{t_old / t_new:.2f}x",
                          f"CG iterations old {int(i_old.iterations)} / new {int(i_new.iterations)}; "
                          f"rel. diff {diff:.1e}; converged {bool(jnp.all(i_new.converged))}"])
+            # forward + backward: gradient of a linear loss in y with respect to weights and scores
+            g = jax.device_put(np.random.default_rng(1).normal(size=scores.shape).astype(np.float32), dev)
+            grad_new = jax.jit(jax.grad(lambda w, f, g: jnp.sum(g * new(w, f)[0]), argnums=(0, 1)))
+            grad_old = jax.jit(jax.grad(lambda w, f, g: jnp.sum(g * old(w, f)[0]), argnums=(0, 1)))
+            (gw_new, _), (gw_old, _) = jax.block_until_ready((grad_new(w_d, s_d, g), grad_old(w_d, s_d, g)))
+            t_old, t_new = median_times([lambda: jax.block_until_ready(grad_old(w_d, s_d, g)),
+                                         lambda: jax.block_until_ready(grad_new(w_d, s_d, g))],
+                                        repeats=2 * args.repeats + 1, warmup=0)
+            gdiff = float(jnp.max(jnp.abs(gw_new - gw_old)) / jnp.max(jnp.abs(gw_old)))
+            log(f"walk-only fwd+bwd {size} {name}: old {t_old} new {t_new}")
+            rows.append([f"(c) converged walk fwd+bwd (grad in weights and scores), {size}x{size} [{name}]",
+                         fmt_ms(t_new), fmt_ms(t_old), f"{t_old / t_new:.2f}x",
+                         f"weight-gradient rel. diff {gdiff:.1e}"])
     return rows
 
 

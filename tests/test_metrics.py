@@ -192,7 +192,7 @@ def test_within_distance_against_edt(radius):
     rng = np.random.default_rng(3)
     for density in (0.02, 0.1):
         mask = rng.random((13, 10)) < density
-        np.testing.assert_array_equal(jax.jit(M.within_distance, static_argnums=1)(mask, radius),
+        np.testing.assert_array_equal(jax.jit(M.within_distance, static_argnames="radius")(mask, radius=radius),
                                       ref_within(mask, radius))
     yy, xx = np.mgrid[-7:8, -7:8]
     struct = yy**2 + xx**2 <= radius**2  # disk structuring element

@@ -190,7 +190,7 @@ def test_bad_arguments():
         rwn.random_walk(-w, f, OFFS, alpha=0.5)
     with pytest.raises(TypeError, match="f: expected a floating"):
         rwn.random_walk(w, jnp.ones((H, W, C), jnp.int32), OFFS, alpha=0.5)
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ValueError, match="num_steps"):
         rwn.random_walk(w, f, OFFS, alpha=0.5, num_steps=-1)
     with pytest.raises(ValueError, match="theta: expected shape"):
         rwn.affinity(rwn.feature_distances(_features(), OFFS), jnp.ones(3))

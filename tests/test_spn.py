@@ -100,9 +100,9 @@ def test_spn_is_max_of_four(shape, g):
 
 def test_check_grads():
     x, gates = _inputs(7, shape=(4, 5, 2))
-    prop = jax.jit(spn.propagate, static_argnums=2)
-    check_grads(lambda a, b: prop(a, b, "bottom_to_top"), (x, gates), order=2, modes=("rev",))
-    check_grads(lambda a, b: prop(a, b, "left_to_right"), (x, gates), order=1, modes=("fwd", "rev"))
+    prop = jax.jit(spn.propagate, static_argnames="direction")
+    check_grads(lambda a, b: prop(a, b, direction="bottom_to_top"), (x, gates), order=2, modes=("rev",))
+    check_grads(lambda a, b: prop(a, b, direction="left_to_right"), (x, gates), order=1, modes=("fwd", "rev"))
     rng = np.random.default_rng(8)
     four = rng.normal(scale=0.3, size=(4, 4, 5, 2, 3))
     check_grads(jax.jit(spn.spn), (x, four), order=1, modes=("rev",))
@@ -144,7 +144,7 @@ def test_vmap_and_jit():
     batched = jax.jit(jax.vmap(spn.spn))(xb, gb)
     for b in range(3):
         np.testing.assert_allclose(np.asarray(batched[b]), np.asarray(spn.spn(xb[b], gb[b])), rtol=1e-12)
-    one = jax.jit(spn.propagate, static_argnums=2)(xb[0], gb[0, 2], "top_to_bottom")
+    one = jax.jit(spn.propagate, static_argnames="direction")(xb[0], gb[0, 2], direction="top_to_bottom")
     np.testing.assert_allclose(np.asarray(one), _numpy_propagate(xb[0], gb[0, 2], "top_to_bottom"), rtol=1e-12)
 
 

@@ -235,7 +235,7 @@ def pairwise_similarity(z, filters, offsets):
 
     Returns:
         s: (H, W, N) in ``result_type(z, filters)``, ``s[i, n]`` for ``j = i + o_n``, zero
-        where ``j`` is outside the image.
+            where ``j`` is outside the image.
     """
     offsets = stencil.as_offsets(offsets)
     V.check_rank("z", z, 3, "(H, W, D)")
@@ -494,9 +494,9 @@ def gmf(
 
     Returns:
         y: (H, W, K) in the common dtype of the inputs; with ``return_info=True`` the pair
-        ``(y, info)``, ``info`` a :class:`rwseg.linsolve.SolveInfo` (relative residual of
-        the system per class, layers run, converged = the tolerance test passed; not
-        differentiable).
+            ``(y, info)``, ``info`` a :class:`rwseg.linsolve.SolveInfo` (relative residual of
+            the system per class, layers run, converged = the tolerance test passed; not
+            differentiable).
     """
     offsets = _check_offsets(offsets)
     _check_scores("unary", unary)

@@ -115,8 +115,8 @@ def confusion_matrix(pred, labels, num_classes: int, *, ignore_index: int | None
 
     Returns:
         ``(N, N)`` integer counts (default int dtype: int64 with ``jax_enable_x64``, else
-        int32 — sum on the host in int64 for very large datasets). Rows are ground truth,
-        columns prediction.
+            int32 — sum on the host in int64 for very large datasets). Rows are ground truth,
+            columns prediction.
     """
     num_classes = V.check_nonnegative_int("num_classes", num_classes, positive=True)
     _check_pair(pred, labels)
@@ -322,7 +322,7 @@ def trimap_counts(pred, labels, *, widths: Sequence[float], ignore_index: int | 
 
     Returns:
         ``(len(widths), 2)`` integer counts ``[errors, pixels]`` per width, summed over the
-        leading dims.
+            leading dims.
     """
     _check_pair(pred, labels)
     widths = _check_widths(widths)
@@ -407,7 +407,7 @@ def boundary_counts(pred, labels, *, tolerance: float, ignore_index: int | None 
 
     Returns:
         ``(4,)`` integer counts ``[matched_pred, pred_boundary, matched_gt, gt_boundary]``
-        summed over the leading dims.
+            summed over the leading dims.
     """
     _check_pair(pred, labels)
     tolerance = _check_radius("tolerance", tolerance)
@@ -436,7 +436,7 @@ def summarize_boundary(counts) -> dict:
 
     Returns:
         A dict with ``precision`` (matched_pred / pred_boundary), ``recall``
-        (matched_gt / gt_boundary) and ``fscore`` (``2PR / (P + R)``), default-float scalars.
+            (matched_gt / gt_boundary) and ``fscore`` (``2PR / (P + R)``), default-float scalars.
     """
     V.check_shape("counts", counts, (4,), "(4,) [matched_pred, pred_boundary, matched_gt, gt_boundary]")
     c = jnp.asarray(counts).astype(_float_dtype())

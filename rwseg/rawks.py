@@ -278,7 +278,7 @@ def hitting_probabilities(
 
     Returns:
         P: (H, W, num_labels) in boundary's dtype; with ``return_info=True`` the pair
-        ``(P, info)``, ``info`` a :class:`RawksInfo`.
+            ``(P, info)``, ``info`` a :class:`RawksInfo`.
     """
     num_labels = V.check_nonnegative_int("num_labels", num_labels, positive=True)
     _check_boundary(boundary, checked)
@@ -466,7 +466,7 @@ def scribbles_from_labels(
 
     Returns:
         seeds: (H, W) int32 numpy array, -1 unlabelled, else the label (every seed lies on a
-        pixel of that label).
+            pixel of that label).
     """
     V.check_rank("labels", labels, 2, "(H, W)")
     V.check_integer("labels", labels)

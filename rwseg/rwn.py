@@ -261,10 +261,10 @@ def random_walk(
 
     Returns:
         y: (H, W, C) in ``result_type(weights, f)``; with ``return_info=True`` the pair
-        ``(y, info)``, ``info`` a :class:`rwseg.linsolve.SolveInfo`: for the converged walk
-        the solver's (residual per channel, iterations, converged per channel, so that a
-        non-converged solve can be detected); for ``num_steps=n`` residual 0 (no system is
-        solved), ``iterations = n`` and ``converged`` True.
+            ``(y, info)``, ``info`` a :class:`rwseg.linsolve.SolveInfo`: for the converged walk
+            the solver's (residual per channel, iterations, converged per channel, so that a
+            non-converged solve can be detected); for ``num_steps=n`` residual 0 (no system is
+            solved), ``iterations = n`` and ``converged`` True.
     """
     offsets = stencil.as_offsets(offsets)
     _check_map("f", f)
@@ -344,7 +344,7 @@ def affinity_loss(weights, labels, offsets, *, ignore_index: int = IGNORE_INDEX)
 
     Returns:
         The **mean** squared error over valid pairs (0 when there is none), a scalar in
-        the dtype of ``weights``.
+            the dtype of ``weights``.
     """
     offsets = stencil.as_offsets(offsets)
     V.check_rank("weights", weights, 3, "(H, W, K)")

@@ -488,9 +488,9 @@ def asymmetry(weights, offsets):
 
     Returns:
         ``(defect, scale)``, two scalars: ``defect = max |weights[i, o] - weights[i + o, -o]|``
-        over entries inside the image (``max |M - M^T|`` of :func:`to_dense`), NaN when a
-        weight inside the image is NaN/inf; ``scale = max |weights|`` over the same entries.
-        Entries pointing outside the image are ignored (``where``).
+            over entries inside the image (``max |M - M^T|`` of :func:`to_dense`), NaN when a
+            weight inside the image is NaN/inf; ``scale = max |weights|`` over the same entries.
+            Entries pointing outside the image are ignored (``where``).
     """
     offsets = as_offsets(offsets)
     V.check_rank("weights", weights, 3, "(H, W, K)")
@@ -519,8 +519,8 @@ def label_affinity(labels, offsets, *, ignore_index: int = IGNORE_INDEX):
 
     Returns:
         ``(targets, valid)``, both (H, W, K): ``targets`` float32, 1.0 where pixel ``i`` and
-        ``i + o_k`` share a label, else 0.0; ``valid`` bool, False where either label is
-        negative or ``ignore_index``, or the neighbour is outside the image.
+            ``i + o_k`` share a label, else 0.0; ``valid`` bool, False where either label is
+            negative or ``ignore_index``, or the neighbour is outside the image.
     """
     offsets = as_offsets(offsets)
     V.check_rank("labels", labels, 2, "(H, W)")

@@ -143,7 +143,7 @@ def test_focal_is_optax_and_matches_the_former_formula(gamma):
     z = jnp.concatenate([jnp.linspace(-12.0, 12.0, 49), jnp.array([-80.0, -30.0, 30.0, 80.0])])
     for t in (0.0, 1.0):
         targets = jnp.full_like(z, t)
-        for dtype, rtol in ((jnp.float64, 1e-12), (jnp.float32, 2e-6)):
+        for dtype, rtol in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
             zz = z.astype(dtype)
             new = D._focal(zz, targets, gamma)
             old = _focal_before_optax(zz, targets, gamma)
@@ -344,9 +344,9 @@ def test_bad_input_messages():
         D.propagate(probs, np.zeros((6, 5, 8)), [1])
     with pytest.raises(ValueError, match=r"probs: expected a rank-3 array \(H, W, C\), got shape \(6, 7\)"):
         D.propagate(probs[..., 0], np.zeros((6, 7, 8)), [1])
-    with pytest.raises(ValueError, match="iterations: expected an int >= 0, got -1"):
+    with pytest.raises(ValueError, match="num_steps: expected an int >= 0, got -1"):
         D.propagate(probs, np.zeros((6, 7, 8)), [1], num_steps=-1)
-    with pytest.raises(TypeError, match="iterations: expected a Python int, got float"):
+    with pytest.raises(TypeError, match="num_steps: expected a Python int, got float"):
         D.propagate(probs, np.zeros((6, 7, 8)), [1], num_steps=2.0)
     with pytest.raises(ValueError, match="probs: expected finite probabilities >= 0"):
         D.propagate(np.full((6, 7, 3), np.nan), np.zeros((6, 7, 8)), [1])

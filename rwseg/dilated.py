@@ -1,4 +1,6 @@
-"""Dilated affinity (seed 004; ``../shared/docs/methods.md`` §5).
+"""Dilated affinity (Wu et al., dilated affinity for semantic segmentation; ``docs/methods.md`` §5).
+
+"The paper" below is that work.
 
 For a set of rates R, each pixel is linked to 8 neighbours per rate: channel ``c`` of an
 affinity head is offset ``c`` of :func:`rwseg.stencil.dilated_offsets` (8·|R| channels,
@@ -26,9 +28,13 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from rwseg import _validate as V
 from rwseg import stencil as S
+from rwseg._deprecation import deprecated_arguments
+from rwseg._numerics import masked_mean, safe_divide
+from rwseg.constants import IGNORE_INDEX
 
 __all__ = ["neighbor_counts", "category_frequencies", "prior_bias", "affinity_loss", "propagate"]
 
@@ -51,24 +57,31 @@ def _counts_from_affinity(targets, valid, num_rates):
     return counts, valid.reshape(h, w, num_rates, 8).all(axis=-1)
 
 
-def neighbor_counts(labels, rates, ignore_index: int = 255):
-    """Neighbour category of every pixel and rate (seed 004, §3.2, eq. 5's ``n_sum(y_a)``).
+@deprecated_arguments(positional=("ignore_index",))
+def neighbor_counts(labels, rates, *, ignore_index: int = IGNORE_INDEX):
+    """Neighbour category of every pixel and rate (paper §3.2, eq. 5's ``n_sum(y_a)``).
 
-    labels: (H, W) int; rates: e.g. ``(8, (12, 24), 16)`` ->
-    ``(counts, valid)``, both (H, W, |R|): ``counts[i, r]`` in 0..8 is the number of the
-    8 neighbours at rate r that share pixel i's label (counted among the neighbours that
-    are inside and not ignored); ``valid[i, r]`` says whether the category is defined
-    (pixel not ignored and all 8 neighbours inside and not ignored; module docstring).
-    int32 counts, bool validity. jit/vmap-able (``rates`` static).
+    ``counts[i, r]`` in 0..8 is the number of the 8 neighbours at rate r that share pixel
+    i's label (counted among the neighbours that are inside and not ignored);
+    ``valid[i, r]`` says whether the category is defined (pixel not ignored and all 8
+    neighbours inside and not ignored; module docstring). jit/vmap-able (``rates`` static).
+
+    Args:
+        labels: (H, W) int labels.
+        rates: dilation rates, e.g. ``(8, (12, 24), 16)`` (:func:`rwseg.stencil.dilated_offsets`).
+        ignore_index: label value of ignored pixels.
+
+    Returns:
+        ``(counts, valid)``, both (H, W, |R|): int32 counts and bool validity.
     """
     _check_labels("labels", labels)
     offsets, num_rates = _offsets(rates)
-    targets, valid = S.label_affinity(labels, offsets, ignore_index)
+    targets, valid = S.label_affinity(labels, offsets, ignore_index=ignore_index)
     return _counts_from_affinity(targets, valid, num_rates)
 
 
 def _histogram(labels, offsets, ignore_index):
-    targets, valid = S.label_affinity(labels, offsets, ignore_index)
+    targets, valid = S.label_affinity(labels, offsets, ignore_index=ignore_index)
     counts, ok = _counts_from_affinity(targets, valid, len(offsets) // 8)
     onehot = jax.nn.one_hot(counts, NUM_CATEGORIES, dtype=jnp.int32) * ok[..., None]
     return onehot.sum(axis=(0, 1))
@@ -77,14 +90,22 @@ def _histogram(labels, offsets, ignore_index):
 _histogram_jit = jax.jit(_histogram, static_argnums=(1, 2))
 
 
-def category_frequencies(label_maps: Iterable, rates, ignore_index: int = 255) -> np.ndarray:
-    """Frequency table of the neighbour categories over a dataset (seed 004, Fig. 3).
+@deprecated_arguments(positional=("ignore_index",))
+def category_frequencies(label_maps: Iterable, rates, *, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Frequency table of the neighbour categories over a dataset (paper Fig. 3).
 
-    label_maps: an iterable of (H, W) int label maps (sizes may differ; consumed once,
-    so a generator streams a dataset); rates as in :func:`neighbor_counts` ->
-    ``(|R|, 9)`` int64 numpy array: ``table[r, n]`` = number of valid (pixel, rate r)
-    entries of category n. Counts (not proportions): tables of dataset shards add up;
-    :func:`prior_bias` and :func:`affinity_loss` normalise each row themselves.
+    ``table[r, n]`` = number of valid (pixel, rate r) entries of category n. Counts (not
+    proportions): tables of dataset shards add up; :func:`prior_bias` and
+    :func:`affinity_loss` normalise each row themselves.
+
+    Args:
+        label_maps: an iterable of (H, W) int label maps (sizes may differ; consumed once,
+            so a generator streams a dataset).
+        rates: dilation rates as in :func:`neighbor_counts`.
+        ignore_index: label value of ignored pixels.
+
+    Returns:
+        ``(|R|, 9)`` int64 numpy array.
     """
     offsets, num_rates = _offsets(rates)
     table = np.zeros((num_rates, NUM_CATEGORIES), np.int64)
@@ -122,21 +143,27 @@ def _out_float(x):
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
 
 
-def prior_bias(frequencies, eps: float = 1e-6):
-    """Bias initialisation of the affinity head, ``b_r = -log((1 - pi_r) / pi_r)`` (seed 004, §4.1).
+@deprecated_arguments(positional=("eps",))
+def prior_bias(frequencies, *, eps: float = 1e-6):
+    """Bias initialisation of the affinity head, ``b_r = -log((1 - pi_r) / pi_r)`` (paper §4.1).
 
-    frequencies: (|R|, 9) table from :func:`category_frequencies` (counts or
-    proportions) -> (|R|,) bias, so that ``sigmoid(b_r) = pi_r`` at initialisation
-    (the focal-loss prior of Lin et al., which seed 004 cites; the extracted text's
+    ``sigmoid(b_r) = pi_r`` at initialisation (the focal-loss prior of Lin et al., *Focal
+    Loss for Dense Object Detection*, which the paper cites; the extracted text's
     ``-log(pi / (1 - pi))`` has the opposite sign and would start at ``1 - pi_r``).
+    ``pi_r`` is the fraction of positive pairs at rate r among valid (pixel, rate) entries,
+    read off the table: each entry of category n has n positive pairs out of 8, so
+    ``pi_r = sum_n n·F[r, n] / (8 sum_n F[r, n])``, clipped to ``[eps, 1 - eps]`` so that a
+    rate with only positive (or negative) pairs gives a finite bias. A rate with an empty
+    row (no valid entry) raises ``ValueError`` when the table is concrete (NaN under
+    ``jit``). The head's 8·|R| biases are ``jnp.repeat(b, 8)``.
 
-    ``pi_r`` is the fraction of positive pairs at rate r among valid (pixel, rate)
-    entries, read off the table: each entry of category n has n positive pairs out of
-    8, so ``pi_r = sum_n n·F[r, n] / (8 sum_n F[r, n])``. It is clipped to
-    ``[eps, 1 - eps]`` so that a rate with only positive (or negative) pairs gives a
-    finite bias. A rate with an empty row (no valid entry) raises ``ValueError`` when the
-    table is concrete (NaN under ``jit``). Float tables keep their dtype; integer tables
-    give float32. The head's 8·|R| biases are ``jnp.repeat(b, 8)``.
+    Args:
+        frequencies: (|R|, 9) table from :func:`category_frequencies` (counts or
+            proportions).
+        eps: clipping margin of ``pi_r``.
+
+    Returns:
+        (|R|,) bias; float tables keep their dtype, integer tables give float32.
     """
     _check_table(frequencies)
     dtype = _out_float(frequencies)
@@ -156,35 +183,49 @@ def _category_weights(frequencies, dtype):
     f = jnp.asarray(frequencies).astype(dtype)
     f8 = f[:, 8:9]
     defined = (f > 0) & (f8 > 0)
-    return jnp.where(defined, jnp.sqrt(f8 / jnp.where(defined, f, 1)), 1)
+    return jnp.where(defined, jnp.sqrt(safe_divide(f8, f)), 1)
 
 
 def _focal(logits, targets, gamma):
-    """Eq. 4, ``-(1 - p_t)^gamma log p_t`` with ``p_t = sigmoid(s z)``, ``s = +-1``; stable in z."""
-    signed = jnp.where(targets > 0, logits, -logits)
-    return -jnp.power(jax.nn.sigmoid(-signed), gamma) * jax.nn.log_sigmoid(signed)
+    """Eq. 4, ``-(1 - p_t)^gamma log p_t`` with ``p_t = sigmoid(s z)``, ``s = +-1``.
+
+    ``optax.sigmoid_focal_loss`` (log-space focal weight since optax 0.2.5, stable in z).
+    """
+    return optax.sigmoid_focal_loss(logits, (targets > 0).astype(logits.dtype), gamma=gamma)
 
 
-def affinity_loss(logits, labels, rates, frequencies, gamma: float = 2.0, ignore_index: int = 255, *,
+@deprecated_arguments(positional=("gamma", "ignore_index"))
+def affinity_loss(logits, labels, rates, frequencies, *, gamma: float = 2.0, ignore_index: int = IGNORE_INDEX,
                   checked: bool = False):
-    """Reweighted focal loss of the dilated affinities (seed 004, eq. 4-5, without beta).
+    """Reweighted focal loss of the dilated affinities (paper eq. 4-5, without beta).
 
-    logits: (H, W, 8·|R|) float, channel c = offset c of ``dilated_offsets(rates)``;
-    labels: (H, W) int; frequencies: (|R|, 9) table (:func:`category_frequencies`) ->
-    scalar of the logits' dtype::
+    ::
 
         loss = sum_{valid (i, r)} w[i, r] sum_{c in rate r} FL(logit[i, c], target[i, c])
                / (8 · #valid (i, r))
 
     i.e. the weighted focal loss averaged over the valid pairs, with
     ``w[i, r] = sqrt(freq(n8, r) / freq(n, r))`` for the category n of (i, r) (so n8
-    weighs 1), ``FL = -(1 - p_t)^gamma log p_t``, ``p = sigmoid(logit)``. A weight whose
-    ratio is undefined (zero frequency of n or n8 in the table) is 1. No valid pair
-    gives 0. Multiply by beta (1.2 in the paper) outside. jit/vmap/grad-able.
+    weighs 1), ``FL = -(1 - p_t)^gamma log p_t``, ``p = sigmoid(logit)``
+    (``optax.sigmoid_focal_loss``). A weight whose ratio is undefined (zero frequency of n
+    or n8 in the table) is 1. No valid pair gives 0. Multiply by beta (1.2 in the paper)
+    outside. jit/vmap/grad-able.
 
     Non-finite logits and negative or non-finite frequencies raise ``ValueError`` when
     the inputs are concrete; under ``jit`` pass ``checked=True`` and wrap the call in
     ``jax.experimental.checkify.checkify`` to have them reported.
+
+    Args:
+        logits: (H, W, 8·|R|) float, channel c = offset c of ``dilated_offsets(rates)``.
+        labels: (H, W) int labels.
+        rates: dilation rates as in :func:`neighbor_counts`.
+        frequencies: (|R|, 9) table (:func:`category_frequencies`).
+        gamma: focusing exponent of the focal loss (eq. 4).
+        ignore_index: label value of ignored pixels.
+        checked: add ``checkify`` value checks for traced inputs.
+
+    Returns:
+        A scalar in the logits' dtype.
     """
     offsets, num_rates = _offsets(rates)
     _check_labels("labels", labels)
@@ -195,13 +236,12 @@ def affinity_loss(logits, labels, rates, frequencies, gamma: float = 2.0, ignore
     _check_table(frequencies, num_rates, checked)
     _check_values("logits", logits, "logits", nonnegative=False, checked=checked)
     dtype = jnp.result_type(logits)
-    targets, valid = S.label_affinity(labels, offsets, ignore_index)
+    targets, valid = S.label_affinity(labels, offsets, ignore_index=ignore_index)
     counts, ok = _counts_from_affinity(targets, valid, num_rates)
     weight_table = _category_weights(frequencies, dtype)
     weights = weight_table[jnp.arange(num_rates), counts]  # (H, W, |R|)
     fl = _focal(logits, targets, gamma).reshape(h, w, num_rates, 8).sum(axis=-1)
-    total = jnp.where(ok, weights * fl, 0).sum()
-    return (total / jnp.maximum(8 * ok.sum(), 1)).astype(dtype)
+    return (masked_mean(weights * fl, ok) / 8).astype(dtype)
 
 
 def _check_rate_parameter(name, value, checked):
@@ -233,40 +273,53 @@ _ZERO_MASS = ("probs: eq. 6 divides each pixel's q_i = lam·p_i·max(p_i) + sum_
               "undefined there; give every pixel positive mass (e.g. a softmax output)")
 
 
-def propagate(probs, affinity_logits, rates, *, lam=6.0, mu=7.0, iterations: int = 10, checked: bool = False):
-    """Affinity propagation refinement (seed 004, eq. 6 with eq. 7's steep gate).
+@deprecated_arguments(renamed={"iterations": "num_steps"})
+def propagate(probs, affinity_logits, rates, *, lam=6.0, mu=7.0, num_steps: int = 10, checked: bool = False):
+    """Affinity propagation refinement (paper eq. 6 with eq. 7's steep gate).
 
-    probs: (H, W, C) class probabilities (>= 0); affinity_logits: (H, W, 8·|R|), channel c
-    = offset c of ``dilated_offsets(rates)`` -> (H, W, C), dtype of ``probs`` and the
-    logits combined. Repeats ``iterations`` times::
+    Repeats ``num_steps`` times::
 
         q_i = lam · p_i · max_k p_{i,k} + sum_c sigmoid(mu · logit_{i,c}) · p_{i + o_c}
         p_i = q_i / sum_k q_{i,k}
 
     Neighbours outside the image contribute nothing (:func:`rwseg.stencil.apply`). After
-    at least one iteration each pixel sums to 1; ``iterations=0`` returns ``probs``
-    unchanged. The loop is a ``lax.fori_loop`` with a static count, so it is
-    reverse-differentiable (in probs, logits, lam and mu). lam, mu: scalars >= 0 (6 and
-    7 in the paper), Python numbers or 0-d arrays (traced ones too, e.g. learned).
+    at least one step each pixel sums to 1; ``num_steps=0`` returns ``probs`` unchanged.
+    The loop is a ``lax.fori_loop`` with a static count, so it is reverse-differentiable
+    (in probs, logits, lam and mu).
 
     Zero mass. A pixel of ``probs`` may be all zero: its ``q_i`` is then the gated sum of
-    its neighbours, and it leaves the first iteration as their normalised average. The
+    its neighbours, and it leaves the first step as their normalised average. The
     normalisation is undefined only where ``q_i`` itself is zero (the pixel and every
     neighbour inside the image carry no probability — e.g. an all-zero map, or
     ``lam = 0`` with no neighbour inside a tiny image): no distribution is more right
     than another there, so the result is not a number. That raises ``ValueError`` when
     the inputs are concrete and is reported by checkify with ``checked=True``; unchecked
-    under ``jit`` such a pixel is NaN, and so is every pixel that later iterations
-    reach from it (their update depends on it) — never a plausible distribution.
+    under ``jit`` such a pixel is NaN, and so is every pixel that later steps reach from
+    it (their update depends on it) — never a plausible distribution.
 
     Value checks: negative or non-finite probabilities, non-finite logits and a
     non-finite or negative ``lam`` / ``mu`` raise ``ValueError`` when the inputs are
     concrete; under ``jit`` pass ``checked=True`` and wrap the call in
     ``jax.experimental.checkify.checkify`` to have them reported. Unchecked under
     ``jit``, a negative or non-finite ``lam`` / ``mu`` or probability gives NaN outputs.
+
+    Args:
+        probs: (H, W, C) float class probabilities (>= 0).
+        affinity_logits: (H, W, 8·|R|) float, channel c = offset c of
+            ``dilated_offsets(rates)``.
+        rates: dilation rates as in :func:`neighbor_counts`.
+        lam: weight of the pixel's own term, a scalar >= 0 (6 in the paper); a Python
+            number or a 0-d array (traced ones too, e.g. learned).
+        mu: gate steepness, a scalar >= 0 (7 in the paper), same types as ``lam``.
+        num_steps: number of propagation steps (Python int >= 0). Formerly ``iterations``
+            (still accepted, with a ``DeprecationWarning``).
+        checked: add ``checkify`` value checks for traced inputs.
+
+    Returns:
+        (H, W, C) in ``result_type(probs, affinity_logits)``.
     """
     offsets, num_rates = _offsets(rates)
-    iterations = V.check_nonnegative_int("iterations", iterations)
+    num_steps = V.check_nonnegative_int("num_steps", num_steps)
     V.check_rank("probs", probs, 3, "(H, W, C)")
     V.check_floating("probs", probs)
     V.check_rank("affinity_logits", affinity_logits, 3, "(H, W, 8·|R|)")
@@ -296,7 +349,7 @@ def propagate(probs, affinity_logits, rates, *, lam=6.0, mu=7.0, iterations: int
         # mass == 0 gives 0/0 = NaN: undefined, see the docstring; counted for the checks.
         return (q / mass).astype(dtype), zero + jnp.sum(mass == 0, dtype=jnp.int32)
 
-    out, zero = jax.lax.fori_loop(0, iterations, step, (probs, jnp.zeros((), jnp.int32)))
+    out, zero = jax.lax.fori_loop(0, num_steps, step, (probs, jnp.zeros((), jnp.int32)))
     if V.is_concrete(out):
         if int(zero):
             raise ValueError(_ZERO_MASS.format(int(zero)))

@@ -1,6 +1,9 @@
-"""Gaussian CRF with bipartite Gaussian mean-field inference (seed 003, Vemulapalli et al. 2016).
+"""Gaussian CRF with bipartite Gaussian mean-field inference.
 
-Every pixel ``i`` carries a K-vector ``y_i`` (K classes). The energy (seed 003, eq. 1)::
+Vemulapalli, Tuzel, Liu & Chellappa, *Gaussian Conditional Random Field Network for
+Semantic Segmentation* (CVPR 2016); "the paper" below.
+
+Every pixel ``i`` carries a K-vector ``y_i`` (K classes). The energy (paper eq. 1)::
 
     E(y) = sum_i ||y_i - r_i||^2 + sum_{unordered pairs (i, j)} s_ij (y_i - y_j)^T C (y_i - y_j)
 
@@ -19,7 +22,7 @@ the same column parity, so all even columns are updated at once, then all odd co
 (one GMF layer, §4 and Fig. 3). Each half-update minimises ``E`` exactly over its block,
 so the energy never increases and the iteration converges to the unique minimiser.
 
-Conventions and choices (``../shared/docs/methods.md`` §4):
+Conventions and choices (``docs/methods.md`` §4):
 
 - Stencils must be *bipartite* (every ``dx`` odd) and *symmetric* (``-o`` is in the
   stencil whenever ``o`` is); each unordered pair then appears twice, once from each
@@ -32,8 +35,8 @@ Conventions and choices (``../shared/docs/methods.md`` §4):
 - The per-pixel K x K systems ``I + S_i C`` depend only on ``S_i`` and ``C``: they are
   inverted once per call (batched), so one half-update is one stencil product and one
   batched K x K matrix-vector product.
-- ``gmf(num_layers=n)`` unrolls n layers with ``lax.scan`` (the paper's network,
-  reverse-mode differentiable through the layers). ``gmf(num_layers=None)`` iterates
+- ``gmf(num_steps=n)`` unrolls n layers with ``lax.scan`` (the paper's network,
+  reverse-mode differentiable through the layers). ``gmf(num_steps=None)`` iterates
   layers in a ``lax.while_loop`` until the largest change of a layer is
   ``<= tol * max|r|`` and is differentiated implicitly: :func:`rwseg.linsolve.implicit_solve`
   on ``(I + L_s ⊗ C)``, whose backward pass is the same GMF iteration on the cotangent.
@@ -58,6 +61,9 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import linsolve, stencil
+from rwseg._deprecation import deprecated_arguments
+from rwseg._numerics import masked_mean, safe_divide
+from rwseg.constants import IGNORE_INDEX
 
 __all__ = [
     "bipartite_offsets",
@@ -191,13 +197,22 @@ def _check_labels(labels, hw, num_classes, ignore_index, checked=False):
 # --------------------------------------------------------------------------- model pieces
 
 
-def bipartite_offsets(radius: int, pattern: str = "odd") -> stencil.Offsets:
-    """The GCRF stencil inside the (2·radius + 1)^2 window (seed 003, §3.2, Fig. 2).
+@deprecated_arguments(positional=("pattern",))
+def bipartite_offsets(radius: int, *, pattern: str = "odd") -> stencil.Offsets:
+    """The GCRF stencil inside the (2·radius + 1)^2 window (paper §3.2, Fig. 2).
 
-    pattern ``"odd"`` (default, the reading of methods.md §4): offsets with odd dy *and*
-    odd dx, i.e. every other pixel along rows and columns: ``4 * ceil(radius / 2)^2``
-    offsets (144 for the paper's 23x23 window, radius 11). ``"odd_columns"``: odd dx, any dy. Both are symmetric and bipartite
-    between even and odd columns. Sorted by (dy, dx).
+    Both patterns are symmetric and bipartite between even and odd columns; sorted by
+    (dy, dx).
+
+    Args:
+        radius: half-width of the window (int > 0; the paper's 23x23 window is radius 11).
+        pattern: ``"odd"`` (default, the reading of docs/methods.md §4): offsets with odd
+            dy *and* odd dx, i.e. every other pixel along rows and columns,
+            ``4 * ceil(radius / 2)^2`` offsets (144 for radius 11); ``"odd_columns"``: odd
+            dx, any dy.
+
+    Returns:
+        The offsets, a tuple of ``(dy, dx)`` pairs.
     """
     radius = V.check_nonnegative_int("radius", radius, positive=True)
     if pattern not in _PATTERNS:
@@ -209,12 +224,18 @@ def bipartite_offsets(radius: int, pattern: str = "odd") -> stencil.Offsets:
 
 
 def pairwise_similarity(z, filters, offsets):
-    """Learned similarity ``s_ij = exp(-sum_m (f_m . z_i - f_m . z_j)^2)`` (seed 003, §4).
+    """Learned similarity ``s_ij = exp(-sum_m (f_m . z_i - f_m . z_j)^2)`` (paper §4).
 
-    z: (H, W, D) pixel features; filters: (D, M) the M filters f_m as columns;
-    offsets: N neighbour offsets. Returns s: (H, W, N), ``s[i, n]`` for ``j = i + o_n``,
-    zero where ``j`` is outside the image. Symmetric by construction
-    (``s[i, o] == s[i + o, -o]`` exactly). Memory O(H·W·(M + N)).
+    Symmetric by construction (``s[i, o] == s[i + o, -o]`` exactly). Memory O(H·W·(M + N)).
+
+    Args:
+        z: (H, W, D) float pixel features.
+        filters: (D, M) float, the M filters f_m as columns.
+        offsets: N neighbour offsets ``(dy, dx)``.
+
+    Returns:
+        s: (H, W, N) in ``result_type(z, filters)``, ``s[i, n]`` for ``j = i + o_n``, zero
+            where ``j`` is outside the image.
     """
     offsets = stencil.as_offsets(offsets)
     V.check_rank("z", z, 3, "(H, W, D)")
@@ -230,10 +251,13 @@ def pairwise_similarity(z, filters, offsets):
 
 
 def compatibility(r):
-    """Class compatibility ``C = R R^T`` with ``R`` the lower triangle of ``r`` (seed 003, §4).
+    """Class compatibility ``C = R R^T`` with ``R`` the lower triangle of ``r`` (paper §4).
 
-    r: (K, K) unconstrained parameter (its strict upper triangle is ignored).
-    Returns C: (K, K), symmetric positive semidefinite by construction.
+    Args:
+        r: (K, K) float unconstrained parameter (its strict upper triangle is ignored).
+
+    Returns:
+        C: (K, K) in the dtype of ``r``, symmetric positive semidefinite by construction.
     """
     V.check_rank("r", r, 2, "(K, K)")
     V.check_floating("r", r)
@@ -244,12 +268,19 @@ def compatibility(r):
 
 
 def system_matvec(similarity, compat, offsets):
-    """The linear map ``y -> (I + L_s ⊗ C) y`` whose solution is the GCRF optimum (seed 003, eq. 1-2).
+    """The linear map ``y -> (I + L_s ⊗ C) y`` whose solution is the GCRF optimum (paper eq. 1-2).
 
-    similarity: (H, W, N); compat: (K, K); returns a function (H, W, K) -> (H, W, K):
     ``y_i + C (S_i y_i - sum_j s_ij y_j)`` with :func:`rwseg.stencil.apply` /
     :func:`rwseg.stencil.degree`. Symmetric positive definite for a symmetric similarity
     and a PSD ``C``.
+
+    Args:
+        similarity: (H, W, N) float similarity s on ``offsets``.
+        compat: (K, K) float class compatibility C.
+        offsets: N neighbour offsets ``(dy, dx)``.
+
+    Returns:
+        A function mapping (H, W, K) to (H, W, K).
     """
     offsets = stencil.as_offsets(offsets)
     deg = stencil.degree(similarity, offsets)[..., None]
@@ -370,14 +401,25 @@ def _check_state(name, y, unary, similarity, compat, offsets):
     return offsets
 
 
-def gmf_half_update(mu, unary, similarity, compat, offsets, parity: int):
-    """One GMF sub-layer (seed 003, §4, Fig. 3): update the columns of one parity.
+@deprecated_arguments(positional=("parity",))
+def gmf_half_update(mu, unary, similarity, compat, offsets, *, parity: int):
+    """One GMF sub-layer (paper §4, Fig. 3): update the columns of one parity.
 
-    mu, unary: (H, W, K); similarity: (H, W, N) on ``offsets``; compat: (K, K);
-    parity: 0 updates the even columns (0, 2, ...), 1 the odd ones, each by eq. 2
-    ``(I + S_i C) mu_i = r_i + C sum_j s_ij mu_j`` with the other parity fixed; the
-    other columns are returned unchanged. This is the exact minimiser of :func:`energy`
-    over the updated block. :func:`gmf` runs these (sharing the block inverses).
+    Each updated column follows eq. 2, ``(I + S_i C) mu_i = r_i + C sum_j s_ij mu_j``,
+    with the other parity fixed; the other columns are returned unchanged. This is the
+    exact minimiser of :func:`energy` over the updated block. :func:`gmf` runs these
+    (sharing the block inverses).
+
+    Args:
+        mu: (H, W, K) float current estimate.
+        unary: (H, W, K) float unary scores r.
+        similarity: (H, W, N) float similarity s on ``offsets``.
+        compat: (K, K) float class compatibility C.
+        offsets: N bipartite, symmetric offsets ``(dy, dx)``.
+        parity: 0 updates the even columns (0, 2, ...), 1 the odd ones.
+
+    Returns:
+        (H, W, K) in the common dtype of the inputs.
     """
     offsets = _check_state("mu", mu, unary, similarity, compat, offsets)
     if parity not in (0, 1):
@@ -395,41 +437,34 @@ def _max_abs(a):
 def _info(matvec, rhs, mu, layers, converged):
     res = jnp.sqrt(jnp.sum((rhs - matvec(mu)) ** 2, axis=(0, 1)))
     norm = jnp.sqrt(jnp.sum(rhs**2, axis=(0, 1)))
-    rel = jnp.where(norm > 0, res / jnp.where(norm > 0, norm, 1), res)
+    rel = jnp.where(norm > 0, safe_divide(res, norm), res)
     return linsolve.SolveInfo(rel, jnp.asarray(layers, jnp.int32), jnp.broadcast_to(converged, rel.shape))
 
 
+@deprecated_arguments(renamed={"num_layers": "num_steps", "max_layers": "max_iters"})
 def gmf(
     unary,
     similarity,
     compat,
     offsets,
     *,
-    num_layers: int | None = None,
+    num_steps: int | None = None,
     tol: float = 1e-5,
-    max_layers: int = 1000,
+    max_iters: int = 1000,
     return_info: bool = False,
     checked: bool = False,
 ):
-    """Gaussian mean-field inference on a bipartite stencil (seed 003, eq. 2, §3.2, §4).
+    """Gaussian mean-field inference on a bipartite stencil (paper eq. 2, §3.2, §4).
 
-    unary: r (H, W, K); similarity: s (H, W, N) on ``offsets`` (N bipartite, symmetric
-    offsets; e.g. :func:`pairwise_similarity` on :func:`bipartite_offsets`); compat:
-    C (K, K) symmetric PSD (e.g. :func:`compatibility`). Starts from ``mu = r``; one
-    layer updates every even column, then every odd column, with
-    ``(I + S_i C) mu_i = r_i + C sum_j s_ij mu_j``.
-
-    num_layers: ``n`` runs exactly n layers (``lax.scan``; reverse-mode differentiable,
-    the paper's unrolled GMF network, 5 layers). ``None`` iterates in a
-    ``lax.while_loop`` until a layer changes no entry by more than ``tol * max|r|`` or
-    ``max_layers`` layers ran, and is differentiated implicitly as the solution of
-    ``(I + L_s ⊗ C) y = r`` (backward pass: the same iteration on the cotangent).
-    Returns y (H, W, K) in the input dtype; with ``return_info=True`` also a
-    :class:`rwseg.linsolve.SolveInfo` (relative residual of the system per class,
-    layers run, converged = the tolerance test passed; not differentiable).
-    ``tol`` bounds the change of the last layer, not the error: the error can be larger
-    by the factor ``1 / (1 - rate)`` of a slowly converging iteration (strong
-    similarities); check ``info.residual``.
+    Starts from ``mu = r``; one layer updates every even column, then every odd column,
+    with ``(I + S_i C) mu_i = r_i + C sum_j s_ij mu_j``. ``num_steps=n`` runs exactly n
+    layers (``lax.scan``; reverse-mode differentiable, the paper's unrolled GMF network,
+    5 layers). ``num_steps=None`` iterates in a ``lax.while_loop`` until a layer changes no
+    entry by more than ``tol * max|r|`` or ``max_iters`` layers ran, and is differentiated
+    implicitly as the solution of ``(I + L_s ⊗ C) y = r`` (backward pass: the same
+    iteration on the cotangent). ``tol`` bounds the change of the last layer, not the
+    error: the error can be larger by the factor ``1 / (1 - rate)`` of a slowly converging
+    iteration (strong similarities); check ``info.residual``.
 
     Checks: ``compat`` must be finite, symmetric and positive semidefinite, and
     ``similarity`` finite and symmetric (``s[i, o] == s[i + o, -o]`` on entries inside the
@@ -438,23 +473,44 @@ def gmf(
     similarity gives a wrong gradient, a non-PSD compat singular blocks). Concrete
     inputs that fail raise ``ValueError`` naming the argument. Under ``jit`` pass
     ``checked=True`` and wrap the call in ``checkify.checkify`` to get the same errors;
-    unchecked, the converged GMF (``num_layers=None``) returns NaN everywhere with
+    unchecked, the converged GMF (``num_steps=None``) returns NaN everywhere with
     ``converged=False`` for such values, and for a NaN/inf ``unary`` or an iteration that
-    overflows (never a stale iterate). ``tol`` may be a Python or numpy scalar.
+    overflows (never a stale iterate).
+
+    Args:
+        unary: (H, W, K) float unary scores r.
+        similarity: (H, W, N) float similarity s on ``offsets`` (e.g.
+            :func:`pairwise_similarity` on :func:`bipartite_offsets`).
+        compat: (K, K) float class compatibility C, symmetric PSD (e.g.
+            :func:`compatibility`).
+        offsets: N bipartite (every dx odd), symmetric offsets ``(dy, dx)``.
+        num_steps: exact number of GMF layers (Python int), or ``None`` to iterate to
+            convergence. Formerly ``num_layers`` (still accepted, with a warning).
+        tol: convergence threshold of the iterated GMF, relative to ``max|r|`` (a Python
+            or numpy scalar). Unused with ``num_steps``.
+        max_iters: cap on the layers of the iterated GMF. Formerly ``max_layers``.
+        return_info: also return a :class:`rwseg.linsolve.SolveInfo`.
+        checked: add ``checkify`` value checks for traced inputs.
+
+    Returns:
+        y: (H, W, K) in the common dtype of the inputs; with ``return_info=True`` the pair
+            ``(y, info)``, ``info`` a :class:`rwseg.linsolve.SolveInfo` (relative residual of
+            the system per class, layers run, converged = the tolerance test passed; not
+            differentiable).
     """
     offsets = _check_offsets(offsets)
     _check_scores("unary", unary)
     _check_similarity(similarity, unary.shape[:2], offsets)
     _check_compat(compat, unary.shape[-1], checked)
     _check_similarity_values(similarity, offsets, checked)
-    max_layers = V.check_nonnegative_int("max_layers", max_layers, positive=True)
+    max_iters = V.check_nonnegative_int("max_iters", max_iters, positive=True)
     # Python or numpy scalars (np.float32(1e-5)); numbers.Real excludes arrays and bool is refused
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= float(tol) < math.inf:
         raise ValueError(f"tol: expected a finite float >= 0 (Python or numpy scalar), got {tol!r}")
-    if num_layers is not None:
-        num_layers = V.check_nonnegative_int("num_layers", num_layers)
-    y, info = _gmf_core(unary, similarity, compat, offsets, num_layers, float(tol), max_layers, bool(return_info))
-    if num_layers is None and not (V.is_concrete(similarity) and V.is_concrete(compat)):
+    if num_steps is not None:
+        num_steps = V.check_nonnegative_int("num_steps", num_steps)
+    y, info = _gmf_core(unary, similarity, compat, offsets, num_steps, float(tol), max_iters, bool(return_info))
+    if num_steps is None and not (V.is_concrete(similarity) and V.is_concrete(compat)):
         # traced and unchecked values: an asymmetric / non-finite similarity or a non-PSD
         # compat makes the implicit gradient (or the iteration) wrong, so say it with NaN
         # (a factor, not a where: the gradient must be NaN too, not a plausible zero)
@@ -465,24 +521,24 @@ def gmf(
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))  # compiled once per shape and setting
-def _gmf_core(unary, similarity, compat, offsets, num_layers, tol, max_layers, want_info):
+def _gmf_core(unary, similarity, compat, offsets, num_steps, tol, max_iters, want_info):
     """gmf after the checks: returns (y, info), info None unless want_info for unrolled layers."""
     dtype = jnp.result_type(unary, similarity, compat)
     unary, similarity, compat = (a.astype(dtype) for a in (unary, similarity, compat))
     layer = _layer_fn(similarity, compat, offsets)
     matvec = system_matvec(similarity, compat, offsets)
 
-    if num_layers is not None:
+    if num_steps is not None:
         def body(carry, _):
             mu, _ = carry
             new = layer(mu, unary)
             return (new, _max_abs(new - mu)), None
 
         init = (unary, jnp.asarray(jnp.inf, dtype))
-        (y, delta), _ = jax.lax.scan(body, init, None, length=num_layers)
+        (y, delta), _ = jax.lax.scan(body, init, None, length=num_steps)
         if not want_info:
             return y, None
-        info = _info(matvec, unary, y, num_layers, delta <= tol * _max_abs(unary))
+        info = _info(matvec, unary, y, num_steps, delta <= tol * _max_abs(unary))
         return y, jax.tree_util.tree_map(jax.lax.stop_gradient, info)
 
     def solve(_, rhs):
@@ -490,7 +546,7 @@ def _gmf_core(unary, similarity, compat, offsets, num_layers, tol, max_layers, w
 
         def cond(state):
             _, delta, it = state
-            return (it < max_layers) & (delta > threshold)
+            return (it < max_iters) & (delta > threshold)
 
         def body(state):
             mu, _, it = state
@@ -513,13 +569,22 @@ def _gmf_core(unary, similarity, compat, offsets, num_layers, tol, max_layers, w
 
 
 def energy(y, unary, similarity, compat, offsets):
-    """The GCRF energy (seed 003, eq. 1): a scalar.
+    """The GCRF energy (paper eq. 1).
 
     ``sum_i ||y_i - r_i||^2 + sum_{unordered pairs} s_ij (y_i - y_j)^T C (y_i - y_j)``.
-    y, unary: (H, W, K); similarity: (H, W, N) on the symmetric bipartite ``offsets``;
-    compat: (K, K). Every unordered pair appears twice on a symmetric stencil, so the
-    pairwise sum is half the sum over all (pixel, offset) entries inside the image.
-    Memory O(H·W·K) (one offset at a time).
+    Every unordered pair appears twice on a symmetric stencil, so the pairwise sum is half
+    the sum over all (pixel, offset) entries inside the image. Memory O(H·W·K) (one offset
+    at a time).
+
+    Args:
+        y: (H, W, K) float state.
+        unary: (H, W, K) float unary scores r.
+        similarity: (H, W, N) float similarity s on ``offsets``.
+        compat: (K, K) float class compatibility C.
+        offsets: N symmetric bipartite offsets ``(dy, dx)``.
+
+    Returns:
+        A scalar in the common dtype of the inputs.
     """
     offsets = _check_state("y", y, unary, similarity, compat, offsets)
     h, w = y.shape[:2]
@@ -532,14 +597,24 @@ def energy(y, unary, similarity, compat, offsets):
     return total
 
 
-def margin_loss(y, labels, margin: float = 0.5, ignore_index: int = 255, *, checked: bool = False):
-    """Multi-class hinge loss (seed 003, eq. 6), averaged over labelled pixels.
+@deprecated_arguments(positional=("margin", "ignore_index"))
+def margin_loss(y, labels, *, margin: float = 0.5, ignore_index: int = IGNORE_INDEX, checked: bool = False):
+    """Multi-class hinge loss (paper eq. 6), averaged over labelled pixels.
 
-    Per pixel ``max(0, T - (y_l - max_{k != l} y_k))`` with ``T = margin``.
-    y: (H, W, K) scores, K >= 2; labels: (H, W) int in [0, K) or ``ignore_index``
-    (other values raise ``ValueError`` when labels are concrete; under ``jit`` pass
-    ``checked=True`` inside ``checkify.checkify``; unchecked they are ignored). Returns a scalar in y's dtype
-    (0 when no pixel is labelled).
+    Per pixel ``max(0, T - (y_l - max_{k != l} y_k))`` with ``T = margin``. Labels other
+    than ``[0, K)`` and ``ignore_index`` raise ``ValueError`` when labels are concrete;
+    under ``jit`` pass ``checked=True`` inside ``checkify.checkify``; unchecked they are
+    ignored.
+
+    Args:
+        y: (H, W, K) float scores, K >= 2.
+        labels: (H, W) int in ``[0, K)`` or ``ignore_index``.
+        margin: the margin T.
+        ignore_index: label value of unlabelled pixels.
+        checked: add ``checkify`` value checks for traced labels.
+
+    Returns:
+        A scalar in y's dtype (0 when no pixel is labelled).
     """
     _check_scores("y", y)
     num_classes = y.shape[-1]
@@ -552,19 +627,29 @@ def margin_loss(y, labels, margin: float = 0.5, ignore_index: int = 255, *, chec
     true_score = jnp.sum(jnp.where(onehot, y, 0), axis=-1)
     best_other = jnp.max(jnp.where(onehot, -jnp.inf, y), axis=-1)
     per_pixel = jnp.maximum(margin - (true_score - best_other), 0)
-    count = jnp.sum(valid)
-    return jnp.sum(jnp.where(valid, per_pixel, 0)) / jnp.maximum(count, 1).astype(y.dtype)
+    return masked_mean(per_pixel, valid)
 
 
-def similarity_pretrain_loss(similarity, labels, offsets, threshold: float = math.exp(-10), ignore_index: int = 255):
-    """Pairwise pretraining loss (seed 003, eq. 7), averaged over labelled pairs.
+@deprecated_arguments(positional=("threshold", "ignore_index"))
+def similarity_pretrain_loss(similarity, labels, offsets, *, threshold: float = math.exp(-10),
+                             ignore_index: int = IGNORE_INDEX):
+    """Pairwise pretraining loss (paper eq. 7), averaged over labelled pairs.
 
     Per pair ``-[l_i = l_j] s_ij + [l_i != l_j] max(0, s_ij - h)``, ``h = threshold``
-    (the extracted eq. 7 shows min; the stated intent, pushing s below h for
-    dissimilar pairs, needs max — methods.md §4). similarity: (H, W, N) on ``offsets``;
-    labels: (H, W) int; pairs with a negative or ``ignore_index`` label, or a neighbour
-    outside the image, are excluded (:func:`rwseg.stencil.label_affinity`).
-    Returns a scalar in similarity's dtype.
+    (the extracted eq. 7 shows min; the stated intent, pushing s below h for dissimilar
+    pairs, needs max — docs/methods.md §4). Pairs with a negative or ``ignore_index``
+    label, or a neighbour outside the image, are excluded
+    (:func:`rwseg.stencil.label_affinity`).
+
+    Args:
+        similarity: (H, W, N) float similarity s on ``offsets``.
+        labels: (H, W) int labels.
+        offsets: N neighbour offsets ``(dy, dx)``.
+        threshold: the similarity bound h for dissimilar pairs.
+        ignore_index: label value excluded from the loss.
+
+    Returns:
+        A scalar in similarity's dtype (0 when no pair is valid).
     """
     offsets = stencil.as_offsets(offsets)
     V.check_rank("similarity", similarity, 3, "(H, W, N)")
@@ -573,8 +658,7 @@ def similarity_pretrain_loss(similarity, labels, offsets, threshold: float = mat
     V.check_integer("labels", labels)
     V.check_shape("labels", labels, similarity.shape[:2], "(H, W) matching similarity")
     _check_similarity(similarity, similarity.shape[:2], offsets)
-    same, valid = stencil.label_affinity(labels, offsets, ignore_index)
+    same, valid = stencil.label_affinity(labels, offsets, ignore_index=ignore_index)
     same = same > 0.5
     per_pair = jnp.where(same, -similarity, jnp.maximum(similarity - threshold, 0))
-    count = jnp.sum(valid)
-    return jnp.sum(jnp.where(valid, per_pair, 0)) / jnp.maximum(count, 1).astype(similarity.dtype)
+    return masked_mean(per_pair, valid)

@@ -1,7 +1,7 @@
 """Matrix-free Krylov solvers with implicit (adjoint-solve) gradients.
 
 The linear systems of rwseg (RWN's converged walk, RAWKS' hitting probabilities,
-GCRF's mean-field fixed point; ``../shared/docs/methods.md`` §1, §2, §4) all have the
+GCRF's mean-field fixed point; ``docs/methods.md`` §1, §2, §4) all have the
 form ``A x = b`` where ``A`` is a stencil operator that is never built as a matrix.
 This module solves them:
 
@@ -54,6 +54,8 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from rwseg._numerics import safe_divide
+
 __all__ = ["SolveInfo", "cg", "bicgstab", "jacobi", "implicit_solve"]
 
 MatVec = Callable[[jnp.ndarray], jnp.ndarray]
@@ -63,12 +65,18 @@ Preconditioner = Callable[[jnp.ndarray], jnp.ndarray]
 class SolveInfo(NamedTuple):
     """Diagnostics of a solve, one entry per right-hand side (``b.shape[-1:]``, or scalars).
 
-    residual: relative residual ``||b - A x|| / ||b||`` of the returned ``x``, recomputed
-        with one extra ``matvec`` at the end (not the recurrence estimate); ``||b - A x||``
-        itself where ``b = 0``.
-    iterations: int32 scalar, iterations run (the loop runs until every right-hand side
-        has converged).
-    converged: bool, ``||b - A x|| <= max(tol ||b||, atol)`` for the returned ``x``.
+    The ``info`` of every rwseg operator called with ``return_info=True`` is a
+    ``SolveInfo`` or a NamedTuple that contains one (:class:`rwseg.rawks.RawksInfo`).
+    An operator run for an exact number of steps (``num_steps=n``) reports
+    ``residual = 0``, ``iterations = n`` and ``converged = True``.
+
+    Attributes:
+        residual: relative residual ``||b - A x|| / ||b||`` of the returned ``x``, recomputed
+            with one extra ``matvec`` at the end (not the recurrence estimate); ``||b - A x||``
+            itself where ``b = 0``. Floating, shape ``b.shape[-1:]`` (or scalar).
+        iterations: int32 scalar, iterations run (the loop runs until every right-hand side
+            has converged).
+        converged: bool, ``||b - A x|| <= max(tol ||b||, atol)`` for the returned ``x``.
     """
 
     residual: jnp.ndarray
@@ -97,10 +105,7 @@ def _bcast(s, x):
     return s if x.ndim < 2 else s.reshape((1,) * (x.ndim - 1) + s.shape)
 
 
-def _div(a, b):
-    """``a / b`` with 0 where ``b == 0`` (frozen or broken-down right-hand sides)."""
-    nz = b != 0
-    return jnp.where(nz, a / jnp.where(nz, b, 1), 0)
+_div = safe_divide  # a / b with 0 where b == 0 (frozen or broken-down right-hand sides)
 
 
 def _check_b(b):
@@ -262,18 +267,24 @@ def cg(
 ):
     """Solve ``A x = b`` for symmetric positive definite ``A`` by preconditioned CG.
 
-    matvec: linear map, array shaped like ``b`` -> same shape (e.g. (H, W, C) -> (H, W, C)),
-        acting on every channel (last axis) independently; must be symmetric positive
-        definite (not checked: an indefinite operator shows as ``converged=False``).
-    b: (..., C) right-hand sides (one per channel), or a rank-0/1 single right-hand side.
-    tol, atol: stop when ``||b - A x|| <= max(tol ||b||, atol)`` per channel.
-    max_iters: iteration cap (Python int).
-    preconditioner: ``v -> M^{-1} v`` with ``M`` SPD and channel-wise (e.g. :func:`jacobi`).
-    x0: optional warm start shaped like ``b`` (no gradient flows into it).
+    Differentiable in ``b`` and in everything ``matvec`` closes over by implicit
+    differentiation (the backward pass is one more CG solve with the same operator).
 
-    Returns ``(x, info)``: ``x`` shaped like ``b``; :class:`SolveInfo`. Differentiable in
-    ``b`` and in everything ``matvec`` closes over by implicit differentiation (the
-    backward pass is one more CG solve with the same operator).
+    Args:
+        matvec: linear map, array shaped like ``b`` -> same shape (e.g. (H, W, C) ->
+            (H, W, C)), acting on every channel (last axis) independently; must be
+            symmetric positive definite (not checked: an indefinite operator shows as
+            ``converged=False``).
+        b: (..., C) float right-hand sides (one per channel), or a rank-0/1 single
+            right-hand side.
+        tol: relative tolerance: stop when ``||b - A x|| <= max(tol ||b||, atol)`` per channel.
+        atol: absolute tolerance of the same test.
+        max_iters: iteration cap (Python int).
+        preconditioner: ``v -> M^{-1} v`` with ``M`` SPD and channel-wise (e.g. :func:`jacobi`).
+        x0: optional warm start shaped like ``b`` (no gradient flows into it).
+
+    Returns:
+        ``(x, info)``: ``x`` shaped like ``b`` in ``b``'s dtype; ``info`` a :class:`SolveInfo`.
     """
     b = _check_b(b)
     tol, atol, max_iters = _check_params(tol, atol, max_iters)
@@ -339,15 +350,26 @@ def bicgstab(
 ):
     """Solve ``A x = b`` for a general nonsingular ``A`` by right-preconditioned BiCGStab.
 
-    Arguments as in :func:`cg`; ``A`` need not be symmetric. The adjoint solve (reverse
-    mode) runs BiCGStab on ``A^T``: ``transpose_matvec`` if given, else the transpose of
-    ``matvec`` derived by ``jax.linear_transpose``. The same ``preconditioner`` is used
-    for ``A^T`` (exact for diagonal preconditioners such as :func:`jacobi`).
-
-    BiCGStab can break down or stagnate on hard problems; that shows as
+    The adjoint solve (reverse mode) runs BiCGStab on ``A^T``: ``transpose_matvec`` if
+    given, else the transpose of ``matvec`` derived by ``jax.linear_transpose``. The same
+    ``preconditioner`` is used for ``A^T`` (exact for diagonal preconditioners such as
+    :func:`jacobi`). BiCGStab can break down or stagnate on hard problems; that shows as
     ``info.converged == False``, never as NaN (breakdown divisions are guarded); NaN comes
     out only for non-finite input or operator output (module docstring).
-    Returns ``(x, info)`` as :func:`cg`.
+
+    Args:
+        matvec: linear map, array shaped like ``b`` -> same shape, acting on every channel
+            independently; need not be symmetric.
+        b: (..., C) float right-hand sides, or a rank-0/1 single right-hand side.
+        tol: relative tolerance, as in :func:`cg`.
+        atol: absolute tolerance, as in :func:`cg`.
+        max_iters: iteration cap (Python int).
+        preconditioner: ``v -> M^{-1} v``, channel-wise (e.g. :func:`jacobi`).
+        x0: optional warm start shaped like ``b`` (no gradient flows into it).
+        transpose_matvec: optional ``A^T`` for the adjoint solve.
+
+    Returns:
+        ``(x, info)``: ``x`` shaped like ``b`` in ``b``'s dtype; ``info`` a :class:`SolveInfo`.
     """
     b = _check_b(b)
     tol, atol, max_iters = _check_params(tol, atol, max_iters)
@@ -370,9 +392,13 @@ def bicgstab(
 def jacobi(diagonal) -> Preconditioner:
     """The Jacobi preconditioner ``v -> v / diagonal``.
 
-    diagonal: the diagonal of ``A``, shaped like the vectors (e.g. (H, W, C)) or
-    broadcastable to them (e.g. (H, W, 1) for an operator shared by all channels).
-    It must be nonzero (positive for :func:`cg`).
+    Args:
+        diagonal: float, the diagonal of ``A``, shaped like the vectors (e.g. (H, W, C)) or
+            broadcastable to them (e.g. (H, W, 1) for an operator shared by all channels).
+            It must be nonzero (positive for :func:`cg`).
+
+    Returns:
+        A function ``v -> M^{-1} v`` keeping ``v``'s shape and dtype.
     """
     diagonal = jnp.asarray(diagonal)
     if not jnp.issubdtype(diagonal.dtype, jnp.floating):
@@ -391,19 +417,23 @@ def implicit_solve(
 ):
     """Differentiate an arbitrary forward solver of ``A x = b`` implicitly.
 
-    matvec: the linear map ``A`` (shaped like ``b`` -> shaped like ``b``).
-    b: right-hand side(s).
-    solve: ``solve(matvec, rhs) -> (x, info)`` returning an (approximate) ``A^{-1} rhs``
-        and any auxiliary pytree (e.g. a :class:`SolveInfo`); it may be a
-        ``lax.while_loop`` (block Gauss-Seidel, mean field) that is not differentiable
-        itself. It is called on ``b`` and, in forward mode, on tangent right-hand sides.
-    transpose_solve: ``transpose_solve(vecmat, rhs) -> (x, info)`` solving ``A^T x = rhs``
-        (``vecmat`` is ``A^T``, derived by JAX); defaults to ``solve`` when
-        ``symmetric=True``. Required for reverse mode of a nonsymmetric ``A``.
-    symmetric: promise that ``A = A^T``.
+    Gradients with respect to ``b`` and to what ``matvec`` closes over are those of the
+    exact solution (``jax.lax.custom_linear_solve``).
 
-    Returns ``(x, info)`` from ``solve``; gradients with respect to ``b`` and to what
-    ``matvec`` closes over are those of the exact solution (``jax.lax.custom_linear_solve``).
+    Args:
+        matvec: the linear map ``A`` (shaped like ``b`` -> shaped like ``b``).
+        b: float right-hand side(s).
+        solve: ``solve(matvec, rhs) -> (x, info)`` returning an (approximate) ``A^{-1} rhs``
+            and any auxiliary pytree (e.g. a :class:`SolveInfo`); it may be a
+            ``lax.while_loop`` (block Gauss-Seidel, mean field) that is not differentiable
+            itself. It is called on ``b`` and, in forward mode, on tangent right-hand sides.
+        transpose_solve: ``transpose_solve(vecmat, rhs) -> (x, info)`` solving
+            ``A^T x = rhs`` (``vecmat`` is ``A^T``, derived by JAX); defaults to ``solve``
+            when ``symmetric=True``. Required for reverse mode of a nonsymmetric ``A``.
+        symmetric: promise that ``A = A^T``.
+
+    Returns:
+        ``(x, info)`` from ``solve``.
     """
     b = _check_b(b)
     if transpose_solve is None and not symmetric:

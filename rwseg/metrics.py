@@ -1,13 +1,14 @@
-"""Segmentation metrics used by the papers (``../shared/docs/methods.md``, "Metrics").
+"""Segmentation metrics used by the papers (``docs/methods.md``, "Metrics").
 
 Region metrics
     :func:`confusion_matrix` (summable over images, batches and devices) and
     :func:`summarize` (mean IoU, frequency-weighted IoU, pixel / mean class accuracy).
 Boundary metrics
     :func:`trimap_counts` / :func:`trimap_error` (pixel error in a band around the
-    ground-truth boundaries, seed 000 Fig. 5) and :func:`boundary_counts` /
+    ground-truth boundaries, Bertasius et al., *Convolutional Random Walk Networks for
+    Semantic Image Segmentation*, Fig. 5) and :func:`boundary_counts` /
     :func:`boundary_fscore` (boundaries of the prediction against the ground-truth
-    boundaries with a distance tolerance, seed 000 Table 4). The ``*_counts`` functions
+    boundaries with a distance tolerance, ibid. Table 4). The ``*_counts`` functions
     return integer counts that add up over a dataset; :func:`summarize_trimap` and
     :func:`summarize_boundary` turn the summed counts into rates.
 
@@ -44,6 +45,9 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import stencil as S
+from rwseg._deprecation import deprecated_arguments
+from rwseg._numerics import masked_mean, safe_divide
+from rwseg.constants import IGNORE_INDEX
 
 __all__ = [
     "confusion_matrix",
@@ -88,14 +92,10 @@ def _label_valid(labels, ignore_index):
 # --------------------------------------------------------------------------- region metrics
 
 
-def confusion_matrix(pred, labels, num_classes: int, ignore_index: int | None = 255, *, checked: bool = False):
+@deprecated_arguments(positional=("ignore_index",))
+def confusion_matrix(pred, labels, num_classes: int, *, ignore_index: int | None = IGNORE_INDEX,
+                     checked: bool = False):
     """Confusion matrix ``cm[t, p]`` = number of pixels of true class ``t`` predicted as ``p``.
-
-    pred, labels: integer arrays of the same shape ``(..., H, W)`` (any leading batch
-    shape, or any shape at all: pixels are simply counted) -> ``(num_classes,
-    num_classes)`` integer counts (default int dtype: int64 with ``jax_enable_x64``,
-    else int32 — sum on the host in int64 for very large datasets). Rows are ground
-    truth, columns prediction.
 
     Pixels whose label is ignored (negative or equal to ``ignore_index``) are skipped.
     Every other label must lie in ``[0, num_classes)`` and every prediction in
@@ -104,6 +104,19 @@ def confusion_matrix(pred, labels, num_classes: int, ignore_index: int | None = 
     prediction is dropped (not counted), unless ``checked=True`` is passed and the call
     is wrapped in ``checkify.checkify``, which then reports it. Matrices add up over
     images, batches and devices (``psum``).
+
+    Args:
+        pred: int array ``(..., H, W)`` (any shape: pixels are simply counted).
+        labels: int array of the same shape as ``pred``.
+        num_classes: number of classes N.
+        ignore_index: ground-truth label value to ignore (negative labels are always
+            ignored); ``None`` ignores only negative labels.
+        checked: add ``checkify`` value checks for traced inputs.
+
+    Returns:
+        ``(N, N)`` integer counts (default int dtype: int64 with ``jax_enable_x64``, else
+            int32 — sum on the host in int64 for very large datasets). Rows are ground truth,
+            columns prediction.
     """
     num_classes = V.check_nonnegative_int("num_classes", num_classes, positive=True)
     _check_pair(pred, labels)
@@ -133,8 +146,6 @@ def confusion_matrix(pred, labels, num_classes: int, ignore_index: int | None = 
 def summarize(cm) -> dict:
     """Region scores from a (summed) confusion matrix (rows = ground truth).
 
-    cm: ``(N, N)`` counts -> dict of default-float jnp values:
-
     - ``per_class_iou`` (N,): ``tp / (gt + pred - tp)``; NaN for classes absent from
       both ground truth and prediction;
     - ``mean_iou``: mean of ``per_class_iou`` over the classes present in ground truth
@@ -145,6 +156,12 @@ def summarize(cm) -> dict:
       ground truth) and ``mean_accuracy``: its mean over classes present in ground truth.
 
     A quantity with nothing to average over (empty matrix) is NaN. jit-able.
+
+    Args:
+        cm: ``(N, N)`` counts from :func:`confusion_matrix`.
+
+    Returns:
+        A dict of default-float jnp values with the keys above.
     """
     V.check_rank("cm", cm, 2, "(N, N)")
     n = np.shape(cm)[0]
@@ -157,19 +174,14 @@ def summarize(cm) -> dict:
     present = union > 0
     in_gt = gt > 0
     nan = jnp.nan
-    iou = jnp.where(present, tp / jnp.where(present, union, 1), nan)
-    acc = jnp.where(in_gt, tp / jnp.where(in_gt, gt, 1), nan)
+    iou = safe_divide(tp, union, nan)
+    acc = safe_divide(tp, gt, nan)
     total = cm.sum()
-
-    def masked_mean(v, m):
-        count = m.sum()
-        return jnp.where(count > 0, jnp.where(m, v, 0).sum() / jnp.maximum(count, 1), nan)
-
     return {
-        "mean_iou": masked_mean(iou, present),
-        "fw_iou": jnp.where(total > 0, jnp.where(in_gt, gt * iou, 0).sum() / jnp.maximum(gt.sum(), 1), nan),
-        "pixel_accuracy": jnp.where(total > 0, tp.sum() / jnp.maximum(total, 1), nan),
-        "mean_accuracy": masked_mean(acc, in_gt),
+        "mean_iou": masked_mean(iou, present, empty=nan),
+        "fw_iou": safe_divide(jnp.where(in_gt, gt * iou, 0).sum(), total, nan),
+        "pixel_accuracy": safe_divide(tp.sum(), total, nan),
+        "mean_accuracy": masked_mean(acc, in_gt, empty=nan),
         "per_class_iou": iou,
         "per_class_accuracy": acc,
     }
@@ -191,15 +203,23 @@ def _boundary(labels, valid, void_boundaries: bool):
     return valid & jnp.any(inside & differs, axis=-1)
 
 
-def boundary_mask(labels, ignore_index: int | None = 255, *, void_boundaries: bool = False):
+@deprecated_arguments(positional=("ignore_index",))
+def boundary_mask(labels, *, ignore_index: int | None = IGNORE_INDEX, void_boundaries: bool = False):
     """Ground-truth boundary pixels of a label map.
 
-    labels: (H, W) int -> (H, W) bool. A pixel is a boundary pixel when it is not
-    ignored (label ``>= 0`` and ``!= ignore_index``) and one of its 4-connected
-    neighbours inside the image is not ignored and has a different label. With
-    ``void_boundaries=True`` a non-ignored pixel next to an ignored one is a boundary
-    pixel too. Pass ``ignore_index=None`` to ignore only negative labels (e.g. for a
-    prediction). The image border is not a boundary. Used by seed 000 Fig. 5 / Table 4.
+    A pixel is a boundary pixel when it is not ignored (label ``>= 0`` and
+    ``!= ignore_index``) and one of its 4-connected neighbours inside the image is not
+    ignored and has a different label. The image border is not a boundary. Used for
+    Bertasius et al.'s trimap error (Fig. 5) and boundary F-score (Table 4).
+
+    Args:
+        labels: (H, W) int label map.
+        ignore_index: label value to ignore (negative labels are always
+            ignored); ``None`` ignores only negative labels. Use ``None`` for a prediction.
+        void_boundaries: a non-ignored pixel next to an ignored one is a boundary pixel too.
+
+    Returns:
+        (H, W) bool.
     """
     V.check_rank("labels", labels, 2, "(H, W)")
     V.check_integer("labels", labels)
@@ -242,12 +262,19 @@ def _squared_distance(mask, radius: float):
     return big - best
 
 
-def within_distance(mask, radius):
+@deprecated_arguments(positional=("radius",))
+def within_distance(mask, *, radius):
     """Pixels within Euclidean distance ``radius`` of a True pixel of ``mask``.
 
-    mask: (H, W) bool -> (H, W) bool; equals ``scipy.ndimage.distance_transform_edt(~mask)
-    <= radius`` (a binary dilation by a disk). ``radius`` is a static number >= 0.
-    O(H·W·radius) time, O(H·W) memory; jit-able.
+    Equals ``scipy.ndimage.distance_transform_edt(~mask) <= radius`` (a binary dilation by
+    a disk). O(H·W·radius) time, O(H·W) memory; jit-able.
+
+    Args:
+        mask: (H, W) bool.
+        radius: static number >= 0 (pixels).
+
+    Returns:
+        (H, W) bool.
     """
     V.check_rank("mask", mask, 2, "(H, W)")
     radius = _check_radius("radius", radius)
@@ -274,17 +301,28 @@ def _check_widths(widths) -> tuple[float, ...]:
     return widths
 
 
-def trimap_counts(pred, labels, widths: Sequence[float], ignore_index: int | None = 255, *,
+@deprecated_arguments(positional=("widths", "ignore_index"))
+def trimap_counts(pred, labels, *, widths: Sequence[float], ignore_index: int | None = IGNORE_INDEX,
                   void_boundaries: bool = False):
-    """Pixel errors inside bands around the ground-truth boundaries (seed 000, Fig. 5).
+    """Pixel errors inside bands around the ground-truth boundaries (Bertasius et al., Fig. 5).
 
-    pred, labels: int ``(..., H, W)``; widths: static numbers ``>= 0`` ->
-    ``(len(widths), 2)`` integer counts ``[errors, pixels]`` per width, summed over the
-    leading dims. For width ``w`` the band is the set of non-ignored pixels at Euclidean
-    distance ``<= w`` from a ground-truth boundary pixel (:func:`boundary_mask`);
-    ``pixels`` counts them and ``errors`` those with ``pred != labels``. Ignored pixels
-    are never counted (but do not block distances). Counts add up over a dataset;
-    :func:`summarize_trimap` gives the error rates. jit-able.
+    For width ``w`` the band is the set of non-ignored pixels at Euclidean distance
+    ``<= w`` from a ground-truth boundary pixel (:func:`boundary_mask`); ``pixels`` counts
+    them and ``errors`` those with ``pred != labels``. Ignored pixels are never counted
+    (but do not block distances). Counts add up over a dataset; :func:`summarize_trimap`
+    gives the error rates. jit-able.
+
+    Args:
+        pred: int ``(..., H, W)`` prediction.
+        labels: int ``(..., H, W)`` ground truth.
+        widths: static numbers ``>= 0`` (pixels), the band widths.
+        ignore_index: ground-truth label value to ignore (negative labels are always
+            ignored); ``None`` ignores only negative labels.
+        void_boundaries: as for :func:`boundary_mask`.
+
+    Returns:
+        ``(len(widths), 2)`` integer counts ``[errors, pixels]`` per width, summed over the
+            leading dims.
     """
     _check_pair(pred, labels)
     widths = _check_widths(widths)
@@ -304,34 +342,49 @@ def trimap_counts(pred, labels, widths: Sequence[float], ignore_index: int | Non
 
 
 def summarize_trimap(counts):
-    """``(K, 2)`` summed ``[errors, pixels]`` from :func:`trimap_counts` -> ``(K,)`` error
-    rates (errors / pixels; NaN for an empty band)."""
+    """Error rates from summed trimap counts.
+
+    Args:
+        counts: ``(K, 2)`` summed ``[errors, pixels]`` from :func:`trimap_counts`.
+
+    Returns:
+        ``(K,)`` default-float error rates ``errors / pixels`` (NaN for an empty band).
+    """
     V.check_rank("counts", counts, 2, "(K, 2)")
     V.check_shape("counts", counts, (None, 2), "(K, 2) [errors, pixels]")
     counts = jnp.asarray(counts).astype(_float_dtype())
     err, tot = counts[:, 0], counts[:, 1]
-    return jnp.where(tot > 0, err / jnp.maximum(tot, 1), jnp.nan)
+    return safe_divide(err, tot, jnp.nan)
 
 
-def trimap_error(pred, labels, widths: Sequence[float], ignore_index: int | None = 255, *,
+@deprecated_arguments(positional=("widths", "ignore_index"))
+def trimap_error(pred, labels, *, widths: Sequence[float], ignore_index: int | None = IGNORE_INDEX,
                  void_boundaries: bool = False):
-    """Error rate inside the trimap band of each width (seed 000, Fig. 5).
+    """Error rate inside the trimap band of each width (Bertasius et al., Fig. 5).
 
-    pred, labels: int ``(..., H, W)`` -> ``(len(widths),)`` float: the fraction of
-    non-ignored pixels within distance ``w`` of a ground-truth boundary that are
-    mislabelled, pooled over the leading dims. See :func:`trimap_counts` for the exact
-    definition and for accumulating over a dataset.
+    The fraction of non-ignored pixels within distance ``w`` of a ground-truth boundary
+    that are mislabelled, pooled over the leading dims. See :func:`trimap_counts` for the
+    exact definition and for accumulating over a dataset.
+
+    Args:
+        pred: int ``(..., H, W)`` prediction.
+        labels: int ``(..., H, W)`` ground truth.
+        widths: static numbers ``>= 0`` (pixels), the band widths.
+        ignore_index: ground-truth label value to ignore (negative labels are always
+            ignored); ``None`` ignores only negative labels.
+        void_boundaries: as for :func:`boundary_mask`.
+
+    Returns:
+        ``(len(widths),)`` default-float error rates.
     """
-    return summarize_trimap(trimap_counts(pred, labels, widths, ignore_index, void_boundaries=void_boundaries))
+    return summarize_trimap(trimap_counts(pred, labels, widths=widths, ignore_index=ignore_index,
+                                          void_boundaries=void_boundaries))
 
 
-def boundary_counts(pred, labels, tolerance: float, ignore_index: int | None = 255, *,
+@deprecated_arguments(positional=("tolerance", "ignore_index"))
+def boundary_counts(pred, labels, *, tolerance: float, ignore_index: int | None = IGNORE_INDEX,
                     void_boundaries: bool = False):
-    """Boundary matching counts for the boundary F-score (seed 000, Table 4).
-
-    pred, labels: int ``(..., H, W)``; tolerance: static number ``>= 0`` (pixels) ->
-    ``(4,)`` integer counts ``[matched_pred, pred_boundary, matched_gt, gt_boundary]``
-    summed over the leading dims, where
+    """Boundary matching counts for the boundary F-score (Bertasius et al., Table 4).
 
     - gt boundary pixels: :func:`boundary_mask` of ``labels``;
     - pred boundary pixels: :func:`boundary_mask` of ``pred`` (every prediction is
@@ -343,6 +396,18 @@ def boundary_counts(pred, labels, tolerance: float, ignore_index: int | None = 2
     BSDS benchmark; hard segmentations have a single operating point, so the result is
     one F-score rather than the paper's max F-score / AP over thresholds. Counts add up
     over a dataset; :func:`summarize_boundary` gives precision, recall and F-score.
+
+    Args:
+        pred: int ``(..., H, W)`` prediction.
+        labels: int ``(..., H, W)`` ground truth.
+        tolerance: static number ``>= 0`` (pixels).
+        ignore_index: ground-truth label value to ignore (negative labels are always
+            ignored); ``None`` ignores only negative labels.
+        void_boundaries: as for :func:`boundary_mask`.
+
+    Returns:
+        ``(4,)`` integer counts ``[matched_pred, pred_boundary, matched_gt, gt_boundary]``
+            summed over the leading dims.
     """
     _check_pair(pred, labels)
     tolerance = _check_radius("tolerance", tolerance)
@@ -362,23 +427,42 @@ def boundary_counts(pred, labels, tolerance: float, ignore_index: int | None = 2
 
 
 def summarize_boundary(counts) -> dict:
-    """``(4,)`` summed counts from :func:`boundary_counts` -> dict with ``precision``
-    (matched_pred / pred_boundary), ``recall`` (matched_gt / gt_boundary) and ``fscore``
-    (``2PR / (P + R)``). An empty denominator gives NaN; ``fscore`` is 0 when P = R = 0."""
+    """Precision, recall and F-score from summed boundary counts.
+
+    An empty denominator gives NaN; ``fscore`` is 0 when P = R = 0.
+
+    Args:
+        counts: ``(4,)`` summed counts from :func:`boundary_counts`.
+
+    Returns:
+        A dict with ``precision`` (matched_pred / pred_boundary), ``recall``
+            (matched_gt / gt_boundary) and ``fscore`` (``2PR / (P + R)``), default-float scalars.
+    """
     V.check_shape("counts", counts, (4,), "(4,) [matched_pred, pred_boundary, matched_gt, gt_boundary]")
     c = jnp.asarray(counts).astype(_float_dtype())
-    precision = jnp.where(c[1] > 0, c[0] / jnp.maximum(c[1], 1), jnp.nan)
-    recall = jnp.where(c[3] > 0, c[2] / jnp.maximum(c[3], 1), jnp.nan)
-    s = precision + recall
-    fscore = jnp.where(s > 0, 2 * precision * recall / jnp.where(s > 0, s, 1), jnp.where(jnp.isnan(s), jnp.nan, 0.0))
+    precision = safe_divide(c[0], c[1], jnp.nan)
+    recall = safe_divide(c[2], c[3], jnp.nan)
+    fscore = safe_divide(2 * precision * recall, precision + recall, 0)  # NaN stays NaN
     return {"precision": precision, "recall": recall, "fscore": fscore}
 
 
-def boundary_fscore(pred, labels, tolerance: float, ignore_index: int | None = 255, *,
+@deprecated_arguments(positional=("tolerance", "ignore_index"))
+def boundary_fscore(pred, labels, *, tolerance: float, ignore_index: int | None = IGNORE_INDEX,
                     void_boundaries: bool = False) -> dict:
-    """Boundary precision, recall and F-score of a segmentation (seed 000, Table 4).
+    """Boundary precision, recall and F-score of a segmentation (Bertasius et al., Table 4).
 
-    pred, labels: int ``(..., H, W)`` -> dict of scalars (``precision``, ``recall``,
-    ``fscore``) pooled over the leading dims. Definitions in :func:`boundary_counts`.
+    Definitions in :func:`boundary_counts`.
+
+    Args:
+        pred: int ``(..., H, W)`` prediction.
+        labels: int ``(..., H, W)`` ground truth.
+        tolerance: static number ``>= 0`` (pixels).
+        ignore_index: ground-truth label value to ignore (negative labels are always
+            ignored); ``None`` ignores only negative labels.
+        void_boundaries: as for :func:`boundary_mask`.
+
+    Returns:
+        A dict of scalars (``precision``, ``recall``, ``fscore``) pooled over the leading dims.
     """
-    return summarize_boundary(boundary_counts(pred, labels, tolerance, ignore_index, void_boundaries=void_boundaries))
+    return summarize_boundary(boundary_counts(pred, labels, tolerance=tolerance, ignore_index=ignore_index,
+                                              void_boundaries=void_boundaries))

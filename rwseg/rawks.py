@@ -1,6 +1,7 @@
-"""RAWKS — random-walk label propagation from sparse labels (Vernaza & Chandraker, CVPR 2017; seed 001).
+"""RAWKS — random-walk label propagation from sparse labels.
 
-Math: ``../shared/docs/methods.md`` §2. Boundary scores ``B >= 0`` (H, W) and scribbles
+Vernaza & Chandraker, *Learning Random-Walk Label Propagation for Weakly-Supervised
+Semantic Segmentation* (CVPR 2017); "the paper" below. Math: ``docs/methods.md`` §2. Boundary scores ``B >= 0`` (H, W) and scribbles
 (seeds) define, per label ``l``, the hitting weights ``Z[x, l]`` of a 4-connected walk
 that pays ``exp(-B)/4`` per step and stops at the first labelled pixel (paper eq. 5-7);
 ``P = Z / sum_l Z`` (eq. 8) is the propagated label distribution, differentiable in ``B``
@@ -59,6 +60,8 @@ from scipy import ndimage
 
 from rwseg import _validate as V
 from rwseg import linsolve, stencil
+from rwseg._deprecation import deprecated_arguments
+from rwseg.constants import IGNORE_INDEX
 
 __all__ = [
     "RawksInfo",
@@ -74,14 +77,15 @@ _FOUR = stencil.four_connected()
 
 
 class RawksInfo(NamedTuple):
-    """Diagnostics of :func:`hitting_probabilities`.
+    """Diagnostics of :func:`hitting_probabilities` (``return_info=True``).
 
-    reachable: (H, W) bool, False where no label is reachable (no seed at all; P uniform).
-    approximate: (H, W) bool, True where ``u`` underflows (below ``finfo.tiny / finfo.eps``)
-        and P is the log-domain path-cost approximation (no gradient there).
-    solve: :class:`rwseg.linsolve.SolveInfo` of the forward solve, one entry per label:
-        ``residual`` is the largest componentwise relative residual over the pixels that
-        are not ``approximate``, ``iterations`` the total CG iterations over all refinements.
+    Attributes:
+        reachable: (H, W) bool, False where no label is reachable (no seed at all; P uniform).
+        approximate: (H, W) bool, True where ``u`` underflows (below ``finfo.tiny / finfo.eps``)
+            and P is the log-domain path-cost approximation (no gradient there).
+        solve: :class:`rwseg.linsolve.SolveInfo` of the forward solve, one entry per label:
+            ``residual`` is the largest componentwise relative residual over the pixels that
+            are not ``approximate``, ``iterations`` the total CG iterations over all refinements.
     """
 
     reachable: jnp.ndarray
@@ -179,21 +183,34 @@ def step_cost(boundary) -> jnp.ndarray:
     The decay rate per pixel of the RAWKS walk on a uniform-B lattice (the mass of
     ``4 e^B - 2 cosh k_y - 2 cosh k_x`` along an axis): 0 at B = 0, ``B + log 4 - O(e^-B)``
     for large B. Written as ``B + log(2 - e^-B + 2 sqrt(1 - e^-B))``. Not meant for gradients.
+
+    Args:
+        boundary: float array of boundary scores B >= 0, any shape.
+
+    Returns:
+        ``m(B)``, same shape and dtype.
     """
     q = -jnp.expm1(-boundary)  # 1 - e^-B, accurate near 0
     return boundary + jnp.log1p(q + 2 * jnp.sqrt(q))
 
 
 def path_costs(boundary, sources, blocked=None) -> jnp.ndarray:
-    """Cheapest 4-connected path cost to a source pixel, per channel: ``phi`` (H, W, L).
+    """Cheapest 4-connected path cost to a source pixel, per channel: ``phi``.
 
-    boundary: (H, W) B >= 0; sources: (H, W, L) bool (e.g. the seeds of each label);
-    blocked: optional (H, W) bool, pixels no path may enter (e.g. all labelled pixels: the
-    walk stops at the first one). ``phi = 0`` at sources, ``inf`` at blocked non-sources and
-    where no source is reachable, and ``phi(x) = m(B(x)) + min_{x' ~ x} phi(x')`` elsewhere,
-    ``m`` = :func:`step_cost` (the walk pays at every pixel it leaves, paper eq. 5).
-    Min-plus Bellman-Ford in a ``lax.while_loop`` until nothing changes (at most H*W
-    sweeps; about the longest cheapest path in hops in practice). No gradient.
+    ``phi = 0`` at sources, ``inf`` at blocked non-sources and where no source is
+    reachable, and ``phi(x) = m(B(x)) + min_{x' ~ x} phi(x')`` elsewhere, ``m`` =
+    :func:`step_cost` (the walk pays at every pixel it leaves, paper eq. 5). Min-plus
+    Bellman-Ford in a ``lax.while_loop`` until nothing changes (at most H*W sweeps; about
+    the longest cheapest path in hops in practice). No gradient.
+
+    Args:
+        boundary: (H, W) float boundary scores B >= 0.
+        sources: (H, W, L) bool, e.g. the seeds of each label.
+        blocked: optional (H, W) bool, pixels no path may enter (e.g. all labelled pixels:
+            the walk stops at the first one).
+
+    Returns:
+        phi: (H, W, L) in boundary's dtype.
     """
     V.check_rank("sources", sources, 3, "(H, W, L)")
     cost = step_cost(jax.lax.stop_gradient(jnp.asarray(boundary)))[:, :, None]
@@ -232,26 +249,36 @@ def hitting_probabilities(
 ):
     """Random-walk hitting probabilities from sparse labels (paper eq. 5-8).
 
-    boundary: (H, W) float, B >= 0 (finite). seeds: (H, W) int, -1 = unlabelled,
-    0..num_labels-1 = labelled. Returns P (H, W, num_labels) in boundary's dtype:
-    ``P = Z / sum_l Z`` with Z the solution of eq. 7 (4-connected, Z = 0 outside the image),
-    one-hot at labelled pixels, uniform where no label is reachable (no seeds). Solved in
-    the symmetric scaling of the module docstring by CG with iterative refinement until
-    the componentwise relative residual is at most ``tol`` at every pixel (inner CG solves
-    to ``inner_tol``, at most ``max_iters`` iterations each, at most ``max_refinements``
-    refinements); differentiable in ``boundary`` by one adjoint solve of the same
-    symmetric system (eq. 9-10). Where ``u`` is below float resolution (underflow), P is the
+    ``P = Z / sum_l Z`` with Z the solution of eq. 7 (4-connected, Z = 0 outside the
+    image), one-hot at labelled pixels, uniform where no label is reachable (no seeds).
+    Solved in the symmetric scaling of the module docstring by CG with iterative
+    refinement until the componentwise relative residual is at most ``tol`` at every
+    pixel; differentiable in ``boundary`` by one adjoint solve of the same symmetric
+    system (eq. 9-10). Where ``u`` is below float resolution (underflow), P is the
     path-cost approximation (module docstring; no gradient there).
 
     Value checks: seeds out of range and negative / non-finite boundary raise
     ``ValueError`` eagerly when the inputs are concrete. Under ``jit``/``vmap`` they cannot
     raise; out-of-range seeds then act as labelled pixels of no label (absorbing with
     Z = 0), and a NaN boundary gives an all-NaN P with ``info.solve.converged`` False
-    (never a plausible P). ``checked=True`` adds ``checkify`` checks for traced inputs; the caller must
-    then wrap the (jitted) function in ``jax.experimental.checkify.checkify`` and call
-    ``err.throw()``.
+    (never a plausible P). ``checked=True`` adds ``checkify`` checks for traced inputs; the
+    caller must then wrap the (jitted) function in ``jax.experimental.checkify.checkify``
+    and call ``err.throw()``.
 
-    return_info: also return :class:`RawksInfo`.
+    Args:
+        boundary: (H, W) float boundary scores B >= 0 (finite).
+        seeds: (H, W) int, -1 = unlabelled, 0..num_labels-1 = labelled.
+        num_labels: number of labels L (int > 0).
+        tol: componentwise relative residual to reach at every pixel.
+        inner_tol: relative tolerance of each inner CG solve.
+        max_iters: iteration cap of each inner CG solve.
+        max_refinements: cap on the refinement rounds.
+        checked: add ``checkify`` value checks for traced inputs.
+        return_info: also return :class:`RawksInfo`.
+
+    Returns:
+        P: (H, W, num_labels) in boundary's dtype; with ``return_info=True`` the pair
+            ``(P, info)``, ``info`` a :class:`RawksInfo`.
     """
     num_labels = V.check_nonnegative_int("num_labels", num_labels, positive=True)
     _check_boundary(boundary, checked)
@@ -315,35 +342,53 @@ def _entropy(p):
     return -jnp.sum(p * jnp.log(jnp.maximum(p, tiny)), axis=-1)
 
 
-def uncertainty_weights(P, alpha, reachable=None) -> jnp.ndarray:
-    """``w(x) = exp(-alpha H(P_x))`` (paper, after eq. 11).
+@deprecated_arguments(renamed={"alpha": "temperature"}, positional=("alpha", "reachable"))
+def uncertainty_weights(P, *, temperature, reachable=None) -> jnp.ndarray:
+    """Uncertainty weights ``w(x) = exp(-temperature H(P_x))`` (paper, after eq. 11).
 
-    P: (H, W, L) label distributions; alpha: scalar; reachable: optional (H, W) bool from
-    :class:`RawksInfo` — the weight is 0 where it is False (no label reachable).
-    Returns (H, W) in P's dtype. Differentiable in P (``0 log 0 = 0`` with a finite gradient).
+    Differentiable in P (``0 log 0 = 0`` with a finite gradient). The paper calls the
+    temperature alpha; rwseg keeps ``alpha`` for the RWN restart probability only.
+
+    Args:
+        P: (H, W, L) float label distributions.
+        temperature: scalar multiplying the entropy ``H(P_x)``. Formerly ``alpha`` (still
+            accepted, with a ``DeprecationWarning``).
+        reachable: optional (H, W) bool from :class:`RawksInfo`; the weight is 0 where it is
+            False (no label reachable).
+
+    Returns:
+        (H, W) in P's dtype.
     """
     V.check_rank("P", P, 3, "(H, W, L)")
     V.check_floating("P", P)
-    w = jnp.exp(-jnp.asarray(alpha, P.dtype) * _entropy(P))
+    w = jnp.exp(-jnp.asarray(temperature, P.dtype) * _entropy(P))
     if reachable is not None:
         V.check_shape("reachable", reachable, P.shape[:2], "(H, W) matching P")
         w = jnp.where(reachable, w, 0)
     return w
 
 
-def rawks_loss(P, logits, *, alpha, reachable=None, weight_gradient: bool = True) -> jnp.ndarray:
+@deprecated_arguments(renamed={"alpha": "temperature"})
+def rawks_loss(P, logits, *, temperature, reachable=None, weight_gradient: bool = True) -> jnp.ndarray:
     """Uncertainty-weighted loss, paper eq. 11, averaged over pixels.
 
     ``mean_x [ w(x) KL(P_x || Q_x) + H(P_x) ]`` with ``Q = softmax(logits)`` and
-    ``w = uncertainty_weights(P, alpha, reachable)``. P: (H, W, L) (from
-    :func:`hitting_probabilities`); logits: (H, W, L) segmentation scores.
+    ``w = uncertainty_weights(P, temperature=temperature, reachable=reachable)``.
 
     Gradient through w: by default (``weight_gradient=True``) w is a function of P and
     carries gradient into P (hence into the boundary network), which is what makes the
     paper's remark meaningful ("the KL component can be avoided by increasing the
     prediction entropy; the explicit entropy term prevents trivial solutions").
-    ``weight_gradient=False`` treats w as a constant (``stop_gradient``).
-    Returns a scalar in the common dtype.
+
+    Args:
+        P: (H, W, L) float label distributions (from :func:`hitting_probabilities`).
+        logits: (H, W, L) float segmentation scores.
+        temperature: entropy temperature of :func:`uncertainty_weights`. Formerly ``alpha``.
+        reachable: optional (H, W) bool, weight 0 where False.
+        weight_gradient: ``False`` treats w as a constant (``stop_gradient``).
+
+    Returns:
+        A scalar in ``result_type(P, logits)``.
     """
     V.check_rank("P", P, 3, "(H, W, L)")
     V.check_rank("logits", logits, 3, "(H, W, L)")
@@ -352,7 +397,7 @@ def rawks_loss(P, logits, *, alpha, reachable=None, weight_gradient: bool = True
     V.check_shape("logits", logits, P.shape, "(H, W, L) matching P")
     dtype = jnp.result_type(P, logits)
     P, logits = jnp.asarray(P, dtype), jnp.asarray(logits, dtype)
-    w = uncertainty_weights(P, alpha, reachable)
+    w = uncertainty_weights(P, temperature=temperature, reachable=reachable)
     if not weight_gradient:
         w = jax.lax.stop_gradient(w)
     log_q = jax.nn.log_softmax(logits, axis=-1)
@@ -401,19 +446,27 @@ def scribbles_from_labels(
     density: float = 0.03,
     stroke_length: Optional[int] = None,
     margin: int = 2,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> np.ndarray:
     """Synthetic scribbles from dense labels (real scribble sets are not available here).
 
-    labels: (H, W) int (concrete; numpy preprocessing, not traceable). key: a JAX PRNG key.
-    For every 4-connected region of one label (ignore_index / negative labels skipped),
-    strokes (smooth random walks) are drawn inside the region, ``margin`` pixels away from
-    its border where the region is thick enough (else anywhere inside it), until about
-    ``density`` of the region's pixels are covered, with at least one stroke per region.
-    ``stroke_length`` defaults to ``max(3, sqrt(region area))``.
+    For every 4-connected region of one label (``ignore_index`` / negative labels
+    skipped), strokes (smooth random walks) are drawn inside the region, ``margin``
+    pixels away from its border where the region is thick enough (else anywhere inside
+    it), until about ``density`` of the region's pixels are covered, with at least one
+    stroke per region. Numpy preprocessing, not traceable; deterministic for a given key.
 
-    Returns seeds (H, W) int32: -1 unlabelled, else the label (every seed lies on a pixel
-    of that label). Deterministic for a given key.
+    Args:
+        labels: (H, W) int, concrete.
+        key: a JAX PRNG key.
+        density: fraction in (0, 1] of each region to cover.
+        stroke_length: stroke length in pixels; defaults to ``max(3, sqrt(region area))``.
+        margin: distance in pixels to keep from region borders.
+        ignore_index: label value to skip.
+
+    Returns:
+        seeds: (H, W) int32 numpy array, -1 unlabelled, else the label (every seed lies on a
+            pixel of that label).
     """
     V.check_rank("labels", labels, 2, "(H, W)")
     V.check_integer("labels", labels)

@@ -1,10 +1,10 @@
-"""RWN — convolutional random walk networks (Bertasius et al., CVPR 2017; seed 000).
+"""RWN — Bertasius, Torresani, Yu & Shi, *Convolutional Random Walk Networks for Semantic Image Segmentation* (CVPR 2017).
 
-Math: ``../shared/docs/methods.md`` §1. Pixel affinities on a stencil (``rwseg.stencil``)
+Math: ``docs/methods.md`` §1. Pixel affinities on a stencil (``rwseg.stencil``)
 are learned from per-channel feature distances (paper §3.2, eq. 1), normalised to a
 transition matrix ``A = D^-1 W`` and used to diffuse segmentation scores ``f``:
 
-- training: one step ``y = A f`` (paper eq. 2; ``random_walk(..., alpha=1.0, steps=1)``);
+- training: one step ``y = A f`` (paper eq. 2; ``random_walk(..., alpha=1.0, num_steps=1)``);
 - test: the walk run to convergence, ``y = (1 - alpha)(I - alpha A)^-1 f`` (paper §3.4,
   eq. 3, written there without the factor ``1 - alpha``, which does not change the argmax),
   solved matrix-free by :mod:`rwseg.linsolve` and differentiated by one adjoint solve.
@@ -23,6 +23,9 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import linsolve, stencil
+from rwseg._deprecation import deprecated_arguments
+from rwseg._numerics import masked_mean
+from rwseg.constants import IGNORE_INDEX
 
 __all__ = ["feature_distances", "affinity", "transition", "random_walk", "affinity_loss"]
 
@@ -33,11 +36,18 @@ def _check_map(name, x, layout="(H, W, C)"):
 
 
 def feature_distances(features, offsets) -> jnp.ndarray:
-    """Per-channel L1 distances to every stencil neighbour (paper §3.2).
+    """Per-channel L1 distances to every stencil neighbour (paper §3.2, the input of eq. 1).
 
-    features: (H, W, C) -> (H, W, K, C) with ``out[i, k, c] = |F[i, c] - F[i + o_k, c]|``,
-    zero where ``i + o_k`` is outside the image. The paper uses the RGB image and two
-    low-level feature maps (C = 131) and a disk of radius R (``stencil.disk_offsets``).
+    ``out[i, k, c] = |F[i, c] - F[i + o_k, c]|``, zero where ``i + o_k`` is outside the
+    image. The paper uses the RGB image and two low-level feature maps (C = 131) and a
+    disk of radius R (:func:`rwseg.stencil.disk_offsets`).
+
+    Args:
+        features: (H, W, C) float feature map F.
+        offsets: K stencil offsets ``(dy, dx)``.
+
+    Returns:
+        (H, W, K, C) distances in the dtype of ``features``.
     """
     offsets = stencil.as_offsets(offsets)
     _check_map("features", features)
@@ -47,13 +57,20 @@ def feature_distances(features, offsets) -> jnp.ndarray:
 
 
 def affinity(distances, theta, offsets=None) -> jnp.ndarray:
-    """The affinity branch: a 1x1 convolution over the distances followed by ``exp``.
+    """The affinity branch: a 1x1 convolution over the distances followed by ``exp`` (paper §3.2, eq. 1).
 
-    distances: (H, W, K, C) from :func:`feature_distances`; theta: (C,) the paper's
-    "131 extra parameters" (learned; negative values make distant features dissimilar).
-    Returns (H, W, K): ``w[i, k] = exp(sum_c theta_c d[i, k, c])`` (paper §3.2). With
-    ``offsets`` given, entries whose neighbour is outside the image are set to zero;
-    without, they are left as computed (every rwseg operator ignores them anyway).
+    ``w[i, k] = exp(sum_c theta_c d[i, k, c])``.
+
+    Args:
+        distances: (H, W, K, C) float, from :func:`feature_distances`.
+        theta: (C,) the paper's "131 extra parameters" (learned; negative values make
+            distant features dissimilar).
+        offsets: optional K stencil offsets; when given, entries whose neighbour is
+            outside the image are set to zero; without, they are left as computed
+            (every rwseg operator ignores them anyway).
+
+    Returns:
+        (H, W, K) affinities in the dtype of ``distances``.
     """
     V.check_rank("distances", distances, 4, "(H, W, K, C)")
     V.check_floating("distances", distances)
@@ -79,8 +96,15 @@ def _inverse_degree(weights, offsets):
 def transition(weights, x, offsets) -> jnp.ndarray:
     """``A x`` with ``A = D^-1 W`` (paper eq. 2), matrix-free.
 
-    weights: (H, W, K) nonnegative; x: (H, W, C) -> (H, W, C).
     ``D_ii = sum_k weights[i, k]`` over valid entries; a row of zero degree gives 0.
+
+    Args:
+        weights: (H, W, K) nonnegative affinities W on ``offsets``.
+        x: (H, W, C) float.
+        offsets: K stencil offsets ``(dy, dx)``.
+
+    Returns:
+        (H, W, C) ``A x`` in ``result_type(weights, x)``.
     """
     inv_d, _ = _inverse_degree(weights, offsets)
     return inv_d * stencil.apply(weights, x, offsets)
@@ -107,11 +131,11 @@ def _check_alpha(alpha, dtype, converged, checked):
         return alpha_c
     if V.is_concrete(alpha):
         if not 0 <= float(alpha) < 1:
-            raise ValueError(f"alpha: expected 0 <= alpha < 1 for the converged walk (steps=None), got {alpha}")
+            raise ValueError(f"alpha: expected 0 <= alpha < 1 for the converged walk (num_steps=None), got {alpha}")
         return alpha_c
     ok = (alpha_c >= 0) & (alpha_c < 1)
     if checked:
-        V.value_check(ok, "alpha: expected 0 <= alpha < 1 for the converged walk (steps=None), got {}", alpha_c)
+        V.value_check(ok, "alpha: expected 0 <= alpha < 1 for the converged walk (num_steps=None), got {}", alpha_c)
     # unchecked: a traced alpha out of range (e.g. a saturated sigmoid = 1.0) gives NaN, not zeros
     return jnp.where(ok, alpha_c, jnp.asarray(jnp.nan, dtype))
 
@@ -186,13 +210,14 @@ def _pad_channels(x):
     return jnp.pad(x, ((0, 0), (0, 0), (0, extra))) if extra else x
 
 
+@deprecated_arguments(renamed={"steps": "num_steps"})
 def random_walk(
     weights,
     f,
     offsets,
     *,
     alpha,
-    steps: Optional[int] = None,
+    num_steps: Optional[int] = None,
     symmetric: bool = False,
     tol: float = 1e-6,
     max_iters: int = 1000,
@@ -201,18 +226,16 @@ def random_walk(
 ):
     """The random-walk layer / converged random walk of RWN (paper eq. 2-3, §3.4).
 
-    weights: (H, W, K) nonnegative affinities on ``offsets`` (e.g. from :func:`affinity`);
-    f: (H, W, C) segmentation scores. ``A = D^-1 W``, ``D_ii = sum_k weights[i, k]`` over
-    valid entries (a row of zero degree stays zero, so such a pixel keeps
-    ``(1 - alpha) f_i`` in the limit).
+    ``A = D^-1 W``, ``D_ii = sum_k weights[i, k]`` over valid entries (a row of zero degree
+    stays zero, so such a pixel keeps ``(1 - alpha) f_i`` in the limit). The walk:
+    ``y_0 = f``, ``y_{t+1} = alpha A y_t + (1 - alpha) f``.
 
-    The walk: ``y_0 = f``, ``y_{t+1} = alpha A y_t + (1 - alpha) f``.
-
-    - ``steps=n`` (Python int): exactly n steps with ``lax.scan`` (differentiated through the
-      scan). ``steps=1, alpha=1.0`` is the paper's training layer ``y = A f`` (eq. 2).
-    - ``steps=None``: the limit ``(1 - alpha)(I - alpha A)^-1 f`` (eq. 3), requiring
-      ``0 <= alpha < 1``, by a linear solve with implicit gradients in ``weights`` and ``f``
-      (one adjoint solve). With ``symmetric=True`` (a promise that W = W^T, verified
+    - ``num_steps=n`` (Python int): exactly n steps with ``lax.scan`` (differentiated
+      through the scan). ``num_steps=1, alpha=1.0`` is the paper's training layer
+      ``y = A f`` (eq. 2).
+    - ``num_steps=None``: the limit ``(1 - alpha)(I - alpha A)^-1 f`` (eq. 3), requiring
+      ``0 <= alpha < 1``, by a linear solve with implicit gradients in ``weights`` and
+      ``f`` (one adjoint solve). With ``symmetric=True`` (a promise that W = W^T, verified
       eagerly on concrete weights) it solves the SPD system in its symmetric scaling
       ``(I - alpha D^-1/2 W D^-1/2) z = (1 - alpha) D^1/2 f``, ``y = D^-1/2 z``, by CG
       (unit diagonal: the Jacobi preconditioner is built into the operator, whose two
@@ -223,11 +246,6 @@ def random_walk(
       Jacobi-preconditioned CG at 128x128x21, radius 5, see
       ``docs/benchmarks/random_walks.md``); otherwise ``(I - alpha A) y = (1 - alpha) f``
       by BiCGStab.
-
-    tol, max_iters: solver settings per channel: stop when the relative residual of the
-    solved system (``||b - A z|| / ||b||``, in the scaled variables for ``symmetric=True``)
-    is ``<= tol``. return_info: also return the :class:`rwseg.linsolve.SolveInfo` (``None``
-    for ``steps=n``), so that a non-converged solve can be detected.
 
     Reachable accuracy in float32 (why CG "stalls"): CG updates its residual by a
     recurrence, which keeps decreasing, while the true residual ``b - A z`` of the float32
@@ -247,7 +265,29 @@ def random_walk(
     NaN output (``converged=False``), never zeros; ``checked=True`` adds a ``checkify`` check
     of ``alpha`` (wrap the call in ``jax.experimental.checkify.checkify``).
 
-    Returns y (H, W, C) in the common dtype of ``weights`` and ``f`` (or ``(y, info)``).
+    Args:
+        weights: (H, W, K) float, nonnegative affinities W on ``offsets`` (e.g. from
+            :func:`affinity`).
+        f: (H, W, C) float segmentation scores.
+        offsets: K stencil offsets ``(dy, dx)``.
+        alpha: restart weight of the walk, a scalar (``0 <= alpha < 1`` for the converged
+            walk; ``1.0`` with ``num_steps=1`` is the training layer). May be traced.
+        num_steps: exact number of steps (Python int), or ``None`` for the converged walk.
+            Formerly ``steps`` (still accepted, with a ``DeprecationWarning``).
+        symmetric: promise that W = W^T (selects CG on the symmetric scaling).
+        tol: relative residual of the solved system at which the converged walk stops,
+            per channel (``||b - A z|| / ||b||``, in the scaled variables for
+            ``symmetric=True``). Unused with ``num_steps``.
+        max_iters: iteration cap of the solver. Unused with ``num_steps``.
+        return_info: also return a :class:`rwseg.linsolve.SolveInfo`.
+        checked: add ``checkify`` value checks for traced ``alpha``.
+
+    Returns:
+        y: (H, W, C) in ``result_type(weights, f)``; with ``return_info=True`` the pair
+            ``(y, info)``, ``info`` a :class:`rwseg.linsolve.SolveInfo`: for the converged walk
+            the solver's (residual per channel, iterations, converged per channel, so that a
+            non-converged solve can be detected); for ``num_steps=n`` residual 0 (no system is
+            solved), ``iterations = n`` and ``converged`` True.
     """
     offsets = stencil.as_offsets(offsets)
     _check_map("f", f)
@@ -258,17 +298,22 @@ def random_walk(
                   f"(H, W, K) matching f and K = len(offsets) = {len(offsets)}")
     dtype = jnp.result_type(weights, f)
     weights, f = jnp.asarray(weights, dtype), jnp.asarray(f, dtype)
-    if steps is not None:
-        steps = V.check_nonnegative_int("steps", steps)
-    alpha_c = _check_alpha(alpha, dtype, steps is None, checked)
+    if num_steps is not None:
+        num_steps = V.check_nonnegative_int("num_steps", num_steps)
+    alpha_c = _check_alpha(alpha, dtype, num_steps is None, checked)
 
-    if steps is not None:
+    if num_steps is not None:
 
         def step(y, _):
             return alpha_c * transition(weights, y, offsets) + (1 - alpha_c) * f, None
 
-        y, _ = jax.lax.scan(step, f, None, length=steps)
-        return (y, None) if return_info else y
+        y, _ = jax.lax.scan(step, f, None, length=num_steps)
+        if not return_info:
+            return y
+        c = f.shape[-1]
+        return y, linsolve.SolveInfo(residual=jnp.zeros((c,), dtype),
+                                     iterations=jnp.asarray(num_steps, jnp.int32),
+                                     converged=jnp.ones((c,), bool))
 
     if V.is_concrete(weights) and V.is_concrete(f):
         w_np = np.where(stencil.valid_mask(h, w, offsets), np.asarray(weights), 0)  # outside: ignored
@@ -306,13 +351,23 @@ def random_walk(
     return (y, info) if return_info else y
 
 
-def affinity_loss(weights, labels, offsets, ignore_index: int = 255) -> jnp.ndarray:
+@deprecated_arguments(positional=("ignore_index",))
+def affinity_loss(weights, labels, offsets, *, ignore_index: int = IGNORE_INDEX) -> jnp.ndarray:
     """Squared error of affinities against ground-truth affinities (paper §3.3).
 
-    weights: (H, W, K) predicted affinities; labels: (H, W) int. Targets are
-    ``stencil.label_affinity``: 1 where pixel i and i + o_k share a label, else 0. Pairs with
-    an ignored/negative label or a neighbour outside the image are excluded. Returns the
-    **mean** over valid pairs (0 when there is none), a scalar in the dtype of ``weights``.
+    Targets are :func:`rwseg.stencil.label_affinity`: 1 where pixel i and i + o_k share a
+    label, else 0. Pairs with an ignored/negative label or a neighbour outside the image
+    are excluded.
+
+    Args:
+        weights: (H, W, K) float predicted affinities on ``offsets``.
+        labels: (H, W) int ground-truth labels.
+        offsets: K stencil offsets ``(dy, dx)``.
+        ignore_index: label value excluded from the loss.
+
+    Returns:
+        The **mean** squared error over valid pairs (0 when there is none), a scalar in
+            the dtype of ``weights``.
     """
     offsets = stencil.as_offsets(offsets)
     V.check_rank("weights", weights, 3, "(H, W, K)")
@@ -321,7 +376,5 @@ def affinity_loss(weights, labels, offsets, ignore_index: int = 255) -> jnp.ndar
     h, w = labels.shape
     V.check_shape("weights", weights, (h, w, len(offsets)),
                   f"(H, W, K) matching labels and K = len(offsets) = {len(offsets)}")
-    targets, valid = stencil.label_affinity(labels, offsets, ignore_index)
-    err = jnp.where(valid, (weights - targets.astype(weights.dtype)) ** 2, 0)
-    n = jnp.sum(valid)
-    return jnp.sum(err) / jnp.maximum(n, 1).astype(weights.dtype)
+    targets, valid = stencil.label_affinity(labels, offsets, ignore_index=ignore_index)
+    return masked_mean((weights - targets.astype(weights.dtype)) ** 2, valid)

@@ -1,7 +1,10 @@
-"""Spatial propagation network: linear row/column recurrences (seed 002, Liu et al. 2017).
+"""Spatial propagation network: linear row/column recurrences.
+
+Liu, De Mello, Gu, Zhong, Yang & Kautz, *Learning Affinity via Spatial Propagation
+Networks* (NIPS 2017); "the paper" below. Math: ``docs/methods.md`` §3.
 
 One propagation scans the image column by column (or row by row). For
-``"left_to_right"`` (seed 002, eq. 1 one-way, eq. 5 three-way)::
+``"left_to_right"`` (paper eq. 1 one-way, eq. 5 three-way)::
 
     h[i, t] = (1 - sum_k p[i, t, c, k]) * x[i, t] + sum_k p[i, t, c, k] * h[i + d_k, t - 1]
 
@@ -54,6 +57,7 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import spn_pallas, stencil
+from rwseg._deprecation import deprecated_arguments
 
 __all__ = ["DIRECTIONS", "direction_offsets", "propagate", "spn", "stabilize", "propagation_matrix"]
 
@@ -99,6 +103,13 @@ def direction_offsets(direction: str, num_gates: int) -> stencil.Offsets:
 
     Gate ``k`` of pixel ``i`` multiplies ``h[i + offset_k]`` (see the module table); e.g.
     ``direction_offsets("left_to_right", 3) == ((-1, -1), (0, -1), (1, -1))``.
+
+    Args:
+        direction: one of :data:`DIRECTIONS`.
+        num_gates: 1 (one-way, paper eq. 1) or 3 (three-way, paper eq. 5).
+
+    Returns:
+        ``num_gates`` offsets, a tuple of ``(dy, dx)`` pairs.
     """
     _check_direction(direction)
     if num_gates not in _ROW_STEPS:
@@ -292,20 +303,27 @@ def _propagate_stacked_jit(x, gates, directions, implementation, interpret):
     return _unpack(_solve(a, p, implementation, layout.rows, interpret), layout)
 
 
-def propagate(x, gates, direction: str, implementation: str = "auto"):
-    """One linear propagation of ``x`` in ``direction`` (seed 002, eq. 1 / eq. 5).
+@deprecated_arguments(positional=("direction", "implementation"))
+def propagate(x, gates, *, direction: str, implementation: str = "auto"):
+    """One linear propagation of ``x`` in ``direction`` (paper eq. 1 / eq. 5).
 
-    x: (H, W, C) float; gates: (H, W, C, 3) three-way or (H, W, C, 1) one-way, gate
-    ``k`` of pixel ``i`` weighting the neighbour ``i + direction_offsets(direction, G)[k]``
-    of the previous column/row; direction: one of :data:`DIRECTIONS`; implementation:
-    ``"scan"`` (``lax.scan``), ``"pallas"`` (the Pallas kernel of
-    :mod:`rwseg.spn_pallas`, its Triton variant on GPU; interpret mode on CPU) or ``"auto"``
-    (Pallas on TPU when the blocks fit on chip and on GPU when the kernel lowers, else the
-    scan; the scan on CPU).
-    Returns h: (H, W, C), dtype ``result_type(x, gates)``. Gates pointing outside the
-    image count as zero in both sums (so the first column/row is copied from ``x``).
-    Differentiable in ``x`` and ``gates`` in both modes: the scan is a
-    ``lax.custom_linear_solve`` whose backward pass is the adjoint (reverse) recurrence.
+    Gates pointing outside the image count as zero in both sums (so the first column/row
+    is copied from ``x``). Differentiable in ``x`` and ``gates`` in both modes: the scan is
+    a ``lax.custom_linear_solve`` whose backward pass is the adjoint (reverse) recurrence.
+
+    Args:
+        x: (H, W, C) float input.
+        gates: (H, W, C, 3) three-way or (H, W, C, 1) one-way float gates, gate ``k`` of
+            pixel ``i`` weighting the neighbour ``i + direction_offsets(direction, G)[k]`` of
+            the previous column/row.
+        direction: one of :data:`DIRECTIONS`.
+        implementation: ``"scan"`` (``lax.scan``), ``"pallas"`` (the Pallas kernel of
+            :mod:`rwseg.spn_pallas`, its Triton variant on GPU; interpret mode on CPU) or
+            ``"auto"`` (Pallas on TPU when the blocks fit on chip and on GPU when the kernel
+            lowers, else the scan; the scan on CPU).
+
+    Returns:
+        h: (H, W, C) in ``result_type(x, gates)``.
     """
     _check_direction(direction)
     _check_x(x)
@@ -313,16 +331,24 @@ def propagate(x, gates, direction: str, implementation: str = "auto"):
     return _propagate_stacked(x, gates[None], (direction,), implementation)[0]
 
 
-def spn(x, gates, merge: str = "max", implementation: str = "auto"):
-    """Four-direction SPN layer: propagate in every direction, merge node-wise (seed 002, §3.3).
+@deprecated_arguments(positional=("merge", "implementation"))
+def spn(x, gates, *, merge: str = "max", implementation: str = "auto"):
+    """Four-direction SPN layer: propagate in every direction, merge node-wise (paper §3.3).
 
-    x: (H, W, C); gates: (4, H, W, C, G), G in {1, 3}, in the order of :data:`DIRECTIONS`
-    (left_to_right, right_to_left, top_to_bottom, bottom_to_top); merge: ``"max"`` (the
-    paper's node-wise max pooling; its gradient goes to the direction that attains the
-    max) or ``"mean"``; implementation: as for :func:`propagate`. Returns (H, W, C).
+    Equals ``max_d propagate(x, gates[d], direction=DIRECTIONS[d])``; the four directions
+    run as one stacked recurrence (any H, W) and one adjoint recurrence in the backward
+    pass.
 
-    Equals ``max_d propagate(x, gates[d], DIRECTIONS[d])``; the four directions run as
-    one stacked recurrence (any H, W) and one adjoint recurrence in the backward pass.
+    Args:
+        x: (H, W, C) float input.
+        gates: (4, H, W, C, G) float, G in {1, 3}, in the order of :data:`DIRECTIONS`
+            (left_to_right, right_to_left, top_to_bottom, bottom_to_top).
+        merge: ``"max"`` (the paper's node-wise max pooling; its gradient goes to the
+            direction that attains the max) or ``"mean"``.
+        implementation: as for :func:`propagate`.
+
+    Returns:
+        (H, W, C) in ``result_type(x, gates)``.
     """
     _check_x(x)
     _check_gates(gates, x.shape, lead=(4,))
@@ -339,11 +365,17 @@ def spn(x, gates, merge: str = "max", implementation: str = "auto"):
 
 
 def stabilize(gates):
-    """Rescale gates so that ``sum_k |p_k| <= 1`` per pixel and channel (seed 002, Theorem 3).
+    """Rescale gates so that ``sum_k |p_k| <= 1`` per pixel and channel (paper Theorem 3).
 
-    gates: (..., G) -> same shape and dtype: ``p / max(1, sum_k |p_k|)``. Gates that
-    already satisfy the bound are returned unchanged; differentiable everywhere except
-    where a gate is exactly 0 or the sum is exactly 1 (subgradients, as for ``abs``).
+    ``p / max(1, sum_k |p_k|)``: gates that already satisfy the bound are returned
+    unchanged; differentiable everywhere except where a gate is exactly 0 or the sum is
+    exactly 1 (subgradients, as for ``abs``).
+
+    Args:
+        gates: (..., G) float, the gate axis last.
+
+    Returns:
+        Same shape and dtype as ``gates``.
     """
     V.check_floating("gates", gates)
     if jnp.ndim(gates) < 1:
@@ -352,15 +384,23 @@ def stabilize(gates):
     return gates / jnp.maximum(total, jnp.ones((), total.dtype))
 
 
-def propagation_matrix(gates, direction: str, channel: int = 0):
+@deprecated_arguments(positional=("direction", "channel"))
+def propagation_matrix(gates, *, direction: str, channel: int = 0):
     """The dense (H·W, H·W) propagation matrix ``G`` of one channel: ``vec(h) = G vec(x)``.
 
-    gates: (H, W, C, G) as for :func:`propagate`; channel: which channel's gates.
     Row-major pixel order, so row ``i`` of ``G`` is the learned affinity of pixel ``i``
     (what the paper visualises). Built in closed form ``G = (I - A)^-1 D`` with
     ``A = stencil.to_dense(p, direction_offsets(direction, G))`` and
     ``D = diag(1 - sum_k p_k)`` over in-image gates, independently of the scan in
     :func:`propagate`. O((H·W)^2) memory: small maps only.
+
+    Args:
+        gates: (H, W, C, G) float, as for :func:`propagate`.
+        direction: one of :data:`DIRECTIONS`.
+        channel: which channel's gates.
+
+    Returns:
+        (H·W, H·W) in the dtype of ``gates``.
     """
     _check_direction(direction)
     V.check_rank("gates", gates, 4, "(H, W, C, G)")

@@ -2,7 +2,7 @@
 
 Every rwseg method works on an affinity *on a stencil*: a tuple of K offsets
 ``o_k = (dy, dx)`` and an ``(H, W, K)`` array whose entry ``[i, k]`` links pixel ``i``
-to pixel ``i + o_k`` (``../shared/docs/methods.md``, notation). Entries that point
+to pixel ``i + o_k`` (``docs/methods.md``, notation). Entries that point
 outside the image are ignored everywhere.
 
 Memory of every function here is O(H·W·K·C) (``gather``) or O(H·W·C) (``apply``,
@@ -26,6 +26,8 @@ import numpy as np
 from jax.interpreters import ad, batching, mlir
 
 from rwseg import _validate as V
+from rwseg._deprecation import deprecated_arguments
+from rwseg.constants import IGNORE_INDEX
 
 Offset = tuple[int, int]
 Offsets = tuple[Offset, ...]
@@ -52,11 +54,20 @@ __all__ = [
 # --------------------------------------------------------------------------- offsets
 
 
-def as_offsets(offsets: Iterable[Sequence[int]], name: str = "offsets") -> Offsets:
+@deprecated_arguments(positional=("name",))
+def as_offsets(offsets: Iterable[Sequence[int]], *, name: str = "offsets") -> Offsets:
     """Normalise ``offsets`` to a hashable tuple of ``(dy, dx)`` int pairs.
 
-    Raises ``ValueError`` for an empty stencil, pairs of the wrong length, or (0, 0)
-    (a pixel is never its own neighbour).
+    Args:
+        offsets: an iterable of ``(dy, dx)`` integer pairs.
+        name: the argument name used in error messages.
+
+    Returns:
+        A tuple of ``(int, int)`` pairs (static data, usable as a ``jit`` static argument).
+
+    Raises:
+        ValueError: for an empty stencil, pairs of the wrong length, or (0, 0) (a pixel is
+            never its own neighbour).
     """
     try:
         pairs = [tuple(o) for o in offsets]
@@ -76,8 +87,15 @@ def as_offsets(offsets: Iterable[Sequence[int]], name: str = "offsets") -> Offse
 def disk_offsets(radius: int) -> Offsets:
     """Every (dy, dx) with ``0 < dy² + dx² <= radius²``, sorted by (dy, dx).
 
-    RWN's stencil (seed 000, §3.2: pixel pairs "within radius R"; R = 5 at test time,
-    R = 40 in training). ``disk_offsets(1)`` is the 4-connected stencil.
+    RWN's stencil (Bertasius et al., *Convolutional Random Walk Networks for Semantic
+    Image Segmentation*, §3.2: pixel pairs "within radius R"; R = 5 at test time, R = 40 in
+    training). ``disk_offsets(1)`` is the 4-connected stencil.
+
+    Args:
+        radius: the disk radius R, an int >= 0.
+
+    Returns:
+        The offsets, a tuple of ``(dy, dx)`` pairs.
     """
     radius = V.check_nonnegative_int("radius", radius)
     r2 = radius * radius
@@ -90,12 +108,17 @@ def disk_offsets(radius: int) -> Offsets:
 
 
 def dilated_offsets(rates: Sequence[Rate]) -> Offsets:
-    """The 8 neighbours of each dilation rate, in order (seed 004, §3.1).
+    """The 8 neighbours of each dilation rate, in order (Wu et al., dilated affinity, §3.1).
 
     An int ``r`` means ``(r, r)``; a pair ``(r1, r2)`` is used as given. For each rate
-    the 8 offsets of ``{-r1, 0, r1} x {-r2, 0, r2}`` without (0, 0), row-major. The
-    result has ``8 * len(rates)`` offsets; channel ``c`` of a dilated-affinity head is
-    offset ``c`` here.
+    the 8 offsets of ``{-r1, 0, r1} x {-r2, 0, r2}`` without (0, 0), row-major; channel
+    ``c`` of a dilated-affinity head is offset ``c`` here.
+
+    Args:
+        rates: a sequence of rates, each an int > 0 or an ``(r1, r2)`` pair.
+
+    Returns:
+        ``8 * len(rates)`` offsets, a tuple of ``(dy, dx)`` pairs.
     """
     if isinstance(rates, (int, np.integer)):
         raise TypeError(f"rates: expected a sequence of rates like (8, 16), got the single int {rates}")
@@ -116,7 +139,11 @@ def dilated_offsets(rates: Sequence[Rate]) -> Offsets:
 
 
 def four_connected() -> Offsets:
-    """The 4-connected stencil ``((-1, 0), (0, -1), (0, 1), (1, 0))`` (RAWKS, seed 001)."""
+    """The 4-connected stencil (RAWKS, Vernaza & Chandraker, eq. 5-7).
+
+    Returns:
+        ``((-1, 0), (0, -1), (0, 1), (1, 0))``.
+    """
     return ((-1, 0), (0, -1), (0, 1), (1, 0))
 
 
@@ -140,9 +167,14 @@ def _window(xp, halo, shape, offset):
 def shift(x, offset: Offset):
     """``out[i] = x[i + offset]``, zero where ``i + offset`` is outside the image.
 
-    x: (H, W, ...) -> (H, W, ...).
+    Args:
+        x: (H, W, ...) array.
+        offset: one ``(dy, dx)`` pair.
+
+    Returns:
+        (H, W, ...) in the dtype of ``x``.
     """
-    offsets = as_offsets([offset], "offset")
+    offsets = as_offsets([offset], name="offset")
     halo = _halo(offsets)
     return _window(_pad(x, halo), halo, x.shape[:2], offsets[0])
 
@@ -162,7 +194,14 @@ def _check_weights(weights, x_shape, offsets):
 def gather(x, offsets) -> jnp.ndarray:
     """Neighbour values: ``out[i, k] = x[i + o_k]``, zero outside the image.
 
-    x: (H, W, C) -> (H, W, K, C). Memory O(H·W·K·C).
+    Memory O(H·W·K·C).
+
+    Args:
+        x: (H, W, C) array.
+        offsets: K stencil offsets ``(dy, dx)``.
+
+    Returns:
+        (H, W, K, C) in the dtype of ``x``.
     """
     offsets = as_offsets(offsets)
     V.check_rank("x", x, 3, "(H, W, C)")
@@ -172,9 +211,17 @@ def gather(x, offsets) -> jnp.ndarray:
 
 
 def valid_mask(height: int, width: int, offsets) -> np.ndarray:
-    """(H, W, K) bool: True where ``i + o_k`` lies inside the ``height x width`` image.
+    """True where ``i + o_k`` lies inside the ``height x width`` image.
 
     Computed with numpy from static sizes, so it is a constant under ``jit``.
+
+    Args:
+        height: image height H (int > 0).
+        width: image width W (int > 0).
+        offsets: K stencil offsets ``(dy, dx)``.
+
+    Returns:
+        (H, W, K) bool numpy array.
     """
     offsets = as_offsets(offsets)
     height = V.check_nonnegative_int("height", height, positive=True)
@@ -338,7 +385,6 @@ batching.primitive_batchers[_stencil_p] = _batch_rule
 def apply(weights, x, offsets) -> jnp.ndarray:
     """Sparse matrix-vector product on the stencil: ``y[i] = sum_k weights[i, k] x[i + o_k]``.
 
-    weights: (H, W, K); x: (H, W, C) -> y: (H, W, C) in ``result_type(weights, x)``.
     Entries pointing outside the image are ignored exactly (masked with ``where``: a NaN
     or inf weight there does not reach ``y``). This is ``to_dense(weights, offsets) @
     x.reshape(H*W, C)`` without the matrix: one pass over the K shifted copies, memory
@@ -348,6 +394,14 @@ def apply(weights, x, offsets) -> jnp.ndarray:
     and ``dw[i, k] = sum_c g[i, c] x[i + o_k, c]`` on valid entries (zero elsewhere), two
     passes of the forward's shape; forward mode is ``apply(dw, x) + apply(weights, dx)``;
     both compose to any order and under ``vmap``.
+
+    Args:
+        weights: (H, W, K) float, entry ``[i, k]`` linking ``i`` to ``i + o_k``.
+        x: (H, W, C) float.
+        offsets: K stencil offsets ``(dy, dx)``.
+
+    Returns:
+        y: (H, W, C) in ``result_type(weights, x)``.
     """
     offsets = as_offsets(offsets)
     _check_map("x", x)
@@ -358,10 +412,17 @@ def apply(weights, x, offsets) -> jnp.ndarray:
 def apply_transpose(weights, x, offsets) -> jnp.ndarray:
     """The exact adjoint of :func:`apply`: ``y[j] = sum_k weights[j - o_k, k] x[j - o_k]``.
 
-    weights: (H, W, K); x: (H, W, C) -> (H, W, C). Equals
-    ``to_dense(weights, offsets).T @ x.reshape(H*W, C)``; memory O(H·W·C). Entries
+    Equals ``to_dense(weights, offsets).T @ x.reshape(H*W, C)``; memory O(H·W·C). Entries
     pointing outside the image are ignored exactly. Its reverse mode is
     ``dx = apply(weights, g)``, ``dw[i, k] = sum_c x[i, c] g[i + o_k, c]`` (valid entries).
+
+    Args:
+        weights: (H, W, K) float.
+        x: (H, W, C) float.
+        offsets: K stencil offsets ``(dy, dx)``.
+
+    Returns:
+        (H, W, C) in ``result_type(weights, x)``.
     """
     offsets = as_offsets(offsets)
     _check_map("x", x)
@@ -372,7 +433,14 @@ def apply_transpose(weights, x, offsets) -> jnp.ndarray:
 def degree(weights, offsets) -> jnp.ndarray:
     """Row sums over valid entries: ``d[i] = sum_k weights[i, k] [i + o_k inside]``.
 
-    weights: (H, W, K) -> (H, W). The ``D`` of ``A = D^-1 W`` (RWN, methods.md §1).
+    The ``D`` of ``A = D^-1 W`` (RWN, Bertasius et al., eq. 2; docs/methods.md §1).
+
+    Args:
+        weights: (H, W, K) array.
+        offsets: K stencil offsets ``(dy, dx)``.
+
+    Returns:
+        (H, W) in the dtype of ``weights``.
     """
     offsets = as_offsets(offsets)
     V.check_rank("weights", weights, 3, "(H, W, K)")
@@ -386,6 +454,13 @@ def to_dense(weights, offsets) -> jnp.ndarray:
 
     ``M[i, i + o_k] += weights[i, k]`` for valid entries. O((H·W)^2) memory: for tests,
     oracles and notebooks on small maps only.
+
+    Args:
+        weights: (H, W, K) array.
+        offsets: K stencil offsets ``(dy, dx)``.
+
+    Returns:
+        (H·W, H·W) dense matrix in the dtype of ``weights``.
     """
     offsets = as_offsets(offsets)
     V.check_rank("weights", weights, 3, "(H, W, K)")
@@ -402,18 +477,20 @@ def to_dense(weights, offsets) -> jnp.ndarray:
 def asymmetry(weights, offsets):
     """How far stencil weights are from describing a symmetric matrix ``W = W^T``.
 
+    O(H·W·K): one shift of an (H, W) slice per offset. Used by the symmetry checks of the
+    converged RWN walk (Bertasius et al., eq. 3 with CG) and of the GCRF similarity
+    (Vemulapalli et al., eq. 1).
+
     Args:
-      weights: (H, W, K) float, entry ``[i, k]`` linking ``i`` to ``i + o_k``.
-      offsets: K offsets; ``-o`` must be in the stencil for every ``o`` (``ValueError``
-        naming the missing ones otherwise).
+        weights: (H, W, K) float, entry ``[i, k]`` linking ``i`` to ``i + o_k``.
+        offsets: K offsets; ``-o`` must be in the stencil for every ``o`` (``ValueError``
+            naming the missing ones otherwise).
 
     Returns:
-      ``(defect, scale)``, two scalars: ``defect = max |weights[i, o] - weights[i + o, -o]|``
-      over entries inside the image (``max |M - M^T|`` of :func:`to_dense`), NaN when a
-      weight inside the image is NaN/inf; ``scale = max |weights|`` over the same entries.
-      Entries pointing outside the image are ignored (``where``). O(H·W·K): one shift of
-      an (H, W) slice per offset. Used by the symmetry checks of the converged RWN walk
-      (seed 000, eq. 3 with CG) and of the GCRF similarity (seed 003, eq. 1).
+        ``(defect, scale)``, two scalars: ``defect = max |weights[i, o] - weights[i + o, -o]|``
+            over entries inside the image (``max |M - M^T|`` of :func:`to_dense`), NaN when a
+            weight inside the image is NaN/inf; ``scale = max |weights|`` over the same entries.
+            Entries pointing outside the image are ignored (``where``).
     """
     offsets = as_offsets(offsets)
     V.check_rank("weights", weights, 3, "(H, W, K)")
@@ -431,12 +508,19 @@ def asymmetry(weights, offsets):
     return jnp.where(jnp.all(jnp.isfinite(wv)), defect, jnp.nan), jnp.max(jnp.abs(wv))
 
 
-def label_affinity(labels, offsets, ignore_index: int = 255):
+@deprecated_arguments(positional=("ignore_index",))
+def label_affinity(labels, offsets, *, ignore_index: int = IGNORE_INDEX):
     """Ground-truth affinities on the stencil (RWN §3.3, dilated affinity §3.1).
 
-    labels: (H, W) int -> ``(targets, valid)``, both (H, W, K): ``targets`` is 1.0 where
-    pixel ``i`` and ``i + o_k`` share a label, else 0.0 (float32); ``valid`` is False
-    where either label is negative or ``ignore_index``, or the neighbour is outside.
+    Args:
+        labels: (H, W) int labels.
+        offsets: K stencil offsets ``(dy, dx)``.
+        ignore_index: label value that makes a pair invalid (as does a negative label).
+
+    Returns:
+        ``(targets, valid)``, both (H, W, K): ``targets`` float32, 1.0 where pixel ``i`` and
+            ``i + o_k`` share a label, else 0.0; ``valid`` bool, False where either label is
+            negative or ``ignore_index``, or the neighbour is outside the image.
     """
     offsets = as_offsets(offsets)
     V.check_rank("labels", labels, 2, "(H, W)")

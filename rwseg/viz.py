@@ -31,8 +31,10 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import metrics
+from rwseg.constants import IGNORE_INDEX
 
 __all__ = [
+    "PALETTE",
     "SIZE_ENV",
     "STANFORD_ENV",
     "notebook_size",
@@ -49,14 +51,16 @@ __all__ = [
 
 SIZE_ENV = "RWSEG_NOTEBOOK_SIZE"
 STANFORD_ENV = "RWSEG_STANFORD_DIR"
-IGNORE = 255
-
-# A fixed 20-colour palette (tab20 without matplotlib at import time); ignored pixels are black.
-_PALETTE = np.array(
+PALETTE = np.array(
     [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
      [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207], [174, 199, 232], [255, 187, 120],
      [152, 223, 138], [255, 152, 150], [197, 176, 213], [196, 156, 148], [247, 182, 210], [199, 199, 199],
-     [219, 219, 141], [158, 218, 229]], np.float64) / 255.0
+     [219, 219, 141], [158, 218, 229]], np.uint8)
+"""The one class palette of rwseg: (20, 3) uint8 RGB, matplotlib's tab20 order (without
+matplotlib at import time). Used by :func:`color_labels` and :mod:`rwseg.train.panels`;
+ignored pixels are black in both."""
+
+_PALETTE = PALETTE / 255.0
 
 
 # --------------------------------------------------------------------------- the example image
@@ -254,7 +258,7 @@ def boundary_pixels(labels, fractions: Sequence[tuple[float, float]]) -> list[tu
     """
     labels = np.asarray(labels)
     h, w = labels.shape
-    ys, xs = np.nonzero(np.asarray(metrics.boundary_mask(jnp.asarray(labels), IGNORE)))
+    ys, xs = np.nonzero(np.asarray(metrics.boundary_mask(jnp.asarray(labels), ignore_index=IGNORE_INDEX)))
     out = []
     for fy, fx in fractions:
         ty, tx = fy * (h - 1), fx * (w - 1)
@@ -278,7 +282,7 @@ def mean_iou(scores, labels, num_classes: int) -> float:
         The mean IoU of ``argmax(scores, -1)`` against ``labels``, a float in ``[0, 1]``.
     """
     pred = jnp.argmax(jnp.asarray(scores), axis=-1).astype(jnp.int32)
-    cm = metrics.confusion_matrix(pred, jnp.asarray(labels), num_classes, IGNORE)
+    cm = metrics.confusion_matrix(pred, jnp.asarray(labels), num_classes, ignore_index=IGNORE_INDEX)
     return float(metrics.summarize(cm)["mean_iou"])
 
 
@@ -296,7 +300,7 @@ def color_labels(labels, num_classes: int | None = None) -> np.ndarray:
         float ``(H, W, 3)`` RGB in ``[0, 1]``; ignored pixels are black.
     """
     labels = np.asarray(labels)
-    known = (labels >= 0) & (labels != IGNORE)
+    known = (labels >= 0) & (labels != IGNORE_INDEX)
     rgb = _PALETTE[np.where(known, labels, 0) % len(_PALETTE)]
     return np.where(known[..., None], rgb, 0.0)
 

@@ -130,6 +130,31 @@ def ref_loss(logits, labels, rates, table, gamma):
     return total / max(n, 1)
 
 
+def _focal_before_optax(logits, targets, gamma):
+    """rwseg's own eq. 4 before it used optax.sigmoid_focal_loss: the reference."""
+    signed = jnp.where(targets > 0, logits, -logits)
+    return -jnp.power(jax.nn.sigmoid(-signed), gamma) * jax.nn.log_sigmoid(signed)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.0])
+def test_focal_is_optax_and_matches_the_former_formula(gamma):
+    """D._focal (optax.sigmoid_focal_loss) = the former hand-written eq. 4, values and
+    gradients, over ordinary and extreme logits (stable: no NaN/inf at |z| = 80)."""
+    z = jnp.concatenate([jnp.linspace(-12.0, 12.0, 49), jnp.array([-80.0, -30.0, 30.0, 80.0])])
+    for t in (0.0, 1.0):
+        targets = jnp.full_like(z, t)
+        for dtype, rtol in ((jnp.float64, 1e-12), (jnp.float32, 1e-5)):
+            zz = z.astype(dtype)
+            new = D._focal(zz, targets, gamma)
+            old = _focal_before_optax(zz, targets, gamma)
+            assert new.dtype == dtype and bool(jnp.all(jnp.isfinite(new)))
+            np.testing.assert_allclose(new, old, rtol=rtol, atol=1e-30)
+            g_new = jax.grad(lambda a: D._focal(a, targets, gamma).sum())(zz)
+            g_old = jax.grad(lambda a: _focal_before_optax(a, targets, gamma).sum())(zz)
+            assert bool(jnp.all(jnp.isfinite(g_new)))
+            np.testing.assert_allclose(g_new, g_old, rtol=50 * rtol, atol=1e-30)
+
+
 @pytest.mark.parametrize("gamma", [0.0, 2.0])
 def test_affinity_loss_against_loop(gamma):
     rng = np.random.default_rng(3)
@@ -209,14 +234,14 @@ def test_propagate_against_loop_and_dense():
     rng = np.random.default_rng(6)
     probs = random_probs(rng, (6, 7, 4))
     logits = rng.normal(size=(6, 7, 24)) * 0.3
-    got = D.propagate(probs, logits, RATES, lam=6.0, mu=7.0, iterations=3)
+    got = D.propagate(probs, logits, RATES, lam=6.0, mu=7.0, num_steps=3)
     np.testing.assert_allclose(got, ref_propagate(probs, logits, RATES, 6.0, 7.0, 3), rtol=1e-10)
     # one step through the dense matrix of the gates
     offsets = S.dilated_offsets(RATES)
     dense = np.asarray(S.to_dense(jax.nn.sigmoid(2.0 * logits), offsets))
     p = probs.reshape(42, 4)
     q = 1.5 * p * p.max(-1, keepdims=True) + dense @ p
-    one = D.propagate(probs, logits, RATES, lam=1.5, mu=2.0, iterations=1)
+    one = D.propagate(probs, logits, RATES, lam=1.5, mu=2.0, num_steps=1)
     np.testing.assert_allclose(one.reshape(42, 4), q / q.sum(-1, keepdims=True), rtol=1e-10)
     np.testing.assert_allclose(np.asarray(got).sum(-1), 1.0, rtol=1e-12)
 
@@ -225,17 +250,17 @@ def test_propagate_properties():
     rng = np.random.default_rng(7)
     probs = random_probs(rng, (6, 7, 3))
     # no affinity: lam p max(p) normalises back to p, for any number of iterations
-    closed = D.propagate(probs, np.full((6, 7, 8), -50.0), [1], iterations=5)
+    closed = D.propagate(probs, np.full((6, 7, 8), -50.0), [1], num_steps=5)
     np.testing.assert_allclose(closed, probs, rtol=1e-12)
-    np.testing.assert_array_equal(D.propagate(probs, np.zeros((6, 7, 8)), [1], iterations=0), probs)
+    np.testing.assert_array_equal(D.propagate(probs, np.zeros((6, 7, 8)), [1], num_steps=0), probs)
     # a spatially constant prediction is a fixed point (its neighbours agree with it)
     const = np.broadcast_to(np.array([0.2, 0.5, 0.3]), (6, 7, 3))
-    out = D.propagate(const, rng.normal(size=(6, 7, 16)), [1, 2], iterations=4)
+    out = D.propagate(const, rng.normal(size=(6, 7, 16)), [1, 2], num_steps=4)
     np.testing.assert_allclose(out, const, rtol=1e-12)
     # strong affinities pull a pixel towards its neighbours
     p = np.tile(np.array([0.9, 0.1]), (5, 5, 1))
     p[2, 2] = [0.3, 0.7]
-    out = D.propagate(p, np.full((5, 5, 8), 5.0), [1], iterations=2)
+    out = D.propagate(p, np.full((5, 5, 8), 5.0), [1], num_steps=2)
     assert float(out[2, 2, 0]) > 0.5
 
 
@@ -259,13 +284,13 @@ def test_propagate_with_ground_truth_affinity_repairs_noise():
     offsets = S.dilated_offsets(rates)
     targets, _ = S.label_affinity(labels, offsets)
     logits = np.where(np.asarray(targets) > 0.5, 20.0, -20.0)
-    out = np.asarray(D.propagate(probs, logits, rates, lam=6.0, mu=7.0, iterations=10))
+    out = np.asarray(D.propagate(probs, logits, rates, lam=6.0, mu=7.0, num_steps=10))
     np.testing.assert_array_equal(out.argmax(-1), labels)
     mirrored = [offsets.index((-dy, -dx)) for dy, dx in offsets]
     transposed = [offsets.index((dx, dy)) if (dx, dy) in offsets else c for c, (dy, dx) in enumerate(offsets)]
     rate_swapped = list(range(16, 24)) + list(range(8, 16)) + list(range(8))
     for perm in (mirrored, transposed, rate_swapped):
-        bad = np.asarray(D.propagate(probs, logits[..., perm], rates, lam=6.0, mu=7.0, iterations=10))
+        bad = np.asarray(D.propagate(probs, logits[..., perm], rates, lam=6.0, mu=7.0, num_steps=10))
         assert (bad.argmax(-1) != labels).mean() > 0.05
 
 
@@ -273,7 +298,7 @@ def test_propagate_dtype_jit_vmap():
     rng = np.random.default_rng(8)
     probs = random_probs(rng, (2, 6, 7, 3)).astype(np.float32)
     logits = rng.normal(size=(2, 6, 7, 24)).astype(np.float32)
-    fn = jax.jit(jax.vmap(lambda p, z: D.propagate(p, z, RATES, iterations=4)))
+    fn = jax.jit(jax.vmap(lambda p, z: D.propagate(p, z, RATES, num_steps=4)))
     out = fn(probs, logits)
     assert out.dtype == jnp.float32
     for i in range(2):
@@ -285,7 +310,7 @@ def test_propagate_grads():
     rng = np.random.default_rng(9)
     probs = random_probs(rng, (5, 6, 3))
     logits = rng.normal(size=(5, 6, 16)) * 0.3
-    f = jax.jit(lambda p, z, lam: D.propagate(p, z, (1, (1, 2)), lam=lam, mu=2.0, iterations=3))
+    f = jax.jit(lambda p, z, lam: D.propagate(p, z, (1, (1, 2)), lam=lam, mu=2.0, num_steps=3))
     check_grads(f, (probs, logits, 1.5), order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
 
 
@@ -319,10 +344,10 @@ def test_bad_input_messages():
         D.propagate(probs, np.zeros((6, 5, 8)), [1])
     with pytest.raises(ValueError, match=r"probs: expected a rank-3 array \(H, W, C\), got shape \(6, 7\)"):
         D.propagate(probs[..., 0], np.zeros((6, 7, 8)), [1])
-    with pytest.raises(ValueError, match="iterations: expected an int >= 0, got -1"):
-        D.propagate(probs, np.zeros((6, 7, 8)), [1], iterations=-1)
-    with pytest.raises(TypeError, match="iterations: expected a Python int, got float"):
-        D.propagate(probs, np.zeros((6, 7, 8)), [1], iterations=2.0)
+    with pytest.raises(ValueError, match="num_steps: expected an int >= 0, got -1"):
+        D.propagate(probs, np.zeros((6, 7, 8)), [1], num_steps=-1)
+    with pytest.raises(TypeError, match="num_steps: expected a Python int, got float"):
+        D.propagate(probs, np.zeros((6, 7, 8)), [1], num_steps=2.0)
     with pytest.raises(ValueError, match="probs: expected finite probabilities >= 0"):
         D.propagate(np.full((6, 7, 3), np.nan), np.zeros((6, 7, 8)), [1])
     with pytest.raises(ValueError, match="lam: expected a finite number >= 0, got -1.0"):
@@ -343,7 +368,7 @@ def test_value_checks_eager_and_checkify():
     with pytest.raises(ValueError, match="logits: expected finite logits"):
         D.affinity_loss(np.full((6, 7, 8), np.inf), lab, [1], np.ones((1, 9)))
     # under jit: unchecked by default, reported through checkify with checked=True
-    prop = checkify.checkify(jax.jit(lambda p, z: D.propagate(p, z, [1], iterations=2, checked=True)))
+    prop = checkify.checkify(jax.jit(lambda p, z: D.propagate(p, z, [1], num_steps=2, checked=True)))
     err, _ = prop(bad, np.zeros((6, 7, 8)))
     with pytest.raises(checkify.JaxRuntimeError, match="probs: expected finite probabilities >= 0"):
         err.throw()
@@ -365,10 +390,10 @@ def test_propagate_zero_mass_pixel_with_neighbours_is_their_gated_average():
     probs = random_probs(rng, (4, 5, 3))
     probs[1, 2] = 0.0
     logits = rng.normal(size=(4, 5, 8))
-    out = np.asarray(D.propagate(probs, logits, [1], lam=6.0, mu=2.0, iterations=3))
+    out = np.asarray(D.propagate(probs, logits, [1], lam=6.0, mu=2.0, num_steps=3))
     np.testing.assert_allclose(out, ref_propagate(probs, logits, [1], 6.0, 2.0, 3), rtol=1e-12)
     np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-12)
-    one = np.asarray(D.propagate(probs, logits, [1], lam=6.0, mu=2.0, iterations=1))
+    one = np.asarray(D.propagate(probs, logits, [1], lam=6.0, mu=2.0, num_steps=1))
     nbrs = [(1 + dy, 2 + dx) for dy, dx in neighbours(1, 1)]
     g = 1 / (1 + np.exp(-2.0 * logits[1, 2]))
     avg = sum(g[c] * probs[q] for c, q in enumerate(nbrs))
@@ -389,9 +414,9 @@ def test_propagate_zero_mass_is_an_error_or_nan_never_a_distribution(case):
         probs, logits, lam = random_probs(rng, (1, 3, 3)), rng.normal(size=(1, 3, 8)), 0.0
     rates = [8] if case == "lam0_no_neighbour" else [1]
     with pytest.raises(ValueError, match=r"probs: eq. 6 divides .* had zero mass"):
-        D.propagate(probs, logits, rates, lam=lam, iterations=2)
+        D.propagate(probs, logits, rates, lam=lam, num_steps=2)
     # unchecked under jit: NaN (where undefined), reported by checkify when checked
-    fn = jax.jit(lambda p, z, c: D.propagate(p, z, rates, lam=lam, iterations=2, checked=c), static_argnums=2)
+    fn = jax.jit(lambda p, z, c: D.propagate(p, z, rates, lam=lam, num_steps=2, checked=c), static_argnums=2)
     out = np.asarray(fn(probs, logits, False))
     assert np.isnan(out).any()
     assert np.all(np.isnan(out) | np.isclose(out.sum(-1, keepdims=True), 1.0))
@@ -400,8 +425,8 @@ def test_propagate_zero_mass_is_an_error_or_nan_never_a_distribution(case):
     err, _ = checkify.checkify(fn, errors=checkify.user_checks)(probs, logits, True)
     with pytest.raises(checkify.JaxRuntimeError, match="had zero mass"):
         err.throw()
-    # iterations=0 never normalises: returned unchanged, no error
-    np.testing.assert_array_equal(D.propagate(probs, logits, rates, lam=lam, iterations=0), probs)
+    # num_steps=0 never normalises: returned unchanged, no error
+    np.testing.assert_array_equal(D.propagate(probs, logits, rates, lam=lam, num_steps=0), probs)
 
 
 def test_propagate_checks_array_lam_and_mu():
@@ -417,15 +442,15 @@ def test_propagate_checks_array_lam_and_mu():
         with pytest.raises(TypeError, match=f"{name}: expected a number"):
             D.propagate(probs, logits, [1], **{name: "6"})
     # concrete 0-d arrays are the same as Python numbers
-    np.testing.assert_allclose(D.propagate(probs, logits, [1], lam=jnp.asarray(1.5), mu=np.float32(2.0), iterations=2),
+    np.testing.assert_allclose(D.propagate(probs, logits, [1], lam=jnp.asarray(1.5), mu=np.float32(2.0), num_steps=2),
                                ref_propagate(probs, logits, [1], 1.5, 2.0, 2), rtol=1e-6)
     # traced lam / mu: NaN when bad (issue 9.6: lam = -1 gave "probabilities" in [-1630, 2020])
-    fn = jax.jit(lambda p, z, lam, mu: D.propagate(p, z, [1], lam=lam, mu=mu, iterations=3))
+    fn = jax.jit(lambda p, z, lam, mu: D.propagate(p, z, [1], lam=lam, mu=mu, num_steps=3))
     good = np.asarray(fn(probs, logits, 6.0, 7.0))
     np.testing.assert_allclose(good, ref_propagate(probs, logits, [1], 6.0, 7.0, 3), rtol=1e-10)
     for lam, mu in ((-1.0, 7.0), (np.nan, 7.0), (np.inf, 7.0), (6.0, -1.0), (6.0, np.inf)):
         assert np.isnan(np.asarray(fn(probs, logits, lam, mu))).all(), (lam, mu)
-    checked = checkify.checkify(jax.jit(lambda p, z, lam, mu: D.propagate(p, z, [1], lam=lam, mu=mu, iterations=3,
+    checked = checkify.checkify(jax.jit(lambda p, z, lam, mu: D.propagate(p, z, [1], lam=lam, mu=mu, num_steps=3,
                                                                           checked=True)))
     err, _ = checked(probs, logits, -1.0, 7.0)
     with pytest.raises(checkify.JaxRuntimeError, match="lam: expected a finite number >= 0, got -1"):
@@ -442,5 +467,5 @@ def test_propagate_traced_negative_probs_give_nan():
     rng = np.random.default_rng(13)
     probs = random_probs(rng, (4, 4, 2))
     probs[0, 0, 0] = -0.5
-    out = np.asarray(jax.jit(lambda p: D.propagate(p, np.zeros((4, 4, 8)), [1], iterations=1))(probs))
+    out = np.asarray(jax.jit(lambda p: D.propagate(p, np.zeros((4, 4, 8)), [1], num_steps=1))(probs))
     assert np.isnan(out[0, 0]).all()

@@ -121,11 +121,11 @@ def test_half_updates_never_increase_energy(seed):
     mu = rng.normal(scale=3, size=unary.shape)
     energy = jax.jit(gcrf.energy, static_argnums=4)
     energy_grad = jax.jit(jax.grad(gcrf.energy), static_argnums=4)
-    half_update = jax.jit(gcrf.gmf_half_update, static_argnums=(4, 5))
+    half_update = jax.jit(gcrf.gmf_half_update, static_argnums=4, static_argnames="parity")
     e = float(energy(mu, unary, s, compat, offsets))
     for step in range(4):
         parity = step % 2
-        mu = half_update(mu, unary, s, compat, offsets, parity)
+        mu = half_update(mu, unary, s, compat, offsets, parity=parity)
         e_new = float(energy(mu, unary, s, compat, offsets))
         assert e_new <= e + 1e-9 * abs(e)
         # exact block minimiser: the energy gradient vanishes on the updated columns
@@ -137,7 +137,7 @@ def test_half_updates_never_increase_energy(seed):
 def test_gmf_unrolled_matches_numpy_loop():
     unary, s, compat = _problem(4, strength=3.0)
     for layers in (0, 1, 3):
-        got = gcrf.gmf(unary, s, compat, OFFS, num_layers=layers)
+        got = gcrf.gmf(unary, s, compat, OFFS, num_steps=layers)
         np.testing.assert_allclose(np.asarray(got), _numpy_gmf(unary, s, compat, OFFS, layers), rtol=1e-10, atol=1e-12)
 
 
@@ -174,14 +174,14 @@ def test_gmf_converged_gradients_equal_dense_solve_gradients():
 
 def test_gmf_unrolled_check_grads():
     unary, s, compat = _problem(7, shape=(3, 4))
-    f = jax.jit(lambda u, s, c: gcrf.gmf(u, s, c, OFFS, num_layers=2))
+    f = jax.jit(lambda u, s, c: gcrf.gmf(u, s, c, OFFS, num_steps=2))
     check_grads(f, (unary, s, compat), order=1, modes=("rev",))
 
 
 def test_more_layers_approach_the_optimum():
     unary, s, compat = _problem(8, strength=5.0)
     exact = np.asarray(_dense_solve(unary, s, compat))
-    errs = [np.abs(np.asarray(gcrf.gmf(unary, s, compat, OFFS, num_layers=n)) - exact).max() for n in (1, 5, 25)]
+    errs = [np.abs(np.asarray(gcrf.gmf(unary, s, compat, OFFS, num_steps=n)) - exact).max() for n in (1, 5, 25)]
     assert errs[0] > errs[1] > errs[2]
 
 
@@ -197,7 +197,7 @@ def test_vmap_jit_and_float32():
     np.testing.assert_allclose(np.asarray(y32), np.asarray(_dense_solve(*probs[0])), rtol=1e-3, atol=1e-4)
     g = jax.grad(lambda u: gcrf.gmf(u, s32, c32, OFFS, tol=1e-6).sum())(u32)
     assert g.dtype == jnp.float32
-    assert gcrf.gmf(u32, s32, c32, OFFS, num_layers=2).dtype == jnp.float32
+    assert gcrf.gmf(u32, s32, c32, OFFS, num_steps=2).dtype == jnp.float32
     assert gcrf.energy(y32, u32, s32, c32, OFFS).dtype == jnp.float32
 
 
@@ -270,7 +270,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"labels: expected values in \[0, 3\) or ignore_index=255, got 1 other values, e.g. 3"):
         gcrf.margin_loss(unary, bad_labels)
     with pytest.raises(ValueError, match=r"parity: expected 0"):
-        gcrf.gmf_half_update(unary, unary, s, compat, OFFS, 2)
+        gcrf.gmf_half_update(unary, unary, s, compat, OFFS, parity=2)
 
 
 def test_checked_mode_under_jit():
@@ -284,7 +284,7 @@ def test_checked_mode_under_jit():
     err, _ = checked(unary, np.zeros((H, W), np.int32))
     err.throw()  # no error
     asym = compat + np.triu(np.ones((K, K)), 1)
-    err, _ = jax.jit(checkify.checkify(lambda c: gcrf.gmf(unary, s, c, OFFS, num_layers=1, checked=True)))(asym)
+    err, _ = jax.jit(checkify.checkify(lambda c: gcrf.gmf(unary, s, c, OFFS, num_steps=1, checked=True)))(asym)
     with pytest.raises(checkify.JaxRuntimeError, match=r"compat: expected a symmetric matrix"):
         err.throw()
     # unchecked under jit: out-of-range labels are ignored like ignore_index
@@ -368,11 +368,11 @@ def test_half_width_layers_match_numpy_loop(shape, pattern):
     """Sub-grid half-updates (even and odd widths, offsets mapping to (0, 0)) equal eq. 2 pixel by pixel."""
     offsets = gcrf.bipartite_offsets(3, pattern=pattern)
     unary, s, compat = _problem(20, shape=shape, offsets=offsets, strength=2.0)
-    got = gcrf.gmf(unary, s, compat, offsets, num_layers=2)
+    got = gcrf.gmf(unary, s, compat, offsets, num_steps=2)
     np.testing.assert_allclose(np.asarray(got), _numpy_gmf(unary, s, compat, offsets, 2), rtol=1e-10, atol=1e-12)
     mu = np.random.default_rng(21).normal(size=unary.shape)
     for parity in (0, 1):
-        half = np.asarray(gcrf.gmf_half_update(mu, unary, s, compat, offsets, parity))
+        half = np.asarray(gcrf.gmf_half_update(mu, unary, s, compat, offsets, parity=parity))
         want = mu.copy()
         want[:, parity::2] = _numpy_gmf_half(mu, unary, s, compat, offsets, parity)[:, parity::2]
         np.testing.assert_allclose(half, want, rtol=1e-10, atol=1e-12)
@@ -398,15 +398,15 @@ def test_out_of_image_similarity_is_ignored():
     valid = stencil.valid_mask(H, W, OFFS)
     s_bad = np.where(valid, s, np.nan)
     s_bad[0, 0, ~valid[0, 0]] = np.inf
-    for kwargs in ({"num_layers": 3}, {"tol": 1e-12}):
+    for kwargs in ({"num_steps": 3}, {"tol": 1e-12}):
         got = gcrf.gmf(unary, s_bad, compat, OFFS, **kwargs)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(gcrf.gmf(unary, s, compat, OFFS, **kwargs)))
-    g = jax.grad(lambda s: jnp.sum(gcrf.gmf(unary, s, compat, OFFS, num_layers=2)))(jnp.asarray(s_bad))
+    g = jax.grad(lambda s: jnp.sum(gcrf.gmf(unary, s, compat, OFFS, num_steps=2)))(jnp.asarray(s_bad))
     assert np.all(np.isfinite(np.asarray(g))) and np.all(np.asarray(g)[~valid] == 0)
 
 
 def test_gmf_unrolled_forward_mode():
     """jvp through the unrolled layers (the stencil primitive's bilinear jvp); rev is checked above."""
     unary, s, compat = _problem(23, shape=(3, 4))
-    f = jax.jit(lambda u, s, c: gcrf.gmf(u, s, c, OFFS, num_layers=2))  # traced: compat's check is skipped
+    f = jax.jit(lambda u, s, c: gcrf.gmf(u, s, c, OFFS, num_steps=2))  # traced: compat's check is skipped
     check_grads(f, (unary, s, compat), order=1, modes=("fwd",))

@@ -192,15 +192,15 @@ def test_within_distance_against_edt(radius):
     rng = np.random.default_rng(3)
     for density in (0.02, 0.1):
         mask = rng.random((13, 10)) < density
-        np.testing.assert_array_equal(jax.jit(M.within_distance, static_argnums=1)(mask, radius),
+        np.testing.assert_array_equal(jax.jit(M.within_distance, static_argnames="radius")(mask, radius=radius),
                                       ref_within(mask, radius))
     yy, xx = np.mgrid[-7:8, -7:8]
     struct = yy**2 + xx**2 <= radius**2  # disk structuring element
     single = np.zeros((12, 12), bool)
     single[5, 6] = True
-    np.testing.assert_array_equal(M.within_distance(single, radius),
+    np.testing.assert_array_equal(M.within_distance(single, radius=radius),
                                   ndimage.binary_dilation(single, structure=struct))
-    assert not M.within_distance(np.zeros((4, 5), bool), radius).any()
+    assert not M.within_distance(np.zeros((4, 5), bool), radius=radius).any()
 
 
 def ref_trimap(pred, labels, widths):
@@ -220,13 +220,13 @@ def test_trimap_counts_against_scipy_and_accumulate():
     pred[pred == IGN] = 0
     widths = (0, 1, 2.5, 4)
     refs = [ref_trimap(pred[i], labels[i], widths) for i in range(3)]
-    jitted = jax.jit(lambda p, l: M.trimap_counts(p, l, widths))
+    jitted = jax.jit(lambda p, l: M.trimap_counts(p, l, widths=widths))
     per_image = jax.vmap(jitted)(pred, labels)  # (3, K, 2): one image per call
     for i in range(3):
         np.testing.assert_array_equal(per_image[i], refs[i])
     total = sum(refs)
     np.testing.assert_array_equal(jitted(pred, labels), total)  # leading batch dims are summed
-    rates = jax.jit(lambda p, l: M.trimap_error(p, l, widths))(pred, labels)
+    rates = jax.jit(lambda p, l: M.trimap_error(p, l, widths=widths))(pred, labels)
     np.testing.assert_allclose(rates, total[:, 0] / total[:, 1])
     np.testing.assert_allclose(M.summarize_trimap(total), total[:, 0] / total[:, 1])
     # perfect prediction has no error; bands grow with the width
@@ -240,7 +240,7 @@ def test_trimap_hand():
     pred = labels.copy()
     pred[0, 0] = 1  # distance 2 from the boundary (column 2)
     pred[4, 2] = 0 + 1  # on the boundary
-    counts = np.asarray(M.trimap_counts(pred, labels, (0, 1, 2)))
+    counts = np.asarray(M.trimap_counts(pred, labels, widths=(0, 1, 2)))
     np.testing.assert_array_equal(counts, [[1, 10], [1, 20], [2, 30]])
 
 
@@ -257,13 +257,13 @@ def test_boundary_counts_against_scipy(tol):
     labels = np.stack([random_labels(rng, (10, 12), 3) for _ in range(2)])
     pred = np.stack([random_labels(rng, (10, 12), 3, p_ignore=0) for _ in range(2)])
     refs = [ref_boundary_counts(pred[i], labels[i], tol) for i in range(2)]
-    jitted = jax.jit(lambda p, l: M.boundary_counts(p, l, tol))
+    jitted = jax.jit(lambda p, l: M.boundary_counts(p, l, tolerance=tol))
     per_image = jax.vmap(jitted)(pred, labels)
     for i in range(2):
         np.testing.assert_array_equal(per_image[i], refs[i])
     total = sum(refs)
     np.testing.assert_array_equal(jitted(pred, labels), total)
-    s = jax.jit(lambda p, l: M.boundary_fscore(p, l, tol))(pred, labels)
+    s = jax.jit(lambda p, l: M.boundary_fscore(p, l, tolerance=tol))(pred, labels)
     p, r = total[0] / total[1], total[2] / total[3]
     np.testing.assert_allclose(s["precision"], p)
     np.testing.assert_allclose(s["recall"], r)
@@ -273,14 +273,14 @@ def test_boundary_counts_against_scipy(tol):
 def test_boundary_fscore_properties():
     labels = np.zeros((8, 8), np.int32)
     labels[:, 4:] = 1
-    s = M.boundary_fscore(labels, labels, 0)
+    s = M.boundary_fscore(labels, labels, tolerance=0)
     assert float(s["fscore"]) == 1.0
     shifted = np.zeros_like(labels)
     shifted[:, 5:] = 1  # edge moved by one column
-    assert float(M.boundary_fscore(shifted, labels, 0)["fscore"]) == pytest.approx(0.5)
-    assert float(M.boundary_fscore(shifted, labels, 1)["fscore"]) == 1.0
+    assert float(M.boundary_fscore(shifted, labels, tolerance=0)["fscore"]) == pytest.approx(0.5)
+    assert float(M.boundary_fscore(shifted, labels, tolerance=1)["fscore"]) == 1.0
     # a flat prediction has no boundary: precision undefined, recall 0
-    s = M.boundary_fscore(np.zeros_like(labels), labels, 2)
+    s = M.boundary_fscore(np.zeros_like(labels), labels, tolerance=2)
     assert np.isnan(s["precision"]) and float(s["recall"]) == 0.0
 
 
@@ -294,20 +294,20 @@ def test_bad_input_messages():
     with pytest.raises(TypeError, match="pred: expected an integer label array, got dtype float"):
         M.confusion_matrix(np.zeros((4, 5)), lab, 3)
     with pytest.raises(TypeError, match="labels: expected an integer"):
-        M.trimap_counts(lab, lab.astype(np.float32), (1,))
+        M.trimap_counts(lab, lab.astype(np.float32), widths=(1,))
     with pytest.raises(ValueError, match="num_classes: expected an int > 0, got 0"):
         M.confusion_matrix(lab, lab, 0)
     with pytest.raises(ValueError, match=r"cm: expected shape \(N, N\) square = \(3, 3\), got \(3, 4\)"):
         M.summarize(np.zeros((3, 4)))
     with pytest.raises(ValueError, match=r"widths: expected a finite number >= 0 \(pixels\), got -1"):
-        M.trimap_counts(lab, lab, (1, -1))
+        M.trimap_counts(lab, lab, widths=(1, -1))
     with pytest.raises(ValueError, match="widths: expected at least one"):
-        M.trimap_counts(lab, lab, ())
+        M.trimap_counts(lab, lab, widths=())
     with pytest.raises(TypeError, match="tolerance: expected a static non-negative number"):
-        M.boundary_counts(lab, lab, "2")
+        M.boundary_counts(lab, lab, tolerance="2")
     with pytest.raises(ValueError, match=r"labels: expected shape \(\.\.\., H, W\) with rank >= 2, got \(5,\)"):
-        M.boundary_counts(lab[0], lab[0], 1)
+        M.boundary_counts(lab[0], lab[0], tolerance=1)
     with pytest.raises(ValueError, match=r"mask: expected a rank-2 array \(H, W\), got shape \(4, 5, 1\)"):
-        M.within_distance(lab[..., None] > 0, 1)
+        M.within_distance(lab[..., None] > 0, radius=1)
     with pytest.raises(ValueError, match=r"counts: expected shape \(4,\)"):
         M.summarize_boundary(np.zeros(3))

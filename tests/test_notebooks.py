@@ -157,12 +157,12 @@ def test_linear_rows_match_dense_matrices():
     dirs = ("left_to_right", "bottom_to_top")
 
     def two(x, g):
-        return jnp.concatenate([spn.propagate(x[..., i:i + 1], g[i], d) for i, d in enumerate(dirs)], -1)
+        return jnp.concatenate([spn.propagate(x[..., i:i + 1], g[i], direction=d) for i, d in enumerate(dirs)], -1)
 
     rows = viz.linear_rows(two, jnp.zeros((h, w, 2)), pixels, gates, channel=None)
     assert rows.shape == (3, h, w, 2)
     for i, d in enumerate(dirs):
-        G = np.asarray(spn.propagation_matrix(gates[i], d))
+        G = np.asarray(spn.propagation_matrix(gates[i], direction=d))
         np.testing.assert_allclose(rows[..., i].reshape(3, -1), G[[y * w + x for y, x in pixels]], atol=1e-12)
     one = viz.linear_rows(two, jnp.zeros((h, w, 2)), pixels, gates, channel=1)
     np.testing.assert_allclose(one, rows[..., 1])

@@ -226,8 +226,8 @@ def test_rawks_probabilities_sum_to_one_and_are_one_hot_at_seeds(shape, data):
 @functools.partial(jax.jit, static_argnames=("direction", "merge"))
 def _spn_outputs(x, gates, xs, direction, merge):
     d = spn.DIRECTIONS.index(direction)
-    return (spn.propagate(x, gates[d], direction), spn.spn(x, gates, merge),
-            spn.propagate(xs, jnp.abs(gates[d]), direction))
+    return (spn.propagate(x, gates[d], direction=direction), spn.spn(x, gates, merge=merge),
+            spn.propagate(xs, jnp.abs(gates[d]), direction=direction))
 
 
 @given(shapes(), st.sampled_from(spn.DIRECTIONS), st.sampled_from([1, 3]), st.sampled_from(["max", "mean"]),
@@ -260,7 +260,7 @@ def test_spn_theorem1_constant_map_is_a_fixed_point_after_stabilize(shape, direc
 @st.composite
 def gcrf_problems(draw, shapes_=SOLVER_SHAPES, k=2):
     h, w = draw(st.sampled_from(shapes_))
-    offsets = gcrf.bipartite_offsets(1, draw(st.sampled_from(["odd", "odd_columns"])))
+    offsets = gcrf.bipartite_offsets(1, pattern=draw(st.sampled_from(["odd", "odd_columns"])))
     unary = draw(arrays((h, w, k), -5, 5))
     similarity = 0.5 * symmetrize(draw(arrays((h, w, len(offsets)), 0, 1)), offsets)
     r = draw(arrays((k, k), -1, 1))
@@ -278,7 +278,7 @@ def test_gmf_half_updates_never_increase_the_energy(problem, layers, data):
     energies = [float(gcrf.energy(mu, unary, similarity, compat, offsets))]
     for _ in range(layers):
         for parity in (0, 1):
-            mu = gcrf.gmf_half_update(mu, unary, similarity, compat, offsets, parity)
+            mu = gcrf.gmf_half_update(mu, unary, similarity, compat, offsets, parity=parity)
             assert np.isfinite(np.asarray(mu)).all()
             energies.append(float(gcrf.energy(mu, unary, similarity, compat, offsets)))
     e = np.array(energies)
@@ -290,7 +290,7 @@ def test_gmf_converged_is_the_dense_solve(problem):
     """(I + L_s ⊗ C) y = r, L_s = diag(S) - s the graph Laplacian (seed 003, eq. 1-2)."""
     unary, similarity, compat, offsets = problem
     h, w, k = unary.shape
-    y, info = gcrf.gmf(unary, similarity, compat, offsets, tol=1e-13, max_layers=5000, return_info=True)
+    y, info = gcrf.gmf(unary, similarity, compat, offsets, tol=1e-13, max_iters=5000, return_info=True)
     assert bool(np.all(info.converged)) and np.isfinite(np.asarray(y)).all()
     s = dense(similarity, offsets)
     lap = np.diag(s.sum(axis=1)) - s
@@ -329,9 +329,9 @@ def test_dilated_propagate_rows_sum_to_one(shape, rates, iterations, lam, mu, ze
     expected = ref_propagate(probs, logits, offsets, lam, mu, iterations)
     if expected is None:
         with pytest.raises(ValueError, match="probs: eq. 6 divides .* zero mass"):
-            dilated.propagate(probs, logits, rates, lam=lam, mu=mu, iterations=iterations)
+            dilated.propagate(probs, logits, rates, lam=lam, mu=mu, num_steps=iterations)
         return
-    out = np.asarray(dilated.propagate(probs, logits, rates, lam=lam, mu=mu, iterations=iterations))
+    out = np.asarray(dilated.propagate(probs, logits, rates, lam=lam, mu=mu, num_steps=iterations))
     assert np.isfinite(out).all() and (out >= 0).all()
     close(out, expected, rtol=1e-9, atol=1e-12)
     if iterations:
@@ -424,6 +424,6 @@ def test_rwn_converged_walk_rejects_alpha_outside_unit_interval(shape, alpha):
 def test_spn_rejects_wrong_gate_counts(shape, g, direction):
     h, w = shape
     with pytest.raises(ValueError, match=r"^gates: expected the last axis .* to be 1 \(one-way\) or 3"):
-        spn.propagate(np.zeros((h, w, 2)), np.zeros((h, w, 2, g)), direction)
+        spn.propagate(np.zeros((h, w, 2)), np.zeros((h, w, 2, g)), direction=direction)
     with pytest.raises(ValueError, match=r"^gates: expected shape"):
-        spn.propagate(np.zeros((h, w, 2)), np.zeros((h, w, 3, 3)), direction)
+        spn.propagate(np.zeros((h, w, 2)), np.zeros((h, w, 3, 3)), direction=direction)

@@ -126,14 +126,14 @@ def test_single_seed_no_seed_and_uncertainty_weights():
     p, info = HP(jnp.asarray(b, jnp.float32), jnp.asarray(s), L, return_info=True)
     np.testing.assert_allclose(p[..., 1], 1.0, rtol=1e-6)
     assert bool(jnp.all(info.reachable))
-    w = rawks.uncertainty_weights(p, 2.0, info.reachable)
+    w = rawks.uncertainty_weights(p, temperature=2.0, reachable=info.reachable)
     np.testing.assert_allclose(w, 1.0, rtol=1e-5)
     none = np.full((H, W), -1)
     p, info = HP(jnp.asarray(b, jnp.float32), jnp.asarray(none), L, return_info=True)
     np.testing.assert_allclose(p, 1 / L, rtol=1e-7)
     assert not bool(jnp.any(info.reachable))
-    assert float(jnp.max(rawks.uncertainty_weights(p, 2.0, info.reachable))) == 0.0
-    np.testing.assert_allclose(rawks.uncertainty_weights(p, 2.0), L ** -2.0, rtol=1e-6)
+    assert float(jnp.max(rawks.uncertainty_weights(p, temperature=2.0, reachable=info.reachable))) == 0.0
+    np.testing.assert_allclose(rawks.uncertainty_weights(p, temperature=2.0), L ** -2.0, rtol=1e-6)
     g = grad_p0_squared(jnp.asarray(b, jnp.float32), jnp.asarray(none))
     assert bool(jnp.all(jnp.isfinite(g)))
 
@@ -185,7 +185,7 @@ def test_float32_gradient_where_sum_of_u_is_tiny_but_resolved():
     logits = np.random.default_rng(7).normal(size=(2, 8, 2))
 
     def loss(b, probs):  # the training loss (eq. 11) through P
-        return rawks.rawks_loss(probs(b), jnp.asarray(logits, b.dtype), alpha=1.0)
+        return rawks.rawks_loss(probs(b), jnp.asarray(logits, b.dtype), temperature=1.0)
 
     b32 = jnp.asarray(b, jnp.float32)
     p, info = HP(b32, jnp.asarray(s), 2, return_info=True)
@@ -248,15 +248,15 @@ def test_rawks_loss_matches_numpy_and_weight_gradient_option():
         ent = -plogp.sum(-1)
         kl = (plogp - p * np.log(q)).sum(-1)
     want = np.mean(np.exp(-alpha * ent) * kl + ent)
-    got = rawks.rawks_loss(jnp.asarray(p), jnp.asarray(logits), alpha=alpha)
+    got = rawks.rawks_loss(jnp.asarray(p), jnp.asarray(logits), temperature=alpha)
     np.testing.assert_allclose(got, want, rtol=1e-12)
-    f = lambda p, wg: rawks.rawks_loss(p, jnp.asarray(logits), alpha=alpha, weight_gradient=wg)  # noqa: E731
+    f = lambda p, wg: rawks.rawks_loss(p, jnp.asarray(logits), temperature=alpha, weight_gradient=wg)  # noqa: E731
     g1 = jax.grad(f)(jnp.asarray(p), True)
     g0 = jax.grad(f)(jnp.asarray(p), False)
     assert bool(jnp.all(jnp.isfinite(g1))) and not np.allclose(g1, g0)
     np.testing.assert_allclose(jax.grad(lambda z: f(z, False))(jnp.asarray(p))[1:], g0[1:])
     # the logits gradient is w (P - Q) / (H W): the weight multiplies only the KL term
-    gl = jax.grad(lambda z: rawks.rawks_loss(jnp.asarray(p), z, alpha=alpha))(jnp.asarray(logits))
+    gl = jax.grad(lambda z: rawks.rawks_loss(jnp.asarray(p), z, temperature=alpha))(jnp.asarray(logits))
     np.testing.assert_allclose(gl, np.exp(-alpha * ent)[..., None] * (q - p) / (H * W), rtol=1e-9, atol=1e-15)
 
 

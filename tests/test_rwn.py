@@ -73,7 +73,7 @@ def test_steps_match_dense_iteration(steps, alpha):
     f0 = y.copy()
     for _ in range(steps):
         y = alpha * a @ y + (1 - alpha) * f0
-    got = rwn.random_walk(w, f, OFFS, alpha=alpha, steps=steps)
+    got = rwn.random_walk(w, f, OFFS, alpha=alpha, num_steps=steps)
     np.testing.assert_allclose(got, y.reshape(H, W, C), rtol=1e-10, atol=1e-12)
     if steps == 1 and alpha == 1.0:  # the training layer y = A f
         np.testing.assert_allclose(rwn.transition(w, f, OFFS), got, rtol=1e-12)
@@ -89,7 +89,7 @@ def test_converged_walk_matches_dense_inverse(symmetric):
         np.testing.assert_allclose(y, _dense_limit(w, f, alpha), rtol=1e-8, atol=1e-10)
         assert bool(jnp.all(info.converged))
     # the limit of the iteration
-    many = rwn.random_walk(w, f, OFFS, alpha=0.5, steps=60)
+    many = rwn.random_walk(w, f, OFFS, alpha=0.5, num_steps=60)
     np.testing.assert_allclose(rwn.random_walk(w, f, OFFS, alpha=0.5, symmetric=symmetric, tol=1e-11),
                                many, rtol=1e-7, atol=1e-9)
 
@@ -134,7 +134,7 @@ def test_converged_walk_gradients(symmetric):
         np.testing.assert_allclose(a, e, rtol=1e-7, atol=1e-10)
     check_grads(loss, (theta, f), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
     # and the stepped layer, through the scan
-    step_loss = jax.jit(lambda w, f: jnp.sum(g * rwn.random_walk(w, f, OFFS, alpha=1.0, steps=2) ** 2))
+    step_loss = jax.jit(lambda w, f: jnp.sum(g * rwn.random_walk(w, f, OFFS, alpha=1.0, num_steps=2) ** 2))
     check_grads(step_loss, (_sym_weights(), f), order=1, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
 
 
@@ -147,7 +147,7 @@ def test_jit_vmap_float32():
     def walk(w, f):
         return (rwn.random_walk(w, f, OFFS, alpha=0.9, symmetric=True, tol=1e-6),
                 rwn.random_walk(w, f, OFFS, alpha=0.9, tol=1e-6),
-                rwn.random_walk(w, f, OFFS, alpha=1.0, steps=1))
+                rwn.random_walk(w, f, OFFS, alpha=1.0, num_steps=1))
 
     ys, yn, y1 = walk(ws, fs)
     for y in (ys, yn, y1):
@@ -190,8 +190,8 @@ def test_bad_arguments():
         rwn.random_walk(-w, f, OFFS, alpha=0.5)
     with pytest.raises(TypeError, match="f: expected a floating"):
         rwn.random_walk(w, jnp.ones((H, W, C), jnp.int32), OFFS, alpha=0.5)
-    with pytest.raises(ValueError, match="steps"):
-        rwn.random_walk(w, f, OFFS, alpha=0.5, steps=-1)
+    with pytest.raises(ValueError, match="num_steps"):
+        rwn.random_walk(w, f, OFFS, alpha=0.5, num_steps=-1)
     with pytest.raises(ValueError, match="theta: expected shape"):
         rwn.affinity(rwn.feature_distances(_features(), OFFS), jnp.ones(3))
 

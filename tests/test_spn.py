@@ -45,14 +45,14 @@ def _inputs(seed, shape=(6, 7, 2), g=3, scale=0.4):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_propagate_matches_numpy_loop(direction, g):
     x, gates = _inputs(1, g=g)
-    got = spn.propagate(jnp.asarray(x), jnp.asarray(gates), direction)
+    got = spn.propagate(jnp.asarray(x), jnp.asarray(gates), direction=direction)
     np.testing.assert_allclose(np.asarray(got), _numpy_propagate(x, gates, direction), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_first_line_is_copied(direction):
     x, gates = _inputs(2)
-    h = np.asarray(spn.propagate(x, gates, direction))
+    h = np.asarray(spn.propagate(x, gates, direction=direction))
     first = {"left_to_right": np.s_[:, 0], "right_to_left": np.s_[:, -1],
              "top_to_bottom": np.s_[0], "bottom_to_top": np.s_[-1]}[direction]
     np.testing.assert_allclose(h[first], x[first], rtol=0, atol=0)
@@ -64,7 +64,7 @@ def test_constant_map_is_fixed_point(g):
     _, gates = _inputs(3, g=g, scale=2.0)
     x = np.full(gates.shape[:3], 3.25)
     for d in DIRECTIONS:
-        np.testing.assert_allclose(np.asarray(spn.propagate(x, gates, d)), x, rtol=1e-9)
+        np.testing.assert_allclose(np.asarray(spn.propagate(x, gates, direction=d)), x, rtol=1e-9)
     four = np.stack([_inputs(s, g=g, scale=2.0)[1] for s in range(4)])
     np.testing.assert_allclose(np.asarray(spn.spn(x, four)), x, rtol=1e-9)
 
@@ -73,17 +73,17 @@ def test_constant_map_is_fixed_point(g):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_propagation_matrix(direction, g):
     x, gates = _inputs(4, shape=(5, 6, 2), g=g)
-    m = np.asarray(spn.propagation_matrix(gates, direction, channel=1))
+    m = np.asarray(spn.propagation_matrix(gates, direction=direction, channel=1))
     np.testing.assert_allclose(m.sum(axis=1), 1.0, rtol=1e-10)
-    h = np.asarray(spn.propagate(x, gates, direction))
+    h = np.asarray(spn.propagate(x, gates, direction=direction))
     np.testing.assert_allclose(m @ x[:, :, 1].reshape(-1), h[:, :, 1].reshape(-1), rtol=1e-10, atol=1e-10)
 
 
 def test_propagation_matrix_is_the_jacobian():
     x, gates = _inputs(5, shape=(4, 5, 1))
-    jac = jax.jacfwd(lambda v: spn.propagate(v, gates, "bottom_to_top"))(jnp.asarray(x))
+    jac = jax.jacfwd(lambda v: spn.propagate(v, gates, direction="bottom_to_top"))(jnp.asarray(x))
     np.testing.assert_allclose(
-        np.asarray(jac).reshape(20, 20), np.asarray(spn.propagation_matrix(gates, "bottom_to_top")), atol=1e-12
+        np.asarray(jac).reshape(20, 20), np.asarray(spn.propagation_matrix(gates, direction="bottom_to_top")), atol=1e-12
     )
 
 
@@ -93,16 +93,16 @@ def test_spn_is_max_of_four(shape, g):
     rng = np.random.default_rng(6)
     x = rng.normal(size=shape)
     gates = rng.normal(scale=0.4, size=(4,) + shape + (g,))
-    runs = [np.asarray(spn.propagate(x, gates[i], d)) for i, d in enumerate(DIRECTIONS)]
+    runs = [np.asarray(spn.propagate(x, gates[i], direction=d)) for i, d in enumerate(DIRECTIONS)]
     np.testing.assert_allclose(np.asarray(spn.spn(x, gates)), np.max(runs, axis=0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.asarray(spn.spn(x, gates, merge="mean")), np.mean(runs, axis=0), rtol=1e-12)
 
 
 def test_check_grads():
     x, gates = _inputs(7, shape=(4, 5, 2))
-    prop = jax.jit(spn.propagate, static_argnums=2)
-    check_grads(lambda a, b: prop(a, b, "bottom_to_top"), (x, gates), order=2, modes=("rev",))
-    check_grads(lambda a, b: prop(a, b, "left_to_right"), (x, gates), order=1, modes=("fwd", "rev"))
+    prop = jax.jit(spn.propagate, static_argnames="direction")
+    check_grads(lambda a, b: prop(a, b, direction="bottom_to_top"), (x, gates), order=2, modes=("rev",))
+    check_grads(lambda a, b: prop(a, b, direction="left_to_right"), (x, gates), order=1, modes=("fwd", "rev"))
     rng = np.random.default_rng(8)
     four = rng.normal(scale=0.3, size=(4, 4, 5, 2, 3))
     check_grads(jax.jit(spn.spn), (x, four), order=1, modes=("rev",))
@@ -128,12 +128,12 @@ def test_stabilised_gates_stay_bounded_over_512_columns():
     x = rng.uniform(-1, 1, size=(8, 512, 2))
     raw = rng.normal(scale=1.5, size=(8, 512, 2, 3))
     # Nonnegative gates with sum <= 1: every output is a convex combination of inputs.
-    convex = np.asarray(spn.propagate(x, spn.stabilize(np.abs(raw)), "left_to_right"))
+    convex = np.asarray(spn.propagate(x, spn.stabilize(np.abs(raw)), direction="left_to_right"))
     assert np.abs(convex).max() <= np.abs(x).max() + 1e-12
     # Signed stabilised gates: bounded; the same gates unstabilised blow up.
-    signed = np.asarray(spn.propagate(x, spn.stabilize(raw), "left_to_right"))
+    signed = np.asarray(spn.propagate(x, spn.stabilize(raw), direction="left_to_right"))
     assert np.all(np.isfinite(signed)) and np.abs(signed).max() < 20
-    unstable = np.asarray(spn.propagate(x, 1.5 * spn.stabilize(np.abs(raw)), "left_to_right"))
+    unstable = np.asarray(spn.propagate(x, 1.5 * spn.stabilize(np.abs(raw)), direction="left_to_right"))
     assert not np.all(np.abs(unstable) < 1e6)
 
 
@@ -144,42 +144,42 @@ def test_vmap_and_jit():
     batched = jax.jit(jax.vmap(spn.spn))(xb, gb)
     for b in range(3):
         np.testing.assert_allclose(np.asarray(batched[b]), np.asarray(spn.spn(xb[b], gb[b])), rtol=1e-12)
-    one = jax.jit(spn.propagate, static_argnums=2)(xb[0], gb[0, 2], "top_to_bottom")
+    one = jax.jit(spn.propagate, static_argnames="direction")(xb[0], gb[0, 2], direction="top_to_bottom")
     np.testing.assert_allclose(np.asarray(one), _numpy_propagate(xb[0], gb[0, 2], "top_to_bottom"), rtol=1e-12)
 
 
 def test_float32_stays_float32():
     x, gates = _inputs(12)
     x32, g32 = x.astype(np.float32), gates.astype(np.float32)
-    assert spn.propagate(x32, g32, "right_to_left").dtype == jnp.float32
+    assert spn.propagate(x32, g32, direction="right_to_left").dtype == jnp.float32
     assert spn.spn(x32, np.stack([g32] * 4)).dtype == jnp.float32
     assert spn.stabilize(g32).dtype == jnp.float32
-    assert spn.propagation_matrix(g32, "left_to_right").dtype == jnp.float32
-    grad = jax.grad(lambda g: spn.propagate(x32, g, "left_to_right").sum())(g32)
+    assert spn.propagation_matrix(g32, direction="left_to_right").dtype == jnp.float32
+    grad = jax.grad(lambda g: spn.propagate(x32, g, direction="left_to_right").sum())(g32)
     assert grad.dtype == jnp.float32
     np.testing.assert_allclose(
-        np.asarray(spn.propagate(x32, g32, "top_to_bottom")), _numpy_propagate(x, gates, "top_to_bottom"), rtol=1e-4, atol=1e-5
+        np.asarray(spn.propagate(x32, g32, direction="top_to_bottom")), _numpy_propagate(x, gates, "top_to_bottom"), rtol=1e-4, atol=1e-5
     )
 
 
 def test_bad_input():
     x, gates = _inputs(13)
     with pytest.raises(ValueError, match=r"gates: .*1 \(one-way\) or 3 \(three-way\), got 2"):
-        spn.propagate(x, gates[..., :2], "left_to_right")
+        spn.propagate(x, gates[..., :2], direction="left_to_right")
     with pytest.raises(ValueError, match=r"direction: expected one of .*got 'diagonal'"):
-        spn.propagate(x, gates, "diagonal")
+        spn.propagate(x, gates, direction="diagonal")
     with pytest.raises(ValueError, match=r"gates: expected shape .* got \(6, 6, 2, 3\)"):
-        spn.propagate(x, gates[:, :6], "left_to_right")
+        spn.propagate(x, gates[:, :6], direction="left_to_right")
     with pytest.raises(ValueError, match=r"x: expected a rank-3 array"):
-        spn.propagate(x[..., 0], gates, "left_to_right")
+        spn.propagate(x[..., 0], gates, direction="left_to_right")
     with pytest.raises(TypeError, match=r"x: expected a floating-point array"):
-        spn.propagate(x.astype(np.int32), gates, "left_to_right")
+        spn.propagate(x.astype(np.int32), gates, direction="left_to_right")
     with pytest.raises(ValueError, match=r"gates: expected shape .*\(4, 6, 7, 2, 3\).*got \(3, 6, 7, 2, 3\)"):
         spn.spn(x, np.stack([gates] * 3))
     with pytest.raises(ValueError, match=r"merge: expected one of"):
         spn.spn(x, np.stack([gates] * 4), merge="sum")
     with pytest.raises(ValueError, match=r"channel: expected an index < C = 2, got 2"):
-        spn.propagation_matrix(gates, "left_to_right", channel=2)
+        spn.propagation_matrix(gates, direction="left_to_right", channel=2)
     with pytest.raises(ValueError, match=r"num_gates: expected 1"):
         spn.direction_offsets("left_to_right", 2)
 
@@ -193,9 +193,9 @@ def test_vjp_matches_dense_oracle(g):
     x, gates = _inputs(14, shape=(4, 6, 2), g=g)
     cot = np.random.default_rng(15).normal(size=x.shape)
     for d in DIRECTIONS:
-        gx = jax.jit(jax.grad(lambda v: jnp.sum(spn.propagate(v, gates, d) * cot)))(x)
+        gx = jax.jit(jax.grad(lambda v: jnp.sum(spn.propagate(v, gates, direction=d) * cot)))(x)
         for c in range(2):
-            want = np.asarray(spn.propagation_matrix(gates, d, channel=c)).T @ cot[:, :, c].reshape(-1)
+            want = np.asarray(spn.propagation_matrix(gates, direction=d, channel=c)).T @ cot[:, :, c].reshape(-1)
             np.testing.assert_allclose(np.asarray(gx)[:, :, c].reshape(-1), want, rtol=1e-10, atol=1e-12)
 
 
@@ -205,9 +205,9 @@ def test_spn_max_gradient_goes_to_the_argmax_direction():
     x = rng.normal(size=(5, 4, 1))
     four = rng.normal(scale=0.4, size=(4, 5, 4, 1, 3))
     cot = rng.normal(size=x.shape)
-    runs = np.stack([np.asarray(spn.propagate(x, four[i], d)) for i, d in enumerate(DIRECTIONS)])
+    runs = np.stack([np.asarray(spn.propagate(x, four[i], direction=d)) for i, d in enumerate(DIRECTIONS)])
     winner = np.argmax(runs, axis=0)
-    want = sum(np.asarray(spn.propagation_matrix(four[i], d)).T @ (cot * (winner == i)).reshape(-1)
+    want = sum(np.asarray(spn.propagation_matrix(four[i], direction=d)).T @ (cot * (winner == i)).reshape(-1)
                for i, d in enumerate(DIRECTIONS))
     gx = jax.grad(lambda v: jnp.sum(spn.spn(v, four) * cot))(x)
     np.testing.assert_allclose(np.asarray(gx).reshape(-1), want, rtol=1e-10, atol=1e-12)

@@ -68,8 +68,8 @@ def test_spn_pallas_values_and_gradients(shape, g):
     np.testing.assert_allclose(np.asarray(gg_p), np.asarray(gg_s), rtol=1e-4, atol=1e-5)
     for merge in ("max", "mean"):
         np.testing.assert_allclose(
-            np.asarray(spn.spn(x, gates, merge, implementation="pallas")),
-            np.asarray(spn.spn(x, gates, merge, implementation="scan")), rtol=1e-5, atol=1e-6)
+            np.asarray(spn.spn(x, gates, merge=merge, implementation="pallas")),
+            np.asarray(spn.spn(x, gates, merge=merge, implementation="scan")), rtol=1e-5, atol=1e-6)
 
 
 def test_propagate_pallas_every_direction():
@@ -80,7 +80,7 @@ def test_propagate_pallas_every_direction():
     def value_and_vjp(a, b, d):
         out = {}
         for impl in ("scan", "pallas"):
-            h, vjp = jax.vjp(lambda a, b: spn.propagate(a, b, d, implementation=impl), a, b)
+            h, vjp = jax.vjp(lambda a, b: spn.propagate(a, b, direction=d, implementation=impl), a, b)
             out[impl] = (h,) + vjp(cot)  # the vector-Jacobian product runs the transposed kernel
         return out
 

@@ -1,7 +1,6 @@
 """Constants shared by the data layer."""
 
-IGNORE_INDEX = 255
-"""Label value of pixels that count in no loss and no metric (unknown, borders, padding)."""
+from rwseg.constants import IGNORE_INDEX  # noqa: F401  (the single definition, re-exported)
 
 # ImageNet statistics in 0..255 units: the default normalisation.
 DEFAULT_MEAN = (123.675, 116.28, 103.53)

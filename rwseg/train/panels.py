@@ -7,20 +7,18 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageDraw
 
+from rwseg.viz import PALETTE
+
 __all__ = ["palette", "colorize", "save_panels"]
 
 IGNORE_COLOR = (0, 0, 0)
 
 
 def palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 distinct colours (matplotlib's tab20 order, then seeded)."""
-    base = np.array([
-        (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-        (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
-        (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
-        (219, 219, 141), (158, 218, 229)], np.uint8)
+    """(num_classes, 3) uint8 distinct colours (:data:`rwseg.viz.PALETTE`, then seeded)."""
+    base = PALETTE
     if num_classes <= len(base):
-        return base[:num_classes]
+        return base[:num_classes].copy()
     extra = np.random.default_rng(0).integers(0, 256, (num_classes - len(base), 3), dtype=np.uint8)
     return np.concatenate([base, extra])
 

@@ -14,7 +14,6 @@ All functions take one image, channels last, and batch with ``jax.vmap``.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import jax
@@ -153,57 +152,6 @@ def _inverse_sqrt_degree(weights, offsets):
 _LANES = 8
 
 
-# The stencil product inside the solve is computed in groups of at most this many offsets,
-# with an optimization barrier between the groups so that XLA keeps them as separate loops:
-# for the radius-5 disk (K = 80), XLA's CPU code for one fused loop over 80 shifted operands
-# ran ~1.2-1.6x slower than two loops over 40 (measured at 128x128x24;
-# docs/benchmarks/random_walks.md). Same result up to summation order.
-_GROUP = 40
-
-
-def _masked_weights(weights, offsets):
-    """weights with entries pointing outside the image set to zero (a NaN/inf there is dropped)."""
-    h, w, _ = weights.shape
-    return jnp.where(stencil.valid_mask(h, w, offsets), weights, jnp.zeros((), weights.dtype))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _window_sum(weights, x, offsets):
-    """``y[i] = sum_k weights[i, k] x[i + o_k]`` for weights already zero outside the image.
-
-    weights: (H, W, K) (from :func:`_masked_weights`); x: (H, W, C) -> (H, W, C). The
-    solver-loop form of :func:`rwseg.stencil.apply` (the same map): plain pad-and-slice
-    windows summed in groups of <= _GROUP offsets. Inside the CG loop XLA's CPU code for this
-    ran ~2.5x faster than the ``stencil.apply`` primitive on the same masked weights (whose
-    lowering re-masks the weights on every call; 128x128x24, K = 80,
-    docs/benchmarks/random_walks.md). Its derivative is ``stencil.apply``'s (the map is
-    bilinear), so the weight cotangent of the implicit gradient is one ``stencil`` correlation
-    rather than K transposed slices.
-    """
-    h, w, k = weights.shape
-    py, px = max(abs(dy) for dy, _ in offsets), max(abs(dx) for _, dx in offsets)
-    xp = jnp.pad(x, ((py, py), (px, px), (0, 0)))
-    y = None
-    parts = np.array_split(np.arange(k), -(-k // _GROUP))
-    for n, part in enumerate(parts):
-        t = None
-        for j in part:
-            dy, dx = offsets[j]
-            term = weights[..., j, None] * xp[py + dy:py + dy + h, px + dx:px + dx + w]
-            t = term if t is None else t + term
-        if n < len(parts) - 1:
-            t = jax.lax.optimization_barrier(t)
-        y = t if y is None else y + t
-    return y
-
-
-@_window_sum.defjvp
-def _window_sum_jvp(offsets, primals, tangents):
-    weights, x = primals
-    dw, dx = tangents
-    return _window_sum(weights, x, offsets), stencil.apply(dw, x, offsets) + stencil.apply(weights, dx, offsets)
-
-
 def _pad_channels(x):
     c = x.shape[-1]
     extra = (-c) % _LANES if c > _LANES else 0
@@ -331,10 +279,10 @@ def random_walk(
     if symmetric:
         inv_sqrt_d = _inverse_sqrt_degree(weights, offsets)
         alpha_s = alpha_c * inv_sqrt_d
-        masked = _masked_weights(weights, offsets)
+        masked = stencil.mask_weights(weights, offsets)  # once, outside the solver loop
 
         def matvec(z):  # (I - alpha D^-1/2 W D^-1/2) z: the scalings fuse into the window sums
-            return z - alpha_s * _window_sum(masked, inv_sqrt_d * z, offsets)
+            return z - alpha_s * stencil.apply_masked(masked, inv_sqrt_d * z, offsets)
 
         c = f.shape[-1]
         z, info = linsolve.cg(matvec, _pad_channels((1 - alpha_c) * f / inv_sqrt_d), tol=tol,

@@ -75,6 +75,8 @@ POSITIONAL = {
     "stencil.valid_mask": ("height", "width", "offsets"),
     "stencil.apply": ("weights", "x", "offsets"),
     "stencil.apply_transpose": ("weights", "x", "offsets"),
+    "stencil.mask_weights": ("weights", "offsets"),
+    "stencil.apply_masked": ("weights", "x", "offsets"),
     "stencil.degree": ("weights", "offsets"),
     "stencil.asymmetry": ("weights", "offsets"),
     "stencil.to_dense": ("weights", "offsets"),

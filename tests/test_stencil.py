@@ -213,7 +213,13 @@ def _dense_apply_transpose(w, x, offsets):
     return (S.to_dense(w, offsets).T @ x.reshape(h * wd, c)).reshape(x.shape)
 
 
-OPS = {"apply": (S.apply, _dense_apply), "apply_transpose": (S.apply_transpose, _dense_apply_transpose)}
+def _apply_masked_in_groups(w, x, offsets):
+    """The solver-loop form: masked once, summed in groups of 2 offsets (several groups)."""
+    return S.apply_masked(S.mask_weights(w, offsets), x, offsets, group=2)
+
+
+OPS = {"apply": (S.apply, _dense_apply), "apply_transpose": (S.apply_transpose, _dense_apply_transpose),
+       "apply_masked": (_apply_masked_in_groups, _dense_apply)}
 
 
 @pytest.mark.parametrize("op", list(OPS))
@@ -365,3 +371,16 @@ def test_asymmetry_matches_the_dense_matrix():
     assert np.isnan(float(S.asymmetry(sym_w.at[inside].set(jnp.nan), offsets)[0]))
     with pytest.raises(ValueError, match="missing the negation"):
         S.asymmetry(weights[..., :3], offsets[:3])
+
+
+def test_apply_masked_requires_masked_weights_and_checks_its_arguments():
+    """Unmasked out-of-image weights are NOT ignored by apply_masked (documented), mask_weights fixes that."""
+    offsets = STENCILS["disk2"]
+    w, x = jnp.asarray(RNG.normal(size=(4, 5, len(offsets)))), jnp.asarray(RNG.normal(size=(4, 5, 3)))
+    bad = jnp.where(jnp.asarray(S.valid_mask(4, 5, offsets)), w, jnp.nan)
+    assert bool(jnp.isnan(S.apply_masked(bad, x, offsets)).any())
+    np.testing.assert_allclose(S.apply_masked(S.mask_weights(bad, offsets), x, offsets), np_apply(np.asarray(w), np.asarray(x), offsets), atol=1e-12)
+    with pytest.raises(ValueError, match="group"):
+        S.apply_masked(w, x, offsets, group=0)
+    with pytest.raises(ValueError, match="weights"):
+        S.apply_masked(w[..., :3], x, offsets)

@@ -299,7 +299,7 @@ def previous_gmf(unary, similarity, compat, offsets, num_layers):
 
 
 GMF_IMPLS = {
-    "rwseg": lambda u, s, c, o, n: gcrf.gmf(u, s, c, o, num_layers=n),
+    "rwseg": lambda u, s, c, o, n: gcrf.gmf(u, s, c, o, num_steps=n),
     "previous": previous_gmf,
 }
 

@@ -72,8 +72,8 @@ def make_eval_step(graphdef, mesh, num_classes: int, widths, tolerance):
         counted = jnp.any((labels >= 0) & (labels < num_classes), axis=(1, 2)).astype(jnp.int32)
         counts = {
             "confusion": metrics.confusion_matrix(pred, labels, num_classes),
-            "trimap": metrics.trimap_counts(pred, labels, widths),
-            "boundary": metrics.boundary_counts(pred, labels, float(tolerance)),
+            "trimap": metrics.trimap_counts(pred, labels, widths=widths),
+            "boundary": metrics.boundary_counts(pred, labels, tolerance=float(tolerance)),
             "solves": jnp.stack([jnp.sum(info["nonconverged"] * counted), jnp.sum(info["solves"] * counted)]),
         }
         return pred, counts
@@ -208,7 +208,7 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
     def fn(state, batch):
         with batch_axis(mesh):
             p, info = merge(graphdef, state).propagate(batch["image"], batch["scribbles"], return_info=True)
-        w = jax.vmap(lambda pp: rawks.uncertainty_weights(pp, alpha))(p)
+        w = jax.vmap(lambda pp: rawks.uncertainty_weights(pp, temperature=alpha))(p)
         grid = pooled_grid(int(config.rawks.downsample))  # P lies on the walk grid (block-centred)
         p = upsample(p, batch["image"].shape[1:3], grid)
         w = upsample(w[..., None], batch["image"].shape[1:3], grid)[..., 0]

@@ -22,7 +22,6 @@ refinement layers (:mod:`rwseg.layers`); a method's model is the backbone plus i
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

@@ -10,7 +10,7 @@ iterations, residuals). Per-example solvers run through
 - :class:`SpatialPropagation` — SPN (Liu et al. 2017): guidance network + 4-direction propagation.
 - :class:`RandomWalkRefinement` — RWN (Bertasius et al. 2017): affinities + random walk;
   ``affinity_loss``.
-- :class:`GaussianCRF` — GCRF / GMF (Chandra & Kokkinos 2016): ``margin_loss``, ``pretrain_loss``.
+- :class:`GaussianCRF` — GCRF / GMF (Vemulapalli et al. 2016): ``margin_loss``, ``pretrain_loss``.
 - :class:`DilatedAffinity` — affinity head, ``affinity_loss`` (focal) and affinity propagation.
 - :class:`RandomWalkLabelPropagation` — RAWKS (Vernaza & Chandraker 2017): boundary network,
   hitting probabilities of scribbles, ``loss`` (eq. 11).

@@ -1,9 +1,8 @@
 """Dilated affinity layer: an affinity head next to any network's logits, its focal loss and
 the affinity propagation refinement.
 
-"Adaptive Affinity Fields"-style dilated affinities as in the paper of the dilated
-affinity method (docs/methods.md §5): a 1x1 conv on features predicts, for each rate r
-of ``rates``, the affinity logits of the 8 neighbours at distance r (8·|R| channels, in
+Wu et al., dilated affinity for semantic segmentation (docs/methods.md §5): a 1x1 conv
+on features predicts, for each rate r of ``rates``, the affinity logits of the 8 neighbours at distance r (8·|R| channels, in
 the order of :func:`rwseg.stencil.dilated_offsets`); training adds the reweighted focal
 loss (eq. 4-5, :func:`rwseg.dilated.affinity_loss`), testing refines the class
 probabilities by affinity propagation (eq. 6-7, :func:`rwseg.dilated.propagate`). The

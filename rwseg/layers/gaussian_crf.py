@@ -1,7 +1,7 @@
 """GCRF refinement layer: Gaussian mean-field inference over any network's logits.
 
-Chandra and Kokkinos, "Fast, Exact and Multi-Scale Inference for Semantic Image
-Segmentation with Deep Gaussian CRFs" (ECCV 2016): the softmax of the logits is the
+Vemulapalli, Tuzel, Liu, Chellappa, "Gaussian Conditional Random Field Network for
+Semantic Segmentation" (CVPR 2016): the softmax of the logits is the
 unary term r; a pairwise network (a 1x1 conv over features and the image) gives pixel
 embeddings z, learned filters give the similarities ``s_ij`` on a bipartite stencil
 (:func:`rwseg.gcrf.pairwise_similarity`) and a learned ``C = R R^T`` the class
@@ -26,7 +26,7 @@ __all__ = ["GaussianCRF"]
 
 
 class GaussianCRF(nnx.Module):
-    """Gaussian CRF / Gaussian mean field on logits (Chandra & Kokkinos 2016, eq. 2, 6, 7).
+    """Gaussian CRF / Gaussian mean field on logits (Vemulapalli et al. 2016, eq. 2, 6, 7).
 
     Args:
       num_classes: K, channels of the logits.

@@ -1,6 +1,6 @@
 """SPN refinement layer: learned three-way spatial propagation of any network's logits.
 
-Liu, De Mello, Gu, Yang, Yang, Kautz, "Learning Affinity via Spatial Propagation
+Liu, De Mello, Gu, Zhong, Yang, Kautz, "Learning Affinity via Spatial Propagation
 Networks" (NeurIPS 2017): a guidance network on the image predicts, for each of the 4
 directions, 3 gates per channel (eq. 5, stabilised by Theorem 3); the four linear
 propagations (:func:`rwseg.spn.spn`) run over the logits and merge node-wise (§3.3).

@@ -1,4 +1,4 @@
-"""Dilated affinity model: the backbone + :class:`rwseg.layers.DilatedAffinity`.
+"""Dilated affinity model (Wu et al.): the backbone + :class:`rwseg.layers.DilatedAffinity`.
 
 Training: segmentation cross-entropy + ``beta`` x the reweighted focal affinity loss
 (:func:`rwseg.dilated.affinity_loss`); evaluation: affinity propagation refinement of

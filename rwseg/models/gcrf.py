@@ -1,7 +1,7 @@
 """GCRF model: the backbone + :class:`rwseg.layers.GaussianCRF` on its logits.
 
-Chandra & Kokkinos, "Fast, Exact and Multi-Scale Inference for Semantic Image
-Segmentation with Deep Gaussian CRFs". Unary: softmax of the backbone logits (r).
+Vemulapalli et al., "Gaussian Conditional Random Field Network for Semantic
+Segmentation" (CVPR 2016). Unary: softmax of the backbone logits (r).
 Pairwise: a 1x1 conv over the decoder features and the image gives pixel features z;
 ``filters`` (D, M) and the compatibility parameter ``r`` (K, K, ``C = R R^T``) are
 learned. GMF runs at ``H / crf_downsample`` (the paper: 1/8) and its output is

@@ -80,11 +80,17 @@ class DilatedAffinity(nnx.Module):
         return ops.category_frequencies(maps, _as_rates(rates), ignore_index).astype(np.float32)
 
     def affinity_logits(self, image, features, low_level=None, *, features_grid=None):
-        """Affinity logits (B, H, W, 8·|R|) at image resolution.
+        """The affinity head's logits at image resolution.
 
-        image: (B, H, W, C) (its size only); features: (B, h, w, feature_channels) on
-        ``features_grid`` (default: evenly tiling the image); low_level: (B, H, W,
-        low_level_channels), required when the layer was built with them.
+        Args:
+          image: (B, H, W, C) (its size only).
+          features: (B, h, w, feature_channels) float on ``features_grid`` (default: evenly
+            tiling the image).
+          low_level: (B, H, W, low_level_channels) float, required when the layer was built
+            with them.
+
+        Returns:
+          (B, H, W, 8·|R|), channel c = offset c of :func:`rwseg.stencil.dilated_offsets`.
         """
         b, h, w = I.check_image(image, channels=None)
         I.check_map("features", features, b, self.feature_channels, "feature_channels")
@@ -126,7 +132,15 @@ class DilatedAffinity(nnx.Module):
         return (out, exact_steps(b, self.num_steps)) if return_info else out
 
     def affinity_loss(self, image, labels, features, low_level=None, *, features_grid=None):
-        """Reweighted focal affinity loss (eq. 4-5, without the weight beta) against labels (B, H, W), a scalar."""
+        """The reweighted focal affinity loss of eq. 4-5 (without the weight beta).
+
+        Args:
+          image, features, low_level, features_grid: as for :meth:`affinity_logits`.
+          labels: (B, H, W) int, 255 / negative ignored.
+
+        Returns:
+          Scalar, the batch mean of :func:`rwseg.dilated.affinity_loss`.
+        """
         aff = self.affinity_logits(image, features, low_level, features_grid=features_grid)
         I.check_labels("labels", labels, aff.shape[:3])
         freq = self.frequencies[...]

@@ -63,7 +63,14 @@ class GaussianCRF(nnx.Module):
         self.compat = nnx.Param(float(compat_init) * jnp.eye(self.num_classes, dtype=jnp.float32))
 
     def similarity(self, image, features=None, *, features_grid=None):
-        """Pairwise similarities s (B, H/f, W/f, N) on the bipartite stencil."""
+        """Pairwise similarities s of the pairwise network.
+
+        Args:
+          image, features, features_grid: as for ``__call__``.
+
+        Returns:
+          (B, H/f, W/f, N) symmetric similarities on ``offsets`` (the bipartite stencil).
+        """
         b, h, w = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         small = avg_pool(image, self.downsample)
         if features is None:
@@ -115,12 +122,28 @@ class GaussianCRF(nnx.Module):
         return (y, info) if return_info else y
 
     def margin_loss(self, refined, labels):
-        """The margin loss (eq. 6, margin T = ``margin``) of refined scores (B, H, W, K) against labels (B, H, W)."""
+        """The margin loss of eq. 6 (margin T = ``margin``).
+
+        Args:
+          refined: (B, H, W, K) output of ``__call__``.
+          labels: (B, H, W) int, 255 / negative ignored.
+
+        Returns:
+          Scalar, the batch mean of :func:`rwseg.gcrf.margin_loss`.
+        """
         I.check_labels("labels", labels, refined.shape[:3])
         return jnp.mean(jax.vmap(lambda y, l: ops.margin_loss(y, l, self.margin))(refined, labels))
 
     def pretrain_loss(self, image, labels, features=None, *, features_grid=None):
-        """The pairwise pretraining loss (eq. 7) of the similarities against labels (B, H, W), a scalar."""
+        """The pairwise pretraining loss of eq. 7.
+
+        Args:
+          image, features, features_grid: as for ``__call__``.
+          labels: (B, H, W) int, block-majority subsampled to the CRF grid.
+
+        Returns:
+          Scalar, the batch mean of :func:`rwseg.gcrf.similarity_pretrain_loss`.
+        """
         I.check_labels("labels", labels, I.check_image(image, channels=self.image_channels,
                                                         downsample=self.downsample))
         sim = self.similarity(image, features, features_grid=features_grid)

@@ -56,7 +56,14 @@ class RandomWalkLabelPropagation(nnx.Module):
         self.boundary_out = nnx.Conv(cin, 1, (3, 3), rngs=rngs)
 
     def boundary(self, image):
-        """Boundary scores B (B, H/f, W/f) in [0, max_boundary] for image (B, H, W, C)."""
+        """The boundary network's scores (softplus, clamped).
+
+        Args:
+          image: (B, H, W, C) float.
+
+        Returns:
+          B: (B, H/f, W/f) in [0, max_boundary].
+        """
         I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         b = jax.nn.softplus(self.boundary_out(apply_stack(self.boundary_net, avg_pool(image, self.downsample)))[..., 0])
         return jnp.minimum(b, self.max_boundary)

@@ -71,7 +71,15 @@ class RandomWalkRefinement(nnx.Module):
                                 I.to_working_grid(features, (h, w), self.downsample, features_grid)], axis=-1)
 
     def affinities(self, image, features=None, *, train: bool = False, features_grid=None):
-        """Affinities W (B, H/f, W/f, N) on the training (``train``) or test disk (eq. 2's W)."""
+        """The learned affinities W of eq. 2 on the training (``train``) or the test disk.
+
+        Args:
+          image, features, features_grid: as for ``__call__``.
+          train: the training disk (``train_radius``) or the test disk (``eval_radius``).
+
+        Returns:
+          (B, H/f, W/f, N) nonnegative, symmetric affinities, N = the disk's offsets.
+        """
         offsets = self.train_offsets if train else self.eval_offsets
         theta = self.theta[...]
         feats = self._features(image, features, features_grid)

@@ -56,7 +56,15 @@ class SpatialPropagation(nnx.Module):
                               kernel_init=nnx.initializers.normal(1e-3), rngs=rngs)
 
     def guidance_gates(self, image):
-        """Stabilised gates (B, 4, H/f, W/f, K, 3) for image (B, H, W, C) (eq. 5, Theorem 3)."""
+        """The guidance network's gates, stabilised (eq. 5, Theorem 3).
+
+        Args:
+          image: (B, H, W, C) float.
+
+        Returns:
+          (B, 4, H/f, W/f, K, 3) gates with ``sum_k |p_k| <= 1``, directions in the order of
+          :data:`rwseg.spn.DIRECTIONS`.
+        """
         I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         g = self.gates(apply_stack(self.guidance, avg_pool(image, self.downsample)))
         b, h, w, _ = g.shape

@@ -132,7 +132,8 @@ def test_random_walk_refinement_is_the_rwn_operator():
         else:
             walk = lambda w, f: rwn.random_walk(w, f, offsets, alpha=0.8, symmetric=True, tol=1e-5, max_iters=200)
         want = _jit(jax.vmap(walk), weights, logits)
-        np.testing.assert_allclose(_jit(layer, logits, image, feats, train=train), want, rtol=1e-5, atol=1e-6)
+        got = _jit(layer, logits, image, feats, train=train, affinities=weights if train else None)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_jit(layer.affinity_loss, image, labels, feats), want_loss, rtol=1e-6)
 
 
@@ -163,7 +164,8 @@ def test_gaussian_crf_is_gmf_on_the_similarity():
     unary = jax.nn.softmax(logits, -1)
     y_small = _jit(jax.vmap(lambda r, s: gcrf.gmf(r, s, compat, layer.offsets, num_layers=3)), unary, sim)
     want = jax.image.resize(y_small, (B, H, W, K), "bilinear")  # pooled grid of factor 2 = aligned
-    np.testing.assert_allclose(_jit(layer, logits, image, feats, train=True), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_jit(layer, logits, image, feats, train=True, similarity=sim), want, rtol=1e-5,
+                               atol=1e-6)
     y, info = _jit(layer, logits, image, feats, return_info=True)
     np.testing.assert_array_equal(info.nonconverged, [0, 0])
     assert y.shape == (B, H, W, K)

@@ -86,7 +86,7 @@ class GaussianCRF(nnx.Module):
         return jax.vmap(lambda zz: ops.pairwise_similarity(zz, filters, self.offsets))(z)
 
     def __call__(self, logits, image, features=None, *, train: bool = False, logits_grid=None,
-                 features_grid=None, return_info: bool = False):
+                 features_grid=None, similarity=None, return_info: bool = False):
         """Mean-field marginals y of the CRF with unary ``softmax(logits)``.
 
         Args:
@@ -98,6 +98,8 @@ class GaussianCRF(nnx.Module):
             device-local under a mesh.
           logits_grid, features_grid: cell placement of those maps (default: evenly tiling
             the image).
+          similarity: optional, :meth:`similarity` of the same inputs, computed once for
+            this call and :meth:`pretrain_loss` in a training step.
           return_info: also return a :class:`rwseg.layers.RefinementInfo`.
 
         Returns:
@@ -107,7 +109,7 @@ class GaussianCRF(nnx.Module):
         b, h, w = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         I.check_map("logits", logits, b, self.num_classes, "num_classes")
         unary = jax.nn.softmax(I.to_working_grid(logits, (h, w), self.downsample, logits_grid), axis=-1)
-        sim = self.similarity(image, features, features_grid=features_grid)
+        sim = similarity if similarity is not None else self.similarity(image, features, features_grid=features_grid)
         compat = ops.compatibility(self.compat[...])
         if train:
             y = map_examples(lambda r, s, c: ops.gmf(r, s, c, self.offsets, num_layers=self.num_layers),
@@ -134,11 +136,11 @@ class GaussianCRF(nnx.Module):
         I.check_labels("labels", labels, refined.shape[:3])
         return jnp.mean(jax.vmap(lambda y, l: ops.margin_loss(y, l, self.margin))(refined, labels))
 
-    def pretrain_loss(self, image, labels, features=None, *, features_grid=None):
+    def pretrain_loss(self, image, labels, features=None, *, features_grid=None, similarity=None):
         """The pairwise pretraining loss of eq. 7.
 
         Args:
-          image, features, features_grid: as for ``__call__``.
+          image, features, features_grid, similarity: as for ``__call__``.
           labels: (B, H, W) int, block-majority subsampled to the CRF grid.
 
         Returns:
@@ -146,6 +148,6 @@ class GaussianCRF(nnx.Module):
         """
         I.check_labels("labels", labels, I.check_image(image, channels=self.image_channels,
                                                         downsample=self.downsample))
-        sim = self.similarity(image, features, features_grid=features_grid)
+        sim = similarity if similarity is not None else self.similarity(image, features, features_grid=features_grid)
         small = subsample_labels(labels, self.downsample, self.num_classes)
         return jnp.mean(jax.vmap(lambda s, l: ops.similarity_pretrain_loss(s, l, self.offsets))(sim, small))

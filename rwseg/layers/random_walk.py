@@ -86,7 +86,7 @@ class RandomWalkRefinement(nnx.Module):
         return jax.vmap(lambda x: ops.affinity(ops.feature_distances(x, offsets), theta, offsets))(feats)
 
     def __call__(self, logits, image, features=None, *, train: bool = False, logits_grid=None,
-                 features_grid=None, return_info: bool = False):
+                 features_grid=None, affinities=None, return_info: bool = False):
         """Refined scores.
 
         Args:
@@ -100,6 +100,8 @@ class RandomWalkRefinement(nnx.Module):
             differentiated implicitly.
           logits_grid, features_grid: cell placement of those maps (default: evenly tiling
             the image).
+          affinities: optional, :meth:`affinities` of the same inputs and ``train``, computed
+            once for this call and :meth:`affinity_loss` in a training step.
           return_info: also return a :class:`rwseg.layers.RefinementInfo`.
 
         Returns:
@@ -108,7 +110,8 @@ class RandomWalkRefinement(nnx.Module):
         b, h, w = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         I.check_map("logits", logits, b, self.num_classes, "num_classes")
         f = I.to_working_grid(logits, (h, w), self.downsample, logits_grid)
-        weights = self.affinities(image, features, train=train, features_grid=features_grid)
+        weights = affinities if affinities is not None else \
+            self.affinities(image, features, train=train, features_grid=features_grid)
         if train:
             offsets = self.train_offsets
             y = jax.vmap(lambda ww, x: ops.random_walk(ww, x, offsets, alpha=1.0, steps=1))(weights, f)
@@ -125,20 +128,22 @@ class RandomWalkRefinement(nnx.Module):
         y = I.to_image(y, (h, w), self.downsample)
         return (y, info) if return_info else y
 
-    def affinity_loss(self, image, labels, features=None, *, features_grid=None):
+    def affinity_loss(self, image, labels, features=None, *, features_grid=None, affinities=None):
         """Squared error of the training-disk affinities against the labels' (§3.3), a scalar.
 
         Args:
           image: (B, H, W, C) float; labels: (B, H, W) int (``ignore_index`` 255 /
             negative: ignored), block-majority subsampled to the walk grid;
-          features, features_grid: as for ``__call__``.
+          features, features_grid, affinities: as for ``__call__`` (``affinities`` of the
+            training disk).
 
         Returns:
           The mean over the batch of :func:`rwseg.rwn.affinity_loss`.
         """
         I.check_labels("labels", labels, I.check_image(image, channels=self.image_channels,
                                                         downsample=self.downsample))
-        weights = self.affinities(image, features, train=True, features_grid=features_grid)
+        weights = affinities if affinities is not None else \
+            self.affinities(image, features, train=True, features_grid=features_grid)
         small = subsample_labels(labels, self.downsample, self.num_classes)
         offsets = self.train_offsets
         return jnp.mean(jax.vmap(lambda ww, l: ops.affinity_loss(ww, l, offsets))(weights, small))

@@ -51,10 +51,11 @@ class GCRFModel(Segmenter):
         images, labels = batch["image"], batch["label"]
         out = self.backbone(images)
         size, grid, f = images.shape[1:3], self.backbone.grid(images.shape[1:3]), self.refinement.downsample
-        margin = self.refinement.margin_loss(self._crf(images, out, train=True), labels)
+        sim = self.refinement.similarity(images, out["features"], features_grid=grid)  # shared by GMF and eq. 7
+        margin = self.refinement.margin_loss(self._crf(images, out, train=True, similarity=sim), labels)
         # the unary logits as GMF sees them (on its grid), upsampled
         aux = cross_entropy(to_image(to_working_grid(out["logits"], size, f, grid), size, f), labels)
-        pre = self.refinement.pretrain_loss(images, labels, out["features"], features_grid=grid)
+        pre = self.refinement.pretrain_loss(images, labels, similarity=sim)
         pre_w = jnp.where(step < self.pretrain_steps, self.pretrain_weight, 0.0).astype(margin.dtype)
         return margin + self.aux_weight * aux + pre_w * pre, {"margin": margin, "ce_unary": aux, "pretrain": pre}
 

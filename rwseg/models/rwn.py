@@ -44,8 +44,9 @@ class RWNModel(Segmenter):
     def loss(self, batch, step):
         images, labels = batch["image"], batch["label"]
         out = self.backbone(images)
-        ce = cross_entropy(self._walk(images, out, train=True), labels)
-        aff = self.refinement.affinity_loss(images, labels, out["stem"])
+        weights = self.refinement.affinities(images, out["stem"], train=True)  # shared by the walk and its loss
+        ce = cross_entropy(self._walk(images, out, train=True, affinities=weights), labels)
+        aff = self.refinement.affinity_loss(images, labels, out["stem"], affinities=weights)
         return ce + self.affinity_weight * aff, {"ce": ce, "affinity": aff}
 
     def infer(self, images):

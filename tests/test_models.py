@@ -114,6 +114,36 @@ def test_cross_entropy_matches_numpy_with_ignore():
     assert float(cross_entropy(jnp.asarray(logits), jnp.full((2, 3, 4), 255))) == 0.0
 
 
+def test_cross_entropy_equals_the_previous_log_softmax_formula():
+    """The optax-based cross_entropy (issue 10, item 4) equals the hand-written one it replaced,
+    value and gradient, in float32, with ignored (255, negative, >= K) pixels; unlike it, a NaN
+    logit at an ignored pixel no longer leaks into the loss or the gradient."""
+    from rwseg.models.common import masked_mean
+
+    def previous(logits, labels, ignore_index=255):
+        valid = (labels >= 0) & (labels != ignore_index) & (labels < logits.shape[-1])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+        return masked_mean(nll, valid)
+
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(3 * rng.normal(size=(2, 8, 8, 6)), jnp.float32)
+    labels = rng.integers(0, 6, size=(2, 8, 8))
+    labels[0, :2] = 255
+    labels[1, 3, :4] = -1
+    labels[1, 5, 5] = 7
+    labels = jnp.asarray(labels, jnp.int32)
+    got = cross_entropy(logits, labels)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, previous(logits, labels), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(cross_entropy)(logits, labels), jax.grad(previous)(logits, labels),
+                               rtol=1e-5, atol=1e-8)
+    bad = logits.at[0, 0, 0, 2].set(jnp.nan)  # at an ignored pixel
+    np.testing.assert_allclose(cross_entropy(bad, labels), got, rtol=1e-6)
+    grad = jax.grad(cross_entropy)(bad, labels)
+    assert bool(jnp.all(jnp.isfinite(grad))) and bool(jnp.all(grad[0, :2] == 0))
+
+
 def test_resampling_helpers():
     x = np.arange(2 * 4 * 6 * 3, dtype=np.float64).reshape(2, 4, 6, 3)
     expected = x.reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4))

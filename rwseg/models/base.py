@@ -16,13 +16,12 @@ statistics where a method needs them, as :class:`Statistic` variables). It expos
 Per-example solvers are batched with :func:`rwseg.models.device_local.map_examples`
 (``vmap``, device-local under a mesh) rather than a bare ``jax.vmap``.
 
-The maths stays in the operator modules (rwseg.rwn, rwseg.spn, ...); models only
-produce their inputs and batch them with ``jax.vmap``.
+The maths stays in the operator modules (rwseg.rwn, rwseg.spn, ...) and their
+refinement layers (:mod:`rwseg.layers`); a method's model is the backbone plus its layer.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -42,14 +41,14 @@ def solver_stats(converged, *outputs) -> dict:
     converged: (B, ...) bool, the solver's per-right-hand-side flags (e.g.
     ``SolveInfo.converged`` of a vmapped solve); outputs: (B, ...) arrays of the solve.
     An example counts as non-converged when any flag is False or any output entry is
-    not finite (a NaN result is never reported as converged).
+    not finite (a NaN result is never reported as converged). The dict of
+    :meth:`rwseg.layers.RefinementInfo.stats`, which the layers' infos give directly.
     """
+    from rwseg.layers.info import solved  # rwseg.layers builds on this module
+
     b = converged.shape[0]
-    ok = jnp.all(jnp.reshape(converged, (b, -1)), axis=1)
-    for out in outputs:
-        ok &= jnp.all(jnp.isfinite(jnp.reshape(out, (b, -1))), axis=1)
-    ok = jax.lax.stop_gradient(ok)
-    return {"solves": jnp.ones((b,), jnp.int32), "nonconverged": (~ok).astype(jnp.int32)}
+    zeros = jnp.zeros((b,), jnp.int32)
+    return solved(converged, zeros, zeros, *outputs).stats()
 
 
 def no_solves(batch_size: int) -> dict:
@@ -69,7 +68,10 @@ class Segmenter(nnx.Module):
 
     def coarse_scores(self, images):
         """Backbone logits bilinearly upsampled to the image size: (B, H, W, K)."""
-        out = self.backbone(images)
+        return self.coarse_scores_from(self.backbone(images), images)
+
+    def coarse_scores_from(self, out, images):
+        """:meth:`coarse_scores` from the backbone's outputs ``out`` on ``images``."""
         return upsample(out["logits"], images.shape[1:3], self.backbone.grid(images.shape[1:3]))
 
     def loss(self, batch, step):

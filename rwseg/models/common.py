@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from rwseg.models.backbone import PIXELS, Grid, encoder_grid, pooled_grid, upsample
 
@@ -34,13 +35,12 @@ def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
 
     logits: (B, H, W, K) float; labels: (B, H, W) int (``ignore_index`` or negative =
     ignored) -> scalar. The mean is over the *global* batch, so a data-parallel step
-    gives the same value (and gradient) as one device.
+    gives the same value (and gradient) as one device. The per-pixel loss is optax's
+    ``softmax_cross_entropy_with_integer_labels`` with the valid pixels as ``where``.
     """
     num_classes = logits.shape[-1]
     valid = (labels >= 0) & (labels != ignore_index) & (labels < num_classes)
-    safe = jnp.where(valid, labels, 0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0), where=valid)
     return masked_mean(nll, valid)
 
 

@@ -1,0 +1,148 @@
+"""Dilated affinity layer: an affinity head next to any network's logits, its focal loss and
+the affinity propagation refinement.
+
+Wu et al., dilated affinity for semantic segmentation (docs/methods.md §5): a 1x1 conv
+on features predicts, for each rate r of ``rates``, the affinity logits of the 8 neighbours at distance r (8·|R| channels, in
+the order of :func:`rwseg.stencil.dilated_offsets`); training adds the reweighted focal
+loss (eq. 4-5, :func:`rwseg.dilated.affinity_loss`), testing refines the class
+probabilities by affinity propagation (eq. 6-7, :func:`rwseg.dilated.propagate`). The
+head's bias starts at the dataset prior (§4.1, :func:`rwseg.dilated.prior_bias`), read
+from a table of neighbour-category frequencies of training labels
+(:meth:`DilatedAffinity.frequencies_from_labels`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rwseg import dilated as ops
+from rwseg.layers import _inputs as I
+from rwseg.layers.info import exact_steps
+from rwseg.models.backbone import upsample
+from rwseg.models.base import Statistic
+
+__all__ = ["DilatedAffinity"]
+
+
+def _as_rates(rates):
+    return tuple(tuple(int(v) for v in r) if isinstance(r, (tuple, list)) else int(r) for r in rates)
+
+
+class DilatedAffinity(nnx.Module):
+    """Affinity head + focal affinity loss + affinity propagation (eq. 4-7).
+
+    Args:
+      num_classes: K, channels of the logits.
+      feature_channels: channels of the features the head sees (e.g. decoder features,
+        any resolution).
+      rates: dilation rates in image pixels (ints or (r1, r2) pairs).
+      frequencies: (|R|, 9) neighbour-category table of the training labels
+        (:meth:`frequencies_from_labels`); stored with the layer (a
+        :class:`rwseg.models.base.Statistic`, checkpointed, not trained).
+      low_level_channels: channels of optional image-resolution features concatenated
+        to the upsampled features before the head (a DeepLabv3+-style decoder; 0: the
+        head runs on the features at their resolution and its output is upsampled).
+      gamma: focal-loss exponent (eq. 4).
+      lam, mu: propagation weight of the pixel's own prediction and steepness of the
+        affinity gate (eq. 6-7; the paper: 6 and 7).
+      num_steps: propagation iterations.
+      rngs: parameter initialisation.
+
+    Parameters: ``affinity_head`` (1x1 conv, bias initialised at the prior); statistic
+    ``frequencies``.
+    """
+
+    def __init__(self, num_classes: int, feature_channels: int, *, rates, frequencies,
+                 low_level_channels: int = 0, gamma: float = 2.0, lam: float = 6.0, mu: float = 7.0,
+                 num_steps: int = 10, rngs: nnx.Rngs):
+        self.num_classes, self.rates = int(num_classes), _as_rates(rates)
+        self.feature_channels, self.low_level_channels = int(feature_channels), int(low_level_channels)
+        self.gamma, self.lam, self.mu, self.num_steps = float(gamma), float(lam), float(mu), int(num_steps)
+        freq = np.asarray(frequencies, np.float32)
+        if freq.shape != (len(self.rates), ops.NUM_CATEGORIES):
+            raise ValueError(f"frequencies: expected shape ({len(self.rates)}, {ops.NUM_CATEGORIES}) for rates "
+                             f"{self.rates}, got {freq.shape}")
+        self.frequencies = Statistic(jnp.asarray(freq))
+        bias = jnp.repeat(ops.prior_bias(jnp.asarray(freq)), 8).astype(jnp.float32)
+        self.affinity_head = nnx.Conv(self.feature_channels + self.low_level_channels, 8 * len(self.rates),
+                                      (1, 1), bias_init=lambda *_: bias, rngs=rngs)
+
+    @staticmethod
+    def frequencies_from_labels(label_maps, rates, *, ignore_index: int = 255) -> np.ndarray:
+        """(|R|, 9) float32 table for ``frequencies`` from training label maps.
+
+        label_maps: a (N, H, W) int array or an iterable of (H, W) int maps (streamed).
+        """
+        maps = list(np.asarray(label_maps)) if hasattr(label_maps, "shape") else label_maps
+        return ops.category_frequencies(maps, _as_rates(rates), ignore_index).astype(np.float32)
+
+    def affinity_logits(self, image, features, low_level=None, *, features_grid=None):
+        """The affinity head's logits at image resolution.
+
+        Args:
+          image: (B, H, W, C) (its size only).
+          features: (B, h, w, feature_channels) float on ``features_grid`` (default: evenly
+            tiling the image).
+          low_level: (B, H, W, low_level_channels) float, required when the layer was built
+            with them.
+
+        Returns:
+          (B, H, W, 8·|R|), channel c = offset c of :func:`rwseg.stencil.dilated_offsets`.
+        """
+        b, h, w = I.check_image(image, channels=None)
+        I.check_map("features", features, b, self.feature_channels, "feature_channels")
+        grid = features_grid if features_grid is not None else I.aligned_grid(features.shape[1:3], (h, w))
+        if self.low_level_channels:
+            if low_level is None:
+                raise ValueError(f"low_level: expected (B, H, W, {self.low_level_channels}) features (the layer "
+                                 "was built with low_level_channels > 0), got None")
+            I.check_map("low_level", low_level, b, self.low_level_channels, "low_level_channels")
+            if tuple(low_level.shape[1:3]) != (h, w):
+                raise ValueError(f"low_level: expected the image size {(h, w)}, got {tuple(low_level.shape[1:3])}")
+            return self.affinity_head(jnp.concatenate([upsample(features, (h, w), grid), low_level], axis=-1))
+        if low_level is not None:
+            raise ValueError("low_level: the layer was built with low_level_channels=0, got features")
+        return upsample(self.affinity_head(features), (h, w), grid)
+
+    def __call__(self, logits, image, features, low_level=None, *, logits_grid=None, features_grid=None,
+                 return_info: bool = False):
+        """Affinity propagation of ``softmax(logits)`` (eq. 6-7), ``num_steps`` iterations.
+
+        Args:
+          logits: (B, h, w, K) float, any resolution, cells on ``logits_grid``.
+          image: (B, H, W, C) float (its size sets the output's).
+          features, low_level, features_grid: the head's inputs, as :meth:`affinity_logits`.
+          logits_grid: cell placement of the logits (default: evenly tiling the image).
+          return_info: also return a :class:`rwseg.layers.RefinementInfo` (exact steps).
+
+        Returns:
+          (B, H, W, K) refined class probabilities (each pixel sums to 1 after one step;
+          ``(probs, info)`` with ``return_info``).
+        """
+        b, h, w = I.check_image(image, channels=None)
+        I.check_map("logits", logits, b, self.num_classes, "num_classes")
+        aff = self.affinity_logits(image, features, low_level, features_grid=features_grid)
+        grid = logits_grid if logits_grid is not None else I.aligned_grid(logits.shape[1:3], (h, w))
+        probs = jax.nn.softmax(upsample(logits, (h, w), grid), axis=-1)
+        refine = lambda p, a: ops.propagate(p, a, self.rates, lam=self.lam, mu=self.mu, iterations=self.num_steps)
+        out = jax.vmap(refine)(probs, aff)
+        return (out, exact_steps(b, self.num_steps)) if return_info else out
+
+    def affinity_loss(self, image, labels, features, low_level=None, *, features_grid=None):
+        """The reweighted focal affinity loss of eq. 4-5 (without the weight beta).
+
+        Args:
+          image, features, low_level, features_grid: as for :meth:`affinity_logits`.
+          labels: (B, H, W) int, 255 / negative ignored.
+
+        Returns:
+          Scalar, the batch mean of :func:`rwseg.dilated.affinity_loss`.
+        """
+        aff = self.affinity_logits(image, features, low_level, features_grid=features_grid)
+        I.check_labels("labels", labels, aff.shape[:3])
+        freq = self.frequencies[...]
+        return jnp.mean(jax.vmap(
+            lambda a, l: ops.affinity_loss(a, l, self.rates, freq, gamma=self.gamma))(aff, labels))

@@ -1,0 +1,341 @@
+"""rwseg.layers: the README example runs; each layer against its operators called directly,
+independent properties (identity gates = jax.image.resize, constants preserved by the walk,
+no coupling = the unary), shapes/dtypes, jit/vmap/grad composition, diagnostics, and bad
+inputs named in the error."""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rwseg import dilated, gcrf, rawks, rwn, spn
+from rwseg.layers import (DilatedAffinity, GaussianCRF, RandomWalkLabelPropagation, RandomWalkRefinement,
+                          RefinementInfo, SpatialPropagation)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+B, H, W, K = 2, 16, 16, 3
+RATES = (1, 2)
+
+
+def _rngs():
+    return nnx.Rngs(jax.random.key(0, impl="rbg"))
+
+
+def _data(seed=0, hw=(H, W)):
+    rng = np.random.default_rng(seed)
+    image = jnp.asarray(rng.normal(size=(B, *hw, 3)), jnp.float32)
+    labels = rng.integers(0, K, size=(B, *hw)).astype(np.int32)
+    labels[:, :4, :4] = 0  # some agreeing neighbourhoods for the affinity losses
+    labels[0, -1, -1] = 255
+    return image, jnp.asarray(labels)
+
+
+def _frequencies():
+    return DilatedAffinity.frequencies_from_labels(np.asarray(_data()[1]), RATES)
+
+
+def _jit(fn, *args, **kw):
+    """fn(*args, **kw) under one jax.jit (eager NNX calls and operators compile op by op: slow)."""
+    return jax.jit(lambda *a: fn(*a, **kw))(*args)
+
+
+def _make(name, **kw):
+    """The layer ``name`` with small settings (built eagerly: a few small convs)."""
+    if name == "spn":
+        return SpatialPropagation(K, guidance_channels=4, guidance_depth=1, rngs=_rngs(), **kw)
+    if name == "rwn":
+        kw = {"alpha": 0.8, **kw}
+        return RandomWalkRefinement(K, feature_channels=2, train_radius=2, eval_radius=1, rngs=_rngs(), **kw)
+    if name == "gcrf":
+        kw = {"downsample": 2, **kw}
+        return GaussianCRF(K, feature_channels=2, embedding_channels=4, radius=1, num_layers=3, rngs=_rngs(), **kw)
+    if name == "dilated":
+        return DilatedAffinity(K, 2, rates=RATES, frequencies=_frequencies(), rngs=_rngs(), **kw)
+    kw = {"downsample": 2, **kw}
+    return RandomWalkLabelPropagation(K, boundary_channels=4, boundary_depth=1, rngs=_rngs(), **kw)
+
+
+def _scribbles(labels):
+    s = np.full(labels.shape, -1, np.int32)
+    s[:, 2, 2], s[:, 12, 12], s[:, 2, 12] = 0, 1, 2
+    return jnp.asarray(s)
+
+
+# ----------------------------------------------------------------------------- README
+
+
+def test_readme_example_runs_and_trains():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Refinement layers for your own network", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    first = float(ns["loss"])
+    assert np.isfinite(first) and first > 0
+    model, optimizer, step = ns["model"], ns["optimizer"], ns["train_step"]
+    out = model(ns["image"])
+    assert out.shape == (2, 32, 32, 4)
+    losses = [float(step(model, optimizer, ns["image"], ns["label"])) for _ in range(3)]
+    assert losses[-1] < first, (first, losses)  # the step trained the network and the layer
+
+
+# ----------------------------------------------------------------------------- against the operators
+
+
+def test_spatial_propagation_is_the_spn_operator_on_guidance_gates():
+    layer = _make("spn")
+    image, _ = _data()
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(B, H, W, K)), jnp.float32)
+    got, info = _jit(layer, logits, image, return_info=True)
+    gates = _jit(layer.guidance_gates, image)
+    assert gates.shape == (B, 4, H, W, K, 3)
+    assert bool(jnp.all(jnp.sum(jnp.abs(gates), -1) <= 1 + 1e-6))  # Theorem 3
+    want = _jit(jax.vmap(spn.spn), logits, gates)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert got.dtype == jnp.float32 and got.shape == (B, H, W, K)
+    assert isinstance(info, RefinementInfo)
+    np.testing.assert_array_equal(info.solves, [0, 0])
+    np.testing.assert_array_equal(info.iterations, [1, 1])
+
+
+def test_spatial_propagation_with_zero_gates_is_bilinear_resize():
+    """Independent oracle for the resampling of low-resolution logits: with every gate 0 the
+    propagation is the identity, so the layer is jax.image.resize of the (aligned) logits."""
+    layer = _make("spn")
+    layer.gates.kernel[...] = jnp.zeros_like(layer.gates.kernel[...])
+    layer.gates.bias[...] = jnp.zeros_like(layer.gates.bias[...])
+    image, _ = _data()
+    low = jnp.asarray(np.random.default_rng(2).normal(size=(B, 4, 8, K)), jnp.float32)
+    got = _jit(layer, low, image)
+    want = jax.image.resize(low, (B, H, W, K), "bilinear")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_random_walk_refinement_is_the_rwn_operator():
+    layer = _make("rwn")
+    image, labels = _data()
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(B, H, W, K)), jnp.float32)
+    feats = jnp.asarray(rng.normal(size=(B, H, W, 2)), jnp.float32)
+    theta = layer.theta[...]
+    x = jnp.concatenate([image, feats], -1)
+    for train, offsets in ((True, layer.train_offsets), (False, layer.eval_offsets)):
+        weights = _jit(jax.vmap(lambda xx: rwn.affinity(rwn.feature_distances(xx, offsets), theta, offsets)), x)
+        np.testing.assert_allclose(_jit(layer.affinities, image, feats, train=train), weights, rtol=1e-6)
+        if train:
+            walk = lambda w, f: rwn.random_walk(w, f, offsets, alpha=1.0, steps=1)
+            want_loss = np.mean([rwn.affinity_loss(w, l, offsets) for w, l in zip(np.asarray(weights), labels)])
+        else:
+            walk = lambda w, f: rwn.random_walk(w, f, offsets, alpha=0.8, symmetric=True, tol=1e-5, max_iters=200)
+        want = _jit(jax.vmap(walk), weights, logits)
+        got = _jit(layer, logits, image, feats, train=train, affinities=weights if train else None)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_jit(layer.affinity_loss, image, labels, feats), want_loss, rtol=1e-6)
+
+
+def test_random_walk_preserves_constant_scores():
+    """The converged walk (1 - alpha)(I - alpha A)^-1 of a row-stochastic A maps constants to themselves
+    (a property of eq. 3, independent of the implementation), here through the walk grid and back."""
+    layer = _make("rwn", downsample=2)
+    image, _ = _data()
+    logits = jnp.broadcast_to(jnp.asarray([0.3, -1.0, 2.0], jnp.float32), (B, 4, 4, K))
+    y, info = _jit(layer, logits, image, jnp.ones((B, H, W, 2), jnp.float32), return_info=True)
+    np.testing.assert_allclose(y, jnp.broadcast_to(logits[:, :1, :1], (B, H, W, K)), atol=1e-4)
+    np.testing.assert_array_equal(info.solves, [1, 1])
+    np.testing.assert_array_equal(info.nonconverged, [0, 0])
+    assert bool(jnp.all(info.iterations > 0)) and bool(jnp.all(info.residual <= 1e-5))
+
+
+def test_gaussian_crf_is_gmf_on_the_similarity():
+    layer = _make("gcrf")
+    image, labels = _data()
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(size=(B, 8, 8, K)), jnp.float32)  # at the CRF grid (downsample 2)
+    feats = jnp.asarray(rng.normal(size=(B, 8, 8, 2)), jnp.float32)
+    small = image.reshape(B, 8, 2, 8, 2, 3).mean((2, 4))
+    z = layer.pairwise(jnp.concatenate([feats, small], -1))
+    sim = jax.vmap(lambda zz: gcrf.pairwise_similarity(zz, layer.filters[...], layer.offsets))(z)
+    np.testing.assert_allclose(_jit(layer.similarity, image, feats), sim, rtol=1e-6)
+    compat = gcrf.compatibility(layer.compat[...])
+    unary = jax.nn.softmax(logits, -1)
+    y_small = _jit(jax.vmap(lambda r, s: gcrf.gmf(r, s, compat, layer.offsets, num_layers=3)), unary, sim)
+    want = jax.image.resize(y_small, (B, H, W, K), "bilinear")  # pooled grid of factor 2 = aligned
+    np.testing.assert_allclose(_jit(layer, logits, image, feats, train=True, similarity=sim), want, rtol=1e-5,
+                               atol=1e-6)
+    y, info = _jit(layer, logits, image, feats, return_info=True)
+    np.testing.assert_array_equal(info.nonconverged, [0, 0])
+    assert y.shape == (B, H, W, K)
+    margin = np.mean([gcrf.margin_loss(yy, ll, 0.5) for yy, ll in zip(y, labels)])
+    np.testing.assert_allclose(_jit(layer.margin_loss, y, labels), margin, rtol=1e-6)
+    small_labels = jnp.asarray(labels).reshape(B, 8, 2, 8, 2)  # block majority (ties: smallest label)
+    counts = jax.nn.one_hot(jnp.where(small_labels < K, small_labels, K), K + 1).sum((2, 4))[..., :K]
+    majority = jnp.where(counts.max(-1) > 0, jnp.argmax(counts, -1), 255)
+    pre = np.mean([gcrf.similarity_pretrain_loss(ss, ll, layer.offsets) for ss, ll in zip(sim, majority)])
+    np.testing.assert_allclose(_jit(layer.pretrain_loss, image, labels, feats), pre, rtol=1e-5)
+
+
+def test_gaussian_crf_without_coupling_returns_the_unary():
+    """C = 0 decouples the pixels: GMF's fixed point is r = softmax(logits) (eq. 2)."""
+    layer = _make("gcrf", compat_init=0.0)
+    image, _ = _data()
+    logits = jnp.asarray(np.random.default_rng(5).normal(size=(B, 8, 8, K)), jnp.float32)
+    feats = jnp.zeros((B, 8, 8, 2), jnp.float32)
+    want = jax.image.resize(jax.nn.softmax(logits, -1), (B, H, W, K), "bilinear")
+    np.testing.assert_allclose(_jit(layer, logits, image, feats), want, atol=1e-6)
+
+
+def test_dilated_affinity_is_propagate_of_the_head():
+    layer = _make("dilated", low_level_channels=1)
+    image, labels = _data()
+    rng = np.random.default_rng(6)
+    logits = jnp.asarray(rng.normal(size=(B, 4, 4, K)), jnp.float32)
+    feats = jnp.asarray(rng.normal(size=(B, 4, 4, 2)), jnp.float32)
+    low = jnp.asarray(rng.normal(size=(B, H, W, 1)), jnp.float32)
+    aff = layer.affinity_head(jnp.concatenate([jax.image.resize(feats, (B, H, W, 2), "bilinear"), low], -1))
+    np.testing.assert_allclose(_jit(layer.affinity_logits, image, feats, low), aff, rtol=1e-5, atol=1e-5)
+    probs = jax.nn.softmax(jax.image.resize(logits, (B, H, W, K), "bilinear"), -1)
+    want = _jit(jax.vmap(lambda p, a: dilated.propagate(p, a, RATES, lam=6.0, mu=7.0, iterations=10)), probs, aff)
+    got, info = _jit(layer, logits, image, feats, low, return_info=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jnp.sum(got, -1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(info.iterations, [10, 10])
+    want_loss = np.mean([dilated.affinity_loss(a, l, RATES, layer.frequencies[...], gamma=2.0)
+                         for a, l in zip(aff, labels)])
+    np.testing.assert_allclose(_jit(layer.affinity_loss, image, labels, feats, low), want_loss, rtol=1e-5)
+    # the head's bias starts at the dataset prior (sigmoid(b_r) = pi_r)
+    np.testing.assert_allclose(layer.affinity_head.bias[...],
+                               np.repeat(dilated.prior_bias(jnp.asarray(_frequencies())), 8), rtol=1e-6)
+
+
+def test_label_propagation_is_hitting_probabilities_and_eq11():
+    layer = _make("rawks")
+    image, labels = _data()
+    scribbles = _scribbles(labels)
+    boundary = _jit(layer.boundary, image)
+    assert boundary.shape == (B, 8, 8) and bool(jnp.all(boundary >= 0))
+    seeds = scribbles.reshape(B, 8, 2, 8, 2).max((2, 4))
+    logits = jnp.asarray(np.random.default_rng(7).normal(size=(B, 8, 8, K)), jnp.float32)
+
+    def run(b, s, lg):  # one compilation (the refined solve is the slow part to compile)
+        want = jax.vmap(lambda bb, ss: rawks.hitting_probabilities(bb, ss, K, tol=1e-4, max_iters=300))(b, s)
+        want_loss = jnp.mean(jax.vmap(lambda pp, q: rawks.rawks_loss(pp, q, alpha=1.0))(want, lg))
+        return want, want_loss, layer(image, scribbles, return_info=True), layer.loss(lg, image, scribbles)
+
+    want, want_loss, (p, info), loss = jax.jit(run)(boundary, seeds, logits)
+    np.testing.assert_allclose(p, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jnp.sum(p, -1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(info.nonconverged, [0, 0])
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- composition, diagnostics
+
+
+def _call(name, layer, image, labels, logits, feats):
+    if name == "rawks":
+        return layer.loss(logits, image, _scribbles(labels))
+    if name == "spn":
+        return jnp.mean(layer(logits, image) ** 2)
+    if name == "dilated":
+        return jnp.mean(layer(logits, image, feats) ** 2) + layer.affinity_loss(image, labels, feats)
+    return jnp.mean(layer(logits, image, feats) ** 2)
+
+
+@pytest.mark.parametrize("name", ["spn", "rwn", "gcrf", "dilated", "rawks"])
+def test_layers_compose_with_jit_vmap_grad(name):
+    """Under jit: vmap over a stack of two batches equals the two calls; the gradient in the layer's
+    parameters and in the logits is finite and not all zero."""
+    layer = _make(name)
+    graphdef, state = nnx.split(layer)
+    image, labels = _data()
+    rng = np.random.default_rng(8)
+    logits = jnp.asarray(rng.normal(size=(2, B, 8, 8, K)), jnp.float32)
+    feats = jnp.asarray(rng.normal(size=(2, B, 8, 8, 2)), jnp.float32)
+    f = lambda st, lg, ft: _call(name, nnx.merge(graphdef, st), image, labels, lg, ft)
+
+    def run(st, lg, ft):  # one compilation for all three
+        return jax.vmap(f, in_axes=(None, 0, 0))(st, lg, ft), [f(st, lg[i], ft[i]) for i in range(2)], \
+            jax.grad(f, argnums=(0, 1))(st, lg[0], ft[0])
+
+    batched, single, (g_state, g_logits) = jax.jit(run)(state, logits, feats)
+    np.testing.assert_allclose(batched, single, rtol=2e-5)
+    leaves = jax.tree.leaves(nnx.state(nnx.merge(graphdef, g_state), nnx.Param))
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
+    assert bool(jnp.all(jnp.isfinite(g_logits))) and float(jnp.max(jnp.abs(g_logits))) > 0
+
+
+@pytest.mark.parametrize("name", ["rwn", "gcrf"])
+def test_one_iteration_is_reported_nonconverged(name):
+    layer = _make(name, max_iters=1)
+    image, _ = _data()
+    logits = jnp.asarray(np.random.default_rng(9).normal(size=(B, 8, 8, K)), jnp.float32)
+    feats = jnp.asarray(np.random.default_rng(10).normal(size=(B, 8, 8, 2)), jnp.float32)
+    _, info = jax.jit(lambda lg, ft: layer(lg, image, ft, return_info=True))(logits, feats)
+    np.testing.assert_array_equal(info.solves, [1, 1])
+    np.testing.assert_array_equal(info.nonconverged, [1, 1])
+    np.testing.assert_array_equal(info.iterations, [1, 1])
+
+
+def test_float32_in_float32_out_at_any_logit_resolution():
+    image, _ = _data()
+    for name in ("spn", "rwn", "gcrf", "dilated"):
+        layer = _make(name)
+        for hw in ((4, 8), (5, 3)):
+            logits = jnp.zeros((B, *hw, K), jnp.float32)
+            args = (logits, image) if name == "spn" else (logits, image, jnp.zeros((B, 4, 4, 2), jnp.float32))
+            out = _jit(layer, *args)
+            assert out.shape == (B, H, W, K) and out.dtype == jnp.float32, (name, hw)
+            assert bool(jnp.all(jnp.isfinite(out)))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name", ["spn", "rwn", "gcrf", "dilated"])
+def test_bad_inputs_name_the_argument(name):
+    layer = _make(name)
+    image, _ = _data()
+    logits, feats = jnp.zeros((B, 8, 8, K), jnp.float32), jnp.zeros((B, 8, 8, 2), jnp.float32)
+    call = (lambda lg, im, ft: layer(lg, im)) if name == "spn" else (lambda lg, im, ft: layer(lg, im, ft))
+    with pytest.raises(ValueError, match=r"logits: expected shape \(B, h, w, 3\).*got \(2, 8, 8, 4\)"):
+        call(jnp.zeros((B, 8, 8, K + 1), jnp.float32), image, feats)
+    with pytest.raises(ValueError, match=r"logits: expected .*B = 2.*got \(1, 8, 8, 3\)"):
+        call(jnp.zeros((1, 8, 8, K), jnp.float32), image, feats)
+    with pytest.raises(ValueError, match="logits: expected a floating dtype"):
+        call(jnp.zeros((B, 8, 8, K), jnp.int32), image, feats)
+    with pytest.raises(ValueError, match=r"image: expected shape \(B, H, W"):
+        call(logits, image[..., 0], feats)
+    if name != "dilated":
+        with pytest.raises(ValueError, match=r"image: expected shape \(B, H, W, 3\), got \(2, 16, 16, 4\)"):
+            call(logits, jnp.zeros((B, H, W, 4), jnp.float32), feats)
+    if name != "spn":
+        with pytest.raises(ValueError, match=r"features: expected shape \(B, h, w, 2\)"):
+            call(logits, image, jnp.zeros((B, 8, 8, 5), jnp.float32))
+    if name in ("rwn", "gcrf"):
+        with pytest.raises(ValueError, match="features: expected .*got None"):
+            layer(logits, image)
+
+
+def test_bad_options_and_labels_name_the_argument():
+    image, labels = _data()
+    with pytest.raises(ValueError, match="image: expected H, W divisible by downsample=3"):
+        _make("gcrf", downsample=3)(jnp.zeros((B, 8, 8, K), jnp.float32), image, jnp.zeros((B, 8, 8, 2)))
+    with pytest.raises(ValueError, match="merge: expected 'max' or 'mean', got 'min'"):
+        _make("spn", merge="min")
+    with pytest.raises(ValueError, match=r"alpha: expected a restart probability in \[0, 1\), got 1.0"):
+        _make("rwn", alpha=1.0)
+    with pytest.raises(ValueError, match=r"frequencies: expected shape \(2, 9\)"):
+        DilatedAffinity(K, 2, rates=RATES, frequencies=np.ones((3, 9)), rngs=_rngs())
+    with pytest.raises(ValueError, match=r"low_level: expected \(B, H, W, 1\) .*got None"):
+        _make("dilated", low_level_channels=1)(jnp.zeros((B, 8, 8, K)), image, jnp.zeros((B, 8, 8, 2)))
+    with pytest.raises(ValueError, match=r"labels: expected shape \(B, H, W\) = \(2, 16, 16\)"):
+        _make("rwn").affinity_loss(image, labels[:, :8], jnp.zeros((B, H, W, 2)))
+    with pytest.raises(ValueError, match="labels: expected an integer dtype"):
+        _make("gcrf").pretrain_loss(image, labels.astype(jnp.float32), jnp.zeros((B, 8, 8, 2)))
+    with pytest.raises(ValueError, match=r"scribbles: expected shape \(B, H, W\)"):
+        _make("rawks")(image, _scribbles(labels)[:, :8])

@@ -127,11 +127,6 @@ def test_signature_follows_the_convention(name, fn):
             assert p.kind is p.KEYWORD_ONLY and p.default == constants.IGNORE_INDEX, name
 
 
-# Modules that still define their own ignore label; remove an entry once it imports
-# rwseg.constants.IGNORE_INDEX (rwseg.models is being rebuilt on rwseg.layers, issue 10).
-_OWN_IGNORE_DEFINITION = {"rwseg/models/common.py"}
-
-
 def test_one_ignore_index():
     from rwseg.data import constants as data_constants
 
@@ -140,7 +135,7 @@ def test_one_ignore_index():
     root = pathlib.Path(constants.__file__).resolve().parents[1]
     pattern = re.compile(r"^\s*(IGNORE_INDEX|IGNORE|IGNORE_LABEL)\s*(:\s*int)?\s*=\s*255\b", re.M)
     defining = {str(p.relative_to(root)) for p in (root / "rwseg").rglob("*.py") if pattern.search(p.read_text())}
-    assert defining - _OWN_IGNORE_DEFINITION == {"rwseg/constants.py"}
+    assert defining == {"rwseg/constants.py"}
 
 
 # --------------------------------------------------------------------------- tiny inputs

@@ -52,7 +52,7 @@ def _make(name, **kw):
         return RandomWalkRefinement(K, feature_channels=2, train_radius=2, eval_radius=1, rngs=_rngs(), **kw)
     if name == "gcrf":
         kw = {"downsample": 2, **kw}
-        return GaussianCRF(K, feature_channels=2, embedding_channels=4, radius=1, num_layers=3, rngs=_rngs(), **kw)
+        return GaussianCRF(K, feature_channels=2, embedding_channels=4, radius=1, num_steps=3, rngs=_rngs(), **kw)
     if name == "dilated":
         return DilatedAffinity(K, 2, rates=RATES, frequencies=_frequencies(), rngs=_rngs(), **kw)
     kw = {"downsample": 2, **kw}
@@ -127,7 +127,7 @@ def test_random_walk_refinement_is_the_rwn_operator():
         weights = _jit(jax.vmap(lambda xx: rwn.affinity(rwn.feature_distances(xx, offsets), theta, offsets)), x)
         np.testing.assert_allclose(_jit(layer.affinities, image, feats, train=train), weights, rtol=1e-6)
         if train:
-            walk = lambda w, f: rwn.random_walk(w, f, offsets, alpha=1.0, steps=1)
+            walk = lambda w, f: rwn.random_walk(w, f, offsets, alpha=1.0, num_steps=1)
             want_loss = np.mean([rwn.affinity_loss(w, l, offsets) for w, l in zip(np.asarray(weights), labels)])
         else:
             walk = lambda w, f: rwn.random_walk(w, f, offsets, alpha=0.8, symmetric=True, tol=1e-5, max_iters=200)
@@ -162,14 +162,14 @@ def test_gaussian_crf_is_gmf_on_the_similarity():
     np.testing.assert_allclose(_jit(layer.similarity, image, feats), sim, rtol=1e-6)
     compat = gcrf.compatibility(layer.compat[...])
     unary = jax.nn.softmax(logits, -1)
-    y_small = _jit(jax.vmap(lambda r, s: gcrf.gmf(r, s, compat, layer.offsets, num_layers=3)), unary, sim)
+    y_small = _jit(jax.vmap(lambda r, s: gcrf.gmf(r, s, compat, layer.offsets, num_steps=3)), unary, sim)
     want = jax.image.resize(y_small, (B, H, W, K), "bilinear")  # pooled grid of factor 2 = aligned
     np.testing.assert_allclose(_jit(layer, logits, image, feats, train=True, similarity=sim), want, rtol=1e-5,
                                atol=1e-6)
     y, info = _jit(layer, logits, image, feats, return_info=True)
     np.testing.assert_array_equal(info.nonconverged, [0, 0])
     assert y.shape == (B, H, W, K)
-    margin = np.mean([gcrf.margin_loss(yy, ll, 0.5) for yy, ll in zip(y, labels)])
+    margin = np.mean([gcrf.margin_loss(yy, ll, margin=0.5) for yy, ll in zip(y, labels)])
     np.testing.assert_allclose(_jit(layer.margin_loss, y, labels), margin, rtol=1e-6)
     small_labels = jnp.asarray(labels).reshape(B, 8, 2, 8, 2)  # block majority (ties: smallest label)
     counts = jax.nn.one_hot(jnp.where(small_labels < K, small_labels, K), K + 1).sum((2, 4))[..., :K]
@@ -198,7 +198,7 @@ def test_dilated_affinity_is_propagate_of_the_head():
     aff = layer.affinity_head(jnp.concatenate([jax.image.resize(feats, (B, H, W, 2), "bilinear"), low], -1))
     np.testing.assert_allclose(_jit(layer.affinity_logits, image, feats, low), aff, rtol=1e-5, atol=1e-5)
     probs = jax.nn.softmax(jax.image.resize(logits, (B, H, W, K), "bilinear"), -1)
-    want = _jit(jax.vmap(lambda p, a: dilated.propagate(p, a, RATES, lam=6.0, mu=7.0, iterations=10)), probs, aff)
+    want = _jit(jax.vmap(lambda p, a: dilated.propagate(p, a, RATES, lam=6.0, mu=7.0, num_steps=10)), probs, aff)
     got, info = _jit(layer, logits, image, feats, low, return_info=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jnp.sum(got, -1), 1, rtol=1e-5)
@@ -222,7 +222,7 @@ def test_label_propagation_is_hitting_probabilities_and_eq11():
 
     def run(b, s, lg):  # one compilation (the refined solve is the slow part to compile)
         want = jax.vmap(lambda bb, ss: rawks.hitting_probabilities(bb, ss, K, tol=1e-4, max_iters=300))(b, s)
-        want_loss = jnp.mean(jax.vmap(lambda pp, q: rawks.rawks_loss(pp, q, alpha=1.0))(want, lg))
+        want_loss = jnp.mean(jax.vmap(lambda pp, q: rawks.rawks_loss(pp, q, temperature=1.0))(want, lg))
         return want, want_loss, layer(image, scribbles, return_info=True), layer.loss(lg, image, scribbles)
 
     want, want_loss, (p, info), loss = jax.jit(run)(boundary, seeds, logits)

@@ -118,7 +118,7 @@ def test_cross_entropy_equals_the_previous_log_softmax_formula():
     """The optax-based cross_entropy (issue 10, item 4) equals the hand-written one it replaced,
     value and gradient, in float32, with ignored (255, negative, >= K) pixels; unlike it, a NaN
     logit at an ignored pixel no longer leaks into the loss or the gradient."""
-    from rwseg.models.common import masked_mean
+    from rwseg._numerics import masked_mean
 
     def previous(logits, labels, ignore_index=255):
         valid = (labels >= 0) & (labels != ignore_index) & (labels < logits.shape[-1])

@@ -46,8 +46,8 @@ class DilatedAffinity(nnx.Module):
         to the upsampled features before the head (a DeepLabv3+-style decoder; 0: the
         head runs on the features at their resolution and its output is upsampled).
       gamma: focal-loss exponent (eq. 4).
-      lam, mu: propagation weight of the pixel's own prediction and steepness of the
-        affinity gate (eq. 6-7; the paper: 6 and 7).
+      lam: propagation weight of the pixel's own prediction (eq. 6; the paper: 6).
+      mu: steepness of the affinity gate (eq. 7; the paper: 7).
       num_steps: propagation iterations.
       rngs: parameter initialisation.
 
@@ -77,7 +77,7 @@ class DilatedAffinity(nnx.Module):
         label_maps: a (N, H, W) int array or an iterable of (H, W) int maps (streamed).
         """
         maps = list(np.asarray(label_maps)) if hasattr(label_maps, "shape") else label_maps
-        return ops.category_frequencies(maps, _as_rates(rates), ignore_index).astype(np.float32)
+        return ops.category_frequencies(maps, _as_rates(rates), ignore_index=ignore_index).astype(np.float32)
 
     def affinity_logits(self, image, features, low_level=None, *, features_grid=None):
         """The affinity head's logits at image resolution.
@@ -114,7 +114,9 @@ class DilatedAffinity(nnx.Module):
         Args:
           logits: (B, h, w, K) float, any resolution, cells on ``logits_grid``.
           image: (B, H, W, C) float (its size sets the output's).
-          features, low_level, features_grid: the head's inputs, as :meth:`affinity_logits`.
+          features: the head's inputs, as :meth:`affinity_logits`.
+          low_level: see ``features``.
+          features_grid: see ``features``.
           logits_grid: cell placement of the logits (default: evenly tiling the image).
           return_info: also return a :class:`rwseg.layers.RefinementInfo` (exact steps).
 
@@ -127,7 +129,7 @@ class DilatedAffinity(nnx.Module):
         aff = self.affinity_logits(image, features, low_level, features_grid=features_grid)
         grid = logits_grid if logits_grid is not None else I.aligned_grid(logits.shape[1:3], (h, w))
         probs = jax.nn.softmax(upsample(logits, (h, w), grid), axis=-1)
-        refine = lambda p, a: ops.propagate(p, a, self.rates, lam=self.lam, mu=self.mu, iterations=self.num_steps)
+        refine = lambda p, a: ops.propagate(p, a, self.rates, lam=self.lam, mu=self.mu, num_steps=self.num_steps)
         out = jax.vmap(refine)(probs, aff)
         return (out, exact_steps(b, self.num_steps)) if return_info else out
 
@@ -135,7 +137,10 @@ class DilatedAffinity(nnx.Module):
         """The reweighted focal affinity loss of eq. 4-5 (without the weight beta).
 
         Args:
-          image, features, low_level, features_grid: as for :meth:`affinity_logits`.
+          image: as for :meth:`affinity_logits`.
+          features: as for :meth:`affinity_logits`.
+          low_level: as for :meth:`affinity_logits`.
+          features_grid: as for :meth:`affinity_logits`.
           labels: (B, H, W) int, 255 / negative ignored.
 
         Returns:

@@ -36,9 +36,10 @@ class GaussianCRF(nnx.Module):
       num_filters: M learned filters of the similarity (0: ``num_classes``, as the paper).
       radius: the bipartite window ``(2 radius + 1)^2`` (:func:`rwseg.gcrf.bipartite_offsets`).
       downsample: GMF runs at ``H / downsample x W / downsample`` (the paper: 8).
-      num_layers: unrolled GMF layers in training (the paper: 5).
-      tol, max_iters: test-time GMF runs until a layer changes no entry by more than
+      num_steps: unrolled GMF layers in training (the paper: 5).
+      tol: test-time GMF runs until a layer changes no entry by more than
         ``tol * max|r|``, at most ``max_iters`` layers.
+      max_iters: the most GMF layers at test time.
       margin: T of the margin loss (eq. 6).
       compat_init: ``R = compat_init * I`` at initialisation.
       image_channels: channels of the image.
@@ -48,13 +49,13 @@ class GaussianCRF(nnx.Module):
     """
 
     def __init__(self, num_classes: int, *, feature_channels: int = 0, embedding_channels: int = 16,
-                 num_filters: int = 0, radius: int = 3, downsample: int = 4, num_layers: int = 5,
+                 num_filters: int = 0, radius: int = 3, downsample: int = 4, num_steps: int = 5,
                  tol: float = 1e-4, max_iters: int = 200, margin: float = 0.5, compat_init: float = 0.5,
                  image_channels: int = 3, rngs: nnx.Rngs):
         self.num_classes, self.downsample = int(num_classes), int(downsample)
         self.feature_channels, self.image_channels = int(feature_channels), int(image_channels)
         self.offsets = ops.bipartite_offsets(int(radius))
-        self.num_layers, self.tol, self.max_iters = int(num_layers), float(tol), int(max_iters)
+        self.num_steps, self.tol, self.max_iters = int(num_steps), float(tol), int(max_iters)
         self.margin = float(margin)
         m = int(num_filters) or self.num_classes
         d = int(embedding_channels)
@@ -66,7 +67,9 @@ class GaussianCRF(nnx.Module):
         """Pairwise similarities s of the pairwise network.
 
         Args:
-          image, features, features_grid: as for ``__call__``.
+          image: as for ``__call__``.
+          features: as for ``__call__``.
+          features_grid: as for ``__call__``.
 
         Returns:
           (B, H/f, W/f, N) symmetric similarities on ``offsets`` (the bipartite stencil).
@@ -93,11 +96,12 @@ class GaussianCRF(nnx.Module):
           logits: (B, h, w, K) float, any resolution, cells on ``logits_grid``.
           image: (B, H, W, C) float, H and W divisible by ``downsample``.
           features: optional (B, h', w', feature_channels) on ``features_grid``.
-          train: ``True``: ``num_layers`` unrolled GMF layers (reverse-mode differentiated);
+          train: ``True``: ``num_steps`` unrolled GMF layers (reverse-mode differentiated);
             ``False``: GMF to ``tol`` (``lax.while_loop``, implicit gradient), one per image,
             device-local under a mesh.
-          logits_grid, features_grid: cell placement of those maps (default: evenly tiling
+          logits_grid: cell placement of those maps (default: evenly tiling
             the image).
+          features_grid: see ``logits_grid``.
           similarity: optional, :meth:`similarity` of the same inputs, computed once for
             this call and :meth:`pretrain_loss` in a training step.
           return_info: also return a :class:`rwseg.layers.RefinementInfo`.
@@ -112,12 +116,12 @@ class GaussianCRF(nnx.Module):
         sim = similarity if similarity is not None else self.similarity(image, features, features_grid=features_grid)
         compat = ops.compatibility(self.compat[...])
         if train:
-            y = map_examples(lambda r, s, c: ops.gmf(r, s, c, self.offsets, num_layers=self.num_layers),
+            y = map_examples(lambda r, s, c: ops.gmf(r, s, c, self.offsets, num_steps=self.num_steps),
                              unary, sim, shared=(compat,))
-            info = exact_steps(b, self.num_layers)
+            info = exact_steps(b, self.num_steps)
         else:
             y, si = map_examples(lambda r, s, c: ops.gmf(r, s, c, self.offsets, tol=self.tol,
-                                                         max_layers=self.max_iters, return_info=True),
+                                                         max_iters=self.max_iters, return_info=True),
                                  unary, sim, shared=(compat,))
             info = solved(si.converged, si.iterations, si.residual, y)
         y = I.to_image(y, (h, w), self.downsample)
@@ -134,13 +138,16 @@ class GaussianCRF(nnx.Module):
           Scalar, the batch mean of :func:`rwseg.gcrf.margin_loss`.
         """
         I.check_labels("labels", labels, refined.shape[:3])
-        return jnp.mean(jax.vmap(lambda y, l: ops.margin_loss(y, l, self.margin))(refined, labels))
+        return jnp.mean(jax.vmap(lambda y, l: ops.margin_loss(y, l, margin=self.margin))(refined, labels))
 
     def pretrain_loss(self, image, labels, features=None, *, features_grid=None, similarity=None):
         """The pairwise pretraining loss of eq. 7.
 
         Args:
-          image, features, features_grid, similarity: as for ``__call__``.
+          image: as for ``__call__``.
+          features: as for ``__call__``.
+          features_grid: as for ``__call__``.
+          similarity: as for ``__call__``.
           labels: (B, H, W) int, block-majority subsampled to the CRF grid.
 
         Returns:

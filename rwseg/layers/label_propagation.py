@@ -37,7 +37,8 @@ class RandomWalkLabelPropagation(nnx.Module):
       temperature: entropy temperature of the uncertainty weights ``w = exp(-temperature H(P))``
         of eq. 11.
       max_boundary: clamp of B.
-      tol, max_iters: tolerance and CG iteration cap of the hitting-probability solve.
+      tol: tolerance of the hitting-probability solve.
+      max_iters: CG iteration cap of the hitting-probability solve.
       norm: ``"group"`` or ``"none"`` normalisation of the boundary blocks.
       image_channels: channels of the image.
       rngs: parameter initialisation.
@@ -100,7 +101,8 @@ class RandomWalkLabelPropagation(nnx.Module):
         Args:
           logits: (B, h, w, K) float, any resolution, cells on ``logits_grid`` (default:
             evenly tiling the image); resampled to the propagation grid.
-          image, scribbles: as for ``__call__``.
+          image: as for ``__call__``.
+          scribbles: as for ``__call__``.
 
         Returns:
           The batch mean of :func:`rwseg.rawks.rawks_loss` (gradients reach both the
@@ -110,4 +112,4 @@ class RandomWalkLabelPropagation(nnx.Module):
         I.check_map("logits", logits, shape[0], self.num_classes, "num_classes")
         p = self(image, scribbles)
         q = I.to_working_grid(logits, shape[1:], self.downsample, logits_grid)
-        return jnp.mean(jax.vmap(lambda pp, qq: ops.rawks_loss(pp, qq, alpha=self.temperature))(p, q))
+        return jnp.mean(jax.vmap(lambda pp, qq: ops.rawks_loss(pp, qq, temperature=self.temperature))(p, q))

@@ -36,7 +36,8 @@ class RandomWalkRefinement(nnx.Module):
       eval_radius: disk radius of the converged test-time walk.
       alpha: restart probability of the converged walk, in [0, 1).
       theta_init: initial value of the 1x1 conv weights over the feature distances.
-      tol, max_iters: CG relative tolerance and iteration cap of the converged walk.
+      tol: CG relative tolerance of the converged walk.
+      max_iters: CG iteration cap of the converged walk.
       image_channels: channels of the image.
       rngs: accepted for a uniform signature (``theta`` is initialised to a constant).
 
@@ -74,7 +75,9 @@ class RandomWalkRefinement(nnx.Module):
         """The learned affinities W of eq. 2 on the training (``train``) or the test disk.
 
         Args:
-          image, features, features_grid: as for ``__call__``.
+          image: as for ``__call__``.
+          features: as for ``__call__``.
+          features_grid: as for ``__call__``.
           train: the training disk (``train_radius``) or the test disk (``eval_radius``).
 
         Returns:
@@ -98,8 +101,9 @@ class RandomWalkRefinement(nnx.Module):
             differentiated through; ``False``: the converged walk (eq. 3), one CG solve
             per image (device-local under a mesh, :func:`rwseg.models.device_local.map_examples`),
             differentiated implicitly.
-          logits_grid, features_grid: cell placement of those maps (default: evenly tiling
+          logits_grid: cell placement of those maps (default: evenly tiling
             the image).
+          features_grid: see ``logits_grid``.
           affinities: optional, :meth:`affinities` of the same inputs and ``train``, computed
             once for this call and :meth:`affinity_loss` in a training step.
           return_info: also return a :class:`rwseg.layers.RefinementInfo`.
@@ -114,13 +118,13 @@ class RandomWalkRefinement(nnx.Module):
             self.affinities(image, features, train=train, features_grid=features_grid)
         if train:
             offsets = self.train_offsets
-            y = jax.vmap(lambda ww, x: ops.random_walk(ww, x, offsets, alpha=1.0, steps=1))(weights, f)
+            y = jax.vmap(lambda ww, x: ops.random_walk(ww, x, offsets, alpha=1.0, num_steps=1))(weights, f)
             info = exact_steps(b, 1)
         else:
             offsets = self.eval_offsets
 
             def walk(ww, x):
-                return ops.random_walk(ww, x, offsets, alpha=self.alpha, steps=None, symmetric=True,
+                return ops.random_walk(ww, x, offsets, alpha=self.alpha, num_steps=None, symmetric=True,
                                        tol=self.tol, max_iters=self.max_iters, return_info=True)
 
             y, si = map_examples(walk, weights, f)
@@ -134,8 +138,10 @@ class RandomWalkRefinement(nnx.Module):
         Args:
           image: (B, H, W, C) float; labels: (B, H, W) int (``ignore_index`` 255 /
             negative: ignored), block-majority subsampled to the walk grid;
-          features, features_grid, affinities: as for ``__call__`` (``affinities`` of the
+          features: as for ``__call__`` (``affinities`` of the
             training disk).
+          features_grid: as for ``__call__`` (``affinities`` of the
+          affinities: as for ``__call__`` (``affinities`` of the
 
         Returns:
           The mean over the batch of :func:`rwseg.rwn.affinity_loss`.

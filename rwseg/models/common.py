@@ -16,18 +16,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rwseg._numerics import masked_mean
+from rwseg.constants import IGNORE_INDEX
+
 from rwseg.models.backbone import PIXELS, Grid, encoder_grid, pooled_grid, upsample
 
-__all__ = ["IGNORE_INDEX", "cross_entropy", "masked_mean", "avg_pool", "subsample_labels",
+__all__ = ["cross_entropy", "avg_pool", "subsample_labels",
            "subsample_scribbles", "upsample", "Grid", "PIXELS", "encoder_grid", "pooled_grid"]
 
-IGNORE_INDEX = 255  # the data layer's ignore label (rwseg.data.IGNORE_INDEX)
-
-
-def masked_mean(values, mask):
-    """``sum(values * mask) / max(sum(mask), 1)`` in the dtype of ``values``."""
-    mask = mask.astype(values.dtype)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), jnp.asarray(1, values.dtype))
 
 
 def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):

@@ -21,7 +21,8 @@ from flax import nnx
 
 from rwseg.layers import DilatedAffinity
 from rwseg.models.base import Segmenter, no_solves
-from rwseg.models.common import IGNORE_INDEX, cross_entropy
+from rwseg.constants import IGNORE_INDEX
+from rwseg.models.common import cross_entropy
 
 __all__ = ["DilatedAffinityModel"]
 

@@ -40,7 +40,7 @@ class GCRFModel(Segmenter):
         self.refinement = GaussianCRF(
             num_classes, feature_channels=config.model.features, embedding_channels=int(c.features),
             num_filters=int(c.filters), radius=int(c.radius), downsample=int(c.crf_downsample),
-            num_layers=int(c.num_layers), tol=float(c.tol), max_iters=int(c.max_layers), margin=float(c.margin),
+            num_steps=int(c.num_layers), tol=float(c.tol), max_iters=int(c.max_layers), margin=float(c.margin),
             compat_init=float(c.compat_init), rngs=rngs)
 
     def _crf(self, images, out, **kw):

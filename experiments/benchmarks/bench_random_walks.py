@@ -10,7 +10,7 @@ Prints one markdown table, every row measured in this run (medians over ``--repe
       gradient — the seed paper's CPU-solver approach;
     - scipy CG (``scipy.sparse.linalg.cg``, Jacobi-preconditioned, rtol 1e-6): 21 forward
       and 21 adjoint solves.
-(b) ``rwseg.rwn.random_walk`` converged (``steps=None``, symmetric CG) with the radius-5
+(b) ``rwseg.rwn.random_walk`` converged (``num_steps=None``, symmetric CG) with the radius-5
     disk (K = 80) at 64x64 and 128x128 with 21 classes, alpha = ``--alpha``, float32,
     against scipy ``splu`` of ``(D - alpha W)`` (build + factorise + solve) and against dense
     CRF inference (``pydensecrf2``, 5 mean-field iterations) on the same scores.

@@ -63,6 +63,10 @@ def get_config(method: str) -> ml_collections.ConfigDict:
     # run's (num_steps, frequencies and evaluation settings may change); True continues anyway
     # (the change is recorded in workdir/config_history.jsonl)
     c.allow_config_change = False
+    # refinement protocol (rwseg.train.init_from): start the backbone from this run's checkpoint
+    # ("WORKDIR" = its latest, "WORKDIR/best", "WORKDIR/checkpoints/STEP"); optimiser state fresh
+    c.init_from = ""
+    c.freeze_backbone = False        # True: the backbone's parameters stay fixed (needs init_from)
     return c
 
 

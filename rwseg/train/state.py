@@ -22,6 +22,7 @@ from rwseg.models import build_model, dataset_statistics, model_class
 from rwseg.models.base import Statistic
 from rwseg.models.device_local import batch_axis
 from rwseg.train import parallel
+from rwseg.train.init_from import freeze_backbone
 from rwseg.train.optim import make_optimizer
 
 __all__ = ["Setup", "create", "source_kwargs", "compute_statistics", "make_train_step", "merge"]
@@ -79,6 +80,8 @@ def create(config, num_classes: int, statistics: dict) -> Setup:
 
     graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, Statistic)[0]
     tx, schedule = make_optimizer(config.optimizer, int(config.num_steps))
+    if config.get("freeze_backbone", False):  # rwseg.train.init_from: zero updates for params["backbone"]
+        tx = freeze_backbone(tx)
 
     @jax.jit
     def init():

@@ -11,7 +11,8 @@
    newest intact one (checksums verified; damaged ones are reported and skipped, see
    :mod:`rwseg.train.checkpoint`) with the restored parameters and optimiser state;
    since the data stream and the step are deterministic, the final parameters equal
-   those of an uninterrupted run. The config must be the one the run was started with
+   those of an uninterrupted run. A new run with ``config.init_from`` starts from that
+   run's backbone parameters (:mod:`rwseg.train.init_from`). The config must be the one the run was started with
    (:func:`rwseg.train.config_check.config_changes`; run length, frequencies and
    evaluation settings may change) unless ``config.allow_config_change`` is True.
    ``workdir/config.json`` keeps the first start's config; every (re)start appends
@@ -44,6 +45,7 @@ from rwseg.train import parallel
 from rwseg.train.checkpoint import Checkpoints
 from rwseg.train.config_check import ConfigError, check_config, config_changes, flatten
 from rwseg.train.evaluate import evaluate, write_results
+from rwseg.train.init_from import init_backbone
 from rwseg.train.panels import save_panels
 from rwseg.train.state import compute_statistics, create, make_train_step, source_kwargs
 
@@ -209,6 +211,11 @@ def train_and_evaluate(config, workdir) -> dict:
         elif started_before:
             print(f"rwseg.train: {workdir} holds an earlier start of this run but no finished checkpoint; "
                   "training from step 0", flush=True)
+        if restored is None and config.get("init_from", ""):
+            initial, where = init_backbone(setup.state, config.init_from)
+            state = parallel.replicate(initial, mesh)
+            print(f"rwseg.train: backbone initialised from {where}"
+                  + (" (frozen)" if config.get("freeze_backbone", False) else ""), flush=True)
         record_config(config, workdir, start, changes)
         writer = MetricsWriter(workdir, resume_step=start)
         train_step = make_train_step(setup, mesh)

@@ -107,6 +107,10 @@ def test_frozen_backbone_stays_fixed(base, tmp_path):
 def test_config_checks_and_resume_compatibility(tmp_path):
     with pytest.raises(ConfigError, match=r"config.freeze_backbone: expected False without config.init_from"):
         check_config(_smoke("spn", freeze_backbone=True), num_devices=1, num_processes=1)
+    with pytest.raises(ConfigError, match=r"config.data.scale_range: expected \(lo, hi\)[\s\S]*"
+                                          r"config.data.color_jitter: expected \(brightness"):
+        check_config(_smoke("spn", **{"data.scale_range": (2.0, 1.0), "data.color_jitter": (0.1, 2.0, 0.0)}),
+                     num_devices=1, num_processes=1)
     with pytest.raises(ConfigError, match=r"config.init_from: expected a run directory"):
         check_config(_smoke("spn", init_from=str(tmp_path / "absent")), num_devices=1, num_processes=1)
     # a run recorded before these keys existed resumes with their defaults unchanged ...
@@ -114,6 +118,8 @@ def test_config_checks_and_resume_compatibility(tmp_path):
     for key in ("init_from", "freeze_backbone", "allow_config_change"):
         old.pop(key)
     old["optimizer"].pop("max_nonfinite_skips")
+    for key in ("scale_range", "flip", "color_jitter"):  # training augmentation keys (rwseg.train.state)
+        old["data"].pop(key)
     assert config_changes(old, _smoke("spn")) == {}
     # ... but not with another backbone start or a frozen backbone
     assert set(config_changes(old, _smoke("spn", init_from="x", freeze_backbone=True))) == {"init_from",

@@ -22,6 +22,9 @@ def get_config(method: str) -> ml_collections.ConfigDict:
     c.data.synthetic.num_train = 256
     c.data.synthetic.num_validation = 64
     c.data.synthetic.image_size = 64
+    c.data.scale_range = (0.75, 1.25)  # training: random scale factor range ((1, 1) = none)
+    c.data.flip = True               # training: random left-right flips
+    c.data.color_jitter = (0.0, 0.0, 0.0)  # training: (brightness, contrast, saturation) strengths
     c.data.scribbles = False         # RAWKS trains from generated scribbles
     c.data.train_split = "train"
     c.data.eval_split = "validation"

@@ -93,6 +93,17 @@ def positive_numbers(v):
     return None if ok else "a non-empty tuple of finite numbers > 0"
 
 
+def scale_range(v):
+    ok = (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) and math.isfinite(x) for x in v)
+          and 0 < v[0] <= v[1])
+    return None if ok else "(lo, hi) with 0 < lo <= hi ((1, 1) = no scaling)"
+
+
+def color_jitter(v):
+    ok = isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_number(x) and 0 <= x < 1 for x in v)
+    return None if ok else "(brightness, contrast, saturation), each in [0, 1)"
+
+
 def dilated_rates(v):
     """ints >= 1 or (r1, r2) pairs of ints >= 1 (rwseg.dilated rates)."""
     def one(r):
@@ -152,6 +163,9 @@ OPTIONAL_OPTIONS = {
     "data.synthetic.image_size": int_at_least(8),
     "init_from": string,
     "freeze_backbone": boolean,
+    "data.scale_range": scale_range,
+    "data.flip": boolean,
+    "data.color_jitter": color_jitter,
 }
 
 # the value an absent optional key stands for: a run whose config.json predates the key
@@ -161,6 +175,9 @@ OPTIONAL_DEFAULTS = {
     "allow_config_change": False,
     "init_from": "",
     "freeze_backbone": False,
+    "data.scale_range": [0.75, 1.25],
+    "data.flip": True,
+    "data.color_jitter": [0.0, 0.0, 0.0],
 }
 
 # method -> {option of config.<method>: check}; every option listed is read by the model

@@ -47,7 +47,7 @@ from rwseg.train.config_check import ConfigError, check_config, config_changes, 
 from rwseg.train.evaluate import evaluate, write_results
 from rwseg.train.init_from import init_backbone
 from rwseg.train.panels import save_panels
-from rwseg.train.state import compute_statistics, create, make_train_step, source_kwargs
+from rwseg.train.state import augmentation_kwargs, compute_statistics, create, make_train_step, source_kwargs
 
 __all__ = ["train_and_evaluate", "MetricsWriter", "previous_config", "check_resume_config", "record_config",
            "finishing"]
@@ -235,7 +235,8 @@ def train_and_evaluate(config, workdir) -> dict:
         batches = data.make_batches(train_source, batch_size=local_bs, crop_size=int(config.data.crop_size),
                                     train=True, seed=int(config.seed), start_step=start,
                                     num_steps=max(num_steps - start, 0), scribbles=bool(config.data.scribbles),
-                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+                                    shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                    **augmentation_kwargs(config))
         keys = ("image", "label", "scribbles") if config.data.scribbles else ("image", "label")
         bar = _progress(config, start, num_steps)
         t0, last_logged = time.perf_counter(), start

@@ -118,9 +118,32 @@ def test_config_checks_and_resume_compatibility(tmp_path):
     for key in ("init_from", "freeze_backbone", "allow_config_change"):
         old.pop(key)
     old["optimizer"].pop("max_nonfinite_skips")
-    for key in ("scale_range", "flip", "color_jitter"):  # training augmentation keys (rwseg.train.state)
+    for key in ("scale_range", "flip", "color_jitter", "train_labels"):  # data keys added later
         old["data"].pop(key)
     assert config_changes(old, _smoke("spn")) == {}
     # ... but not with another backbone start or a frozen backbone
     assert set(config_changes(old, _smoke("spn", init_from="x", freeze_backbone=True))) == {"init_from",
                                                                                            "freeze_backbone"}
+
+
+def test_scribble_only_baseline_trains_on_the_scribbles(tmp_path):
+    """data.train_labels = "scribbles": the first step's loss is the cross-entropy of the
+    initial model on batch 0's scribble pixels (recomputed independently), not on its labels."""
+    from rwseg.models.common import cross_entropy
+    from rwseg.train.state import merge, source_kwargs
+
+    config = load_config_file(str(CONFIGS / "scribble_baseline.py"), "smoke")
+    config.num_steps, config.checkpoint_every, config.eval_at_end = 1, 1, False
+    train_and_evaluate(config, tmp_path / "scribbles")
+    logged = json.loads((tmp_path / "scribbles" / "metrics.jsonl").read_text().splitlines()[0])["ce"]
+    source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
+    batch = next(data.make_batches(source, batch_size=config.batch_size, crop_size=config.data.crop_size, train=True,
+                                   seed=config.seed, num_steps=1, scribbles=True, shard_index=0, shard_count=1))
+    model = merge(*(lambda s: (s.graphdef, s.state))(create(config, K, {})))
+    logits = model.coarse_scores(jax.numpy.asarray(batch["image"]))
+    on_scribbles = float(cross_entropy(logits, jax.numpy.asarray(batch["scribbles"])))
+    on_labels = float(cross_entropy(logits, jax.numpy.asarray(batch["label"])))
+    assert 0 < (batch["scribbles"] >= 0).mean() < 0.2
+    assert logged == pytest.approx(on_scribbles, rel=1e-4) and abs(on_scribbles - on_labels) > 1e-3
+    with pytest.raises(ConfigError, match="config.data.train_labels: expected 'dense' unless"):
+        check_config(_smoke("baseline", **{"data.train_labels": "scribbles"}), num_devices=1, num_processes=1)

@@ -26,6 +26,7 @@ def get_config(method: str) -> ml_collections.ConfigDict:
     c.data.flip = True               # training: random left-right flips
     c.data.color_jitter = (0.0, 0.0, 0.0)  # training: (brightness, contrast, saturation) strengths
     c.data.scribbles = False         # RAWKS trains from generated scribbles
+    c.data.train_labels = "dense"    # "scribbles": train on the scribbles only (scribble_baseline.py)
     c.data.train_split = "train"
     c.data.eval_split = "validation"
 

@@ -166,6 +166,7 @@ OPTIONAL_OPTIONS = {
     "data.scale_range": scale_range,
     "data.flip": boolean,
     "data.color_jitter": color_jitter,
+    "data.train_labels": one_of("dense", "scribbles"),
 }
 
 # the value an absent optional key stands for: a run whose config.json predates the key
@@ -178,6 +179,7 @@ OPTIONAL_DEFAULTS = {
     "data.scale_range": [0.75, 1.25],
     "data.flip": True,
     "data.color_jitter": [0.0, 0.0, 0.0],
+    "data.train_labels": "dense",
 }
 
 # method -> {option of config.<method>: check}; every option listed is read by the model
@@ -346,6 +348,9 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
     if values.get("freeze_backbone") is True and values.get("init_from") in (_MISSING, None, ""):
         errors.append("config.freeze_backbone: expected False without config.init_from (a frozen random "
                       "backbone), got True")
+    if values.get("data.train_labels") == "scribbles" and values.get("data.scribbles") is False:
+        errors.append("config.data.train_labels: expected 'dense' unless config.data.scribbles is True "
+                      "(the scribbles are generated only then), got 'scribbles'")
     if ok("data.crop_size") and values["data.crop_size"] % 8:
         errors.append(f"config.data.crop_size: expected a multiple of 8 (the backbone's 1/8 resolution), "
                       f"got {values['data.crop_size']}")

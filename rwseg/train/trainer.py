@@ -238,13 +238,17 @@ def train_and_evaluate(config, workdir) -> dict:
                                     shard_index=jax.process_index(), shard_count=jax.process_count(),
                                     **augmentation_kwargs(config))
         keys = ("image", "label", "scribbles") if config.data.scribbles else ("image", "label")
+        # data.train_labels = "scribbles": the scribbles are the only training labels (the
+        # scribble-only baseline RAWKS is compared with; unlabelled pixels are -1, ignored)
+        scribble_labels = config.data.get("train_labels", "dense") == "scribbles"
         bar = _progress(config, start, num_steps)
         t0, last_logged = time.perf_counter(), start
         result = {}
         try:
             for step in range(start, num_steps):
                 batch = next(batches)
-                batch = parallel.global_batch({k: batch[k] for k in keys}, mesh)
+                batch = {k: batch["scribbles" if k == "label" and scribble_labels else k] for k in keys}
+                batch = parallel.global_batch(batch, mesh)
                 state, metrics = train_step(state, batch, np.int32(step))
                 done = step + 1
                 bar.update(1)

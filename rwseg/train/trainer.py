@@ -12,9 +12,9 @@
    :mod:`rwseg.train.checkpoint`) with the restored parameters and optimiser state;
    since the data stream and the step are deterministic, the final parameters equal
    those of an uninterrupted run. A new run with ``config.init_from`` starts from that
-   run's backbone parameters (:mod:`rwseg.train.init_from`). The config must be the one the run was started with
-   (:func:`rwseg.train.config_check.config_changes`; run length, frequencies and
-   evaluation settings may change) unless ``config.allow_config_change`` is True.
+   run's backbone parameters (:mod:`rwseg.train.init_from`). The config must be the one
+   the run was started with (:func:`rwseg.train.config_check.config_changes`; run length,
+   frequencies and evaluation settings may change) unless ``config.allow_config_change``.
    ``workdir/config.json`` keeps the first start's config; every (re)start appends
    ``{"step", "time", "changes", "config"}`` to ``workdir/config_history.jsonl``.
 4. Logging: JSON lines in ``workdir/metrics.jsonl`` (``{"step", "split", ...}``), a tqdm

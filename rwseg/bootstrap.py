@@ -55,7 +55,8 @@ def paired_bootstrap(score: Callable, a, b, *, num_samples: int = 2000, confiden
         raise ValueError("a, b: expected two non-empty pytrees of the same structure")
     shapes = {np.shape(x)[:2] for x in leaves_a + leaves_b}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ValueError(f"a, b: expected every leaf of shape (seeds, images, ...), got leading shapes {sorted(shapes)}")
+        raise ValueError(f"a, b: expected every leaf of shape (seeds, images, ...), "
+                         f"got leading shapes {sorted(shapes)}")
     seeds, n = next(iter(shapes))
     w = resample_weights(n, num_samples, seed).astype(np.float64)  # (R, N)
 

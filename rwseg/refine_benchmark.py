@@ -314,7 +314,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output directory (runs, results.md, panels.png)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--config", default=str(CONFIG), help="config file taking METHOD[,smoke] (default: %(default)s)")
+    parser.add_argument("--config", default=str(CONFIG), 
+                        help="config file taking METHOD[,smoke] (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true", help="the config's few-second smoke variant")
     parser.add_argument("--manual_dir", default=None, help="data folder (default: the base run's data.manual_dir)")
     parser.add_argument("--panels", type=int, default=4, help="panel rows (validation images; 0 = none)")

@@ -9,8 +9,8 @@ Training (``train=True``)
   A global stream of examples: the source shuffled per epoch (grain ``shuffle`` then
   ``repeat``; every epoch a new permutation) and augmented per stream position
   (``random_map``: random scale in ``scale_range``, pad with ignore + random crop to
-  ``crop_size``, random left-right flip, optional colour jitter after the scaling; the RNG depends on the seed and the position
-  only). Global batch ``s`` is stream positions ``[s*G, (s+1)*G)`` with
+  ``crop_size``, random left-right flip, optional colour jitter after the scaling; the RNG
+  depends on the seed and the position only). Global batch ``s`` is stream positions ``[s*G, (s+1)*G)`` with
   ``G = batch_size * shard_count``; process ``p`` takes the ``p``-th block of
   ``batch_size`` of them. So processes read disjoint examples, and the union of the
   per-process batches is the same for any ``shard_count`` with the same ``G``.
@@ -241,7 +241,8 @@ def batch_dataset(
         scale_range = (float(lo), float(hi))
     jitter = tuple(color_jitter) if isinstance(color_jitter, (tuple, list)) else ()
     if len(jitter) != 3 or not all(isinstance(v, (int, float)) and 0 <= v < 1 for v in jitter):
-        raise ValueError(f"color_jitter: expected (brightness, contrast, saturation), each in [0, 1), got {color_jitter!r}")
+        raise ValueError(f"color_jitter: expected (brightness, contrast, saturation), each in [0, 1), "
+                         f"got {color_jitter!r}")
     if not train and pad_size is None:
         pad_size = max_image_size(source)
     transform = _Transform(

@@ -23,7 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["ConfigError", "check_config", "check_workdir", "flatten", "config_changes", "HARMLESS_KEYS", "OPTIONAL_DEFAULTS",
+__all__ = ["ConfigError", "check_config", "check_workdir", "flatten", "config_changes", "HARMLESS_KEYS",
+           "OPTIONAL_DEFAULTS",
            "METHOD_OPTIONS"]
 
 

@@ -10,8 +10,8 @@ Training (``train=True``)
   ``repeat``; every epoch a new permutation) and augmented per stream position
   (``random_map``: random scale in ``scale_range``, pad with ignore + random crop to
   ``crop_size``, random left-right flip, optional colour jitter after the scaling; the RNG
-  depends on the seed and the position only). Global batch ``s`` is stream positions ``[s*G, (s+1)*G)`` with
-  ``G = batch_size * shard_count``; process ``p`` takes the ``p``-th block of
+  depends on the seed and the position only). Global batch ``s`` is stream positions
+  ``[s*G, (s+1)*G)`` with ``G = batch_size * shard_count``; process ``p`` takes the ``p``-th block of
   ``batch_size`` of them. So processes read disjoint examples, and the union of the
   per-process batches is the same for any ``shard_count`` with the same ``G``.
   The stream is infinite (``num_steps=None`` iterates forever).

@@ -214,3 +214,32 @@ def test_scribbles():
         assert s.shape == x["label"].shape and s.dtype == np.int32
         assert (s >= -1).all() and (s < 5).all() and (s >= 0).any()
         np.testing.assert_array_equal(s[s >= 0], x["label"][s >= 0])  # strokes carry the true label
+
+
+def test_color_jitter_oracle():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (6, 5, 3)).astype(np.uint8)
+    # zero strength: the image (as float) and the random stream are unchanged
+    r1, r2 = np.random.default_rng(4), np.random.default_rng(4)
+    np.testing.assert_array_equal(augment.color_jitter(image, r1), image.astype(np.float32))
+    assert r1.random() == r2.random()
+    # brightness alone: one factor f in [0.7, 1.3] for every pixel, f drawn first from the stream
+    f = np.random.default_rng(7).uniform(0.7, 1.3)
+    out = augment.color_jitter(image, np.random.default_rng(7), (0.3, 0.0, 0.0))
+    np.testing.assert_allclose(out, np.clip(image * f, 0, 255), rtol=1e-6)
+    # saturation alone with factor 0 would give gray; any factor keeps gray pixels gray
+    gray = np.full((4, 4, 3), 90, np.uint8)
+    np.testing.assert_allclose(augment.color_jitter(gray, np.random.default_rng(1), (0.0, 0.5, 0.9)), gray, atol=1e-4)
+
+
+def test_color_jitter_in_batches():
+    src = colour_source(n=8, sizes=((30, 36),))
+    kw = dict(seed=3, num_steps=3, batch_size=4, crop_size=(20, 20), train=True)
+    plain = batches(src, **kw)
+    for x, y in zip(plain, batches(src, color_jitter=(0.0, 0.0, 0.0), **kw)):
+        assert_same(x, y)  # the default stream, exactly
+    jit = batches(src, color_jitter=(0.4, 0.4, 0.4), **kw)
+    for x, y in zip(plain, jit):
+        assert not np.allclose(x["image"], y["image"])
+    with pytest.raises(ValueError, match="color_jitter"):
+        batches(src, color_jitter=(1.5, 0, 0), **kw)

@@ -103,3 +103,20 @@ def test_prediction_does_not_change_when_padding_is_added(model):
     scores, _ = _alone(setup, state, src[0]["image"])
     padded_scores, _ = _alone(setup, state, np.pad(src[0]["image"], ((0, 8), (0, 0), (0, 0))))
     assert np.max(np.abs(padded_scores[:16, :24] - scores)) > 1e-3
+
+
+@pytest.mark.parametrize("method, multiple", [("baseline", 1), ("gcrf", 2), ("rwn", 2)])
+def test_pooling_methods_pad_to_their_factor_only(method, multiple):
+    """Images whose size the method's pooling factor does not divide (Stanford: 213 x 320 at
+    1/4) are padded bottom/right to the next multiple, labels ignored there; others not at all."""
+    config = load_config_file(str(ROOT / "experiments" / "configs" / f"{method}.py"), "smoke")
+    config.eval_batches = 0
+    rng = np.random.default_rng(0)
+    src = [{"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+            "label": rng.integers(0, NUM_CLASSES, (h, w)).astype(np.int32)} for h, w in [(13, 18), (16, 16)]]
+    seen = {b["image"].shape[1:3]: b for b in eval_batches(config, src, parallel.make_mesh())}
+    padded = (-(-13 // multiple) * multiple, -(-18 // multiple) * multiple)
+    assert set(seen) == {padded, (16, 16)}
+    label = seen[padded]["label"][np.flatnonzero(seen[padded]["valid"])[0]]
+    np.testing.assert_array_equal(label[:13, :18], src[0]["label"])
+    assert np.all(label[13:] == data.IGNORE_INDEX) and np.all(label[:, 18:] == data.IGNORE_INDEX)

@@ -22,7 +22,11 @@ def get_config(method: str) -> ml_collections.ConfigDict:
     c.data.synthetic.num_train = 256
     c.data.synthetic.num_validation = 64
     c.data.synthetic.image_size = 64
+    c.data.scale_range = (0.75, 1.25)  # training: random scale factor range ((1, 1) = none)
+    c.data.flip = True               # training: random left-right flips
+    c.data.color_jitter = (0.0, 0.0, 0.0)  # training: (brightness, contrast, saturation) strengths
     c.data.scribbles = False         # RAWKS trains from generated scribbles
+    c.data.train_labels = "dense"    # "scribbles": train on the scribbles only (scribble_baseline.py)
     c.data.train_split = "train"
     c.data.eval_split = "validation"
 
@@ -63,6 +67,10 @@ def get_config(method: str) -> ml_collections.ConfigDict:
     # run's (num_steps, frequencies and evaluation settings may change); True continues anyway
     # (the change is recorded in workdir/config_history.jsonl)
     c.allow_config_change = False
+    # refinement protocol (rwseg.train.init_from): start the backbone from this run's checkpoint
+    # ("WORKDIR" = its latest, "WORKDIR/best", "WORKDIR/checkpoints/STEP"); optimiser state fresh
+    c.init_from = ""
+    c.freeze_backbone = False        # True: the backbone's parameters stay fixed (needs init_from)
     return c
 
 

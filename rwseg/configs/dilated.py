@@ -1,4 +1,4 @@
-"""Dilated affinity (seed 004): affinity head + focal affinity loss in training,
+"""Dilated affinity (Wu et al.): affinity head + focal affinity loss in training,
 affinity propagation at evaluation."""
 
 import ml_collections

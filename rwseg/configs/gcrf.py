@@ -1,4 +1,4 @@
-"""GCRF (seed 003): unary + pairwise networks + Gaussian mean field (5 unrolled layers in
+"""GCRF (Vemulapalli et al.): unary + pairwise networks + Gaussian mean field (5 unrolled layers in
 training, to a tolerance at evaluation), optional similarity pretraining."""
 
 import ml_collections

@@ -1,4 +1,4 @@
-"""RAWKS (seed 001): boundary network + segmentation network trained from generated
+"""RAWKS (Vernaza & Chandraker): boundary network + segmentation network trained from generated
 scribbles with the uncertainty-weighted loss (eq. 11)."""
 
 import ml_collections

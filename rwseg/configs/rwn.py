@@ -1,4 +1,4 @@
-"""RWN (seed 000): affinity branch + random walk (one step with a large radius in
+"""RWN (Bertasius et al.): affinity branch + random walk (one step with a large radius in
 training, converged walk with a small radius at evaluation)."""
 
 import ml_collections

@@ -1,4 +1,4 @@
-"""SPN (seed 002): guidance network + three-way propagation in 4 directions refining the
+"""SPN (Liu et al.): guidance network + three-way propagation in 4 directions refining the
 upsampled coarse map."""
 
 import ml_collections

@@ -90,6 +90,31 @@ def random_scale(image, label, rng: np.random.Generator, scale_range=(0.75, 1.25
     return resize(image, label, (max(1, round(h * s)), max(1, round(w * s))))
 
 
+def color_jitter(image, rng: np.random.Generator, strength=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """Random photometric change of an RGB image (the label is untouched).
+
+    ``strength = (brightness, contrast, saturation)``, each ``s >= 0``: a factor ``f`` is
+    drawn uniformly from ``[1 - s, 1 + s]`` for each non-zero strength, in this order, and
+    applied as ``f * x`` (brightness), ``mean(gray) + f * (x - mean(gray))`` (contrast) and
+    ``gray + f * (x - gray)`` (saturation), where ``gray`` is the ITU-R 601 luma
+    ``0.299 R + 0.587 G + 0.114 B``. image: uint8 or float ``(H, W, 3)`` in 0..255 ->
+    float32 in 0..255 (clipped after each step). No random number is drawn for a zero
+    strength, so ``(0, 0, 0)`` leaves the image and the random stream unchanged.
+    """
+    b, c, s = (float(v) for v in strength)
+    x = np.asarray(image, dtype=np.float32)
+    luma = np.asarray([0.299, 0.587, 0.114], np.float32)
+    if b > 0:
+        x = np.clip(x * np.float32(rng.uniform(1 - b, 1 + b)), 0, 255)
+    if c > 0:
+        m = np.float32((x @ luma).mean())
+        x = np.clip(m + np.float32(rng.uniform(1 - c, 1 + c)) * (x - m), 0, 255)
+    if s > 0:
+        gray = (x @ luma)[..., None]
+        x = np.clip(gray + np.float32(rng.uniform(1 - s, 1 + s)) * (x - gray), 0, 255)
+    return x
+
+
 def pad_to(image: np.ndarray, label: np.ndarray, mask: np.ndarray, size: tuple[int, int]):
     """Pads at the bottom and right to at least ``size``.
 

@@ -9,9 +9,9 @@ Training (``train=True``)
   A global stream of examples: the source shuffled per epoch (grain ``shuffle`` then
   ``repeat``; every epoch a new permutation) and augmented per stream position
   (``random_map``: random scale in ``scale_range``, pad with ignore + random crop to
-  ``crop_size``, random left-right flip; the RNG depends on the seed and the position
-  only). Global batch ``s`` is stream positions ``[s*G, (s+1)*G)`` with
-  ``G = batch_size * shard_count``; process ``p`` takes the ``p``-th block of
+  ``crop_size``, random left-right flip, optional colour jitter after the scaling; the RNG
+  depends on the seed and the position only). Global batch ``s`` is stream positions
+  ``[s*G, (s+1)*G)`` with ``G = batch_size * shard_count``; process ``p`` takes the ``p``-th block of
   ``batch_size`` of them. So processes read disjoint examples, and the union of the
   per-process batches is the same for any ``shard_count`` with the same ``G``.
   The stream is infinite (``num_steps=None`` iterates forever).
@@ -74,6 +74,7 @@ class _Transform:
     pad_size: Optional[tuple[int, int]]
     scale_range: Optional[tuple[float, float]]
     flip: bool
+    color_jitter: tuple[float, float, float]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     scribbles: bool
@@ -85,6 +86,8 @@ class _Transform:
         if self.train:
             if self.scale_range is not None and tuple(self.scale_range) != (1.0, 1.0):
                 image, label = augment.random_scale(image, label, rng, self.scale_range)
+            if any(self.color_jitter):
+                image = augment.color_jitter(image, rng, self.color_jitter)
             x = augment.normalize(image, self.mean, self.std)
             mask = np.ones(label.shape, dtype=bool)
             if self.crop_size is not None:
@@ -223,6 +226,7 @@ def batch_dataset(
     shard_count: Optional[int] = None,
     scale_range=(0.75, 1.25),
     flip: bool = True,
+    color_jitter=(0.0, 0.0, 0.0),
     mean=DEFAULT_MEAN,
     std=DEFAULT_STD,
     pad_size=None,
@@ -242,6 +246,8 @@ def batch_dataset(
         shard_count: the number of shards (default ``jax.process_count()``).
         scale_range: random scale factors for training; ``None`` disables.
         flip: random left-right flips in training.
+        color_jitter: ``(brightness, contrast, saturation)`` strengths of the training colour
+            jitter; ``(0, 0, 0)`` disables.
         mean: per-channel mean subtracted, in 0..255 units.
         std: per-channel divisor, in 0..255 units.
         pad_size: evaluation size ``(h, w)``; ``None`` = the maximum over the source.
@@ -266,6 +272,10 @@ def batch_dataset(
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range: expected (lo, hi) with 0 < lo <= hi, got {tuple(scale_range)}")
         scale_range = (float(lo), float(hi))
+    jitter = tuple(color_jitter) if isinstance(color_jitter, (tuple, list)) else ()
+    if len(jitter) != 3 or not all(isinstance(v, (int, float)) and 0 <= v < 1 for v in jitter):
+        raise ValueError(f"color_jitter: expected (brightness, contrast, saturation), each in [0, 1), "
+                         f"got {color_jitter!r}")
     if not train and pad_size is None:
         pad_size = max_image_size(source)
     transform = _Transform(
@@ -274,6 +284,7 @@ def batch_dataset(
         pad_size=pad_size,
         scale_range=scale_range,
         flip=bool(flip),
+        color_jitter=tuple(float(v) for v in jitter),
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         scribbles=bool(scribbles),
@@ -306,6 +317,7 @@ def make_batches(
     shard_count: Optional[int] = None,
     scale_range=(0.75, 1.25),
     flip: bool = True,
+    color_jitter=(0.0, 0.0, 0.0),
     mean=DEFAULT_MEAN,
     std=DEFAULT_STD,
     pad_size=None,
@@ -331,6 +343,8 @@ def make_batches(
       flip: random left-right flips in training.
       mean: per-channel mean subtracted, in 0..255 units (default ImageNet statistics).
       std: per-channel divisor, in 0..255 units (default ImageNet statistics).
+      color_jitter: ``(brightness, contrast, saturation)`` strengths of the training colour
+        jitter (:func:`rwseg.data.augment.color_jitter`, after scaling); ``(0, 0, 0)`` disables.
       pad_size: evaluation size ``(h, w)``; ``None`` = the maximum over the source (reads
         every example once). An image larger than ``pad_size`` raises ``ValueError``.
       num_threads: grain read threads (does not affect the results).
@@ -350,6 +364,7 @@ def make_batches(
         shard_count=shard_count,
         scale_range=scale_range,
         flip=flip,
+        color_jitter=color_jitter,
         mean=mean,
         std=std,
         pad_size=pad_size,

@@ -4,7 +4,7 @@ Layout: a full-resolution *stem* (one 3x3 conv; its output is the "first-layer
 features" RWN's affinity branch uses), a strided encoder down to 1/8 resolution
 (three stride-2 stages, ``depth`` extra 3x3 convs each), a small ASPP (parallel dilated
 3x3 convs, concatenated, 1x1 projection) and a 1x1 classifier giving 1/8-resolution
-logits — the DeepLab recipe (seed 000 §3.1, seed 004 §4) at laptop size.
+logits — the DeepLab recipe (Bertasius et al. §3.1, Wu et al. §4) at laptop size.
 
 Normalisation is GroupNorm or none (``norm="group" | "none"``): no BatchNorm, so a
 model has no mutable batch statistics and a data-parallel step is a pure function

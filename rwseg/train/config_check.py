@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["ConfigError", "check_config", "check_workdir", "flatten", "config_changes", "HARMLESS_KEYS",
+           "OPTIONAL_DEFAULTS",
            "METHOD_OPTIONS"]
 
 
@@ -93,6 +94,17 @@ def positive_numbers(v):
     return None if ok else "a non-empty tuple of finite numbers > 0"
 
 
+def scale_range(v):
+    ok = (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) and math.isfinite(x) for x in v)
+          and 0 < v[0] <= v[1])
+    return None if ok else "(lo, hi) with 0 < lo <= hi ((1, 1) = no scaling)"
+
+
+def color_jitter(v):
+    ok = isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_number(x) and 0 <= x < 1 for x in v)
+    return None if ok else "(brightness, contrast, saturation), each in [0, 1)"
+
+
 def dilated_rates(v):
     """ints >= 1 or (r1, r2) pairs of ints >= 1 (rwseg.dilated rates)."""
     def one(r):
@@ -150,6 +162,25 @@ OPTIONAL_OPTIONS = {
     "data.synthetic.num_train": int_at_least(1),
     "data.synthetic.num_validation": int_at_least(1),
     "data.synthetic.image_size": int_at_least(8),
+    "init_from": string,
+    "freeze_backbone": boolean,
+    "data.scale_range": scale_range,
+    "data.flip": boolean,
+    "data.color_jitter": color_jitter,
+    "data.train_labels": one_of("dense", "scribbles"),
+}
+
+# the value an absent optional key stands for: a run whose config.json predates the key
+# compares equal on resume when the new config has this value
+OPTIONAL_DEFAULTS = {
+    "optimizer.max_nonfinite_skips": 0,
+    "allow_config_change": False,
+    "init_from": "",
+    "freeze_backbone": False,
+    "data.scale_range": [0.75, 1.25],
+    "data.flip": True,
+    "data.color_jitter": [0.0, 0.0, 0.0],
+    "data.train_labels": "dense",
 }
 
 # method -> {option of config.<method>: check}; every option listed is read by the model
@@ -305,6 +336,22 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
             data.dataset_info(values["data.name"])
         except ValueError as e:
             errors.append(f"config.data.{e}")
+    if values.get("init_from") not in (_MISSING, None, ""):
+        from rwseg.train.init_from import checkpoint_location
+
+        try:
+            base = checkpoint_location(values["init_from"])[0]
+            if not base.is_dir():
+                errors.append(f"config.init_from: expected a run directory written by `python -m rwseg.train`, "
+                              f"got {values['init_from']!r} (no directory {base})")
+        except ValueError as e:
+            errors.append(str(e))
+    if values.get("freeze_backbone") is True and values.get("init_from") in (_MISSING, None, ""):
+        errors.append("config.freeze_backbone: expected False without config.init_from (a frozen random "
+                      "backbone), got True")
+    if values.get("data.train_labels") == "scribbles" and values.get("data.scribbles") is False:
+        errors.append("config.data.train_labels: expected 'dense' unless config.data.scribbles is True "
+                      "(the scribbles are generated only then), got 'scribbles'")
     if ok("data.crop_size") and values["data.crop_size"] % 8:
         errors.append(f"config.data.crop_size: expected a multiple of 8 (the backbone's 1/8 resolution), "
                       f"got {values['data.crop_size']}")
@@ -381,8 +428,9 @@ def flatten(config) -> dict:
 
 def config_changes(previous, new) -> dict:
     """{key: (previous value, new value)} of the keys that differ and are not in :data:`HARMLESS_KEYS`
-    (a key absent on one side shows as ``"<absent>"``)."""
-    a, b = flatten(previous), flatten(new)
+    (a key absent on one side shows as ``"<absent>"``, except the keys of
+    :data:`OPTIONAL_DEFAULTS`, which stand for their default when absent)."""
+    a, b = ({**OPTIONAL_DEFAULTS, **flatten(c)} for c in (previous, new))
     changed = {}
     for key in sorted(set(a) | set(b)):
         if key in HARMLESS_KEYS:

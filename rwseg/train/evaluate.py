@@ -27,7 +27,10 @@ Stanford Background, padding every image to 320x320 cost 5-7 mIoU). Padding mini
 (to a multiple of 8) and masking it out of the normalisation would still leave the
 padding in the receptive field of the border convolutions, and would need a masked
 GroupNorm in every model; grouping is exact and costs one compilation per distinct
-shape (7 shapes for the 72 Stanford validation images). The last batch of a group is
+shape (7 shapes for the 72 Stanford validation images). Methods that average-pool their
+maps by a factor (GCRF, RWN, RAWKS, SPN with ``downsample > 1``) need sizes divisible by
+it: their images alone are padded to the next multiple (:func:`eval_multiple`; at most
+``factor - 1`` rows/columns, labels ignored there). The last batch of a group is
 filled with ignore-only examples (label 255 everywhere); the models act per example (no
 BatchNorm), so these change nothing and count nowhere. ``config.eval_batches = N``
 evaluates the first ``N * config.eval_batch_size`` images of the split; ``0`` the whole
@@ -50,8 +53,8 @@ from rwseg.train import parallel
 from rwseg.train.panels import save_panels
 from rwseg.train.state import merge
 
-__all__ = ["make_eval_step", "shape_groups", "eval_batches", "evaluate", "evaluate_propagation", "summarize_counts",
-           "markdown_table", "write_results", "load_run", "predict_panels", "evaluate_run"]
+__all__ = ["make_eval_step", "shape_groups", "eval_multiple", "eval_batches", "evaluate", "evaluate_propagation",
+           "summarize_counts", "markdown_table", "write_results", "load_run", "predict_panels", "evaluate_run"]
 
 
 def make_eval_step(graphdef, mesh, num_classes: int, widths, tolerance):
@@ -105,23 +108,37 @@ def shape_groups(source, limit: int | None = None) -> list[tuple[tuple[int, int]
     return list(groups.items())
 
 
+def eval_multiple(config) -> int:
+    """The factor the method average-pools its maps by (``config.<method>.<downsample key>``
+    of :data:`rwseg.train.config_check.DOWNSAMPLE_KEYS`; 1 for methods without one):
+    evaluation images are padded bottom/right to a multiple of it."""
+    from rwseg.train.config_check import DOWNSAMPLE_KEYS
+
+    key = DOWNSAMPLE_KEYS.get(config.method)
+    return max(1, int(config[config.method][key])) if key and config.get(config.method) else 1
+
+
 def eval_batches(config, source, mesh, *, scribbles: bool = False):
     """Local (per-process) evaluation batches, each of one image size (module docstring).
 
     Yields numpy dicts ``{"image" (b, H, W, 3), "label" (b, H, W), "valid" (b,)[, "scribbles"]}``
-    with (H, W) the size of the images of one :func:`shape_groups` group, unpadded; ``b``
+    with (H, W) the size of the images of one :func:`shape_groups` group, unpadded (padded
+    bottom/right to the next multiple of :func:`eval_multiple`, image 0 and label ignore,
+    for a method that pools its maps, e.g. 213 -> 216 rows for GCRF at 1/4); ``b``
     is per group ``min(eval_batch_size, the group size rounded up to the device count)``
     divided over the processes. Every process yields the same sequence of shapes and
     batch sizes; slots past the end of a group are ignore-only examples (``valid`` False).
     """
     ndev = mesh.devices.size
+    multiple = eval_multiple(config)
     keys = ("image", "label", "valid") + (("scribbles",) if scribbles else ())
     limit = int(config.eval_batches) * int(config.eval_batch_size)
     for shape, indices in shape_groups(source, limit or None):
         size = min(int(config.eval_batch_size), -(-len(indices) // ndev) * ndev)
         local = parallel.local_batch_size(size, mesh)
         for batch in data.make_batches(_Subset(source, indices), batch_size=local, crop_size=None, train=False,
-                                       seed=int(config.seed), scribbles=scribbles, pad_size=shape,
+                                       seed=int(config.seed), scribbles=scribbles,
+                                       pad_size=tuple(-(-d // multiple) * multiple for d in shape),
                                        shard_index=jax.process_index(), shard_count=jax.process_count()):
             yield {k: np.asarray(batch[k]) for k in keys}
 

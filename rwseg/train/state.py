@@ -22,9 +22,10 @@ from rwseg.models import build_model, dataset_statistics, model_class
 from rwseg.models.base import Statistic
 from rwseg.models.device_local import batch_axis
 from rwseg.train import parallel
+from rwseg.train.init_from import freeze_backbone
 from rwseg.train.optim import make_optimizer
 
-__all__ = ["Setup", "create", "source_kwargs", "compute_statistics", "make_train_step", "merge"]
+__all__ = ["Setup", "create", "source_kwargs", "augmentation_kwargs", "compute_statistics", "make_train_step", "merge"]
 
 
 def source_kwargs(config) -> dict:
@@ -41,12 +42,23 @@ def source_kwargs(config) -> dict:
     return kw
 
 
+def augmentation_kwargs(config) -> dict:
+    """Training augmentation of ``rwseg.data.make_batches`` from ``config.data`` (defaults for
+    configs written before these keys): ``scale_range`` ((1, 1) = no scaling), ``flip``,
+    ``color_jitter`` (brightness, contrast, saturation)."""
+    d = config.data
+    return {"scale_range": tuple(float(v) for v in d.get("scale_range", (0.75, 1.25))),
+            "flip": bool(d.get("flip", True)),
+            "color_jitter": tuple(float(v) for v in d.get("color_jitter", (0.0, 0.0, 0.0)))}
+
+
 def compute_statistics(config, source) -> dict:
     """Dataset constants the method needs (``{}`` for most), from a few training batches."""
     if getattr(model_class(config.method), "dataset_statistics", None) is None:
         return {}
     batches = data.make_batches(source, batch_size=config.batch_size, crop_size=config.data.crop_size,
-                                train=True, seed=config.seed + 1, num_steps=int(config.statistics_batches))
+                                train=True, seed=config.seed + 1, num_steps=int(config.statistics_batches),
+                                **augmentation_kwargs(config))
     labels = np.concatenate([b["label"] for b in batches], axis=0)
     return dataset_statistics(config, labels)
 
@@ -79,6 +91,8 @@ def create(config, num_classes: int, statistics: dict) -> Setup:
 
     graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, Statistic)[0]
     tx, schedule = make_optimizer(config.optimizer, int(config.num_steps))
+    if config.get("freeze_backbone", False):  # rwseg.train.init_from: zero updates for params["backbone"]
+        tx = freeze_backbone(tx)
 
     @jax.jit
     def init():

@@ -11,9 +11,10 @@
    newest intact one (checksums verified; damaged ones are reported and skipped, see
    :mod:`rwseg.train.checkpoint`) with the restored parameters and optimiser state;
    since the data stream and the step are deterministic, the final parameters equal
-   those of an uninterrupted run. The config must be the one the run was started with
-   (:func:`rwseg.train.config_check.config_changes`; run length, frequencies and
-   evaluation settings may change) unless ``config.allow_config_change`` is True.
+   those of an uninterrupted run. A new run with ``config.init_from`` starts from that
+   run's backbone parameters (:mod:`rwseg.train.init_from`). The config must be the one
+   the run was started with (:func:`rwseg.train.config_check.config_changes`; run length,
+   frequencies and evaluation settings may change) unless ``config.allow_config_change``.
    ``workdir/config.json`` keeps the first start's config; every (re)start appends
    ``{"step", "time", "changes", "config"}`` to ``workdir/config_history.jsonl``.
 4. Logging: JSON lines in ``workdir/metrics.jsonl`` (``{"step", "split", ...}``), a tqdm
@@ -44,8 +45,9 @@ from rwseg.train import parallel
 from rwseg.train.checkpoint import Checkpoints
 from rwseg.train.config_check import ConfigError, check_config, config_changes, flatten
 from rwseg.train.evaluate import evaluate, write_results
+from rwseg.train.init_from import init_backbone
 from rwseg.train.panels import save_panels
-from rwseg.train.state import compute_statistics, create, make_train_step, source_kwargs
+from rwseg.train.state import augmentation_kwargs, compute_statistics, create, make_train_step, source_kwargs
 
 __all__ = ["train_and_evaluate", "MetricsWriter", "previous_config", "check_resume_config", "record_config",
            "finishing"]
@@ -209,6 +211,11 @@ def train_and_evaluate(config, workdir) -> dict:
         elif started_before:
             print(f"rwseg.train: {workdir} holds an earlier start of this run but no finished checkpoint; "
                   "training from step 0", flush=True)
+        if restored is None and config.get("init_from", ""):
+            initial, where = init_backbone(setup.state, config.init_from)
+            state = parallel.replicate(initial, mesh)
+            print(f"rwseg.train: backbone initialised from {where}"
+                  + (" (frozen)" if config.get("freeze_backbone", False) else ""), flush=True)
         record_config(config, workdir, start, changes)
         writer = MetricsWriter(workdir, resume_step=start)
         train_step = make_train_step(setup, mesh)
@@ -228,15 +235,20 @@ def train_and_evaluate(config, workdir) -> dict:
         batches = data.make_batches(train_source, batch_size=local_bs, crop_size=int(config.data.crop_size),
                                     train=True, seed=int(config.seed), start_step=start,
                                     num_steps=max(num_steps - start, 0), scribbles=bool(config.data.scribbles),
-                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+                                    shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                    **augmentation_kwargs(config))
         keys = ("image", "label", "scribbles") if config.data.scribbles else ("image", "label")
+        # data.train_labels = "scribbles": the scribbles are the only training labels (the
+        # scribble-only baseline RAWKS is compared with; unlabelled pixels are -1, ignored)
+        scribble_labels = config.data.get("train_labels", "dense") == "scribbles"
         bar = _progress(config, start, num_steps)
         t0, last_logged = time.perf_counter(), start
         result = {}
         try:
             for step in range(start, num_steps):
                 batch = next(batches)
-                batch = parallel.global_batch({k: batch[k] for k in keys}, mesh)
+                batch = {k: batch["scribbles" if k == "label" and scribble_labels else k] for k in keys}
+                batch = parallel.global_batch(batch, mesh)
                 state, metrics = train_step(state, batch, np.int32(step))
                 done = step + 1
                 bar.update(1)

@@ -1,0 +1,48 @@
+"""Stanford Background refinement protocol (issue 12, item 2): ``stanford_refine.py:METHOD[,smoke]``.
+
+One method (``baseline`` = the control, ``spn``, ``rwn``, ``gcrf``, ``dilated``) trained
+for ``num_steps`` more steps on top of a trained baseline (``init_from``, set by
+``experiments/refine_benchmark.py`` to the base run, e.g. a ``stanford_baseline.py`` run).
+
+* data and model: those of ``stanford_baseline.py`` (the backbone must be the base run's);
+* the method's own options: its shipped config (``rwseg/configs/<method>.py``);
+* fine-tuned backbone, fresh optimiser state and the same schedule for the control and
+  every method: AdamW, linear warmup over 20 steps to ``learning_rate = 1e-3`` (a third
+  of the base run's peak: the backbone is trained already, the method's layers are new),
+  cosine decay to 2 % at ``num_steps`` (the SPN paper fine-tunes its refinement together
+  with the base network). ``freeze_backbone=True`` trains only the method's layers;
+* the same data stream for everyone: batch ``s`` is a function of ``(seed, s)`` only;
+* evaluation on the whole validation split at full resolution (``eval_batches = 0``).
+
+``,smoke``: the few-second model and data of ``common.apply_smoke`` on the synthetic data
+(tests; the base run must then be a ``baseline.py:smoke`` run).
+"""
+
+import pathlib
+
+from rwseg import configs
+from rwseg.train.config_files import load_config_file
+
+STANFORD_BASELINE = pathlib.Path(__file__).resolve().with_name("stanford_baseline.py")
+
+METHODS = ("baseline", "spn", "rwn", "gcrf", "dilated")
+
+
+def get_config(arg=None):
+    method, *rest = (arg or "baseline").split(",")
+    if method not in METHODS or rest not in ([], ["smoke"]):
+        raise ValueError(f"config argument: expected METHOD or METHOD,smoke with METHOD one of {METHODS}, got {arg!r}")
+    smoke = rest == ["smoke"]
+    c = configs.get_config(method, "smoke" if smoke else None)
+    if not smoke:
+        base = load_config_file(str(STANFORD_BASELINE))
+        c.data = base.data
+        c.model = base.model
+        c.eval_batches = 0
+    c.num_steps = 300
+    c.checkpoint_every = 100
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 20 if not smoke else 1
+    c.log_every = 25 if not smoke else 1
+    c.progress = False
+    return c

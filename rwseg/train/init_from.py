@@ -1,0 +1,110 @@
+"""Start a run from another run's backbone (``config.init_from``), optionally frozen
+(``config.freeze_backbone``): the refinement protocol of issue 12 (SPN paper, §5).
+
+``config.init_from`` names a saved run (see :func:`checkpoint_location`):
+
+* ``WORKDIR`` — its latest periodic checkpoint (``WORKDIR/checkpoints/<newest step>``);
+* ``WORKDIR/checkpoints/<step>`` or ``WORKDIR/best/<step>`` — that checkpoint;
+* ``WORKDIR/best`` — its best-mIoU checkpoint.
+
+Every rwseg model holds its segmentation network as ``self.backbone``
+(:class:`rwseg.models.base.Segmenter`) and the baseline *is* that backbone, so the new
+run's ``params["backbone"]`` subtree is replaced by the checkpoint's, array for array
+(same paths, shapes and dtypes, else :class:`InitFromError` listing the differences).
+Everything else — the method's own layers and the whole optimiser state — starts fresh
+(seed ``config.seed``; the learning-rate schedule restarts at step 0). Resuming a run
+that already has checkpoints of its own ignores ``init_from``.
+
+``config.freeze_backbone = True`` keeps the backbone parameters fixed (their updates are
+zeroed by ``optax.multi_transform``; the optimiser holds no moments for them, and weight
+decay does not touch them); gradients are still computed through it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+import optax
+
+from rwseg.train.checkpoint import _path_name, read_state
+
+__all__ = ["InitFromError", "checkpoint_location", "load_backbone", "init_backbone", "freeze_backbone"]
+
+SUBTREE = "backbone"
+
+
+class InitFromError(ValueError):
+    """``config.init_from`` names no usable checkpoint, or its backbone does not fit the model."""
+
+
+def checkpoint_location(spec: str) -> tuple[pathlib.Path, str, int | None]:
+    """``config.init_from`` -> (workdir, "latest" | "best", step or None); see the module docstring."""
+    path = pathlib.Path(spec).expanduser()
+    step = None
+    if path.name.isdigit() and path.parent.name in ("checkpoints", "best"):
+        step, path = int(path.name), path.parent
+    if path.name in ("checkpoints", "best") and not (path / "checkpoints").is_dir():
+        return path.parent, "latest" if path.name == "checkpoints" else "best", step
+    if step is not None:
+        raise InitFromError(f"config.init_from: expected WORKDIR, WORKDIR/best or WORKDIR/{{checkpoints,best}}/STEP, "
+                            f"got {spec!r}")
+    return path, "latest", None
+
+
+def load_backbone(spec: str) -> tuple[dict, str]:
+    """(the ``backbone`` params subtree as numpy arrays, a description of where it came from)."""
+    workdir, which, step = checkpoint_location(spec)
+    if not workdir.is_dir():
+        raise InitFromError(f"config.init_from: expected a run directory written by `python -m rwseg.train`, "
+                            f"got {spec!r} (no directory {workdir})")
+    try:
+        step, state = read_state(workdir, which=which, step=step)
+    except FileNotFoundError as e:
+        raise InitFromError(f"config.init_from: {e} (from {spec!r})") from e
+    params = state.get("params", {}) if isinstance(state, dict) else {}
+    if SUBTREE not in params:
+        raise InitFromError(f"config.init_from: the checkpoint {workdir}/{which} step {step} has no "
+                            f"params/{SUBTREE} subtree (top-level params: {sorted(params)})")
+    return params[SUBTREE], f"{workdir} ({which} checkpoint, step {step})"
+
+
+def _leaves(tree) -> dict:
+    """{"aspp/0/conv/kernel"-style path: leaf} (lists and dicts with digit keys name alike: orbax
+    restores the model's lists as dicts)."""
+    return {_path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def init_backbone(state: dict, spec: str) -> tuple[dict, str]:
+    """A copy of the train ``state`` whose ``params["backbone"]`` are the checkpoint's.
+
+    Raises :class:`InitFromError` naming every missing, extra or mis-shaped array when the
+    checkpoint's backbone does not have exactly the structure of the model's (e.g. a
+    different ``config.model.width`` or ``aspp_rates``).
+    """
+    loaded, where = load_backbone(spec)
+    mine = state["params"][SUBTREE]
+    a, b = _leaves(mine), _leaves(loaded)
+    problems = [f"missing in the checkpoint: backbone/{k}" for k in sorted(set(a) - set(b))]
+    problems += [f"not in the model: backbone/{k}" for k in sorted(set(b) - set(a))]
+    problems += [f"backbone/{k}: model {a[k].shape} {a[k].dtype}, checkpoint {np.shape(b[k])} {np.asarray(b[k]).dtype}"
+                 for k in sorted(set(a) & set(b))
+                 if tuple(a[k].shape) != tuple(np.shape(b[k])) or a[k].dtype != np.asarray(b[k]).dtype]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise InitFromError(f"config.init_from: the backbone of {where} does not fit this config's model "
+                            f"(config.model must equal the base run's): {shown}")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(mine)
+    new = jax.tree_util.tree_unflatten(treedef, [np.asarray(b[_path_name(p)]) for p, _ in flat])
+    params = dict(state["params"], **{SUBTREE: new})
+    return dict(state, params=params), where
+
+
+def freeze_backbone(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` for every parameter outside ``params["backbone"]``; zero updates inside it."""
+
+    def labels(params):
+        return {k: jax.tree.map(lambda _: "frozen" if k == SUBTREE else "train", v) for k, v in params.items()}
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -1,0 +1,69 @@
+"""The refinement benchmark driver (rwseg.refine_benchmark) end to end on the smoke configs:
+control + one method from one base checkpoint, two seeds, table, panels, resumability, and
+per-image counts that add up to the evaluation's totals."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from rwseg import data
+from rwseg.refine_benchmark import run, run_config
+from rwseg.train import parallel
+from rwseg.train.evaluate import evaluate, load_run
+from rwseg.train.state import source_kwargs
+from rwseg.train.trainer import train_and_evaluate
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
+REFINE = CONFIGS / "stanford_refine.py"
+
+
+@pytest.mark.slow
+def test_refine_benchmark_smoke(tmp_path):
+    from rwseg.train.config_files import load_config_file
+
+    base = tmp_path / "base"
+    c = load_config_file("baseline", "smoke")
+    c.num_steps, c.eval_at_end = 3, False
+    train_and_evaluate(c, base)
+
+    out = tmp_path / "refine"
+    summary = run(base, steps=2, out=out, seeds=(0, 1), methods=("dilated",), config=REFINE, smoke=True,
+                  num_panels=2,
+                  num_samples=100)
+    assert set(summary["methods"]) == {"baseline", "dilated"} and summary["seeds"] == 2
+    row = summary["methods"]["dilated"]
+    assert len(row["mean_iou"]["per_seed"]) == 2
+    d = row["mean_iou"]["diff"]
+    assert d["low"] <= d["diff"] <= d["high"]
+    table = (out / "results.md").read_text()
+    assert "control (baseline)" in table and "| dilated |" in table and "Δ mIoU" in table
+    assert (out / "panels.png").exists() and json.loads((out / "results.json").read_text())["steps"] == 2
+
+    # the configs are the protocol's: same seed -> same data stream, init_from = base
+    cfg = run_config(CONFIGS / "stanford_refine.py", "dilated", base=base, steps=2, seed=1, smoke=True)
+    assert (cfg.init_from, cfg.num_steps, cfg.seed) == (str(base), 2, 1)
+
+    # per-image counts add up to what the trainer's evaluation sums
+    per_image = np.load(out / "seed1" / "dilated" / "eval" / "per_image.npz")
+    mesh = parallel.make_mesh()
+    config, setup, state, step = load_run(out / "seed1" / "dilated", mesh, checkpoint="latest")
+    assert step == 2 == int(per_image["step"])
+    config.eval_batches = 0
+    source = data.load_source(config.data.name, config.data.eval_split, **source_kwargs(config))
+    result, _ = evaluate(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes)
+    seed1 = row["mean_iou"]["per_seed"][1]
+    assert seed1 == pytest.approx(result["mean_iou"], abs=1e-6)
+    assert row["boundary_fscore"]["per_seed"][1] == pytest.approx(result["boundary_fscore"], abs=1e-6)
+    assert per_image["confusion"].shape[0] == len(source)
+
+    # a second call trains nothing and reuses the cached evaluations
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("seed*/*/metrics.jsonl")}
+    cached = {p: p.stat().st_mtime_ns for p in out.glob("seed*/*/eval/per_image.npz")}
+    again = run(base, steps=2, out=out, seeds=(0, 1), methods=("dilated",), config=REFINE, smoke=True,
+                num_panels=2,
+                num_samples=100)
+    assert again["methods"]["dilated"]["mean_iou"]["mean"] == row["mean_iou"]["mean"]
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps} and len(stamps) == 4
+    assert cached == {p: p.stat().st_mtime_ns for p in cached} and len(cached) == 4

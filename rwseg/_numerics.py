@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-__all__ = ["safe_divide", "masked_mean"]
+__all__ = ["safe_divide", "masked_mean", "channel_scale"]
 
 
 def safe_divide(num, den, fill=0):
@@ -55,3 +55,19 @@ def masked_mean(values, mask, *, empty=0):
     total = jnp.sum(jnp.where(mask, values, jnp.zeros((), values.dtype)))
     count = jnp.sum(mask).astype(values.dtype)
     return safe_divide(total, count, empty)
+
+
+def channel_scale(x):
+    """``max |x|`` over every axis but the last (per channel), 1 where that is 0 or not finite.
+
+    The scale by which a linear solve divides its right-hand side so that no intermediate
+    leaves the normal floating-point range (a NaN input stays NaN: its scale is 1).
+
+    Args:
+        x: ``(..., C)`` float array (a 1-d array is one channel).
+
+    Returns:
+        ``(C,)`` (or a scalar for 1-d ``x``) positive scales in the dtype of ``x``.
+    """
+    s = jnp.max(jnp.abs(x), axis=tuple(range(x.ndim - 1)) if x.ndim >= 2 else None)
+    return jnp.where(jnp.isfinite(s) & (s > 0), s, jnp.ones((), s.dtype))

@@ -54,7 +54,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from rwseg._numerics import safe_divide
+from rwseg._numerics import channel_scale, safe_divide
 
 __all__ = ["SolveInfo", "cg", "bicgstab", "jacobi", "implicit_solve"]
 
@@ -211,8 +211,7 @@ def _rescaled(loop):
     """
 
     def run(matvec, rhs, x_init, *, atol, **kw):
-        s = jnp.max(jnp.abs(rhs), axis=tuple(range(rhs.ndim - 1)) if rhs.ndim >= 2 else None)
-        s = jnp.where(jnp.isfinite(s) & (s > 0), s, jnp.ones((), s.dtype))
+        s = channel_scale(rhs)
         sb = _bcast(s, rhs)
         x_init = None if x_init is None else x_init / sb
         y, info = loop(matvec, rhs / sb, x_init, atol=jnp.asarray(atol, rhs.dtype) / s, **kw)

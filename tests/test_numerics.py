@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwseg._numerics import masked_mean, safe_divide
+from rwseg._numerics import channel_scale, masked_mean, safe_divide
 
 
 def test_safe_divide_values_fill_and_finite_gradient():
@@ -37,3 +37,9 @@ def test_masked_mean_against_numpy_and_empty_mask():
     v = rng.normal(size=(3, 4, 2))
     mk = rng.random((3, 4, 1)) < 0.5
     np.testing.assert_allclose(masked_mean(v, mk), v[np.broadcast_to(mk, v.shape)].mean(), rtol=1e-12)
+
+
+def test_channel_scale_is_the_per_channel_max_and_never_zero_or_nan():
+    x = jnp.asarray([[[1.0, 0.0, -3.0]], [[-2.0, 0.0, jnp.nan]]])
+    np.testing.assert_array_equal(channel_scale(x), [2.0, 1.0, 1.0])
+    assert float(channel_scale(jnp.asarray([-4.0, 1.0]))) == 4.0

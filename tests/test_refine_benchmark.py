@@ -1,5 +1,5 @@
 """The refinement benchmark driver (rwseg.refine_benchmark) end to end on the smoke configs:
-control + one method from one base checkpoint, two seeds, table, panels, resumability, and
+control + one method from one base checkpoint, one seed (seed pairing: tests/test_bootstrap.py), table, panels, resumability, and
 per-image counts that add up to the evaluation's totals."""
 
 import json
@@ -29,12 +29,12 @@ def test_refine_benchmark_smoke(tmp_path):
     train_and_evaluate(c, base)
 
     out = tmp_path / "refine"
-    summary = run(base, steps=2, out=out, seeds=(0, 1), methods=("dilated",), config=REFINE, smoke=True,
+    summary = run(base, steps=2, out=out, seeds=(1,), methods=("dilated",), config=REFINE, smoke=True,
                   num_panels=2,
                   num_samples=100)
-    assert set(summary["methods"]) == {"baseline", "dilated"} and summary["seeds"] == 2
+    assert set(summary["methods"]) == {"baseline", "dilated"} and summary["seeds"] == 1
     row = summary["methods"]["dilated"]
-    assert len(row["mean_iou"]["per_seed"]) == 2
+    assert len(row["mean_iou"]["per_seed"]) == 1
     d = row["mean_iou"]["diff"]
     assert d["low"] <= d["diff"] <= d["high"]
     table = (out / "results.md").read_text()
@@ -53,17 +53,17 @@ def test_refine_benchmark_smoke(tmp_path):
     config.eval_batches = 0
     source = data.load_source(config.data.name, config.data.eval_split, **source_kwargs(config))
     result, _ = evaluate(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes)
-    seed1 = row["mean_iou"]["per_seed"][1]
+    seed1 = row["mean_iou"]["per_seed"][0]
     assert seed1 == pytest.approx(result["mean_iou"], abs=1e-6)
-    assert row["boundary_fscore"]["per_seed"][1] == pytest.approx(result["boundary_fscore"], abs=1e-6)
+    assert row["boundary_fscore"]["per_seed"][0] == pytest.approx(result["boundary_fscore"], abs=1e-6)
     assert per_image["confusion"].shape[0] == len(source)
 
     # a second call trains nothing and reuses the cached evaluations
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("seed*/*/metrics.jsonl")}
     cached = {p: p.stat().st_mtime_ns for p in out.glob("seed*/*/eval/per_image.npz")}
-    again = run(base, steps=2, out=out, seeds=(0, 1), methods=("dilated",), config=REFINE, smoke=True,
+    again = run(base, steps=2, out=out, seeds=(1,), methods=("dilated",), config=REFINE, smoke=True,
                 num_panels=2,
                 num_samples=100)
     assert again["methods"]["dilated"]["mean_iou"]["mean"] == row["mean_iou"]["mean"]
-    assert stamps == {p: p.stat().st_mtime_ns for p in stamps} and len(stamps) == 4
-    assert cached == {p: p.stat().st_mtime_ns for p in cached} and len(cached) == 4
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps} and len(stamps) == 2
+    assert cached == {p: p.stat().st_mtime_ns for p in cached} and len(cached) == 2

@@ -21,7 +21,7 @@ def get_config(arg=None):
     c.data.name = "stanford_background"
     c.data.crop_size = 224
     c.model.aspp_rates = (1, 3, 6, 12)
-    c.num_steps = 1100
-    c.checkpoint_every = 1100
+    c.num_steps = 2200
+    c.checkpoint_every = 550
     c.eval_batches = 0
     return common.finalize(c, arg)

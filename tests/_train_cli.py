@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 
-__all__ = ["subprocess_env", "train_command", "run_train", "free_port"]
+__all__ = ["subprocess_env", "train_command", "run_train", "free_port", "smoke_config"]
 
 
 def subprocess_env(devices: int = 1, extra: dict | None = None) -> dict:
@@ -51,3 +51,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def smoke_config(name: str, arg: str | None = "smoke", **overrides):
+    """``load_config_file(name, arg)`` with dotted overrides (``**{"model.width": 16}``), for
+    in-process training tests. Unknown keys raise ``KeyError`` (a misspelt override fails)."""
+    from rwseg.train.config_files import load_config_file
+
+    config = load_config_file(name, arg)
+    config.update_from_flattened_dict(overrides)
+    return config

@@ -11,25 +11,17 @@ import pytest
 from rwseg import data
 from rwseg.train.checkpoint import _path_name, read_state
 from rwseg.train.config_check import ConfigError, check_config, config_changes
-from rwseg.train.config_files import load_config_file
 from rwseg.train.init_from import InitFromError, checkpoint_location, init_backbone
 from rwseg.train.state import create
 from rwseg.train.trainer import train_and_evaluate
+from _train_cli import smoke_config
 
 K = data.dataset_info("synthetic").num_classes
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 
 def _smoke(method, **overrides):
-    c = load_config_file(method, "smoke")
-    c.eval_at_end = False
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return smoke_config(method, **{"eval_at_end": False, **overrides})
 
 
 def _flat(tree):
@@ -132,8 +124,7 @@ def test_scribble_only_baseline_trains_on_the_scribbles(tmp_path):
     from rwseg.models.common import cross_entropy
     from rwseg.train.state import merge, source_kwargs
 
-    config = load_config_file(str(CONFIGS / "scribble_baseline.py"), "smoke")
-    config.num_steps, config.checkpoint_every, config.eval_at_end = 1, 1, False
+    config = _smoke(str(CONFIGS / "scribble_baseline.py"), num_steps=1, checkpoint_every=1)
     train_and_evaluate(config, tmp_path / "scribbles")
     logged = json.loads((tmp_path / "scribbles" / "metrics.jsonl").read_text().splitlines()[0])["ce"]
     source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from rwseg.train.checkpoint import read_state
-from _train_cli import run_train, subprocess_env, train_command
+from _train_cli import run_train, smoke_config, subprocess_env, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "rwseg" / "configs" / "baseline.py") + ":smoke"
@@ -70,18 +70,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
 
 def _smoke_config(tfds, **overrides):
-    from rwseg.train.config_files import load_config_file
-
-    config = load_config_file(CONFIG)
-    config.num_steps, config.checkpoint_every = 4, 2
-    config.data.data_dir = tfds
-    for key, value in overrides.items():
-        node = config
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    return config
+    return smoke_config(CONFIG, None, **{"num_steps": 4, "checkpoint_every": 2, "data.data_dir": tfds, **overrides})
 
 
 def _train(config, workdir):

@@ -83,6 +83,9 @@ def test_shipped_configs_are_valid(method, arg):
     ("dilated", {"dilated.rates": (1, 0)}, "config.dilated.rates: expected a non-empty tuple of ints >= 1"),
     ("dilated", {"dilated.lam": -1.0}, "config.dilated.lam"),
     ("dilated", {"dilated.iterations": -1}, "config.dilated.iterations: expected an int >= 0"),
+    ("dilated", {"dilated.decoder_depth": 2}, "config.dilated.decoder_width: expected >= 1 with decoder_depth = 2"),
+    ("dilated", {"dilated.decoder_depth": 1, "dilated.decoder_width": 12}, "config.dilated.decoder_width: expected a "
+     "channel count"),
 ])
 def test_bad_value_names_its_key(method, overrides, expected):
     assert expected in _error(_config(method, **overrides))
@@ -99,6 +102,14 @@ def test_missing_option_in_method_section():
     with config.unlocked():
         del config.rwn["tol"]
     assert "config.rwn.tol: missing" in _error(config)
+
+
+def test_options_added_later_may_be_absent():
+    """A config written before an optional key existed (config.json of an older run) still passes."""
+    config = _config("dilated")
+    with config.unlocked():
+        del config.dilated["decoder_width"], config.dilated["decoder_depth"]
+    check_config(config, num_devices=1, num_processes=1)
 
 
 def test_batch_size_against_devices():

@@ -211,6 +211,32 @@ def test_dilated_affinity_is_propagate_of_the_head():
                                np.repeat(dilated.prior_bias(jnp.asarray(_frequencies())), 8), rtol=1e-6)
 
 
+def test_dilated_affinity_decoder_feeds_the_head():
+    """decoder_depth 3x3 blocks sit between the (concatenated) features and the 1x1 head, at
+    image resolution with low-level features and at the features' resolution without."""
+    from rwseg.layers._convs import apply_stack
+
+    image, _ = _data()
+    rng = np.random.default_rng(7)
+    feats = jnp.asarray(rng.normal(size=(B, 4, 4, 2)), jnp.float32)
+    low = jnp.asarray(rng.normal(size=(B, H, W, 1)), jnp.float32)
+    layer = _make("dilated", low_level_channels=1, decoder_width=8, decoder_depth=2)
+    assert len(layer.decoder) == 2 and layer.affinity_head.kernel.shape == (1, 1, 8, 8 * len(RATES))
+    x = jnp.concatenate([jax.image.resize(feats, (B, H, W, 2), "bilinear"), low], -1)
+    want = layer.affinity_head(apply_stack(layer.decoder, x))
+    np.testing.assert_allclose(_jit(layer.affinity_logits, image, feats, low), want, rtol=1e-5, atol=1e-5)
+    coarse = _make("dilated", decoder_width=4, decoder_depth=1)
+    want = jax.image.resize(coarse.affinity_head(apply_stack(coarse.decoder, feats)), (B, H, W, 8 * len(RATES)),
+                            "bilinear")
+    np.testing.assert_allclose(_jit(coarse.affinity_logits, image, feats), want, rtol=1e-5, atol=1e-5)
+    # the decoder trains with the head: the affinity loss has gradients in its convolutions
+    _, labels = _data()
+    grads = nnx.grad(lambda m: m.affinity_loss(image, labels, feats, low))(layer)
+    assert float(jnp.abs(grads.decoder[0].conv.kernel[...]).max()) > 0
+    with pytest.raises(ValueError, match="decoder_depth, decoder_width: expected depth 0, or depth >= 1 with width"):
+        _make("dilated", decoder_depth=1)
+
+
 def test_label_propagation_is_hitting_probabilities_and_eq11():
     layer = _make("rawks")
     image, labels = _data()

@@ -20,6 +20,7 @@ from flax import nnx
 
 from rwseg import dilated as ops
 from rwseg.layers import _inputs as I
+from rwseg.layers._convs import apply_stack, conv_stack
 from rwseg.layers.info import exact_steps
 from rwseg.models.backbone import upsample
 from rwseg.models.base import Statistic
@@ -45,18 +46,26 @@ class DilatedAffinity(nnx.Module):
       low_level_channels: channels of optional image-resolution features concatenated
         to the upsampled features before the head (a DeepLabv3+-style decoder; 0: the
         head runs on the features at their resolution and its output is upsampled).
+      decoder_width: channels of the affinity decoder's 3x3 conv blocks.
+      decoder_depth: number of those blocks between the (concatenated) features and the
+        1x1 head (0: the head is a 1x1 conv on the features themselves). The paper's head
+        is a 1x1 conv on a DeepLabv3+ decoder (§4.1): a decoder lets the head see where a
+        boundary lies relative to the pixel, which a 1x1 conv on upsampled coarse
+        features cannot.
+      norm: ``"group"`` or ``"none"`` normalisation of the decoder blocks.
       gamma: focal-loss exponent (eq. 4).
       lam: propagation weight of the pixel's own prediction (eq. 6; the paper: 6).
       mu: steepness of the affinity gate (eq. 7; the paper: 7).
       num_steps: propagation iterations.
       rngs: parameter initialisation.
 
-    Parameters: ``affinity_head`` (1x1 conv, bias initialised at the prior); statistic
-    ``frequencies``.
+    Parameters: ``decoder`` (``decoder_depth`` 3x3 conv blocks, none by default),
+    ``affinity_head`` (1x1 conv, bias initialised at the prior); statistic ``frequencies``.
     """
 
     def __init__(self, num_classes: int, feature_channels: int, *, rates, frequencies,
-                 low_level_channels: int = 0, gamma: float = 2.0, lam: float = 6.0, mu: float = 7.0,
+                 low_level_channels: int = 0, decoder_width: int = 0, decoder_depth: int = 0,
+                 norm: str = "group", gamma: float = 2.0, lam: float = 6.0, mu: float = 7.0,
                  num_steps: int = 10, rngs: nnx.Rngs):
         self.num_classes, self.rates = int(num_classes), _as_rates(rates)
         self.feature_channels, self.low_level_channels = int(feature_channels), int(low_level_channels)
@@ -67,8 +76,13 @@ class DilatedAffinity(nnx.Module):
                              f"{self.rates}, got {freq.shape}")
         self.frequencies = Statistic(jnp.asarray(freq))
         bias = jnp.repeat(ops.prior_bias(jnp.asarray(freq)), 8).astype(jnp.float32)
-        self.affinity_head = nnx.Conv(self.feature_channels + self.low_level_channels, 8 * len(self.rates),
-                                      (1, 1), bias_init=lambda *_: bias, rngs=rngs)
+        if int(decoder_depth) < 0 or (int(decoder_depth) > 0 and int(decoder_width) < 1):
+            raise ValueError(f"decoder_depth, decoder_width: expected depth 0, or depth >= 1 with width >= 1, got "
+                             f"depth {decoder_depth}, width {decoder_width}")
+        self.decoder, head_channels = conv_stack(self.feature_channels + self.low_level_channels,
+                                                 int(decoder_width), int(decoder_depth), norm=norm, rngs=rngs)
+        self.affinity_head = nnx.Conv(head_channels, 8 * len(self.rates), (1, 1), bias_init=lambda *_: bias,
+                                      rngs=rngs)
 
     @staticmethod
     def frequencies_from_labels(label_maps, rates, *, ignore_index: int = 255) -> np.ndarray:
@@ -102,10 +116,11 @@ class DilatedAffinity(nnx.Module):
             I.check_map("low_level", low_level, b, self.low_level_channels, "low_level_channels")
             if tuple(low_level.shape[1:3]) != (h, w):
                 raise ValueError(f"low_level: expected the image size {(h, w)}, got {tuple(low_level.shape[1:3])}")
-            return self.affinity_head(jnp.concatenate([upsample(features, (h, w), grid), low_level], axis=-1))
+            x = jnp.concatenate([upsample(features, (h, w), grid), low_level], axis=-1)
+            return self.affinity_head(apply_stack(self.decoder, x))
         if low_level is not None:
             raise ValueError("low_level: the layer was built with low_level_channels=0, got features")
-        return upsample(self.affinity_head(features), (h, w), grid)
+        return upsample(self.affinity_head(apply_stack(self.decoder, features)), (h, w), grid)
 
     def __call__(self, logits, image, features, low_level=None, *, logits_grid=None, features_grid=None,
                  return_info: bool = False):

@@ -12,7 +12,8 @@ the training labels — computed once by :meth:`DilatedAffinityModel.dataset_sta
 and stored with the layer.
 
 Config ``config.dilated``: ``rates`` (pixels at full resolution; ints or (r1, r2)
-pairs), ``use_stem``, ``beta``, ``gamma``, ``lam``, ``mu``, ``iterations``.
+pairs), ``use_stem``, ``decoder_width`` / ``decoder_depth`` (3x3 blocks before the 1x1 head;
+absent = 0), ``beta``, ``gamma``, ``lam``, ``mu``, ``iterations``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class DilatedAffinityModel(Segmenter):
         self.use_stem = bool(c.use_stem)
         self.refinement = DilatedAffinity(
             num_classes, config.model.features, rates=c.rates, frequencies=statistics["frequencies"],
-            low_level_channels=config.model.width if self.use_stem else 0, gamma=float(c.gamma),
+            low_level_channels=config.model.width if self.use_stem else 0,
+            decoder_width=int(c.get("decoder_width", 0)), decoder_depth=int(c.get("decoder_depth", 0)),
+            norm=config.model.norm, gamma=float(c.gamma),
             lam=float(c.lam), mu=float(c.mu), num_steps=int(c.iterations), rngs=rngs)
 
     @staticmethod

@@ -181,6 +181,8 @@ OPTIONAL_DEFAULTS = {
     "data.flip": True,
     "data.color_jitter": [0.0, 0.0, 0.0],
     "data.train_labels": "dense",
+    "dilated.decoder_width": 0,
+    "dilated.decoder_depth": 0,
 }
 
 # method -> {option of config.<method>: check}; every option listed is read by the model
@@ -229,6 +231,8 @@ METHOD_OPTIONS = {
     "dilated": {
         "rates": dilated_rates,
         "use_stem": boolean,
+        "decoder_width": int_at_least(0),
+        "decoder_depth": int_at_least(0),
         "beta": number(lo=0),
         "gamma": number(lo=0),
         "lam": number(lo=0),
@@ -385,11 +389,20 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
                           f"({', '.join(options)}), which this config does not have; start from "
                           f"rwseg/configs/{method}.py")
         elif options:
-            m = {name: check(f"{method}.{name}", pred) for name, pred in options.items()}
+            m = {name: check(f"{method}.{name}", pred, optional=f"{method}.{name}" in OPTIONAL_DEFAULTS)
+                 for name, pred in options.items()}
             if norm == "group" and method in ("rawks", "spn") and m["width"] is not _MISSING and m["depth"]:
                 problem = _groupnorm_problem(f"config.{method}.width", m["width"])
                 if problem:
                     errors.append(problem)
+            if norm == "group" and method == "dilated" and m["decoder_depth"] not in (_MISSING, 0) \
+                    and m["decoder_width"] not in (_MISSING, 0):
+                problem = _groupnorm_problem("config.dilated.decoder_width", m["decoder_width"])
+                if problem:
+                    errors.append(problem)
+            if method == "dilated" and m["decoder_depth"] not in (_MISSING, 0) and m["decoder_width"] in (_MISSING, 0):
+                errors.append(f"config.dilated.decoder_width: expected >= 1 with decoder_depth = "
+                              f"{m['decoder_depth']}, got {m['decoder_width'] if m['decoder_width'] is not _MISSING else 'nothing'}")
             factor = m.get(DOWNSAMPLE_KEYS.get(method, ""), _MISSING)
             if factor is not _MISSING and factor > 1:
                 sizes = {"config.data.crop_size": values.get("data.crop_size", _MISSING)}

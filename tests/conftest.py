@@ -40,3 +40,9 @@ def stanford_dir():
     if not (path / "images").is_dir() or not (path / "labels").is_dir():
         pytest.skip(f"Stanford Background not found at {path} (set RWSEG_STANFORD_DIR)")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the ``slow`` tests first (stable order otherwise): under ``pytest -n 2`` the
+    longest tests then overlap with the many short ones instead of finishing last alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -10,8 +10,10 @@ with the ``HYPOTHESIS_PROFILE`` environment variable.
 
 import os
 import pathlib
+import zlib
 
 import jax
+import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
@@ -46,3 +48,11 @@ def pytest_collection_modifyitems(config, items):
     """Run the ``slow`` tests first (stable order otherwise): under ``pytest -n 2`` the
     longest tests then overlap with the many short ones instead of finishing last alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture
+def rng(request):
+    """A numpy Generator seeded from the test's own id: its data do not depend on which
+    tests ran before it in the same process (pytest-xdist distributes them differently
+    from run to run)."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

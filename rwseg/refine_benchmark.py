@@ -27,6 +27,13 @@ Protocol (the SPN paper's, §5: the refinement is trained on top of a trained ba
    evaluation images, first seed.
 
 The base run's ``data.manual_dir`` is used unless ``--manual_dir`` is given.
+
+The same driver compares methods trained **from scratch** against a control other than
+``baseline`` (``--base`` left out, ``--control NAME``): RAWKS against the scribble-only
+baseline (``--config experiments/configs/stanford_scribbles.py --control
+scribble_baseline --methods rawks``). For a RAWKS run the table also reports its
+propagated labels P on the training images and the abstention rate
+(:func:`propagation_metrics`, the paper's P; Q is the network's row in the table).
 """
 
 from __future__ import annotations
@@ -40,29 +47,36 @@ import time
 import numpy as np
 
 __all__ = ["DEFAULT_METHODS", "run_config", "train_run", "per_image_counts", "evaluate_images",
-           "step_seconds", "summarize", "markdown", "run", "main"]
+           "propagation_metrics", "step_seconds", "summarize", "markdown", "run", "main"]
 
 DEFAULT_METHODS = ("spn", "rwn", "gcrf", "dilated")
 CONTROL = "baseline"
+PROPAGATION = (("train_P_mean_iou", "P mIoU"), ("train_P_pixel_accuracy", "P pixel acc"),
+               ("train_P_abstain", "abstention"), ("train_P_nonconverged_fraction", "non-converged solves"))
 METRICS = (("mean_iou", "mIoU"), ("fw_iou", "fw-IoU"), ("pixel_accuracy", "pixel acc"))
 
 
-def run_config(config_path, method: str, *, base, steps: int, seed: int, smoke: bool = False,
+def run_config(config_path, method: str, *, base=None, steps: int, seed: int, smoke: bool = False,
                manual_dir: str | None = None):
-    """The config of one run: ``<config_path>:<method>[,smoke]`` + the protocol's settings."""
+    """The config of one run: ``<config_path>:<method>[,smoke]`` + the protocol's settings.
+
+    ``base``: the trained run every run starts from (``init_from``; its ``data.manual_dir``
+    is the default data folder), or ``None`` to train from scratch (the config's data folder).
+    """
     from rwseg.train.config_files import load_config_file
     from rwseg.train.evaluate import load_config
 
     c = load_config_file(str(config_path), method + (",smoke" if smoke else ""))
-    c.init_from = str(base)
+    if base is not None:
+        c.init_from = str(base)
+        if manual_dir is None:
+            manual_dir = load_config(base).data.get("manual_dir", "")
     c.num_steps = int(steps)
     c.checkpoint_every = int(steps)
     c.seed = int(seed)
     c.eval_at_end = False
     c.progress = False
-    if manual_dir is None:
-        manual_dir = load_config(base).data.get("manual_dir", "")
-    if c.data.name != "synthetic":
+    if manual_dir is not None and c.data.name != "synthetic":
         c.data.manual_dir = manual_dir
     return c
 
@@ -159,6 +173,37 @@ def evaluate_images(workdir, *, num_panels: int = 4) -> dict:
     return out
 
 
+def propagation_metrics(workdir) -> dict:
+    """RAWKS runs: the propagated labels P of the latest checkpoint on every training image
+    against its dense labels, the abstention rate and the non-converged solves
+    (:func:`rwseg.train.evaluate.evaluate_propagation`), cached in
+    ``workdir/eval/propagation.json``; returns ``{"step": int, "train_P_*": float}``."""
+    from rwseg import data
+    from rwseg.train import parallel
+    from rwseg.train.evaluate import evaluate_propagation, load_run
+
+    workdir = pathlib.Path(workdir)
+    path = workdir / "eval" / "propagation.json"
+    if path.exists():
+        from rwseg.train.checkpoint import Checkpoints
+
+        latest = Checkpoints(workdir, read_only=True)
+        step = latest.latest_step()
+        latest.close()
+        cached = json.loads(path.read_text())
+        if cached.get("step") == step:
+            return cached
+    mesh = parallel.make_mesh()
+    config, setup, state, step = load_run(workdir, mesh, checkpoint="latest")
+    config.eval_batches = 0  # every training image, as per_image_counts evaluates every validation image
+    source = data.load_source(config.data.name, config.data.train_split, **_source_kwargs(config))
+    out = dict(evaluate_propagation(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes),
+               step=int(step))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    return out
+
+
 def _source_kwargs(config):
     from rwseg.train.state import source_kwargs
 
@@ -202,19 +247,20 @@ def _labels(widths):
         ("boundary_fscore", "boundary F")]
 
 
-def summarize(evals: dict, times: dict, *, num_samples: int = 2000) -> dict:
-    """evals: {method: [per-image npz dict per seed]} (same seeds, same images, control
+def summarize(evals: dict, times: dict, *, num_samples: int = 2000, control: str = CONTROL) -> dict:
+    """evals: {method: [per-image npz dict per seed]} (same seeds, same images, ``control``
     included); times: {method: [seconds/step per seed]} -> the numbers of the table."""
     from rwseg.bootstrap import paired_bootstrap
 
-    widths = [float(w) for w in evals[CONTROL][0]["trimap_widths"]]
+    widths = [float(w) for w in evals[control][0]["trimap_widths"]]
     fns = _score_functions(widths)
     keys = ("confusion", "trimap", "boundary")
     stacked = {m: {k: np.stack([e[k] for e in runs]) for k in keys} for m, runs in evals.items()}
     n_images = {m: s["confusion"].shape[1] for m, s in stacked.items()}
     if len(set(n_images.values())) != 1:
         raise ValueError(f"runs evaluated on different image counts: {n_images}")
-    out = {"widths": widths, "seeds": len(evals[CONTROL]), "images": n_images[CONTROL], "methods": {}}
+    out = {"widths": widths, "seeds": len(evals[control]), "images": n_images[control], "control": control,
+           "methods": {}}
     for m, s in stacked.items():
         row = {}
         for key, fn in fns.items():
@@ -222,12 +268,12 @@ def summarize(evals: dict, times: dict, *, num_samples: int = 2000) -> dict:
                         for j in range(s["confusion"].shape[0])]
             row[key] = {"per_seed": per_seed, "mean": float(np.mean(per_seed)),
                         "std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")}
-            if m != CONTROL:
-                bs = paired_bootstrap(fn, s, stacked[CONTROL], num_samples=num_samples)
+            if m != control:
+                bs = paired_bootstrap(fn, s, stacked[control], num_samples=num_samples)
                 row[key]["diff"] = {k: bs[k] for k in ("diff", "low", "high")}
         t = np.asarray(times[m], float)
         row["seconds_per_step"] = float(np.nanmean(t))
-        row["time_ratio"] = float(np.nanmean(t / np.asarray(times[CONTROL], float)))
+        row["time_ratio"] = float(np.nanmean(t / np.asarray(times[control], float)))
         out["methods"][m] = row
     return out
 
@@ -236,6 +282,7 @@ def markdown(summary: dict, *, command: str = "", note: str = "") -> str:
     """The results table(s) as markdown."""
     labels = _labels(summary["widths"])
     seeds = summary["seeds"]
+    control = summary.get("control", CONTROL)
     pm = (lambda r: f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}") if seeds > 1 else (
         lambda r: f"{100 * r['mean']:.1f}")
     lines = [f"Validation: {summary['images']} images, every image at its own size; {seeds} seed(s)"
@@ -243,7 +290,7 @@ def markdown(summary: dict, *, command: str = "", note: str = "") -> str:
     head = ["method"] + [n for _, n in labels] + ["s/step", "time vs control"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, row in summary["methods"].items():
-        name = "control (baseline)" if m == CONTROL else m
+        name = f"control ({m})" if m == control else m
         cells = [name] + [pm(row[k]) for k, _ in labels]
         cells += [f"{row['seconds_per_step']:.2f}", f"{row['time_ratio']:.1f}x"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -252,13 +299,20 @@ def markdown(summary: dict, *, command: str = "", note: str = "") -> str:
     head = ["method"] + [f"Δ {n}" for _, n in labels]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, row in summary["methods"].items():
-        if m == CONTROL:
+        if m == control:
             continue
         cells = [m]
         for k, _ in labels:
             d = row[k]["diff"]
             cells.append(f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
         lines.append("| " + " | ".join(cells) + " |")
+    if summary.get("propagation"):
+        lines += ["", "Propagated labels P on the training images (their dense labels; RAWKS's P, the table's "
+                  "rows are its network Q), mean ± std over seeds:", ""]
+        head = ["method"] + [n for _, n in PROPAGATION]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m, row in summary["propagation"].items():
+            lines.append("| " + " | ".join([m] + [pm(row[k]) for k, _ in PROPAGATION]) + " |")
     if command:
         lines += ["", f"Command: `{command}`"]
     if note:
@@ -266,15 +320,24 @@ def markdown(summary: dict, *, command: str = "", note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, smoke: bool = False,
-        manual_dir: str | None = None, num_panels: int = 4, num_samples: int = 2000, train: bool = True,
-        command: str = "") -> dict:
-    """Train (unless ``train=False``), evaluate and tabulate; returns the summary dict."""
+def _over_seeds(values) -> dict:
+    return {"per_seed": [float(v) for v in values], "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")}
+
+
+def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, control: str = CONTROL,
+        smoke: bool = False, manual_dir: str | None = None, num_panels: int = 4, num_samples: int = 2000,
+        train: bool = True, command: str = "") -> dict:
+    """Train (unless ``train=False``), evaluate and tabulate; returns the summary dict.
+
+    ``base=None`` trains every run from scratch; ``control`` names the run the others are
+    compared with (a method of ``config``)."""
     from rwseg.train.panels import save_panels
 
     out = pathlib.Path(out)
-    names = [CONTROL] + [m for m in methods if m != CONTROL]
-    evals, times, missing = {m: [] for m in names}, {m: [] for m in names}, []
+    names = [control] + [m for m in methods if m != control]
+    evals, times, propagation = ({m: [] for m in names} for _ in range(3))
+    missing = []
     for seed in seeds:
         for m in names:
             workdir = out / f"seed{seed}" / m
@@ -286,22 +349,28 @@ def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, s
                 continue
             evals[m].append(evaluate_images(workdir, num_panels=num_panels))
             times[m].append(step_seconds(workdir))
+            if cfg.method == "rawks":
+                propagation[m].append(propagation_metrics(workdir))
     complete = [m for m in names if len(evals[m]) == len(seeds)]
-    if CONTROL not in complete:
-        raise RuntimeError(f"the control has not finished for every seed (missing: {missing})")
+    if control not in complete:
+        raise RuntimeError(f"the control {control!r} has not finished for every seed (missing: {missing})")
     if missing:
         print("not finished (left out of the table): " + ", ".join(missing), flush=True)
-    summary = summarize({m: evals[m] for m in complete}, {m: times[m] for m in complete}, num_samples=num_samples)
-    summary.update(base=str(base), steps=int(steps), seed_list=list(seeds), missing=missing)
+    summary = summarize({m: evals[m] for m in complete}, {m: times[m] for m in complete}, num_samples=num_samples,
+                        control=control)
+    summary["propagation"] = {m: {k: _over_seeds([p[k] for p in propagation[m]]) for k, _ in PROPAGATION}
+                              for m in complete if propagation[m]}
+    summary.update(base=None if base is None else str(base), steps=int(steps), seed_list=list(seeds),
+                   missing=missing)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(markdown(summary, command=command))
     first = {m: evals[m][0] for m in complete}
-    if num_panels and "panel_pred" in first[CONTROL]:
-        columns = {"ground truth": first[CONTROL]["panel_labels"], "control": first[CONTROL]["panel_pred"]}
-        columns.update({m: first[m]["panel_pred"] for m in complete if m != CONTROL})
-        save_panels(out / "panels.png", first[CONTROL]["panel_images"], columns,
-                    int(first[CONTROL]["num_classes"]), scale=1 if not smoke else 3)
+    if num_panels and "panel_pred" in first[control]:
+        columns = {"ground truth": first[control]["panel_labels"], "control": first[control]["panel_pred"]}
+        columns.update({m: first[m]["panel_pred"] for m in complete if m != control})
+        save_panels(out / "panels.png", first[control]["panel_images"], columns,
+                    int(first[control]["num_classes"]), scale=1 if not smoke else 3)
     print((out / "results.md").read_text(), flush=True)
     return summary
 
@@ -309,8 +378,11 @@ def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, s
 def main(argv=None, *, default_config=None) -> int:
     """The command line; ``default_config``: the ``--config`` file when the flag is not given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="workdir of the trained baseline (init_from of every run)")
-    parser.add_argument("--steps", type=int, required=True, help="training steps of every run on top of the base")
+    parser.add_argument("--base", default=None,
+                        help="workdir of the trained baseline (init_from of every run); left out: from scratch")
+    parser.add_argument("--steps", type=int, required=True, help="training steps of every run (on top of the base)")
+    parser.add_argument("--control", default=CONTROL, help="the method every other is compared with "
+                        "(default: %(default)s; e.g. scribble_baseline against rawks)")
     parser.add_argument("--out", required=True, help="output directory (runs, results.md, panels.png)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated (default: %(default)s)")
@@ -318,7 +390,8 @@ def main(argv=None, *, default_config=None) -> int:
                         required=default_config is None,
                         help="config file taking METHOD[,smoke] (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true", help="the config's few-second smoke variant")
-    parser.add_argument("--manual_dir", default=None, help="data folder (default: the base run's data.manual_dir)")
+    parser.add_argument("--manual_dir", default=None, help="data folder (default: the base run's data.manual_dir, "
+                        "else the config's)")
     parser.add_argument("--panels", type=int, default=4, help="panel rows (validation images; 0 = none)")
     parser.add_argument("--bootstrap_samples", type=int, default=2000)
     parser.add_argument("--no_train", action="store_true", help="evaluate and tabulate the finished runs only")
@@ -335,7 +408,7 @@ def main(argv=None, *, default_config=None) -> int:
     logging.set_verbosity(logging.WARNING)
     command = "python experiments/refine_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     run(args.base, steps=args.steps, out=args.out, seeds=seeds, methods=methods, config=args.config,
-        smoke=args.smoke, manual_dir=args.manual_dir, num_panels=args.panels, num_samples=args.bootstrap_samples,
+        control=args.control, smoke=args.smoke, manual_dir=args.manual_dir, num_panels=args.panels, num_samples=args.bootstrap_samples,
         train=not args.no_train, command=command)
     return 0
 

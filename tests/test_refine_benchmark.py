@@ -67,3 +67,44 @@ def test_refine_benchmark_smoke(tmp_path):
     assert again["methods"]["dilated"]["mean_iou"]["mean"] == row["mean_iou"]["mean"]
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps} and len(stamps) == 2
     assert cached == {p: p.stat().st_mtime_ns for p in cached} and len(cached) == 2
+
+
+@pytest.mark.slow
+def test_from_scratch_against_another_control_reports_rawks_propagation(tmp_path):
+    """RAWKS against the scribble-only baseline: no base run (both from scratch), the
+    control named ``scribble_baseline``, and RAWKS's P / abstention in the table."""
+    scribbles = CONFIGS / "stanford_scribbles.py"
+    cfg = run_config(scribbles, "scribble_baseline", base=None, steps=2, seed=0, smoke=True)
+    assert (cfg.init_from, cfg.data.train_labels, cfg.num_steps) == ("", "scribbles", 2)
+    out = tmp_path / "scribbles"
+    summary = run(None, steps=2, out=out, seeds=(0,), methods=("rawks",), config=scribbles,
+                  control="scribble_baseline", smoke=True, num_panels=0, num_samples=50)
+    assert summary["control"] == "scribble_baseline" and summary["base"] is None
+    assert set(summary["methods"]) == {"scribble_baseline", "rawks"}
+    assert "diff" in summary["methods"]["rawks"]["mean_iou"]
+    assert "diff" not in summary["methods"]["scribble_baseline"]["mean_iou"]
+    assert list(summary["propagation"]) == ["rawks"]  # the control has no propagated labels
+    prop = summary["propagation"]["rawks"]
+    for key in ("train_P_mean_iou", "train_P_pixel_accuracy", "train_P_abstain", "train_P_nonconverged_fraction"):
+        assert 0.0 <= prop[key]["mean"] <= 1.0, (key, prop[key])
+    # the cached P is the trainer's own evaluation of the same checkpoint
+    cached = json.loads((out / "seed0" / "rawks" / "eval" / "propagation.json").read_text())
+    mesh = parallel.make_mesh()
+    config, setup, state, step = load_run(out / "seed0" / "rawks", mesh, checkpoint="latest")
+    config.eval_batches = 0
+    source = data.load_source(config.data.name, config.data.eval_split, **source_kwargs(config))
+    result, _ = evaluate(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes)
+    assert cached["step"] == step == 2
+    assert cached["train_P_mean_iou"] == pytest.approx(result["train_P_mean_iou"], abs=1e-6)
+    assert cached["train_P_abstain"] == pytest.approx(result["train_P_abstain"], abs=1e-6)
+    table = (out / "results.md").read_text()
+    assert "control (scribble_baseline)" in table and "| rawks |" in table
+    assert "Propagated labels P" in table and "abstention" in table
+
+
+def test_command_line_rejects_a_missing_control_run(tmp_path):
+    from rwseg.refine_benchmark import main
+
+    with pytest.raises(RuntimeError, match="control 'scribble_baseline' has not finished"):
+        main(["--config", str(CONFIGS / "stanford_scribbles.py"), "--control", "scribble_baseline",
+              "--methods", "rawks", "--steps", "2", "--smoke", "--no_train", "--out", str(tmp_path)])

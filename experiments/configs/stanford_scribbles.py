@@ -1,5 +1,5 @@
 """RAWKS against the scribble-only baseline on Stanford Background (issue 12, item 3):
-``stanford_scribbles.py:METHOD`` with METHOD ``rawks`` or ``scribble_baseline``.
+``stanford_scribbles.py:METHOD[,smoke]`` with METHOD ``rawks`` or ``scribble_baseline``.
 
 Both runs learn from the same generated scribbles (``rwseg.rawks.scribbles_from_labels``,
 about 3 % of the pixels) with the data and segmentation network of
@@ -9,6 +9,13 @@ uncertainty-weighted loss (Vernaza & Chandraker, eq. 11) against plain cross-ent
 the scribble pixels. 1100 steps (half the dense baseline's 2200: RAWKS costs several times
 a baseline step on a CPU). Evaluation: Q (the network) on the whole validation split;
 for RAWKS also P (the propagated labels) on the training images and its abstention rate.
+
+The table (Q of both, the paired bootstrap interval of the difference, P and the abstention)::
+
+    python experiments/refine_benchmark.py --config experiments/configs/stanford_scribbles.py \
+        --control scribble_baseline --methods rawks --steps 1100 --seeds 0 --out OUT
+
+``,smoke``: the few-second synthetic configs (tests).
 """
 
 import pathlib
@@ -22,9 +29,14 @@ METHODS = ("rawks", "scribble_baseline")
 
 
 def get_config(arg=None):
-    if arg not in METHODS:
-        raise ValueError(f"config argument: expected one of {METHODS}, got {arg!r}")
-    c = configs.get_config("rawks") if arg == "rawks" else load_config_file(str(SCRIBBLE_BASELINE))
+    method, *rest = (arg or "").split(",")
+    if method not in METHODS or rest not in ([], ["smoke"]):
+        raise ValueError(f"config argument: expected METHOD or METHOD,smoke with METHOD one of {METHODS}, got {arg!r}")
+    smoke = rest == ["smoke"]
+    variant = "smoke" if smoke else None
+    c = configs.get_config("rawks", variant) if method == "rawks" else load_config_file(str(SCRIBBLE_BASELINE), variant)
+    if smoke:  # the few-second synthetic data and model of common.apply_smoke (tests)
+        return c
     base = load_config_file(str(STANFORD_BASELINE))
     scribble_keys = {k: c.data[k] for k in ("scribbles", "train_labels") if k in c.data}
     c.data = base.data

@@ -93,3 +93,48 @@ def test_load_source_bad_arguments(tmp_path):
         D.load_source("mnist", "train", data_dir=tmp_path)
     with pytest.raises(TypeError, match="num_images"):
         D.load_source("synthetic", "train", data_dir=tmp_path, num_images=3)
+
+
+def test_build_holds_the_prepare_lock(tmp_path, monkeypatch):
+    """Parallel runs (or hosts on a shared filesystem) building the same dataset take turns:
+    while one process builds, the lock file in the dataset's folder is held, so a second
+    process's lock attempt blocks (here: fails, non-blocking) until the build is done."""
+    import fcntl
+
+    seen = []
+    original = builders.RwsegSynthetic.download_and_prepare
+
+    def checking(self, *args, **kwargs):
+        lock = pathlib.Path(self.data_dir).parent.parent / ".rwseg_prepare.lock"
+        with open(lock, "a") as other:  # another open file description, as another process has
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append(lock)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(builders.RwsegSynthetic, "download_and_prepare", checking)
+    src = D.load_source("synthetic", "train", data_dir=tmp_path, **KW)
+    assert len(src) == 6 and seen == [tmp_path / "rwseg_synthetic" / ".rwseg_prepare.lock"]
+    with open(seen[0], "a") as other:  # released afterwards
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_build_finished_by_another_process_while_waiting_is_read(tmp_path, monkeypatch):
+    """A process that waited on the lock while another built the dataset reads that build
+    (its builder is made again once the lock is held; one made before would see no splits)."""
+    import contextlib
+
+    from rwseg.data import catalogue
+
+    config = builders.SyntheticConfig.make(**KW)
+
+    @contextlib.contextmanager
+    def other_process_builds_first(data_dir):
+        other = builders.RwsegSynthetic(config=config, data_dir=tmp_path, file_format="array_record")
+        other.download_and_prepare()
+        yield None
+
+    monkeypatch.setattr(catalogue, "_prepare_lock", other_process_builds_first)
+    src = D.load_source("synthetic", "validation", data_dir=tmp_path, **KW)
+    assert len(src) == 3
+    np.testing.assert_array_equal(src[2]["label"], synthetic_example(5, "validation", 2, (16, 20))["label"])

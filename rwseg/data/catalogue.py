@@ -19,13 +19,20 @@ TFDS's ``voc/2012`` has no segmentation masks, so ``voc2012`` uses rwseg's own b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import pathlib
 
 import numpy as np
 
 from rwseg.data import stanford, synthetic, voc
 from rwseg.data.constants import IGNORE_INDEX
+
+try:  # POSIX: serialises dataset builds across processes (_prepare_lock)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 SPLITS = ("train", "validation")
 
@@ -174,8 +181,38 @@ def _download_config(manual_dir):
     return tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
 
 
-def _prepared(builder, manual_dir):
-    builder.download_and_prepare(download_config=_download_config(manual_dir))
+@contextlib.contextmanager
+def _prepare_lock(data_dir):
+    """Hold an exclusive ``fcntl`` lock on ``<dataset dir>/.rwseg_prepare.lock`` (the
+    dataset's folder, above its config and version folders) while one process builds it.
+
+    Processes preparing the same dataset at once (parallel training runs, or the processes of
+    a multi-host job on a shared filesystem) take turns: the first builds, the next ones find
+    it built. Without it TFDS lets both build and the second one fails renaming its copy
+    (``FileExistsError: ... already exists``). Remote data dirs (``gs://``) and platforms
+    without ``fcntl`` are not locked."""
+    if "://" in os.fspath(data_dir) or fcntl is None:
+        yield None
+        return
+    lock_dir = pathlib.Path(os.fspath(data_dir)).parent.parent  # <root>/<dataset>/<config>/<version>
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / ".rwseg_prepare.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield f
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepared(make_builder, manual_dir):
+    """``make_builder()``, built (once, under :func:`_prepare_lock`) unless already built.
+
+    The builder is made again once the lock is held: a TFDS builder reads the dataset's
+    metadata when it is made, so one made while another process was still building would
+    see no splits."""
+    with _prepare_lock(make_builder().data_dir):
+        builder = make_builder()
+        builder.download_and_prepare(download_config=_download_config(manual_dir))
     return builder
 
 
@@ -209,8 +246,9 @@ def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **buil
     Returns:
       A :class:`Source`; ``source[i]`` is ``{"image": uint8 (H, W, 3), "label": int32 (H, W)}``.
 
-    Building is done once per config and cached; in a multi-process job, let one process
-    build (call ``load_source`` on process 0, then synchronise) before the others read.
+    Building is done once per config and cached. Processes that build the same dataset at
+    once (parallel runs; a multi-host job on a shared filesystem) take turns under a file
+    lock in the dataset's folder: one builds, the others then read it.
 
     Raises:
       ValueError: unknown name or split.
@@ -230,7 +268,7 @@ def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **buil
     if name == "synthetic":
         _check_kwargs(name, builder_kwargs, ("num_train", "num_validation", "image_size", "seed"))
         config = builders.SyntheticConfig.make(**builder_kwargs)
-        builder = _prepared(builders.RwsegSynthetic(config=_config_arg(builders.RwsegSynthetic, config), **kw), None)
+        builder = _prepared(lambda: builders.RwsegSynthetic(config=_config_arg(builders.RwsegSynthetic, config), **kw), None)
         adapter = _adapt_rwseg
     elif name == "stanford_background":
         _check_kwargs(name, builder_kwargs, ("num_validation", "split_seed"))
@@ -243,15 +281,16 @@ def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **buil
             )
         stanford.list_ids(manual_dir)  # clear error before TFDS starts
         config = builders.StanfordConfig.make(manual_dir=manual_dir, **builder_kwargs)
-        builder = _prepared(builders.RwsegStanfordBackground(config=_config_arg(builders.RwsegStanfordBackground, config), **kw), manual_dir)
+        builder = _prepared(lambda: builders.RwsegStanfordBackground(config=_config_arg(builders.RwsegStanfordBackground, config), **kw),
+                            manual_dir)
         adapter = _adapt_rwseg
     elif name == "voc2012":
         _check_kwargs(name, builder_kwargs, ())
-        builder = _prepared(builders.RwsegVoc2012Segmentation(**kw), manual_dir)
+        builder = _prepared(lambda: builders.RwsegVoc2012Segmentation(**kw), manual_dir)
         adapter = _adapt_rwseg
     else:  # oxford_iiit_pet
         _check_kwargs(name, builder_kwargs, ())
-        builder = _prepared(tfds.builder("oxford_iiit_pet", **kw), manual_dir)
+        builder = _prepared(lambda: tfds.builder("oxford_iiit_pet", **kw), manual_dir)
         adapter = _adapt_pet
         split = {"train": "train", "validation": "test"}[split]
     records = builder.as_data_source(split=split)

@@ -183,8 +183,13 @@ def _download_config(manual_dir):
 
 @contextlib.contextmanager
 def _prepare_lock(data_dir):
-    """Hold an exclusive ``fcntl`` lock on ``<dataset dir>/.rwseg_prepare.lock`` (the
-    dataset's folder, above its config and version folders) while one process builds it.
+    """Hold an exclusive ``fcntl`` lock on ``.rwseg_prepare.lock`` two folders above
+    ``data_dir`` while one process builds the dataset.
+
+    For a builder with configs (``<root>/<dataset>/<config>/<version>``, e.g. Stanford
+    Background) that is the dataset's folder, so different datasets build in parallel; for
+    one without (``<root>/<dataset>/<version>``: voc2012, oxford_iiit_pet) it is the data
+    root, so every build under that root takes its turn (coarser, still correct).
 
     Processes preparing the same dataset at once (parallel training runs, or the processes of
     a multi-host job on a shared filesystem) take turns: the first builds, the next ones find

@@ -78,6 +78,8 @@ def test_shipped_configs_are_valid(method, arg):
     ("rawks", {"rawks.max_boundary": 0.0}, "config.rawks.max_boundary"),
     ("spn", {"spn.downsample": 0}, "config.spn.downsample: expected an int >= 1"),
     ("spn", {"spn.aux_weight": -1.0}, "config.spn.aux_weight"),
+    ("spn", {"spn.guidance_input": "image,depth"}, "config.spn.guidance_input: expected distinct comma-separated "
+     "names from 'image', 'stem', 'features'"),
     ("gcrf", {"gcrf.num_layers": 0}, "config.gcrf.num_layers: expected an int >= 1"),
     ("gcrf", {"gcrf.crf_downsample": 3}, "config.gcrf.crf_downsample: expected a divisor"),
     ("dilated", {"dilated.rates": (1, 0)}, "config.dilated.rates: expected a non-empty tuple of ints >= 1"),

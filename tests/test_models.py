@@ -277,3 +277,39 @@ def test_predict_info_and_rawks_propagation_info():
     scores, info = model.predict(images, return_info=True)
     np.testing.assert_allclose(scores, model.predict(images), rtol=1e-6)
     np.testing.assert_array_equal(info["solves"], [0, 0])
+
+
+def test_spn_guidance_input_sees_the_backbone_features():
+    """spn.guidance_input: "image" feeds the guidance network the image itself (the paper);
+    "image,stem,features" concatenates the backbone's stem and upsampled decoder features,
+    so the gates then depend on the decoder (and on nothing of it with the image alone)."""
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, 16, 24, 3)), jnp.float32)
+
+    def gates_and_shift(spec):
+        config = smoke("spn")
+        config.spn.guidance_input = spec
+        model = build_model(config, 3, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+        out = model.backbone(images)
+        g = model.guidance(images, out)
+        gates = model.refinement.guidance_gates(g)
+        kernel = model.backbone.project.conv.kernel
+        kernel[...] = kernel[...] + 0.5  # change the decoder features only
+        shifted = model.refinement.guidance_gates(model.guidance(images, model.backbone(images)))
+        return model, g, gates, shifted
+
+    model, g, gates, shifted = gates_and_shift("image")
+    np.testing.assert_array_equal(g, images)
+    np.testing.assert_array_equal(gates, shifted)
+    model, g, gates, shifted = gates_and_shift("image,stem,features")
+    b = model.backbone
+    assert g.shape == (2, 16, 24, 3 + b.stem_channels + b.num_features)
+    np.testing.assert_array_equal(g[..., :3], images)
+    assert float(jnp.max(jnp.abs(gates - shifted))) > 0
+    refined, coarse = model.refine(images)
+    assert refined.shape == coarse.shape == (2, 16, 24, 3) and bool(jnp.all(jnp.isfinite(refined)))
+    for bad in ("rgb", "image,image", ""):
+        config = smoke("spn")
+        config.spn.guidance_input = bad
+        with pytest.raises(ValueError, match="spn.guidance_input: expected distinct comma-separated names"):
+            build_model(config, 3, rngs=nnx.Rngs(0))

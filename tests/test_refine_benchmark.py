@@ -108,3 +108,27 @@ def test_command_line_rejects_a_missing_control_run(tmp_path):
     with pytest.raises(RuntimeError, match="control 'scribble_baseline' has not finished"):
         main(["--config", str(CONFIGS / "stanford_scribbles.py"), "--control", "scribble_baseline",
               "--methods", "rawks", "--steps", "2", "--smoke", "--no_train", "--out", str(tmp_path)])
+
+
+def test_refine_config_variants():
+    """stanford_refine.py:VARIANT is its method's config plus the variant's overrides;
+    unknown names are refused with the list of what exists."""
+    from rwseg.train.config_files import load_config_file
+
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("stanford_refine", REFINE)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    for name, (method, overrides) in module.VARIANTS.items():
+        c = load_config_file(str(REFINE), name)
+        plain = load_config_file(str(REFINE), method)
+        assert c.method == method
+        for key, value in overrides.items():
+            section, field = key.split(".")
+            assert c[section][field] == value != plain[section][field], key
+        assert (c.data.to_dict(), c.model.to_dict(), c.num_steps) == (plain.data.to_dict(), plain.model.to_dict(),
+                                                                      plain.num_steps)
+        assert load_config_file(str(REFINE), name + ",smoke").method == method
+    with pytest.raises(ValueError, match="spn_half"):
+        load_config_file(str(REFINE), "spn_quarter")

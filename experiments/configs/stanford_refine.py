@@ -1,8 +1,9 @@
 """Stanford Background refinement protocol (issue 12, item 2): ``stanford_refine.py:METHOD[,smoke]``.
 
-One method (``baseline`` = the control, ``spn``, ``rwn``, ``gcrf``, ``dilated``) trained
-for ``num_steps`` more steps on top of a trained baseline (``init_from``, set by
-``experiments/refine_benchmark.py`` to the base run, e.g. a ``stanford_baseline.py`` run).
+One method (``baseline`` = the control, ``spn``, ``rwn``, ``gcrf``, ``dilated``, or a named
+variant of one of them from :data:`VARIANTS`) trained for ``num_steps`` more steps on top
+of a trained baseline (``init_from``, set by ``experiments/refine_benchmark.py`` to the
+base run, e.g. a ``stanford_baseline.py`` run).
 
 * data and model: those of ``stanford_baseline.py`` (the backbone must be the base run's);
 * the method's own options: its shipped config (``rwseg/configs/<method>.py``), except
@@ -38,11 +39,21 @@ STANFORD_OPTIONS = {
     "dilated": {"dilated.decoder_width": 32, "dilated.decoder_depth": 2, "dilated.iterations": 1},
 }
 
+# The item-3 variants tried on the validation split, by name (``--methods spn_half,...`` of
+# refine_benchmark.py): (method, overrides on top of the method's STANFORD_OPTIONS).
+VARIANTS = {
+    "spn_half": ("spn", {"spn.downsample": 2}),
+    "spn_feat": ("spn", {"spn.downsample": 2, "spn.guidance_input": "image,stem,features"}),
+    "rwn_full": ("rwn", {"rwn.walk_downsample": 1}),
+}
+
 
 def get_config(arg=None):
-    method, *rest = (arg or "baseline").split(",")
-    if method not in METHODS or rest not in ([], ["smoke"]):
-        raise ValueError(f"config argument: expected METHOD or METHOD,smoke with METHOD one of {METHODS}, got {arg!r}")
+    name, *rest = (arg or "baseline").split(",")
+    if (name not in METHODS and name not in VARIANTS) or rest not in ([], ["smoke"]):
+        raise ValueError(f"config argument: expected NAME or NAME,smoke with NAME one of {METHODS} "
+                         f"or a variant {tuple(VARIANTS)}, got {arg!r}")
+    method, overrides = VARIANTS.get(name, (name, {}))
     smoke = rest == ["smoke"]
     c = configs.get_config(method, "smoke" if smoke else None)
     if not smoke:
@@ -51,6 +62,7 @@ def get_config(arg=None):
         c.model = base.model
         c.eval_batches = 0
         c.update_from_flattened_dict(STANFORD_OPTIONS.get(method, {}))
+    c.update_from_flattened_dict(overrides)
     c.num_steps = 300
     c.checkpoint_every = 100
     c.optimizer.learning_rate = 1e-3

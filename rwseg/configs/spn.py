@@ -13,6 +13,7 @@ def get_config(arg=None):
     c.spn.depth = 2         # guidance 3x3 convs
     c.spn.downsample = 1    # propagation resolution H/f x W/f
     c.spn.aux_weight = 0.5  # coarse cross-entropy weight
+    c.spn.guidance_input = "image"  # guidance network input: image[,stem][,features] (rwseg.models.spn)
     c = common.finalize(c, arg)
     if arg == "smoke":
         c.spn.width = 8

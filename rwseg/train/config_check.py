@@ -105,6 +105,17 @@ def color_jitter(v):
     return None if ok else "(brightness, contrast, saturation), each in [0, 1)"
 
 
+def spn_guidance_input(v):
+    """Distinct comma-separated names of rwseg.models.spn.GUIDANCE_INPUTS."""
+    from rwseg.models.spn import GUIDANCE_INPUTS, parse_guidance_input
+
+    try:
+        parse_guidance_input(v)
+    except ValueError:
+        return "distinct comma-separated names from " + ", ".join(repr(n) for n in GUIDANCE_INPUTS) + " (a string)"
+    return None
+
+
 def dilated_rates(v):
     """ints >= 1 or (r1, r2) pairs of ints >= 1 (rwseg.dilated rates)."""
     def one(r):
@@ -181,6 +192,7 @@ OPTIONAL_DEFAULTS = {
     "data.flip": True,
     "data.color_jitter": [0.0, 0.0, 0.0],
     "data.train_labels": "dense",
+    "spn.guidance_input": "image",
     "dilated.decoder_width": 0,
     "dilated.decoder_depth": 0,
 }
@@ -213,6 +225,7 @@ METHOD_OPTIONS = {
         "depth": int_at_least(0),
         "downsample": int_at_least(1),
         "aux_weight": number(lo=0),
+        "guidance_input": spn_guidance_input,
     },
     "gcrf": {
         "radius": int_at_least(1),

@@ -96,6 +96,32 @@ def test_frozen_backbone_stays_fixed(base, tmp_path):
     assert any(not np.allclose(trained[k], initial[k]) for k in trained)  # the method's layers did train
 
 
+def test_method_lr_mult_scales_only_the_method_layers():
+    """optimizer.method_lr_mult = m: the update of every parameter outside the backbone is m
+    times the one of the same step without it; the backbone's update is unchanged."""
+    params = create(_smoke("spn"), K, {}).state["params"]
+    grads = jax.tree.map(lambda x: np.random.default_rng(x.size).normal(size=x.shape).astype(x.dtype), params)
+
+    def first_update(mult, freeze=False):
+        c = _smoke("spn", **{"optimizer.method_lr_mult": mult, "optimizer.warmup_steps": 0,  # lr > 0 at step 0
+                             "init_from": "x" if freeze else "", "freeze_backbone": freeze})
+        tx = create(c, K, {}).tx
+        return _flat(tx.update(grads, tx.init(params), params)[0])
+
+    plain, scaled = first_update(1.0), first_update(10.0)
+    frozen_plain, frozen = first_update(1.0, freeze=True), first_update(10.0, freeze=True)
+    for k in plain:
+        if k.startswith("backbone"):
+            np.testing.assert_allclose(scaled[k], plain[k], rtol=1e-6, err_msg=k)
+            np.testing.assert_array_equal(frozen[k], 0 * plain[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(scaled[k], 10 * plain[k], rtol=1e-5, atol=1e-12, err_msg=k)
+            np.testing.assert_allclose(frozen[k], 10 * frozen_plain[k], rtol=1e-5, atol=1e-12, err_msg=k)
+    assert any(np.abs(v).max() > 0 for k, v in plain.items() if not k.startswith("backbone"))
+    with pytest.raises(ConfigError, match=r"config.optimizer.method_lr_mult: expected a finite number in \(0, inf\)"):
+        check_config(_smoke("spn", **{"optimizer.method_lr_mult": 0.0}), num_devices=1, num_processes=1)
+
+
 def test_config_checks_and_resume_compatibility(tmp_path):
     with pytest.raises(ConfigError, match=r"config.freeze_backbone: expected False without config.init_from"):
         check_config(_smoke("spn", freeze_backbone=True), num_devices=1, num_processes=1)
@@ -110,6 +136,7 @@ def test_config_checks_and_resume_compatibility(tmp_path):
     for key in ("init_from", "freeze_backbone", "allow_config_change"):
         old.pop(key)
     old["optimizer"].pop("max_nonfinite_skips")
+    old["optimizer"].pop("method_lr_mult")
     for key in ("scale_range", "flip", "color_jitter", "train_labels"):  # data keys added later
         old["data"].pop(key)
     assert config_changes(old, _smoke("spn")) == {}

@@ -45,6 +45,11 @@ VARIANTS = {
     "spn_half": ("spn", {"spn.downsample": 2}),
     "spn_feat": ("spn", {"spn.downsample": 2, "spn.guidance_input": "image,stem,features"}),
     "rwn_full": ("rwn", {"rwn.walk_downsample": 1}),
+    # the method's new layers at 10x the backbone's learning rate (optimizer.method_lr_mult)
+    "spn_half_lr10": ("spn", {"spn.downsample": 2, "optimizer.method_lr_mult": 10.0}),
+    "rwn_lr10": ("rwn", {"optimizer.method_lr_mult": 10.0}),
+    "gcrf_lr10": ("gcrf", {"optimizer.method_lr_mult": 10.0}),
+    "dilated_lr10": ("dilated", {"optimizer.method_lr_mult": 10.0}),
 }
 
 

@@ -48,6 +48,7 @@ def get_config(method: str) -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 1e-4
     c.optimizer.momentum = 0.9
     c.optimizer.grad_clip_norm = 1.0  # 0 = no clipping
+    c.optimizer.method_lr_mult = 1.0  # learning-rate multiplier of the layers outside the backbone
     c.optimizer.max_nonfinite_skips = 0  # >0: skip updates with non-finite gradients (optax.apply_if_finite)
 
     c.log_every = 10

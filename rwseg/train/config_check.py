@@ -169,6 +169,7 @@ COMMON_OPTIONS = {
 # optional keys (absent in configs written by older versions): checked only when present
 OPTIONAL_OPTIONS = {
     "optimizer.max_nonfinite_skips": int_at_least(0),
+    "optimizer.method_lr_mult": number(lo=0, lo_open=True),
     "allow_config_change": boolean,
     "data.synthetic.num_train": int_at_least(1),
     "data.synthetic.num_validation": int_at_least(1),
@@ -185,6 +186,7 @@ OPTIONAL_OPTIONS = {
 # compares equal on resume when the new config has this value
 OPTIONAL_DEFAULTS = {
     "optimizer.max_nonfinite_skips": 0,
+    "optimizer.method_lr_mult": 1.0,
     "allow_config_change": False,
     "init_from": "",
     "freeze_backbone": False,

@@ -18,6 +18,11 @@ that already has checkpoints of its own ignores ``init_from``.
 ``config.freeze_backbone = True`` keeps the backbone parameters fixed (their updates are
 zeroed by ``optax.multi_transform``; the optimiser holds no moments for them, and weight
 decay does not touch them); gradients are still computed through it.
+
+``config.optimizer.method_lr_mult = m`` multiplies the updates of every parameter outside
+the backbone (the method's new layers) by ``m`` — their learning rate (and decoupled
+weight decay) is ``m`` times the schedule's, the usual larger rate for freshly
+initialised layers on a trained network (:func:`scale_method_updates`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import optax
 
 from rwseg.train.checkpoint import _path_name, read_state
 
-__all__ = ["InitFromError", "checkpoint_location", "load_backbone", "init_backbone", "freeze_backbone"]
+__all__ = ["InitFromError", "checkpoint_location", "load_backbone", "init_backbone", "freeze_backbone",
+           "scale_method_updates"]
 
 SUBTREE = "backbone"
 
@@ -104,7 +110,17 @@ def init_backbone(state: dict, spec: str) -> tuple[dict, str]:
 def freeze_backbone(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """``tx`` for every parameter outside ``params["backbone"]``; zero updates inside it."""
 
-    def labels(params):
-        return {k: jax.tree.map(lambda _: "frozen" if k == SUBTREE else "train", v) for k, v in params.items()}
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _by_subtree("frozen", "train"))
 
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+def _by_subtree(inside: str, outside: str):
+    def labels(params):
+        return {k: jax.tree.map(lambda _: inside if k == SUBTREE else outside, v) for k, v in params.items()}
+    return labels
+
+
+def scale_method_updates(tx: optax.GradientTransformation, multiplier: float) -> optax.GradientTransformation:
+    """``tx``, then its updates outside ``params["backbone"]`` multiplied by ``multiplier``."""
+    scale = optax.multi_transform({"backbone": optax.identity(), "method": optax.scale(float(multiplier))},
+                                  _by_subtree("backbone", "method"))
+    return optax.chain(tx, scale)

@@ -61,3 +61,29 @@ def test_sweep_refuses_training_options():
         _script("eval_sweep").parse_spec("rwn.alpha")
     assert _script("eval_sweep").parse_spec("rwn.alpha=0.5,rwn.eval_radius=2") == {"rwn.alpha": 0.5,
                                                                                  "rwn.eval_radius": 2}
+
+
+def test_boundary_headroom(dilated_run):
+    """boundary_headroom.py: at the config's tolerance its F-score is the evaluation's (another code
+    path), and precision / recall grow with the tolerance; the coarse oracle is exact on label
+    maps made of aligned 8-pixel stripes and at factor 1 (bilinear weights can tip a pixel at a
+    corner where three classes meet, so a general block map is not exact)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    script = _script("boundary_headroom")
+    rows = _lines(script.main, [str(dilated_run), "--tolerances", "2,4,16"])
+    assert rows[0]["run"].startswith("oracle") and rows[1]["step"] == 2
+    sweep = _lines(_script("eval_sweep").main, [str(dilated_run), ""])
+    assert rows[1]["tol2"]["fscore"] == pytest.approx(sweep[0]["boundary_f"], abs=0.06)
+    for row in rows:
+        for key in ("precision", "recall"):
+            assert row["tol2"][key] <= row["tol4"][key] <= row["tol16"][key]
+
+    rng = np.random.default_rng(0)
+    stripes = rng.integers(0, 4, size=(2, 1, 5))
+    labels = jnp.asarray(np.kron(stripes, np.ones((1, 24, 8), int)), jnp.int32)  # (2, 24, 40), 8-px stripes
+    np.testing.assert_array_equal(script.coarse_oracle(labels, 4, 8), labels)
+    ragged = jnp.asarray(rng.integers(0, 4, size=(1, 13, 11)), jnp.int32)
+    np.testing.assert_array_equal(script.coarse_oracle(ragged, 4, 1), ragged)
+    assert script.coarse_oracle(ragged, 4, 8).shape == ragged.shape

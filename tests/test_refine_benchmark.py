@@ -110,25 +110,32 @@ def test_command_line_rejects_a_missing_control_run(tmp_path):
               "--methods", "rawks", "--steps", "2", "--smoke", "--no_train", "--out", str(tmp_path)])
 
 
-def test_refine_config_variants():
-    """stanford_refine.py:VARIANT is its method's config plus the variant's overrides;
-    unknown names are refused with the list of what exists."""
+@pytest.mark.parametrize("config_name", ["stanford_refine.py", "stanford_scribbles.py"])
+def test_refine_config_variants(config_name):
+    """CONFIG:VARIANT is its method's config plus the variant's overrides; unknown names
+    are refused with the list of what exists."""
     from rwseg.train.config_files import load_config_file
 
     import importlib.util
 
-    module_spec = importlib.util.spec_from_file_location("stanford_refine", REFINE)
+    path = CONFIGS / config_name
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    assert module.VARIANTS
     for name, (method, overrides) in module.VARIANTS.items():
-        c = load_config_file(str(REFINE), name)
-        plain = load_config_file(str(REFINE), method)
+        c = load_config_file(str(path), name)
+        plain = load_config_file(str(path), method)
         assert c.method == method
         for key, value in overrides.items():
             section, field = key.split(".")
             assert c[section][field] == value != plain[section][field], key
         assert (c.data.to_dict(), c.model.to_dict(), c.num_steps) == (plain.data.to_dict(), plain.model.to_dict(),
                                                                       plain.num_steps)
-        assert load_config_file(str(REFINE), name + ",smoke").method == method
-    with pytest.raises(ValueError, match="spn_half"):
-        load_config_file(str(REFINE), "spn_quarter")
+        smoke = load_config_file(str(path), name + ",smoke")
+        assert smoke.method == method
+        for key, value in overrides.items():
+            section, field = key.split(".")
+            assert smoke[section][field] == value, key
+    with pytest.raises(ValueError, match=next(iter(module.VARIANTS))):
+        load_config_file(str(path), "no_such_variant")

@@ -27,14 +27,25 @@ STANFORD_BASELINE = pathlib.Path(__file__).resolve().with_name("stanford_baselin
 SCRIBBLE_BASELINE = pathlib.Path(__file__).resolve().with_name("scribble_baseline.py")
 METHODS = ("rawks", "scribble_baseline")
 
+# Item-3 variants tried on the validation split, by name (``--methods rawks_alpha0`` of
+# refine_benchmark.py): (method, overrides). ``rawks_alpha0`` removes the uncertainty
+# weighting of eq. 11 (w = exp(-alpha H(P)) = 1): tests whether down-weighting the uncertain
+# boundary pixels is what makes Q's predictions blobby (stanford_refine_log.md, RAWKS).
+VARIANTS = {
+    "rawks_alpha0": ("rawks", {"rawks.alpha": 0.0}),
+}
+
 
 def get_config(arg=None):
-    method, *rest = (arg or "").split(",")
-    if method not in METHODS or rest not in ([], ["smoke"]):
-        raise ValueError(f"config argument: expected METHOD or METHOD,smoke with METHOD one of {METHODS}, got {arg!r}")
+    name, *rest = (arg or "").split(",")
+    if (name not in METHODS and name not in VARIANTS) or rest not in ([], ["smoke"]):
+        raise ValueError(f"config argument: expected METHOD or METHOD,smoke with METHOD one of {METHODS} "
+                         f"or a variant {tuple(VARIANTS)}, got {arg!r}")
+    method, overrides = VARIANTS.get(name, (name, {}))
     smoke = rest == ["smoke"]
     variant = "smoke" if smoke else None
     c = configs.get_config("rawks", variant) if method == "rawks" else load_config_file(str(SCRIBBLE_BASELINE), variant)
+    c.update_from_flattened_dict(overrides)
     if smoke:  # the few-second synthetic data and model of common.apply_smoke (tests)
         return c
     base = load_config_file(str(STANFORD_BASELINE))

@@ -126,16 +126,28 @@ def test_refine_config_variants(config_name):
     for name, (method, overrides) in module.VARIANTS.items():
         c = load_config_file(str(path), name)
         plain = load_config_file(str(path), method)
-        assert c.method == method
+        smoke = load_config_file(str(path), name + ",smoke")
+        assert c.method == smoke.method == method
         for key, value in overrides.items():
             section, field = key.split(".")
             assert c[section][field] == value != plain[section][field], key
+            assert smoke[section][field] == value, key
         assert (c.data.to_dict(), c.model.to_dict(), c.num_steps) == (plain.data.to_dict(), plain.model.to_dict(),
                                                                       plain.num_steps)
-        smoke = load_config_file(str(path), name + ",smoke")
-        assert smoke.method == method
-        for key, value in overrides.items():
-            section, field = key.split(".")
-            assert smoke[section][field] == value, key
     with pytest.raises(ValueError, match=next(iter(module.VARIANTS))):
         load_config_file(str(path), "no_such_variant")
+
+
+def test_parse_method_variant():
+    """NAME[,smoke] -> (method, overrides, smoke); an empty argument is the default; unknown
+    names and suffixes are refused with what exists."""
+    from rwseg.train.config_files import parse_method_variant
+
+    variants = {"spn_half": ("spn", {"spn.downsample": 2})}
+    assert parse_method_variant("spn", ("spn", "rwn"), variants) == ("spn", {}, False)
+    assert parse_method_variant("spn_half,smoke", ("spn", "rwn"), variants) == ("spn", {"spn.downsample": 2}, True)
+    assert parse_method_variant(None, ("spn", "rwn"), variants, default="rwn") == ("rwn", {}, False)
+    for bad in ("gcrf", "spn,tiny", "spn,smoke,smoke", ""):
+        with pytest.raises(ValueError, match=r"\('spn', 'rwn'\).*\('spn_half',\)"):
+            parse_method_variant(bad, ("spn", "rwn"), variants)
+

@@ -24,7 +24,7 @@ base run, e.g. a ``stanford_baseline.py`` run).
 import pathlib
 
 from rwseg import configs
-from rwseg.train.config_files import load_config_file
+from rwseg.train.config_files import load_config_file, parse_method_variant
 
 STANFORD_BASELINE = pathlib.Path(__file__).resolve().with_name("stanford_baseline.py")
 
@@ -61,12 +61,7 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    name, *rest = (arg or "baseline").split(",")
-    if (name not in METHODS and name not in VARIANTS) or rest not in ([], ["smoke"]):
-        raise ValueError(f"config argument: expected NAME or NAME,smoke with NAME one of {METHODS} "
-                         f"or a variant {tuple(VARIANTS)}, got {arg!r}")
-    method, overrides = VARIANTS.get(name, (name, {}))
-    smoke = rest == ["smoke"]
+    method, overrides, smoke = parse_method_variant(arg, METHODS, VARIANTS, default="baseline")
     c = configs.get_config(method, "smoke" if smoke else None)
     if not smoke:
         base = load_config_file(str(STANFORD_BASELINE))

@@ -21,7 +21,7 @@ The table (Q of both, the paired bootstrap interval of the difference, P and the
 import pathlib
 
 from rwseg import configs
-from rwseg.train.config_files import load_config_file
+from rwseg.train.config_files import load_config_file, parse_method_variant
 
 STANFORD_BASELINE = pathlib.Path(__file__).resolve().with_name("stanford_baseline.py")
 SCRIBBLE_BASELINE = pathlib.Path(__file__).resolve().with_name("scribble_baseline.py")
@@ -37,16 +37,11 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    name, *rest = (arg or "").split(",")
-    if (name not in METHODS and name not in VARIANTS) or rest not in ([], ["smoke"]):
-        raise ValueError(f"config argument: expected METHOD or METHOD,smoke with METHOD one of {METHODS} "
-                         f"or a variant {tuple(VARIANTS)}, got {arg!r}")
-    method, overrides = VARIANTS.get(name, (name, {}))
-    smoke = rest == ["smoke"]
+    method, overrides, smoke = parse_method_variant(arg, METHODS, VARIANTS)
     variant = "smoke" if smoke else None
     c = configs.get_config("rawks", variant) if method == "rawks" else load_config_file(str(SCRIBBLE_BASELINE), variant)
-    c.update_from_flattened_dict(overrides)
     if smoke:  # the few-second synthetic data and model of common.apply_smoke (tests)
+        c.update_from_flattened_dict(overrides)
         return c
     base = load_config_file(str(STANFORD_BASELINE))
     scribble_keys = {k: c.data[k] for k in ("scribbles", "train_labels") if k in c.data}
@@ -57,4 +52,5 @@ def get_config(arg=None):
     c.checkpoint_every = 550
     c.eval_batches = 0
     c.progress = False
+    c.update_from_flattened_dict(overrides)  # last, so a variant may override any of the above
     return c

@@ -15,7 +15,7 @@ import ml_collections
 
 from rwseg import configs
 
-__all__ = ["resolve", "load_config_file"]
+__all__ = ["resolve", "load_config_file", "parse_method_variant"]
 
 
 def resolve(spec: str) -> str:
@@ -59,3 +59,29 @@ def load_config_file(spec: str, arg: str | None = None) -> ml_collections.Config
     module = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(module)
     return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def parse_method_variant(arg: str | None, methods, variants, *, default: str = ""):
+    """The ``NAME[,smoke]`` argument of an experiment config that offers named variants.
+
+    Args:
+      arg: the config argument (``None`` or empty means ``default``).
+      methods: the method names the config accepts.
+      variants: ``{variant name: (method, {flattened key: value})}``, e.g.
+        ``{"spn_half": ("spn", {"spn.guidance_input": "image"})}``.
+      default: the name an empty ``arg`` means.
+
+    Returns:
+      ``(method, overrides, smoke)``: the method, the variant's overrides (``{}`` for a plain
+      method; apply them last, with ``update_from_flattened_dict``) and whether ``,smoke``
+      was given.
+
+    Raises:
+      ValueError: an unknown name or suffix (the message lists the methods and variants).
+    """
+    name, *rest = (arg or default).split(",")
+    if (name not in methods and name not in variants) or rest not in ([], ["smoke"]):
+        raise ValueError(f"config argument: expected NAME or NAME,smoke with NAME one of {tuple(methods)} "
+                         f"or a variant {tuple(variants)}, got {arg!r}")
+    method, overrides = variants.get(name, (name, {}))
+    return method, dict(overrides), rest == ["smoke"]

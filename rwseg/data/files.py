@@ -74,21 +74,6 @@ def decode_rgb(path, data: bytes) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def read_rgb(path) -> np.ndarray:
-    """Reads an image file as RGB.
-
-    Args:
-        path: the file.
-
-    Returns:
-        uint8 ``(H, W, 3)``.
-
-    Raises:
-        DataFileError: naming ``path``, when it is missing, unreadable or corrupt.
-    """
-    return decode_rgb(path, read_bytes(path))
-
-
 def read_index_png(path) -> np.ndarray:
     """Reads a single-channel or palette PNG of class indices.
 

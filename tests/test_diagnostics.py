@@ -87,3 +87,50 @@ def test_boundary_headroom(dilated_run):
     ragged = jnp.asarray(rng.integers(0, 4, size=(1, 13, 11)), jnp.int32)
     np.testing.assert_array_equal(script.coarse_oracle(ragged, 4, 1), ragged)
     assert script.coarse_oracle(ragged, 4, 8).shape == ragged.shape
+
+
+def test_rawks_solve_cost(tmp_path, dilated_run):
+    """rawks_solve_cost.py on a tiny trained RAWKS run: the boundary statistics match the model's
+    boundary scores computed directly, the iteration counts match a direct solve per image, and a
+    run of another method is refused with its name."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rwseg import data, rawks
+    from rwseg.models.common import subsample_scribbles
+    from rwseg.train import parallel
+    from rwseg.train.evaluate import eval_batches, load_run
+    from rwseg.train.state import merge, source_kwargs
+    from rwseg.train.trainer import train_and_evaluate
+
+    workdir = tmp_path / "rawks"
+    train_and_evaluate(smoke_config("rawks", num_steps=2, checkpoint_every=2, eval_at_end=False), workdir)
+    script = _script("rawks_solve_cost")
+    (row,) = _lines(script.main, [str(workdir), "--images", "3"])
+    assert row["step"] == 2 and row["images"] == 3 and row["alpha"] == 1.0
+
+    mesh = parallel.make_mesh()
+    config, setup, state, _ = load_run(workdir, mesh, checkpoint="latest")
+    config.eval_batches, config.eval_batch_size = 1, 3
+    source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
+    model = merge(setup.graphdef, state)
+    boundaries, iterations = [], []
+    for batch in eval_batches(config, source, mesh, scribbles=True):
+        b = np.asarray(model.boundary(jnp.asarray(batch["image"])))
+        seeds = np.asarray(subsample_scribbles(jnp.asarray(batch["scribbles"]), config.rawks.downsample))
+        for i in np.flatnonzero(batch["valid"]):
+            boundaries.append(b[i])
+            _, info = rawks.hitting_probabilities(jnp.asarray(b[i]), jnp.asarray(seeds[i]), setup.num_classes,
+                                                  tol=config.rawks.tol, max_iters=config.rawks.max_iters,
+                                                  return_info=True)
+            iterations.append(int(info.solve.iterations))
+    b = np.stack(boundaries)
+    assert row["boundary_mean"] == pytest.approx(b.mean(), abs=2e-3)
+    assert row["boundary_clamped_percent"] == pytest.approx(100 * np.mean(b >= 0.99 * config.rawks.max_boundary), abs=0.01)
+    assert row["boundary_open_percent"] == pytest.approx(100 * np.mean(b < 0.1), abs=0.01)
+    # the batched solve (device-local map over the batch) and the single solves round differently,
+    # which can move a stopping test by an iteration or two
+    assert row["cg_iterations_mean"] == pytest.approx(np.mean(iterations), rel=0.1)
+    assert abs(row["cg_iterations_max"] - max(iterations)) <= 2 and min(iterations) >= 1
+    with pytest.raises(ValueError, match="a RAWKS run was expected, got method 'dilated'"):
+        script.main([str(dilated_run)])

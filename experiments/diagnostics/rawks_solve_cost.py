@@ -1,0 +1,89 @@
+"""Why a RAWKS run trains slowly: its boundary scores and the cost of its hitting-probability
+solves (issue 12, item 3: ``stanford_scribbles.py:rawks_alpha0`` trained at a quarter of the
+speed of ``rawks`` after its first 20 steps).
+
+    PYTHONPATH=. python experiments/diagnostics/rawks_solve_cost.py RUN [RUN ...] [--images 32]
+
+For each RAWKS run (latest checkpoint) and the first ``--images`` training images with their
+generated scribbles, prints one JSON line: the boundary scores B of the walk (eq. 5: a step
+across a pixel pays ``exp(-B)/4``) as their mean and the fractions at the clamp
+``rawks.max_boundary`` (within 1 %) and below 0.1, and the solves (one refined CG solve per
+image, :func:`rwseg.rawks.hitting_probabilities`) as the mean and largest CG iteration count
+and the fraction that did not reach ``rawks.tol`` within ``rawks.max_iters``.
+
+A boundary score at the clamp makes the walk's system ill-conditioned (the coupling across
+it is ``exp(-max_boundary)`` of an open step), so the CG iteration count, hence the training
+step time (forward solve plus one adjoint solve), grows with the fraction of clamped pixels.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+from rwseg import data  # noqa: E402
+from rwseg.models.device_local import batch_axis  # noqa: E402
+from rwseg.train import parallel  # noqa: E402
+from rwseg.train.evaluate import eval_batches, load_run  # noqa: E402
+from rwseg.train.state import merge, source_kwargs  # noqa: E402
+
+
+def solve_cost(workdir, num_images: int, mesh) -> dict:
+    """The JSON line of one run (module docstring)."""
+    config, setup, state, step = load_run(workdir, mesh, checkpoint="latest")
+    if config.method != "rawks":
+        raise ValueError(f"{workdir}: a RAWKS run was expected, got method {config.method!r}")
+    clamp = float(config.rawks.max_boundary)
+    config.eval_batches, config.eval_batch_size = 1, int(num_images)
+    source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
+
+    def fn(state, batch):
+        with batch_axis(mesh):
+            model = merge(setup.graphdef, state)
+            b = model.boundary(batch["image"])
+            _, info = model.refinement(batch["image"], batch["scribbles"], return_info=True)
+        return {"boundary_sum": jnp.sum(b), "boundary_pixels": jnp.asarray(b.size),
+                "clamped": jnp.sum(b >= 0.99 * clamp), "open": jnp.sum(b < 0.1),
+                "iterations": info.iterations, "nonconverged": info.nonconverged, "valid": batch["valid"]}
+
+    step_fn = jax.jit(fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                      out_shardings=parallel.replicated(mesh))
+    sums = {"boundary_sum": 0.0, "boundary_pixels": 0, "clamped": 0, "open": 0}
+    iterations, nonconverged = [], []
+    for batch in eval_batches(config, source, mesh, scribbles=True):
+        out = parallel.to_host(step_fn(state, parallel.global_batch(
+            {k: batch[k] for k in ("image", "scribbles", "valid")}, mesh)))
+        for k in sums:
+            sums[k] += out[k].item()
+        keep = np.asarray(out["valid"], bool)
+        iterations += list(np.asarray(out["iterations"])[keep])
+        nonconverged += list(np.asarray(out["nonconverged"])[keep])
+    pixels = max(sums["boundary_pixels"], 1)
+    return {"run": str(workdir), "step": int(step), "alpha": float(config.rawks.alpha), "images": len(iterations),
+            "boundary_mean": round(sums["boundary_sum"] / pixels, 3),
+            "boundary_clamped_percent": round(100 * sums["clamped"] / pixels, 2),
+            "boundary_open_percent": round(100 * sums["open"] / pixels, 2),
+            "cg_iterations_mean": round(float(np.mean(iterations)), 1), "cg_iterations_max": int(np.max(iterations)),
+            "nonconverged_percent": round(100 * float(np.mean(nonconverged)), 1),
+            "max_iters": int(config.rawks.max_iters)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--images", type=int, default=32, help="training images (first of the split)")
+    args = parser.parse_args(argv)
+    mesh = parallel.make_mesh()
+    for workdir in args.runs:
+        print(json.dumps(solve_cost(workdir, args.images, mesh)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -106,8 +106,9 @@ def test_rawks_solve_cost(tmp_path, dilated_run):
     workdir = tmp_path / "rawks"
     train_and_evaluate(smoke_config("rawks", num_steps=2, checkpoint_every=2, eval_at_end=False), workdir)
     script = _script("rawks_solve_cost")
-    (row,) = _lines(script.main, [str(workdir), "--images", "3"])
+    row, quality = _lines(script.main, [str(workdir), "--images", "3", "--propagation"])
     assert row["step"] == 2 and row["images"] == 3 and row["alpha"] == 1.0
+    assert set(quality) == {"run", "step", "learned", "no_boundaries"}
 
     mesh = parallel.make_mesh()
     config, setup, state, _ = load_run(workdir, mesh, checkpoint="latest")
@@ -132,5 +133,12 @@ def test_rawks_solve_cost(tmp_path, dilated_run):
     # which can move a stopping test by an iteration or two
     assert row["cg_iterations_mean"] == pytest.approx(np.mean(iterations), rel=0.1)
     assert abs(row["cg_iterations_max"] - max(iterations)) <= 2 and min(iterations) >= 1
+    # --propagation: the learned row is the evaluation's P on these images; "no boundaries" is B ~ 0
+    from rwseg.train.evaluate import evaluate_propagation
+
+    learned = evaluate_propagation(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes)
+    assert quality["learned"]["mean_iou"] == pytest.approx(100 * learned["train_P_mean_iou"], abs=0.06)
+    image = jnp.asarray(next(eval_batches(config, source, mesh))["image"])
+    assert float(jnp.max(merge(setup.graphdef, script.without_boundaries(state)).boundary(image))) < 1e-6
     with pytest.raises(ValueError, match="a RAWKS run was expected, got method 'dilated'"):
         script.main([str(dilated_run)])

@@ -11,6 +11,11 @@ across a pixel pays ``exp(-B)/4``) as their mean and the fractions at the clamp
 image, :func:`rwseg.rawks.hitting_probabilities`) as the mean and largest CG iteration count
 and the fraction that did not reach ``rawks.tol`` within ``rawks.max_iters``.
 
+``--propagation``: also the quality of P on those images (:func:`rwseg.train.evaluate.
+evaluate_propagation`: P mIoU, pixel accuracy, abstention) with the run's learned boundaries and
+with none (B = 0 everywhere: the boundary network's output layer zeroed and its bias at -30, so
+the walk is a plain diffusion from the scribbles), i.e. what the learned boundaries add to P.
+
 A boundary score at the clamp makes the walk's system ill-conditioned (the coupling across
 it is ``exp(-max_boundary)`` of an open step), so the CG iteration count, hence the training
 step time (forward solve plus one adjoint solve), grows with the fraction of clamped pixels.
@@ -74,14 +79,42 @@ def solve_cost(workdir, num_images: int, mesh) -> dict:
             "max_iters": int(config.rawks.max_iters)}
 
 
+def without_boundaries(state):
+    """``state`` with the boundary network's output layer giving B = softplus(-30) ~ 0 everywhere."""
+    def edit(path, x):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if "boundary_out" not in names:
+            return x
+        return jnp.full_like(x, -30.0) if names[-1] == "bias" else jnp.zeros_like(x)
+    return jax.tree_util.tree_map_with_path(edit, state)
+
+
+def propagation_quality(workdir, num_images: int, mesh) -> dict:
+    """P's quality on the first ``num_images`` training images, learned boundaries vs none."""
+    from rwseg.train.evaluate import evaluate_propagation
+
+    config, setup, state, step = load_run(workdir, mesh, checkpoint="latest")
+    config.eval_batches, config.eval_batch_size = 1, int(num_images)
+    source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
+    out = {"run": str(workdir), "step": int(step)}
+    for name, s in (("learned", state), ("no_boundaries", without_boundaries(state))):
+        metrics = evaluate_propagation(config, setup.graphdef, s, mesh, source, num_classes=setup.num_classes)
+        out[name] = {k.removeprefix("train_P_"): round(100 * v, 1) for k, v in metrics.items()}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--images", type=int, default=32, help="training images (first of the split)")
+    parser.add_argument("--propagation", action="store_true",
+                        help="also P's quality with the learned boundaries and with none")
     args = parser.parse_args(argv)
     mesh = parallel.make_mesh()
     for workdir in args.runs:
         print(json.dumps(solve_cost(workdir, args.images, mesh)), flush=True)
+        if args.propagation:
+            print(json.dumps(propagation_quality(workdir, args.images, mesh)), flush=True)
     return 0
 
 

@@ -173,11 +173,15 @@ def evaluate_images(workdir, *, num_panels: int = 4) -> dict:
     return out
 
 
-def propagation_metrics(workdir) -> dict:
-    """RAWKS runs: the propagated labels P of the latest checkpoint on every training image
-    against its dense labels, the abstention rate and the non-converged solves
+def propagation_metrics(workdir, *, images: int = 0) -> dict:
+    """RAWKS runs: the propagated labels P of the latest checkpoint on the training images
+    against their dense labels, the abstention rate and the non-converged solves
     (:func:`rwseg.train.evaluate.evaluate_propagation`), cached in
-    ``workdir/eval/propagation.json``; returns ``{"step": int, "train_P_*": float}``."""
+    ``workdir/eval/propagation.json``; returns ``{"step": int, "images": int, "train_P_*": float}``.
+
+    ``images``: evaluate the first ``images`` training images only, rounded up to a whole
+    evaluation batch (0 = every one): P at full resolution costs minutes per hundred images.
+    """
     from rwseg import data
     from rwseg.train import parallel
     from rwseg.train.evaluate import evaluate_propagation, load_run
@@ -191,14 +195,16 @@ def propagation_metrics(workdir) -> dict:
         step = latest.latest_step()
         latest.close()
         cached = json.loads(path.read_text())
-        if cached.get("step") == step:
+        if cached.get("step") == step and cached.get("requested_images", 0) == int(images):
             return cached
     mesh = parallel.make_mesh()
     config, setup, state, step = load_run(workdir, mesh, checkpoint="latest")
-    config.eval_batches = 0  # every training image, as per_image_counts evaluates every validation image
+    # every training image (as per_image_counts evaluates every validation image), or the first ``images``
+    config.eval_batches = -(-int(images) // int(config.eval_batch_size)) if images else 0
     source = data.load_source(config.data.name, config.data.train_split, **_source_kwargs(config))
+    limit = int(config.eval_batches) * int(config.eval_batch_size)
     out = dict(evaluate_propagation(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes),
-               step=int(step))
+               step=int(step), images=min(limit, len(source)) if limit else len(source), requested_images=int(images))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     return out
@@ -307,7 +313,10 @@ def markdown(summary: dict, *, command: str = "", note: str = "") -> str:
             cells.append(f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]")
         lines.append("| " + " | ".join(cells) + " |")
     if summary.get("propagation"):
-        lines += ["", "Propagated labels P on the training images (their dense labels; RAWKS's P, the table's "
+        counts = summary.get("propagation_images") or {}
+        where = ("the training images" if not counts else "the first " + ", ".join(
+            f"{n} ({m})" for m, n in counts.items()) + " training images")
+        lines += ["", f"Propagated labels P on {where} (their dense labels; RAWKS's P, the table's "
                   "rows are its network Q), mean ± std over seeds:", ""]
         head = ["method"] + [n for _, n in PROPAGATION]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -327,11 +336,12 @@ def _over_seeds(values) -> dict:
 
 def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, control: str = CONTROL,
         smoke: bool = False, manual_dir: str | None = None, num_panels: int = 4, num_samples: int = 2000,
-        train: bool = True, command: str = "") -> dict:
+        train: bool = True, command: str = "", propagation_images: int = 0) -> dict:
     """Train (unless ``train=False``), evaluate and tabulate; returns the summary dict.
 
     ``base=None`` trains every run from scratch; ``control`` names the run the others are
-    compared with (a method of ``config``)."""
+    compared with (a method of ``config``); ``propagation_images``: RAWKS's P on the first that
+    many training images (:func:`propagation_metrics`; 0 = every one)."""
     from rwseg.train.panels import save_panels
 
     out = pathlib.Path(out)
@@ -350,7 +360,7 @@ def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, c
             evals[m].append(evaluate_images(workdir, num_panels=num_panels))
             times[m].append(step_seconds(workdir))
             if cfg.method == "rawks":
-                propagation[m].append(propagation_metrics(workdir))
+                propagation[m].append(propagation_metrics(workdir, images=propagation_images))
     complete = [m for m in names if len(evals[m]) == len(seeds)]
     if control not in complete:
         raise RuntimeError(f"the control {control!r} has not finished for every seed (missing: {missing})")
@@ -360,6 +370,8 @@ def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, c
                         control=control)
     summary["propagation"] = {m: {k: _over_seeds([p[k] for p in propagation[m]]) for k, _ in PROPAGATION}
                               for m in complete if propagation[m]}
+    summary["propagation_images"] = {m: int(propagation[m][0]["images"]) for m in complete
+                                     if propagation[m] and propagation_images}
     summary.update(base=None if base is None else str(base), steps=int(steps), seed_list=list(seeds),
                    missing=missing)
     out.mkdir(parents=True, exist_ok=True)
@@ -395,7 +407,11 @@ def main(argv=None, *, default_config=None) -> int:
     parser.add_argument("--panels", type=int, default=4, help="panel rows (validation images; 0 = none)")
     parser.add_argument("--bootstrap_samples", type=int, default=2000)
     parser.add_argument("--no_train", action="store_true", help="evaluate and tabulate the finished runs only")
+    parser.add_argument("--propagation_images", type=int, default=0,
+                        help="RAWKS: P on the first N training images only (0 = every one, the default)")
     args = parser.parse_args(argv)
+    if args.propagation_images < 0:
+        parser.error(f"--propagation_images: expected an integer >= 0, got {args.propagation_images}")
     if args.steps < 1:
         parser.error(f"--steps: expected an integer >= 1, got {args.steps}")
     try:
@@ -409,7 +425,7 @@ def main(argv=None, *, default_config=None) -> int:
     command = "python experiments/refine_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     run(args.base, steps=args.steps, out=args.out, seeds=seeds, methods=methods, config=args.config,
         control=args.control, smoke=args.smoke, manual_dir=args.manual_dir, num_panels=args.panels, num_samples=args.bootstrap_samples,
-        train=not args.no_train, command=command)
+        train=not args.no_train, command=command, propagation_images=args.propagation_images)
     return 0
 
 

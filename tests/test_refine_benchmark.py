@@ -99,7 +99,24 @@ def test_from_scratch_against_another_control_reports_rawks_propagation(tmp_path
     assert cached["train_P_abstain"] == pytest.approx(result["train_P_abstain"], abs=1e-6)
     table = (out / "results.md").read_text()
     assert "control (scribble_baseline)" in table and "| rawks |" in table
-    assert "Propagated labels P" in table and "abstention" in table
+    assert "Propagated labels P on the training images" in table and "abstention" in table
+    assert cached["images"] == len(data.load_source(config.data.name, config.data.train_split,
+                                                    **source_kwargs(config)))
+
+    # --propagation_images: P on the first images only (a whole evaluation batch), recomputed
+    # rather than read from the cache of another count, and named in the table
+    from rwseg.train.evaluate import evaluate_propagation
+
+    subset = run(None, steps=2, out=out, seeds=(0,), methods=("rawks",), config=scribbles, control="scribble_baseline",
+                 smoke=True, num_panels=0, num_samples=50, train=False, propagation_images=3)
+    batch = int(config.eval_batch_size)
+    assert subset["propagation_images"] == {"rawks": -(-3 // batch) * batch}
+    config.eval_batches = 1
+    train = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
+    first = evaluate_propagation(config, setup.graphdef, state, mesh, train, num_classes=setup.num_classes)
+    assert subset["propagation"]["rawks"]["train_P_mean_iou"]["mean"] == pytest.approx(first["train_P_mean_iou"],
+                                                                                      abs=1e-6)
+    assert f"P on the first {batch} (rawks) training images" in (out / "results.md").read_text()
 
 
 def test_command_line_rejects_a_missing_control_run(tmp_path):

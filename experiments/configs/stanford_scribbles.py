@@ -31,8 +31,11 @@ METHODS = ("rawks", "scribble_baseline")
 # refine_benchmark.py): (method, overrides). ``rawks_alpha0`` removes the uncertainty
 # weighting of eq. 11 (w = exp(-alpha H(P)) = 1): tests whether down-weighting the uncertain
 # boundary pixels is what makes Q's predictions blobby (stanford_refine_log.md, RAWKS).
+# ``rawks_full`` propagates at full resolution (``rawks.downsample = 1``): tests whether the
+# half-resolution targets are what blurs Q's boundaries.
 VARIANTS = {
     "rawks_alpha0": ("rawks", {"rawks.alpha": 0.0}),
+    "rawks_full": ("rawks", {"rawks.downsample": 1}),
 }
 
 

@@ -39,14 +39,21 @@ from rwseg.train.evaluate import eval_batches, load_run  # noqa: E402
 from rwseg.train.state import merge, source_kwargs  # noqa: E402
 
 
-def solve_cost(workdir, num_images: int, mesh) -> dict:
-    """The JSON line of one run (module docstring)."""
+def load(workdir, num_images: int, mesh):
+    """(config limited to the first ``num_images`` images, Setup, state, step, training source)
+    of a RAWKS run's latest checkpoint, loaded once for both of its JSON lines."""
     config, setup, state, step = load_run(workdir, mesh, checkpoint="latest")
     if config.method != "rawks":
         raise ValueError(f"{workdir}: a RAWKS run was expected, got method {config.method!r}")
-    clamp = float(config.rawks.max_boundary)
     config.eval_batches, config.eval_batch_size = 1, int(num_images)
     source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
+    return config, setup, state, step, source
+
+
+def solve_cost(workdir, run, mesh) -> dict:
+    """The JSON line of one run (module docstring); ``run``: :func:`load`'s tuple."""
+    config, setup, state, step, source = run
+    clamp = float(config.rawks.max_boundary)
 
     def fn(state, batch):
         with batch_axis(mesh):
@@ -89,13 +96,11 @@ def without_boundaries(state):
     return jax.tree_util.tree_map_with_path(edit, state)
 
 
-def propagation_quality(workdir, num_images: int, mesh) -> dict:
-    """P's quality on the first ``num_images`` training images, learned boundaries vs none."""
+def propagation_quality(workdir, run, mesh) -> dict:
+    """P's quality on :func:`load`'s images, learned boundaries vs none."""
     from rwseg.train.evaluate import evaluate_propagation
 
-    config, setup, state, step = load_run(workdir, mesh, checkpoint="latest")
-    config.eval_batches, config.eval_batch_size = 1, int(num_images)
-    source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
+    config, setup, state, step, source = run
     out = {"run": str(workdir), "step": int(step)}
     for name, s in (("learned", state), ("no_boundaries", without_boundaries(state))):
         metrics = evaluate_propagation(config, setup.graphdef, s, mesh, source, num_classes=setup.num_classes)
@@ -112,9 +117,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     mesh = parallel.make_mesh()
     for workdir in args.runs:
-        print(json.dumps(solve_cost(workdir, args.images, mesh)), flush=True)
+        run = load(workdir, args.images, mesh)
+        print(json.dumps(solve_cost(workdir, run, mesh)), flush=True)
         if args.propagation:
-            print(json.dumps(propagation_quality(workdir, args.images, mesh)), flush=True)
+            print(json.dumps(propagation_quality(workdir, run, mesh)), flush=True)
     return 0
 
 

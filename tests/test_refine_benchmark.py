@@ -100,8 +100,8 @@ def test_from_scratch_against_another_control_reports_rawks_propagation(tmp_path
     table = (out / "results.md").read_text()
     assert "control (scribble_baseline)" in table and "| rawks |" in table
     assert "Propagated labels P on the training images" in table and "abstention" in table
-    assert cached["images"] == len(data.load_source(config.data.name, config.data.train_split,
-                                                    **source_kwargs(config)))
+    train = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
+    assert cached["images"] == len(train)
 
     # --propagation_images: P on the first images only (a whole evaluation batch), recomputed
     # rather than read from the cache of another count, and named in the table
@@ -112,7 +112,6 @@ def test_from_scratch_against_another_control_reports_rawks_propagation(tmp_path
     batch = int(config.eval_batch_size)
     assert subset["propagation_images"] == {"rawks": -(-3 // batch) * batch}
     config.eval_batches = 1
-    train = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
     first = evaluate_propagation(config, setup.graphdef, state, mesh, train, num_classes=setup.num_classes)
     assert subset["propagation"]["rawks"]["train_P_mean_iou"]["mean"] == pytest.approx(first["train_P_mean_iou"],
                                                                                       abs=1e-6)

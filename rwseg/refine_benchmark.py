@@ -52,6 +52,7 @@ __all__ = ["DEFAULT_METHODS", "run_config", "train_run", "per_image_counts", "ev
 DEFAULT_METHODS = ("spn", "rwn", "gcrf", "dilated")
 CONTROL = "baseline"
 PROPAGATION = (("train_P_mean_iou", "P mIoU"), ("train_P_pixel_accuracy", "P pixel acc"),
+               ("train_P_boundary_fscore", "P boundary F"),
                ("train_P_abstain", "abstention"), ("train_P_nonconverged_fraction", "non-converged solves"))
 METRICS = (("mean_iou", "mIoU"), ("fw_iou", "fw-IoU"), ("pixel_accuracy", "pixel acc"))
 
@@ -195,7 +196,8 @@ def propagation_metrics(workdir, *, images: int = 0) -> dict:
         step = latest.latest_step()
         latest.close()
         cached = json.loads(path.read_text())
-        if cached.get("step") == step and cached.get("requested_images", 0) == int(images):
+        if (cached.get("step") == step and cached.get("requested_images", 0) == int(images)
+                and all(k in cached for k, _ in PROPAGATION)):  # a cache from before a new column is redone
             return cached
     mesh = parallel.make_mesh()
     config, setup, state, step = load_run(workdir, mesh, checkpoint="latest")

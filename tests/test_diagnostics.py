@@ -142,3 +142,17 @@ def test_rawks_solve_cost(tmp_path, dilated_run):
     assert float(jnp.max(merge(setup.graphdef, script.without_boundaries(state)).boundary(image))) < 1e-6
     with pytest.raises(ValueError, match="a RAWKS run was expected, got method 'dilated'"):
         script.main([str(dilated_run)])
+
+    # targets_vs_network.py: Q on the same training images (a numpy confusion of the model's own
+    # predictions), P as the evaluation gives it; a run of another method has Q only
+    (both, other) = _lines(_script("targets_vs_network").main, [str(workdir), str(dilated_run), "--images", "3"])
+    assert both["images"] == 3 and both["method"] == "rawks" and "P" in both and "P" not in other
+    assert both["P"]["boundary_fscore"] == pytest.approx(100 * learned["train_P_boundary_fscore"], abs=0.06)
+    k, cm = setup.num_classes, np.zeros((setup.num_classes, setup.num_classes), np.int64)
+    for batch in eval_batches(config, source, mesh):
+        pred = np.asarray(jnp.argmax(model.predict(jnp.asarray(batch["image"])), axis=-1))
+        for i in np.flatnonzero(batch["valid"]):
+            ok = batch["label"][i] < k
+            np.add.at(cm, (batch["label"][i][ok], pred[i][ok]), 1)
+    assert both["Q"]["pixel_accuracy"] == pytest.approx(100 * np.trace(cm) / cm.sum(), abs=0.06)
+    assert 0 <= both["Q"]["boundary_fscore"] <= 100 and set(other["Q"]) == set(both["Q"])

@@ -211,8 +211,32 @@ def test_rawks_propagation_evaluated_on_training_images(tfds_dir):
                              image_size=(32, 32))
     out = evaluate_propagation(config, setup.graphdef, state, mesh, train, num_classes=setup.num_classes)
     assert set(out) == {"train_P_mean_iou", "train_P_pixel_accuracy", "train_P_abstain",
-                        "train_P_nonconverged_fraction"}
+                        "train_P_nonconverged_fraction", "train_P_boundary_precision", "train_P_boundary_recall",
+                        "train_P_boundary_fscore"}
     assert out["train_P_nonconverged_fraction"] == 0.0  # default solver settings converge
     assert all(0.0 <= v <= 1.0 for v in out.values())
     # scribbles alone already label part of each image: P is far better than chance
     assert out["train_P_pixel_accuracy"] > 1.0 / setup.num_classes
+    # P's boundary F is that of P's argmax on the image grid, image by image (metrics.boundary_counts
+    # is checked against scipy in test_metrics), summed over the evaluated images
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rwseg import metrics
+    from rwseg.models.backbone import pooled_grid, upsample
+    from rwseg.train.evaluate import eval_batches
+    from rwseg.train.state import merge
+
+    model, counts = merge(setup.graphdef, state), np.zeros(4, np.int64)
+    for batch in eval_batches(config, train, mesh, scribbles=True):
+        images = jnp.asarray(batch["image"])
+        p = upsample(model.propagate(images, jnp.asarray(batch["scribbles"])), images.shape[1:3],
+                     pooled_grid(int(config.rawks.downsample)))
+        pred = np.asarray(jnp.argmax(p, axis=-1))
+        for i in np.flatnonzero(batch["valid"]):
+            counts += np.asarray(metrics.boundary_counts(pred[i], batch["label"][i],
+                                                         tolerance=float(config.boundary_tolerance)))
+    assert counts[1] > 0 and counts[3] > 0
+    expected = metrics.summarize_boundary(counts)
+    for k in ("precision", "recall", "fscore"):
+        assert out[f"train_P_boundary_{k}"] == pytest.approx(float(expected[k]), abs=1e-6)

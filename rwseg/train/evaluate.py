@@ -170,10 +170,13 @@ def summarize_counts(totals: dict, widths, tolerance) -> dict:
     return out
 
 
-def evaluate(config, graphdef, state, mesh, source, *, num_classes: int, num_panels: int = 0):
+def evaluate(config, graphdef, state, mesh, source, *, num_classes: int, num_panels: int = 0,
+             propagation: bool = True):
     """Evaluate ``state`` on ``source``; returns (metrics dict, panel dict of numpy arrays).
 
-    Each image is predicted at its own size (:func:`eval_batches`). The panel dict holds
+    Each image is predicted at its own size (:func:`eval_batches`). For a RAWKS run the
+    metrics also hold P on the training split (:func:`evaluate_propagation`) unless
+    ``propagation`` is False (Q alone, e.g. Q on training images). The panel dict holds
     the first ``num_panels`` evaluated images (uint8), labels and predictions, padded
     bottom/right to a common size (image 0, label and prediction 255), and ``sizes``
     (N, 2), the true (H, W) of each.
@@ -195,7 +198,7 @@ def evaluate(config, graphdef, state, mesh, source, *, num_classes: int, num_pan
     if totals is None:
         raise ValueError(f"eval split {config.data.eval_split!r} of {config.data.name!r} gave no batches")
     result = summarize_counts(totals, [float(w) for w in config.trimap_widths], config.boundary_tolerance)
-    if config.method == "rawks":
+    if config.method == "rawks" and propagation:
         train_source = data.load_source(config.data.name, config.data.train_split, **_kw(config))
         result.update(evaluate_propagation(config, graphdef, state, mesh, train_source, num_classes=num_classes))
     panels = {}
@@ -212,15 +215,17 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
 
     The paper evaluates P on the training images (whose dense labels the model never
     saw) and Q on validation. Returns ``train_P_mean_iou``, ``train_P_pixel_accuracy``
-    (P's argmax, upsampled, against the dense labels) and ``train_P_abstain`` (fraction of
-    labelled pixels with uncertainty weight ``w(x) < 0.5``, where the paper abstains) and
-    ``train_P_nonconverged_fraction`` (fraction of the hitting-probability solves that did
-    not converge).
+    (P's argmax, upsampled, against the dense labels), ``train_P_boundary_{precision,recall,
+    fscore}`` (the boundary F of :func:`rwseg.metrics.boundary_counts` at
+    ``config.boundary_tolerance``, as for Q: how sharp the targets Q learns from are),
+    ``train_P_abstain`` (fraction of labelled pixels with uncertainty weight ``w(x) < 0.5``,
+    where the paper abstains) and ``train_P_nonconverged_fraction`` (fraction of the
+    hitting-probability solves that did not converge).
     """
     from rwseg import rawks
     from rwseg.models.backbone import pooled_grid, upsample
 
-    alpha = float(config.rawks.alpha)
+    alpha, tolerance = float(config.rawks.alpha), float(config.boundary_tolerance)
 
     def fn(state, batch):
         with batch_axis(mesh):
@@ -234,6 +239,7 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
         valid = (labels >= 0) & (labels < num_classes)
         counted = jnp.any(valid, axis=(1, 2)).astype(jnp.int32)
         return {"confusion": metrics.confusion_matrix(pred, labels, num_classes),
+                "boundary": metrics.boundary_counts(pred, labels, tolerance=tolerance),
                 "abstain": jnp.stack([jnp.sum(valid & (w < 0.5)), jnp.sum(valid)]),
                 "solves": jnp.stack([jnp.sum(info["nonconverged"] * counted), jnp.sum(info["solves"] * counted)])}
 
@@ -245,7 +251,9 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
         counts = parallel.to_host(step(state, parallel.global_batch(batch, mesh)))
         totals = counts if totals is None else jax.tree.map(lambda a, b: np.asarray(a, np.int64) + b, totals, counts)
     region = metrics.summarize(totals["confusion"])
+    boundary = {f"train_P_boundary_{k}": float(v) for k, v in metrics.summarize_boundary(totals["boundary"]).items()}
     return {"train_P_mean_iou": float(region["mean_iou"]), "train_P_pixel_accuracy": float(region["pixel_accuracy"]),
+            **boundary,
             "train_P_abstain": float(totals["abstain"][0] / max(int(totals["abstain"][1]), 1)),
             "train_P_nonconverged_fraction": float(totals["solves"][0] / max(int(totals["solves"][1]), 1))}
 

@@ -34,6 +34,16 @@ baseline (``--config experiments/configs/stanford_scribbles.py --control
 scribble_baseline --methods rawks``). For a RAWKS run the table also reports its
 propagated labels P on the training images and the abstention rate
 (:func:`propagation_metrics`, the paper's P; Q is the network's row in the table).
+
+``--base`` may also give each run its own base, as comma-separated ``METHOD=RUN`` entries
+(one per run, the control included), with ``{seed}`` in ``RUN`` standing for the seed
+(:func:`parse_base`): a second training stage compared with a control trained for as many
+steps, e.g. RAWKS's "train P, Q, then Q" (``rawks_then_q`` from each seed's finished
+``rawks`` run) against the scribble-only run of the same seed trained on for as long::
+
+    python experiments/refine_benchmark.py --config experiments/configs/stanford_scribbles.py \
+        --base "scribble_baseline=S/seed{seed}/scribble_baseline,rawks_then_q=S/seed{seed}/rawks" \
+        --control scribble_baseline --methods rawks_then_q --steps 200 --seeds 2 --out OUT
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ import time
 
 import numpy as np
 
-__all__ = ["DEFAULT_METHODS", "run_config", "train_run", "per_image_counts", "evaluate_images",
+__all__ = ["DEFAULT_METHODS", "parse_base", "base_of", "run_config", "train_run", "per_image_counts", "evaluate_images",
            "propagation_metrics", "step_seconds", "summarize", "markdown", "run", "main"]
 
 DEFAULT_METHODS = ("spn", "rwn", "gcrf", "dilated")
@@ -55,6 +65,32 @@ PROPAGATION = (("train_P_mean_iou", "P mIoU"), ("train_P_pixel_accuracy", "P pix
                ("train_P_boundary_fscore", "P boundary F"),
                ("train_P_abstain", "abstention"), ("train_P_nonconverged_fraction", "non-converged solves"))
 METRICS = (("mean_iou", "mIoU"), ("fw_iou", "fw-IoU"), ("pixel_accuracy", "pixel acc"))
+
+
+def parse_base(spec: str | None):
+    """``--base`` -> ``None`` (from scratch), one run for every method (a str), or
+    ``{method: run}`` from comma-separated ``METHOD=RUN`` entries (module docstring)."""
+    if not spec:
+        return None
+    if "=" not in spec:
+        return spec
+    entries = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        method, sep, run = part.partition("=")
+        if not sep or not method.strip() or not run.strip() or method.strip() in entries:
+            raise ValueError(f"--base: expected RUN or comma-separated METHOD=RUN entries (one per method), "
+                             f"got {spec!r}")
+        entries[method.strip()] = run.strip()
+    return entries
+
+
+def base_of(base, method: str, seed: int):
+    """The base run of ``method``'s run of ``seed`` (:func:`parse_base`'s value; ``None`` = from scratch)."""
+    if isinstance(base, dict):
+        if method not in base:
+            raise ValueError(f"--base: no METHOD=RUN entry for {method!r} (entries for {sorted(base)})")
+        return base[method].replace("{seed}", str(seed))
+    return None if base is None else str(base).replace("{seed}", str(seed))
 
 
 def run_config(config_path, method: str, *, base=None, steps: int, seed: int, smoke: bool = False,
@@ -348,12 +384,14 @@ def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, c
 
     out = pathlib.Path(out)
     names = [control] + [m for m in methods if m != control]
+    for m in names:  # every run has a base (or none): fail before any training
+        base_of(base, m, 0)
     evals, times, propagation = ({m: [] for m in names} for _ in range(3))
     missing = []
     for seed in seeds:
         for m in names:
             workdir = out / f"seed{seed}" / m
-            cfg = run_config(config, m, base=base, steps=steps, seed=seed, smoke=smoke, manual_dir=manual_dir)
+            cfg = run_config(config, m, base=base_of(base, m, seed), steps=steps, seed=seed, smoke=smoke, manual_dir=manual_dir)
             if train:
                 train_run(cfg, workdir)
             if not _finished(workdir, steps):
@@ -374,7 +412,7 @@ def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, c
                               for m in complete if propagation[m]}
     summary["propagation_images"] = {m: int(propagation[m][0]["images"]) for m in complete
                                      if propagation[m] and propagation_images}
-    summary.update(base=None if base is None else str(base), steps=int(steps), seed_list=list(seeds),
+    summary.update(base=base if isinstance(base, dict) or base is None else str(base), steps=int(steps), seed_list=list(seeds),
                    missing=missing)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
@@ -393,7 +431,8 @@ def main(argv=None, *, default_config=None) -> int:
     """The command line; ``default_config``: the ``--config`` file when the flag is not given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default=None,
-                        help="workdir of the trained baseline (init_from of every run); left out: from scratch")
+                        help="workdir of the trained baseline (init_from of every run), or comma-separated "
+                        "METHOD=RUN entries ({seed} = the seed); left out: from scratch")
     parser.add_argument("--steps", type=int, required=True, help="training steps of every run (on top of the base)")
     parser.add_argument("--control", default=CONTROL, help="the method every other is compared with "
                         "(default: %(default)s; e.g. scribble_baseline against rawks)")
@@ -421,11 +460,17 @@ def main(argv=None, *, default_config=None) -> int:
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        base = parse_base(args.base)
+        for m in [args.control] + methods:
+            base_of(base, m, 0)
+    except ValueError as e:
+        parser.error(str(e))
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
     command = "python experiments/refine_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    run(args.base, steps=args.steps, out=args.out, seeds=seeds, methods=methods, config=args.config,
+    run(base, steps=args.steps, out=args.out, seeds=seeds, methods=methods, config=args.config,
         control=args.control, smoke=args.smoke, manual_dir=args.manual_dir, num_panels=args.panels, num_samples=args.bootstrap_samples,
         train=not args.no_train, command=command, propagation_images=args.propagation_images)
     return 0

@@ -11,7 +11,7 @@ import pytest
 from rwseg import data
 from rwseg.train.checkpoint import _path_name, read_state
 from rwseg.train.config_check import ConfigError, check_config, config_changes
-from rwseg.train.init_from import InitFromError, checkpoint_location, init_backbone
+from rwseg.train.init_from import InitFromError, checkpoint_location, init_backbone, init_params
 from rwseg.train.state import create
 from rwseg.train.trainer import train_and_evaluate
 from _train_cli import smoke_config
@@ -96,6 +96,39 @@ def test_frozen_backbone_stays_fixed(base, tmp_path):
     assert any(not np.allclose(trained[k], initial[k]) for k in trained)  # the method's layers did train
 
 
+def test_second_stage_copies_every_parameter_and_freezes_the_method(tmp_path):
+    """init_params = "all" + freeze_method: a second stage of a method starts from all of a run's
+    parameters (e.g. RAWKS "train P, Q, then Q"); the method's layers stay exactly fixed and the
+    backbone trains. A run of another method does not fit."""
+    first = tmp_path / "spn"
+    train_and_evaluate(_smoke("spn", num_steps=2, checkpoint_every=2), first)
+    saved = _flat(read_state(first)[1]["params"])
+    config = _smoke("spn", init_from=str(first), init_params="all", freeze_method=True, num_steps=2,
+                    checkpoint_every=2)
+    setup = create(config, K, {})
+    new, _ = init_params(setup.state, str(first), subtrees=None)
+    got = _flat(new["params"])
+    assert got.keys() == saved.keys() and any(not k.startswith("backbone") for k in got)
+    for k in got:
+        np.testing.assert_array_equal(got[k], saved[k], err_msg=k)
+    train_and_evaluate(config, tmp_path / "stage2")
+    trained = _flat(read_state(tmp_path / "stage2")[1]["params"])
+    for k in trained:
+        if not k.startswith("backbone"):
+            np.testing.assert_array_equal(trained[k], saved[k], err_msg=k)
+    assert any(not np.array_equal(trained[k], saved[k]) for k in trained if k.startswith("backbone"))
+    with pytest.raises(InitFromError, match=r"parameters \(.*\) of .* do not fit .*missing in the checkpoint: "):
+        init_params(create(_smoke("gcrf"), K, {}).state, str(first), subtrees=None)
+    with pytest.raises(ConfigError, match=r"config.freeze_method: expected False unless config.init_from is set and "
+                                          r"config.init_params is 'all'"):
+        check_config(_smoke("spn", init_from=str(first), freeze_method=True), num_devices=1, num_processes=1)
+    with pytest.raises(ConfigError, match=r"config.freeze_method: expected False with config.freeze_backbone True"):
+        check_config(_smoke("spn", init_from=str(first), init_params="all", freeze_method=True, freeze_backbone=True),
+                     num_devices=1, num_processes=1)
+    with pytest.raises(ConfigError, match=r"config.init_params: expected one of"):
+        check_config(_smoke("spn", init_params="some"), num_devices=1, num_processes=1)
+
+
 def test_method_lr_mult_scales_only_the_method_layers():
     """optimizer.method_lr_mult = m: the update of every parameter outside the backbone is m
     times the one of the same step without it; the backbone's update is unchanged."""
@@ -133,7 +166,7 @@ def test_config_checks_and_resume_compatibility(tmp_path):
         check_config(_smoke("spn", init_from=str(tmp_path / "absent")), num_devices=1, num_processes=1)
     # a run recorded before these keys existed resumes with their defaults unchanged ...
     old = json.loads(_smoke("spn").to_json())
-    for key in ("init_from", "freeze_backbone", "allow_config_change"):
+    for key in ("init_from", "init_params", "freeze_backbone", "freeze_method", "allow_config_change"):
         old.pop(key)
     old["optimizer"].pop("max_nonfinite_skips")
     old["optimizer"].pop("method_lr_mult")

@@ -258,6 +258,25 @@ def test_label_propagation_is_hitting_probabilities_and_eq11():
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
 
 
+def test_label_propagation_fixed_targets_train_q_alone():
+    """``loss(..., fixed_targets=True)`` (the "train P, Q, then Q" stage): the same value, the same
+    gradient in the logits, and exactly no gradient into the boundary network."""
+    layer = _make("rawks")
+    graphdef, state = nnx.split(layer)
+    image, labels = _data()
+    logits = jnp.asarray(np.random.default_rng(9).normal(size=(B, 8, 8, K)), jnp.float32)
+
+    def run(st, lg):
+        f = lambda fixed: lambda s, l: nnx.merge(graphdef, s).loss(l, image, _scribbles(labels), fixed_targets=fixed)
+        return [(f(x)(st, lg), jax.grad(f(x), argnums=(0, 1))(st, lg)) for x in (False, True)]
+
+    (joint, (g_joint, gl_joint)), (fixed, (g_fixed, gl_fixed)) = jax.jit(run)(state, logits)
+    np.testing.assert_allclose(fixed, joint, rtol=1e-6)
+    np.testing.assert_allclose(gl_fixed, gl_joint, rtol=1e-4, atol=1e-7)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_joint)) > 0
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g_fixed))
+
+
 # ----------------------------------------------------------------------------- composition, diagnostics
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rwseg import data
-from rwseg.refine_benchmark import run, run_config
+from rwseg.refine_benchmark import base_of, parse_base, run, run_config
 from rwseg.train import parallel
 from rwseg.train.evaluate import evaluate, load_run
 from rwseg.train.state import source_kwargs
@@ -116,6 +116,41 @@ def test_from_scratch_against_another_control_reports_rawks_propagation(tmp_path
     assert subset["propagation"]["rawks"]["train_P_mean_iou"]["mean"] == pytest.approx(first["train_P_mean_iou"],
                                                                                       abs=1e-6)
     assert f"P on the first {batch} (rawks) training images" in (out / "results.md").read_text()
+
+    # a second stage from each seed's runs (per-method --base with {seed}): RAWKS's "train P, Q, then Q"
+    # from the finished rawks run (every parameter; the boundary network fixed, Q trains) against the
+    # scribble-only run trained on for as long
+    import jax
+
+    from rwseg.train.checkpoint import _path_name, read_state
+
+    base = parse_base(f"scribble_baseline={out}/seed{{seed}}/scribble_baseline, rawks_then_q={out}/seed{{seed}}/rawks")
+    stage2 = run(base, steps=2, out=tmp_path / "stage2", seeds=(0,), methods=("rawks_then_q",), config=scribbles,
+                 control="scribble_baseline", smoke=True, num_panels=0, num_samples=50, propagation_images=3)
+    assert stage2["base"] == base and set(stage2["methods"]) == {"scribble_baseline", "rawks_then_q"}
+    flat = lambda tree: {_path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    before, after = flat(read_state(out / "seed0" / "rawks")[1]["params"]), flat(
+        read_state(tmp_path / "stage2" / "seed0" / "rawks_then_q")[1]["params"])
+    assert before.keys() == after.keys()
+    for k in before:  # the boundary network is the first stage's; Q moved on
+        if not k.startswith("backbone"):
+            np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    assert any(not np.array_equal(after[k], before[k]) for k in before if k.startswith("backbone"))
+    control = json.loads((tmp_path / "stage2" / "seed0" / "scribble_baseline" / "config.json").read_text())
+    assert control["init_from"] == str(out / "seed0" / "scribble_baseline") and control["init_params"] == "backbone"
+
+
+def test_per_method_base():
+    assert parse_base(None) is None and parse_base("") is None and parse_base("RUN") == "RUN"
+    base = parse_base("a=R/seed{seed}/x, b=S")
+    assert base == {"a": "R/seed{seed}/x", "b": "S"}
+    assert base_of(base, "a", 3) == "R/seed3/x" and base_of(base, "b", 3) == "S"
+    assert base_of("R/seed{seed}", "any", 1) == "R/seed1" and base_of(None, "any", 1) is None
+    with pytest.raises(ValueError, match=r"no METHOD=RUN entry for 'c' \(entries for \['a', 'b'\]\)"):
+        base_of(base, "c", 0)
+    for bad in ("a=R,a=S", "a=", "=R", "a=R,S"):
+        with pytest.raises(ValueError, match="--base: expected RUN or comma-separated METHOD=RUN entries"):
+            parse_base(bad)
 
 
 def test_command_line_rejects_a_missing_control_run(tmp_path):

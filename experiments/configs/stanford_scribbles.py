@@ -33,9 +33,13 @@ METHODS = ("rawks", "scribble_baseline")
 # boundary pixels is what makes Q's predictions blobby (stanford_refine_log.md, RAWKS).
 # ``rawks_full`` propagates at full resolution (``rawks.downsample = 1``): tests whether the
 # half-resolution targets are what blurs Q's boundaries.
+# ``rawks_then_q`` is the paper's "train P, Q, then Q" (Table 2): started from a finished
+# ``rawks`` run (every parameter, ``--base rawks_then_q=RUN`` of refine_benchmark.py), Q is
+# fine-tuned on the propagated labels with the boundary network fixed.
 VARIANTS = {
     "rawks_alpha0": ("rawks", {"rawks.alpha": 0.0}),
     "rawks_full": ("rawks", {"rawks.downsample": 1}),
+    "rawks_then_q": ("rawks", {"init_params": "all", "freeze_method": True}),
 }
 
 

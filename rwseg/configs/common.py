@@ -71,7 +71,9 @@ def get_config(method: str) -> ml_collections.ConfigDict:
     # refinement protocol (rwseg.train.init_from): start the backbone from this run's checkpoint
     # ("WORKDIR" = its latest, "WORKDIR/best", "WORKDIR/checkpoints/STEP"); optimiser state fresh
     c.init_from = ""
+    c.init_params = "backbone"       # "all": also the method's own layers (a second stage of the same method)
     c.freeze_backbone = False        # True: the backbone's parameters stay fixed (needs init_from)
+    c.freeze_method = False          # True: the method's own layers stay fixed (needs init_params "all")
     return c
 
 

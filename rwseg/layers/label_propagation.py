@@ -95,7 +95,7 @@ class RandomWalkLabelPropagation(nnx.Module):
         p, si = map_examples(hit, b, seeds)
         return (p, solved(si.converged, si.iterations, si.residual, p)) if return_info else p
 
-    def loss(self, logits, image, scribbles, *, logits_grid=None):
+    def loss(self, logits, image, scribbles, *, logits_grid=None, fixed_targets: bool = False):
         """The uncertainty-weighted loss of eq. 11 of the network's logits against P, a scalar.
 
         Args:
@@ -103,13 +103,18 @@ class RandomWalkLabelPropagation(nnx.Module):
             evenly tiling the image); resampled to the propagation grid.
           image: as for ``__call__``.
           scribbles: as for ``__call__``.
+          fixed_targets: treat P (and with it the weights w) as constants: no gradient
+            reaches the boundary network and no adjoint solve is made (the paper's "train
+            P, Q, then Q" stage, where Q is fine-tuned on the propagated labels).
 
         Returns:
           The batch mean of :func:`rwseg.rawks.rawks_loss` (gradients reach both the
-          network, through Q, and the boundary network, through P).
+          network, through Q, and the boundary network, through P, unless ``fixed_targets``).
         """
         shape = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         I.check_map("logits", logits, shape[0], self.num_classes, "num_classes")
         p = self(image, scribbles)
+        if fixed_targets:
+            p = jax.lax.stop_gradient(p)
         q = I.to_working_grid(logits, shape[1:], self.downsample, logits_grid)
         return jnp.mean(jax.vmap(lambda pp, qq: ops.rawks_loss(pp, qq, temperature=self.temperature))(p, q))

@@ -175,7 +175,9 @@ OPTIONAL_OPTIONS = {
     "data.synthetic.num_validation": int_at_least(1),
     "data.synthetic.image_size": int_at_least(8),
     "init_from": string,
+    "init_params": one_of("backbone", "all"),
     "freeze_backbone": boolean,
+    "freeze_method": boolean,
     "data.scale_range": scale_range,
     "data.flip": boolean,
     "data.color_jitter": color_jitter,
@@ -189,7 +191,9 @@ OPTIONAL_DEFAULTS = {
     "optimizer.method_lr_mult": 1.0,
     "allow_config_change": False,
     "init_from": "",
+    "init_params": "backbone",
     "freeze_backbone": False,
+    "freeze_method": False,
     "data.scale_range": [0.75, 1.25],
     "data.flip": True,
     "data.color_jitter": [0.0, 0.0, 0.0],
@@ -368,6 +372,13 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
     if values.get("freeze_backbone") is True and values.get("init_from") in (_MISSING, None, ""):
         errors.append("config.freeze_backbone: expected False without config.init_from (a frozen random "
                       "backbone), got True")
+    if values.get("freeze_method") is True and (values.get("init_from") in (_MISSING, None, "")
+                                                or values.get("init_params") != "all"):
+        errors.append("config.freeze_method: expected False unless config.init_from is set and config.init_params "
+                      "is 'all' (frozen random method layers), got True")
+    if values.get("freeze_method") is True and values.get("freeze_backbone") is True:
+        errors.append("config.freeze_method: expected False with config.freeze_backbone True (nothing would "
+                      "train), got True")
     if values.get("data.train_labels") == "scribbles" and values.get("data.scribbles") is False:
         errors.append("config.data.train_labels: expected 'dense' unless config.data.scribbles is True "
                       "(the scribbles are generated only then), got 'scribbles'")

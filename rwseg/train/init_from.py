@@ -15,9 +15,17 @@ Everything else — the method's own layers and the whole optimiser state — st
 (seed ``config.seed``; the learning-rate schedule restarts at step 0). Resuming a run
 that already has checkpoints of its own ignores ``init_from``.
 
+``config.init_params = "all"`` copies every parameter instead (the backbone and the method's
+own layers; the checkpoint must be a run of the same method and model): a second stage of
+the same method, e.g. RAWKS's "train P, Q, then Q" (Vernaza & Chandraker, Table 2), which
+fine-tunes the segmentation network Q on the propagated labels of a finished RAWKS run with
+its boundary network fixed.
+
 ``config.freeze_backbone = True`` keeps the backbone parameters fixed (their updates are
 zeroed by ``optax.multi_transform``; the optimiser holds no moments for them, and weight
 decay does not touch them); gradients are still computed through it.
+``config.freeze_method = True`` does the same for every parameter outside the backbone (the
+method's own layers; needs ``init_params = "all"``, a frozen random layer being useless).
 
 ``config.optimizer.method_lr_mult = m`` multiplies the updates of every parameter outside
 the backbone (the method's new layers) by ``m`` — their learning rate (and decoupled
@@ -35,8 +43,8 @@ import optax
 
 from rwseg.train.checkpoint import _path_name, read_state
 
-__all__ = ["InitFromError", "checkpoint_location", "load_backbone", "init_backbone", "freeze_backbone",
-           "scale_method_updates"]
+__all__ = ["InitFromError", "checkpoint_location", "load_params", "init_params", "init_backbone", "freeze_subtrees",
+           "freeze_backbone", "scale_method_updates"]
 
 SUBTREE = "backbone"
 
@@ -59,8 +67,8 @@ def checkpoint_location(spec: str) -> tuple[pathlib.Path, str, int | None]:
     return path, "latest", None
 
 
-def load_backbone(spec: str) -> tuple[dict, str]:
-    """(the ``backbone`` params subtree as numpy arrays, a description of where it came from)."""
+def load_params(spec: str) -> tuple[dict, str]:
+    """(the checkpoint's ``params`` tree as numpy arrays, a description of where it came from)."""
     workdir, which, step = checkpoint_location(spec)
     if not workdir.is_dir():
         raise InitFromError(f"config.init_from: expected a run directory written by `python -m rwseg.train`, "
@@ -73,7 +81,7 @@ def load_backbone(spec: str) -> tuple[dict, str]:
     if SUBTREE not in params:
         raise InitFromError(f"config.init_from: the checkpoint {workdir}/{which} step {step} has no "
                             f"params/{SUBTREE} subtree (top-level params: {sorted(params)})")
-    return params[SUBTREE], f"{workdir} ({which} checkpoint, step {step})"
+    return params, f"{workdir} ({which} checkpoint, step {step})"
 
 
 def _leaves(tree) -> dict:
@@ -82,35 +90,50 @@ def _leaves(tree) -> dict:
     return {_path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def init_backbone(state: dict, spec: str) -> tuple[dict, str]:
-    """A copy of the train ``state`` whose ``params["backbone"]`` are the checkpoint's.
+def init_params(state: dict, spec: str, *, subtrees=(SUBTREE,)) -> tuple[dict, str]:
+    """A copy of the train ``state`` whose ``params[name]`` for each name in ``subtrees``
+    (``None``: every top-level subtree of the model) are the checkpoint's.
 
     Raises :class:`InitFromError` naming every missing, extra or mis-shaped array when the
-    checkpoint's backbone does not have exactly the structure of the model's (e.g. a
-    different ``config.model.width`` or ``aspp_rates``).
+    checkpoint's subtrees do not have exactly the structure of the model's (e.g. a
+    different ``config.model.width`` or ``aspp_rates``, or another method).
     """
-    loaded, where = load_backbone(spec)
-    mine = state["params"][SUBTREE]
-    a, b = _leaves(mine), _leaves(loaded)
-    problems = [f"missing in the checkpoint: backbone/{k}" for k in sorted(set(a) - set(b))]
-    problems += [f"not in the model: backbone/{k}" for k in sorted(set(b) - set(a))]
-    problems += [f"backbone/{k}: model {a[k].shape} {a[k].dtype}, checkpoint {np.shape(b[k])} {np.asarray(b[k]).dtype}"
+    loaded, where = load_params(spec)
+    names = sorted(state["params"]) if subtrees is None else list(subtrees)
+    mine = {k: state["params"][k] for k in names}
+    a, b = _leaves(mine), _leaves({k: loaded[k] for k in names if k in loaded})
+    problems = [f"missing in the checkpoint: {k}" for k in sorted(set(a) - set(b))]
+    problems += [f"not in the model: {k}" for k in sorted(set(b) - set(a))]
+    problems += [f"{k}: model {a[k].shape} {a[k].dtype}, checkpoint {np.shape(b[k])} {np.asarray(b[k]).dtype}"
                  for k in sorted(set(a) & set(b))
                  if tuple(a[k].shape) != tuple(np.shape(b[k])) or a[k].dtype != np.asarray(b[k]).dtype]
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
-        raise InitFromError(f"config.init_from: the backbone of {where} does not fit this config's model "
-                            f"(config.model must equal the base run's): {shown}")
+        what = "backbone of {} does" if names == [SUBTREE] else "parameters (" + ", ".join(names) + ") of {} do"
+        raise InitFromError(f"config.init_from: the {what.format(where)} not fit this config's model "
+                            f"(config.model{'' if names == [SUBTREE] else ' and the method'} must equal the base "
+                            f"run's): {shown}")
     flat, treedef = jax.tree_util.tree_flatten_with_path(mine)
     new = jax.tree_util.tree_unflatten(treedef, [np.asarray(b[_path_name(p)]) for p, _ in flat])
-    params = dict(state["params"], **{SUBTREE: new})
-    return dict(state, params=params), where
+    return dict(state, params=dict(state["params"], **new)), where
+
+
+def init_backbone(state: dict, spec: str) -> tuple[dict, str]:
+    """:func:`init_params` of the ``backbone`` subtree alone (``config.init_params = "backbone"``)."""
+    return init_params(state, spec, subtrees=(SUBTREE,))
+
+
+def freeze_subtrees(tx: optax.GradientTransformation, frozen) -> optax.GradientTransformation:
+    """``tx`` for the parameters outside the top-level subtrees for which ``frozen(name)`` is
+    true; zero updates (and no optimiser moments) inside them."""
+    def labels(params):
+        return {k: jax.tree.map(lambda _: "frozen" if frozen(k) else "train", v) for k, v in params.items()}
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def freeze_backbone(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """``tx`` for every parameter outside ``params["backbone"]``; zero updates inside it."""
-
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _by_subtree("frozen", "train"))
+    return freeze_subtrees(tx, lambda name: name == SUBTREE)
 
 
 def _by_subtree(inside: str, outside: str):

@@ -22,7 +22,7 @@ from rwseg.models import build_model, dataset_statistics, model_class
 from rwseg.models.base import Statistic
 from rwseg.models.device_local import batch_axis
 from rwseg.train import parallel
-from rwseg.train.init_from import freeze_backbone, scale_method_updates
+from rwseg.train.init_from import SUBTREE, freeze_subtrees, scale_method_updates
 from rwseg.train.optim import make_optimizer
 
 __all__ = ["Setup", "create", "source_kwargs", "augmentation_kwargs", "compute_statistics", "make_train_step", "merge"]
@@ -91,8 +91,10 @@ def create(config, num_classes: int, statistics: dict) -> Setup:
 
     graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, Statistic)[0]
     tx, schedule = make_optimizer(config.optimizer, int(config.num_steps))
-    if config.get("freeze_backbone", False):  # rwseg.train.init_from: zero updates for params["backbone"]
-        tx = freeze_backbone(tx)
+    # rwseg.train.init_from: zero updates for params["backbone"] and/or the method's own layers
+    frozen_backbone, frozen_method = bool(config.get("freeze_backbone", False)), bool(config.get("freeze_method", False))
+    if frozen_backbone or frozen_method:
+        tx = freeze_subtrees(tx, lambda name: frozen_backbone if name == SUBTREE else frozen_method)
     if float(config.optimizer.get("method_lr_mult", 1.0)) != 1.0:  # a larger rate for the method's new layers
         tx = scale_method_updates(tx, config.optimizer.method_lr_mult)
 

@@ -45,7 +45,7 @@ from rwseg.train import parallel
 from rwseg.train.checkpoint import Checkpoints
 from rwseg.train.config_check import ConfigError, check_config, config_changes, flatten
 from rwseg.train.evaluate import evaluate, write_results
-from rwseg.train.init_from import init_backbone
+from rwseg.train.init_from import init_params
 from rwseg.train.panels import save_panels
 from rwseg.train.state import augmentation_kwargs, compute_statistics, create, make_train_step, source_kwargs
 
@@ -212,10 +212,13 @@ def train_and_evaluate(config, workdir) -> dict:
             print(f"rwseg.train: {workdir} holds an earlier start of this run but no finished checkpoint; "
                   "training from step 0", flush=True)
         if restored is None and config.get("init_from", ""):
-            initial, where = init_backbone(setup.state, config.init_from)
+            everything = config.get("init_params", "backbone") == "all"
+            initial, where = init_params(setup.state, config.init_from, subtrees=None if everything else ("backbone",))
             state = parallel.replicate(initial, mesh)
-            print(f"rwseg.train: backbone initialised from {where}"
-                  + (" (frozen)" if config.get("freeze_backbone", False) else ""), flush=True)
+            frozen = [n for n, k in (("backbone", "freeze_backbone"), ("method layers", "freeze_method"))
+                      if config.get(k, False)]
+            print(f"rwseg.train: {'every parameter' if everything else 'backbone'} initialised from {where}"
+                  + (f" ({' and '.join(frozen)} frozen)" if frozen else ""), flush=True)
         record_config(config, workdir, start, changes)
         writer = MetricsWriter(workdir, resume_step=start)
         train_step = make_train_step(setup, mesh)

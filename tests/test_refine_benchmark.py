@@ -161,6 +161,13 @@ def test_command_line_rejects_a_missing_control_run(tmp_path):
               "--methods", "rawks", "--steps", "2", "--smoke", "--no_train", "--out", str(tmp_path)])
 
 
+def _at(config, dotted_key):
+    """config["a"]["b"] for "a.b"; config["a"] for "a"."""
+    for part in dotted_key.split("."):
+        config = config[part]
+    return config
+
+
 @pytest.mark.parametrize("config_name", ["stanford_refine.py", "stanford_scribbles.py"])
 def test_refine_config_variants(config_name):
     """CONFIG:VARIANT is its method's config plus the variant's overrides; unknown names
@@ -179,10 +186,9 @@ def test_refine_config_variants(config_name):
         plain = load_config_file(str(path), method)
         smoke = load_config_file(str(path), name + ",smoke")
         assert c.method == smoke.method == method
-        for key, value in overrides.items():
-            section, field = key.split(".")
-            assert c[section][field] == value != plain[section][field], key
-            assert smoke[section][field] == value, key
+        for key, value in overrides.items():  # "section.field" or a top-level "field"
+            assert _at(c, key) == value != _at(plain, key), key
+            assert _at(smoke, key) == value, key
         assert (c.data.to_dict(), c.model.to_dict(), c.num_steps) == (plain.data.to_dict(), plain.model.to_dict(),
                                                                       plain.num_steps)
     with pytest.raises(ValueError, match=next(iter(module.VARIANTS))):

@@ -369,7 +369,8 @@ def uncertainty_weights(P, *, temperature, reachable=None) -> jnp.ndarray:
 
 
 @deprecated_arguments(renamed={"alpha": "temperature"})
-def rawks_loss(P, logits, *, temperature, reachable=None, weight_gradient: bool = True) -> jnp.ndarray:
+def rawks_loss(P, logits, *, temperature, reachable=None, weight_gradient: bool = True,
+               targets: str = "soft") -> jnp.ndarray:
     """Uncertainty-weighted loss, paper eq. 11, averaged over pixels.
 
     ``mean_x [ w(x) KL(P_x || Q_x) + H(P_x) ]`` with ``Q = softmax(logits)`` and
@@ -386,10 +387,17 @@ def rawks_loss(P, logits, *, temperature, reachable=None, weight_gradient: bool 
         temperature: entropy temperature of :func:`uncertainty_weights`. Formerly ``alpha``.
         reachable: optional (H, W) bool, weight 0 where False.
         weight_gradient: ``False`` treats w as a constant (``stop_gradient``).
+        targets: ``"soft"``: eq. 11 as above. ``"hard"``: a diagnostic, not the paper's loss:
+            ``mean_x [ [w(x) >= 1/2] CE(argmax P_x, Q_x) ]``, the cross-entropy of Q against
+            P's label at the pixels where P does not abstain (the rule of the abstention rate
+            of :func:`rwseg.train.evaluate.evaluate_propagation`), 0 elsewhere. P and w are
+            constants there (no gradient reaches P): for training Q on a fixed P only.
 
     Returns:
         A scalar in ``result_type(P, logits)``.
     """
+    if targets not in ("soft", "hard"):
+        raise ValueError(f"targets: expected 'soft' (eq. 11) or 'hard' (cross-entropy on argmax P), got {targets!r}")
     V.check_rank("P", P, 3, "(H, W, L)")
     V.check_rank("logits", logits, 3, "(H, W, L)")
     V.check_floating("P", P)
@@ -397,10 +405,15 @@ def rawks_loss(P, logits, *, temperature, reachable=None, weight_gradient: bool 
     V.check_shape("logits", logits, P.shape, "(H, W, L) matching P")
     dtype = jnp.result_type(P, logits)
     P, logits = jnp.asarray(P, dtype), jnp.asarray(logits, dtype)
+    if targets == "hard":
+        P = jax.lax.stop_gradient(P)
     w = uncertainty_weights(P, temperature=temperature, reachable=reachable)
     if not weight_gradient:
         w = jax.lax.stop_gradient(w)
     log_q = jax.nn.log_softmax(logits, axis=-1)
+    if targets == "hard":
+        ce = -jnp.take_along_axis(log_q, jnp.argmax(P, axis=-1)[..., None], axis=-1)[..., 0]
+        return jnp.mean(jnp.where(w >= 0.5, ce, 0))
     tiny = jnp.finfo(dtype).tiny
     kl = jnp.sum(P * (jnp.log(jnp.maximum(P, tiny)) - log_q), axis=-1)
     return jnp.mean(w * kl + _entropy(P))

@@ -127,6 +127,10 @@ def test_second_stage_copies_every_parameter_and_freezes_the_method(tmp_path):
                      num_devices=1, num_processes=1)
     with pytest.raises(ConfigError, match=r"config.init_params: expected one of"):
         check_config(_smoke("spn", init_params="some"), num_devices=1, num_processes=1)
+    with pytest.raises(ConfigError, match=r"config.rawks.targets: expected 'soft' unless config.freeze_method is True"):
+        check_config(_smoke("rawks", **{"rawks.targets": "hard"}), num_devices=1, num_processes=1)
+    with pytest.raises(ConfigError, match=r"config.rawks.targets: expected one of"):
+        check_config(_smoke("rawks", **{"rawks.targets": "argmax"}), num_devices=1, num_processes=1)
 
 
 def test_method_lr_mult_scales_only_the_method_layers():

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from rwseg import dilated, gcrf, rawks, rwn, spn
+from rwseg.layers import _inputs as I
 from rwseg.layers import (DilatedAffinity, GaussianCRF, RandomWalkLabelPropagation, RandomWalkRefinement,
                           RefinementInfo, SpatialPropagation)
 
@@ -275,6 +276,23 @@ def test_label_propagation_fixed_targets_train_q_alone():
     np.testing.assert_allclose(gl_fixed, gl_joint, rtol=1e-4, atol=1e-7)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_joint)) > 0
     assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g_fixed))
+
+
+def test_label_propagation_hard_targets_need_fixed_targets():
+    """``targets="hard"`` is rawks_loss(targets="hard") of the layer's own P, and only with
+    ``fixed_targets`` (argmax P has no gradient for the boundary network)."""
+    layer = _make("rawks")
+    image, labels = _data()
+    logits = jnp.asarray(np.random.default_rng(9).normal(size=(B, 8, 8, K)), jnp.float32)
+    with pytest.raises(ValueError, match=r"targets='hard' needs fixed_targets=True"):
+        layer.loss(logits, image, _scribbles(labels), targets="hard")
+    got = layer.loss(logits, image, _scribbles(labels), fixed_targets=True, targets="hard")
+    p = layer(image, _scribbles(labels))
+    q = I.to_working_grid(logits, image.shape[1:3], layer.downsample, None)
+    want = jnp.mean(jax.vmap(lambda pp, qq: rawks.rawks_loss(pp, qq, temperature=layer.temperature,
+                                                             targets="hard"))(p, q))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not np.allclose(got, layer.loss(logits, image, _scribbles(labels), fixed_targets=True))
 
 
 # ----------------------------------------------------------------------------- composition, diagnostics

@@ -260,6 +260,31 @@ def test_rawks_loss_matches_numpy_and_weight_gradient_option():
     np.testing.assert_allclose(gl, np.exp(-alpha * ent)[..., None] * (q - p) / (H * W), rtol=1e-9, atol=1e-15)
 
 
+def test_rawks_loss_hard_targets_match_numpy_and_stop_at_p():
+    """targets="hard": cross-entropy of Q against argmax P where w = exp(-alpha H(P)) >= 1/2 (P does
+    not abstain), 0 elsewhere, over all pixels; no gradient reaches P; an unknown mode is refused."""
+    rng = np.random.default_rng(16)
+    p = rng.dirichlet(np.full(L, 0.3), (H, W))  # a mix of confident and uncertain pixels
+    logits = rng.normal(size=(H, W, L))
+    alpha = 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(p > 0, p * np.log(p), 0).sum(-1)
+    keep = np.exp(-alpha * ent) >= 0.5
+    assert 0 < keep.sum() < H * W  # both cases occur
+    log_q = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    label = p.argmax(-1)
+    ce = -np.take_along_axis(log_q, label[..., None], -1)[..., 0]
+    f = lambda pp, z: rawks.rawks_loss(pp, z, temperature=alpha, targets="hard")  # noqa: E731
+    np.testing.assert_allclose(f(jnp.asarray(p), jnp.asarray(logits)), np.mean(np.where(keep, ce, 0)), rtol=1e-12)
+    gp, gl = jax.grad(f, argnums=(0, 1))(jnp.asarray(p), jnp.asarray(logits))
+    assert float(jnp.max(jnp.abs(gp))) == 0.0
+    want = keep[..., None] * (np.exp(log_q) - np.eye(L)[label]) / (H * W)
+    np.testing.assert_allclose(gl, want, rtol=1e-9, atol=1e-15)
+    check_grads(lambda z: f(jnp.asarray(p), z), (jnp.asarray(logits),), order=1, modes=("rev",))
+    with pytest.raises(ValueError, match=r"targets: expected 'soft' \(eq. 11\) or 'hard'.*got 'argmax'"):
+        rawks.rawks_loss(jnp.asarray(p), jnp.asarray(logits), temperature=alpha, targets="argmax")
+
+
 def test_scribbles_from_labels():
     labels = np.zeros((40, 50), np.int64)
     labels[:, 25:] = 1

@@ -36,10 +36,19 @@ METHODS = ("rawks", "scribble_baseline")
 # ``rawks_then_q`` is the paper's "train P, Q, then Q" (Table 2): started from a finished
 # ``rawks`` run (every parameter, ``--base rawks_then_q=RUN`` of refine_benchmark.py), Q is
 # fine-tuned on the propagated labels with the boundary network fixed.
+# ``rawks_then_q_unweighted`` is that stage with the loss unweighted (``rawks.alpha = 0``:
+# w = 1, so Q fits every pixel of P, boundaries included). With the boundary network fixed
+# the weight no longer shapes P, so this isolates what eq. 11's down-weighting of the
+# uncertain (boundary) pixels costs Q. Its abstention is 0 by definition (w = 1 < 0.5
+# nowhere); P is the same as ``rawks_then_q``'s. ``rawks_then_q_hard`` (not the paper's loss)
+# fits Q to argmax P by cross-entropy where P does not abstain (``rawks.targets = "hard"``):
+# tests whether fitting P's soft boundary distributions is what keeps Q from P's boundaries.
 VARIANTS = {
     "rawks_alpha0": ("rawks", {"rawks.alpha": 0.0}),
     "rawks_full": ("rawks", {"rawks.downsample": 1}),
     "rawks_then_q": ("rawks", {"init_params": "all", "freeze_method": True}),
+    "rawks_then_q_unweighted": ("rawks", {"init_params": "all", "freeze_method": True, "rawks.alpha": 0.0}),
+    "rawks_then_q_hard": ("rawks", {"init_params": "all", "freeze_method": True, "rawks.targets": "hard"}),
 }
 
 

@@ -20,6 +20,7 @@ def get_config(arg=None):
     c.rawks.max_boundary = 10.0   # clamp of B
     c.rawks.tol = 1e-4
     c.rawks.max_iters = 300
+    c.rawks.targets = "soft"      # eq. 11; "hard" (argmax P, with freeze_method only) is a diagnostic
     c = common.finalize(c, arg)
     if arg == "smoke":
         c.rawks.width = 8

@@ -95,7 +95,8 @@ class RandomWalkLabelPropagation(nnx.Module):
         p, si = map_examples(hit, b, seeds)
         return (p, solved(si.converged, si.iterations, si.residual, p)) if return_info else p
 
-    def loss(self, logits, image, scribbles, *, logits_grid=None, fixed_targets: bool = False):
+    def loss(self, logits, image, scribbles, *, logits_grid=None, fixed_targets: bool = False,
+             targets: str = "soft"):
         """The uncertainty-weighted loss of eq. 11 of the network's logits against P, a scalar.
 
         Args:
@@ -106,6 +107,9 @@ class RandomWalkLabelPropagation(nnx.Module):
           fixed_targets: treat P (and with it the weights w) as constants: no gradient
             reaches the boundary network and no adjoint solve is made (the paper's "train
             P, Q, then Q" stage, where Q is fine-tuned on the propagated labels).
+          targets: ``"soft"`` (eq. 11) or ``"hard"`` (cross-entropy on argmax P where P does
+            not abstain, a diagnostic; needs ``fixed_targets``), as in
+            :func:`rwseg.rawks.rawks_loss`.
 
         Returns:
           The batch mean of :func:`rwseg.rawks.rawks_loss` (gradients reach both the
@@ -113,8 +117,11 @@ class RandomWalkLabelPropagation(nnx.Module):
         """
         shape = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         I.check_map("logits", logits, shape[0], self.num_classes, "num_classes")
+        if targets == "hard" and not fixed_targets:
+            raise ValueError("targets='hard' needs fixed_targets=True: argmax P carries no gradient "
+                             "to the boundary network (train the walk with targets='soft')")
         p = self(image, scribbles)
         if fixed_targets:
             p = jax.lax.stop_gradient(p)
         q = I.to_working_grid(logits, shape[1:], self.downsample, logits_grid)
-        return jnp.mean(jax.vmap(lambda pp, qq: ops.rawks_loss(pp, qq, temperature=self.temperature))(p, q))
+        return jnp.mean(jax.vmap(lambda pp, qq: ops.rawks_loss(pp, qq, temperature=self.temperature, targets=targets))(p, q))

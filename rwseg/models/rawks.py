@@ -20,7 +20,8 @@ gives P on (training) images with scribbles, to measure the label propagation it
 
 Config ``config.rawks``: ``width``, ``depth`` (boundary network), ``downsample``,
 ``alpha`` (entropy temperature of the uncertainty weights), ``max_boundary``, ``tol``,
-``max_iters``.
+``max_iters``, ``targets`` (``"soft"``: eq. 11; ``"hard"``: cross-entropy on argmax P, a
+diagnostic for the frozen stage, see :func:`rwseg.rawks.rawks_loss`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class RAWKSModel(Segmenter):
             temperature=float(c.alpha), max_boundary=float(c.max_boundary), tol=float(c.tol),
             max_iters=int(c.max_iters), norm=config.model.norm, rngs=rngs)
         self.fixed_targets = bool(config.get("freeze_method", False))
+        self.targets = str(c.get("targets", "soft"))
 
     def boundary(self, images):
         """B (B, H/f, W/f) >= 0 from images (B, H, W, 3)."""
@@ -63,7 +65,7 @@ class RAWKSModel(Segmenter):
         images = batch["image"]
         logits = self.backbone(images)["logits"]
         loss = self.refinement.loss(logits, images, batch["scribbles"], logits_grid=self.backbone.grid(images.shape[1:3]),
-                                    fixed_targets=self.fixed_targets)
+                                    fixed_targets=self.fixed_targets, targets=self.targets)
         return loss, {"rawks": loss}
 
     def infer(self, images):

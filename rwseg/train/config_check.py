@@ -201,6 +201,7 @@ OPTIONAL_DEFAULTS = {
     "spn.guidance_input": "image",
     "dilated.decoder_width": 0,
     "dilated.decoder_depth": 0,
+    "rawks.targets": "soft",
 }
 
 # method -> {option of config.<method>: check}; every option listed is read by the model
@@ -225,6 +226,7 @@ METHOD_OPTIONS = {
         "max_boundary": number(lo=0, lo_open=True),
         "tol": number(lo=0, lo_open=True),
         "max_iters": int_at_least(1),
+        "targets": one_of("soft", "hard"),  # eq. 11, or cross-entropy on argmax P (frozen walk only)
     },
     "spn": {
         "width": int_at_least(1),
@@ -429,6 +431,9 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
             if method == "dilated" and m["decoder_depth"] not in (_MISSING, 0) and m["decoder_width"] in (_MISSING, 0):
                 errors.append(f"config.dilated.decoder_width: expected >= 1 with decoder_depth = "
                               f"{m['decoder_depth']}, got {m['decoder_width'] if m['decoder_width'] is not _MISSING else 'nothing'}")
+            if method == "rawks" and m["targets"] == "hard" and values.get("freeze_method") is not True:
+                errors.append("config.rawks.targets: expected 'soft' unless config.freeze_method is True (argmax P "
+                              "carries no gradient to the boundary network), got 'hard'")
             factor = m.get(DOWNSAMPLE_KEYS.get(method, ""), _MISSING)
             if factor is not _MISSING and factor > 1:
                 sizes = {"config.data.crop_size": values.get("data.crop_size", _MISSING)}

@@ -156,3 +156,23 @@ def test_rawks_solve_cost(tmp_path, dilated_run):
             np.add.at(cm, (batch["label"][i][ok], pred[i][ok]), 1)
     assert both["Q"]["pixel_accuracy"] == pytest.approx(100 * np.trace(cm) / cm.sum(), abs=0.06)
     assert 0 <= both["Q"]["boundary_fscore"] <= 100 and set(other["Q"]) == set(both["Q"])
+
+    # --crops: Q and P on the training crops the trainer draws (numpy confusions of the model's own
+    # predictions on those batches); negative counts are refused
+    from rwseg.models.backbone import pooled_grid, upsample
+
+    (cropped,) = _lines(_script("targets_vs_network").main, [str(workdir), "--images", "3", "--crops", "2"])
+    assert cropped["crops"]["batches"] == 2 and cropped["crops"]["crop_size"] == config.data.crop_size
+    cms = {"Q": np.zeros((k, k), np.int64), "P": np.zeros((k, k), np.int64)}
+    for batch in _script("targets_vs_network").training_crops(config, source, mesh, 2):
+        image = jnp.asarray(batch["image"])
+        p = model.propagate(image, jnp.asarray(batch["scribbles"]))
+        preds = {"Q": np.asarray(jnp.argmax(model.predict(image), axis=-1)),
+                 "P": np.asarray(jnp.argmax(upsample(p, image.shape[1:3], pooled_grid(config.rawks.downsample)), -1))}
+        ok = batch["label"] < k
+        for name, pred in preds.items():
+            np.add.at(cms[name], (batch["label"][ok], pred[ok]), 1)
+    for name, m in cms.items():
+        assert cropped["crops"][name]["pixel_accuracy"] == pytest.approx(100 * np.trace(m) / m.sum(), abs=0.06), name
+    with pytest.raises(SystemExit):
+        _script("targets_vs_network").main([str(workdir), "--crops", "-1"])

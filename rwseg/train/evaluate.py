@@ -171,7 +171,7 @@ def summarize_counts(totals: dict, widths, tolerance) -> dict:
 
 
 def evaluate(config, graphdef, state, mesh, source, *, num_classes: int, num_panels: int = 0,
-             propagation: bool = True):
+             propagation: bool = True, batches=None):
     """Evaluate ``state`` on ``source``; returns (metrics dict, panel dict of numpy arrays).
 
     Each image is predicted at its own size (:func:`eval_batches`). For a RAWKS run the
@@ -179,11 +179,13 @@ def evaluate(config, graphdef, state, mesh, source, *, num_classes: int, num_pan
     ``propagation`` is False (Q alone, e.g. Q on training images). The panel dict holds
     the first ``num_panels`` evaluated images (uint8), labels and predictions, padded
     bottom/right to a common size (image 0, label and prediction 255), and ``sizes``
-    (N, 2), the true (H, W) of each.
+    (N, 2), the true (H, W) of each. ``batches``: local numpy batches (``image``, ``label``;
+    ``valid`` when panels are kept) to score instead of :func:`eval_batches` of ``source``,
+    e.g. augmented training crops.
     """
     step = make_eval_step(graphdef, mesh, num_classes, config.trimap_widths, config.boundary_tolerance)
     totals, kept = None, {"images": [], "labels": [], "pred": []}
-    for batch in eval_batches(config, source, mesh):
+    for batch in eval_batches(config, source, mesh) if batches is None else batches:
         pred, counts = step(state, parallel.global_batch({k: batch[k] for k in ("image", "label")}, mesh))
         counts = parallel.to_host(counts)
         totals = counts if totals is None else jax.tree.map(lambda a, b: np.asarray(a, np.int64) + b, totals, counts)
@@ -210,7 +212,7 @@ def evaluate(config, graphdef, state, mesh, source, *, num_classes: int, num_pan
     return result, panels
 
 
-def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: int) -> dict:
+def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: int, batches=None) -> dict:
     """RAWKS only: quality of the propagated labels P on (training) images with scribbles.
 
     The paper evaluates P on the training images (whose dense labels the model never
@@ -220,7 +222,9 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
     ``config.boundary_tolerance``, as for Q: how sharp the targets Q learns from are),
     ``train_P_abstain`` (fraction of labelled pixels with uncertainty weight ``w(x) < 0.5``,
     where the paper abstains) and ``train_P_nonconverged_fraction`` (fraction of the
-    hitting-probability solves that did not converge).
+    hitting-probability solves that did not converge). ``batches``: local numpy batches
+    (``image``, ``label``, ``scribbles``) to use instead of :func:`eval_batches` of ``source``,
+    e.g. the augmented training crops P is computed on in training.
     """
     from rwseg import rawks
     from rwseg.models.backbone import pooled_grid, upsample
@@ -246,7 +250,7 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
     rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     step = jax.jit(fn, in_shardings=(rep, shard), out_shardings=rep)
     totals = None
-    for batch in eval_batches(config, source, mesh, scribbles=True):
+    for batch in eval_batches(config, source, mesh, scribbles=True) if batches is None else batches:
         batch = {k: batch[k] for k in ("image", "label", "scribbles")}
         counts = parallel.to_host(step(state, parallel.global_batch(batch, mesh)))
         totals = counts if totals is None else jax.tree.map(lambda a, b: np.asarray(a, np.int64) + b, totals, counts)

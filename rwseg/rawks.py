@@ -413,7 +413,8 @@ def rawks_loss(P, logits, *, temperature, reachable=None, weight_gradient: bool 
     log_q = jax.nn.log_softmax(logits, axis=-1)
     if targets == "hard":
         ce = -jnp.take_along_axis(log_q, jnp.argmax(P, axis=-1)[..., None], axis=-1)[..., 0]
-        return jnp.mean(jnp.where(w >= 0.5, ce, 0))
+        # a NaN in P makes w NaN: keep it (not "abstain" on it, a plausible number)
+        return jnp.mean(jnp.where(jnp.isnan(w), w, jnp.where(w >= 0.5, ce, 0)))
     tiny = jnp.finfo(dtype).tiny
     kl = jnp.sum(P * (jnp.log(jnp.maximum(P, tiny)) - log_q), axis=-1)
     return jnp.mean(w * kl + _entropy(P))

@@ -281,6 +281,10 @@ def test_rawks_loss_hard_targets_match_numpy_and_stop_at_p():
     want = keep[..., None] * (np.exp(log_q) - np.eye(L)[label]) / (H * W)
     np.testing.assert_allclose(gl, want, rtol=1e-9, atol=1e-15)
     check_grads(lambda z: f(jnp.asarray(p), z), (jnp.asarray(logits),), order=1, modes=("rev",))
+    bad = p.copy()
+    bad[2, 3] = np.nan  # unchecked, a NaN in P shows in the loss for both modes
+    for mode in ("soft", "hard"):
+        assert np.isnan(rawks.rawks_loss(jnp.asarray(bad), jnp.asarray(logits), temperature=alpha, targets=mode))
     with pytest.raises(ValueError, match=r"targets: expected 'soft' \(eq. 11\) or 'hard'.*got 'argmax'"):
         rawks.rawks_loss(jnp.asarray(p), jnp.asarray(logits), temperature=alpha, targets="argmax")
 

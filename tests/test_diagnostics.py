@@ -160,11 +160,12 @@ def test_rawks_solve_cost(tmp_path, dilated_run):
     # --crops: Q and P on the training crops the trainer draws (numpy confusions of the model's own
     # predictions on those batches); negative counts are refused
     from rwseg.models.backbone import pooled_grid, upsample
+    from rwseg.train.state import training_batches
 
     (cropped,) = _lines(_script("targets_vs_network").main, [str(workdir), "--images", "3", "--crops", "2"])
     assert cropped["crops"]["batches"] == 2 and cropped["crops"]["crop_size"] == config.data.crop_size
     cms = {"Q": np.zeros((k, k), np.int64), "P": np.zeros((k, k), np.int64)}
-    for batch in _script("targets_vs_network").training_crops(config, source, mesh, 2):
+    for batch in training_batches(config, source, mesh, num_steps=2):  # what the trainer draws
         image = jnp.asarray(batch["image"])
         p = model.propagate(image, jnp.asarray(batch["scribbles"]))
         preds = {"Q": np.asarray(jnp.argmax(model.predict(image), axis=-1)),

@@ -240,3 +240,30 @@ def test_rawks_propagation_evaluated_on_training_images(tfds_dir):
     expected = metrics.summarize_boundary(counts)
     for k in ("precision", "recall", "fscore"):
         assert out[f"train_P_boundary_{k}"] == pytest.approx(float(expected[k]), abs=1e-6)
+
+
+def test_training_batches_resume_and_scribbles():
+    """state.training_batches (the trainer's and targets_vs_network's batches): the process's
+    share of the global batch at the crop size, scribbles only when configured, and a resumed
+    stream (start_step = s) equal to the tail of the stream from step 0."""
+    from rwseg import data
+    from rwseg.train import parallel
+    from rwseg.train.state import source_kwargs, training_batches
+    from _train_cli import smoke_config
+
+    mesh = parallel.make_mesh()
+    for scribbles in (False, True):
+        config = smoke_config(str(ROOT / "rwseg" / "configs" / "baseline.py"), **{"data.scribbles": scribbles})
+        source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
+        whole = list(training_batches(config, source, mesh, num_steps=3))
+        crop = int(config.data.crop_size)
+        assert len(whole) == 3
+        assert set(whole[0]) >= {"image", "label"} and ("scribbles" in whole[0]) == scribbles
+        assert whole[0]["image"].shape == (int(config.batch_size) // jax.process_count(), crop, crop, 3)
+        resumed = list(training_batches(config, source, mesh, start_step=1, num_steps=2))
+        for a, b in zip(whole[1:], resumed, strict=True):
+            assert set(a) == set(b)
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+        assert not np.array_equal(whole[0]["image"], whole[1]["image"])  # the stream moves on
+        assert list(training_batches(config, source, mesh, num_steps=-2)) == []

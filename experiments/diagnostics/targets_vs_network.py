@@ -31,16 +31,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from rwseg import data  # noqa: E402
 from rwseg.train import parallel  # noqa: E402
 from rwseg.train.evaluate import evaluate, evaluate_propagation, load_run  # noqa: E402
-from rwseg.train.state import augmentation_kwargs, source_kwargs  # noqa: E402
+from rwseg.train.state import source_kwargs, training_batches  # noqa: E402
 
 KEYS = ("mean_iou", "pixel_accuracy", "boundary_precision", "boundary_recall", "boundary_fscore")
-
-
-def training_crops(config, source, mesh, num_batches: int):
-    """The first ``num_batches`` local training batches as :mod:`rwseg.train.trainer` draws them."""
-    return data.make_batches(source, batch_size=parallel.local_batch_size(int(config.batch_size), mesh),
-                             crop_size=int(config.data.crop_size), train=True, seed=int(config.seed),
-                             num_steps=num_batches, scribbles=True, **augmentation_kwargs(config))
 
 
 def _q_and_p(config, setup, state, mesh, source, batches=None) -> dict:
@@ -64,7 +57,7 @@ def targets_vs_network(workdir, num_images: int, mesh, num_crop_batches: int = 0
            "images": min(int(num_images), len(source)), **_q_and_p(config, setup, state, mesh, source)}
     if num_crop_batches:
         crops = _q_and_p(config, setup, state, mesh, source,
-                         lambda: training_crops(config, source, mesh, num_crop_batches))
+                         lambda: training_batches(config, source, mesh, num_steps=num_crop_batches))
         out["crops"] = {"batches": int(num_crop_batches), "crop_size": int(config.data.crop_size), **crops}
     return out
 

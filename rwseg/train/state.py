@@ -25,7 +25,8 @@ from rwseg.train import parallel
 from rwseg.train.init_from import SUBTREE, freeze_subtrees, scale_method_updates
 from rwseg.train.optim import make_optimizer
 
-__all__ = ["Setup", "create", "source_kwargs", "augmentation_kwargs", "compute_statistics", "make_train_step", "merge"]
+__all__ = ["Setup", "create", "source_kwargs", "augmentation_kwargs", "training_batches", "compute_statistics",
+           "make_train_step", "merge"]
 
 
 def source_kwargs(config) -> dict:
@@ -50,6 +51,31 @@ def augmentation_kwargs(config) -> dict:
     return {"scale_range": tuple(float(v) for v in d.get("scale_range", (0.75, 1.25))),
             "flip": bool(d.get("flip", True)),
             "color_jitter": tuple(float(v) for v in d.get("color_jitter", (0.0, 0.0, 0.0)))}
+
+
+def training_batches(config, source, mesh, *, start_step: int = 0, num_steps: int):
+    """This process's training batches as the trainer draws them (:func:`rwseg.data.make_batches`).
+
+    Batch ``s`` is a pure function of ``(config.seed, s)``: crops of ``config.data.crop_size``,
+    the augmentation of :func:`augmentation_kwargs`, the scribbles when ``config.data.scribbles``,
+    and this process's shard of the global ``config.batch_size`` over ``mesh``.
+
+    Args:
+      config: a training config.
+      source: the training split (:func:`rwseg.data.load_source`).
+      mesh: the device mesh (its size must divide ``config.batch_size``).
+      start_step: the first batch's step (a resumed run starts at its checkpoint's step).
+      num_steps: how many batches (``>= 0``).
+
+    Returns:
+      An iterator of per-process numpy batch dicts (``"image"`` (b, S, S, 3), ``"label"``
+      (b, S, S) and, with scribbles, ``"scribbles"`` (b, S, S)).
+    """
+    return data.make_batches(source, batch_size=parallel.local_batch_size(int(config.batch_size), mesh),
+                             crop_size=int(config.data.crop_size), train=True, seed=int(config.seed),
+                             start_step=int(start_step), num_steps=max(int(num_steps), 0),
+                             scribbles=bool(config.data.scribbles), shard_index=jax.process_index(),
+                             shard_count=jax.process_count(), **augmentation_kwargs(config))
 
 
 def compute_statistics(config, source) -> dict:

@@ -47,7 +47,7 @@ from rwseg.train.config_check import ConfigError, check_config, config_changes, 
 from rwseg.train.evaluate import evaluate, write_results
 from rwseg.train.init_from import init_params
 from rwseg.train.panels import save_panels
-from rwseg.train.state import augmentation_kwargs, compute_statistics, create, make_train_step, source_kwargs
+from rwseg.train.state import compute_statistics, create, make_train_step, source_kwargs, training_batches
 
 __all__ = ["train_and_evaluate", "MetricsWriter", "previous_config", "check_resume_config", "record_config",
            "finishing"]
@@ -195,7 +195,7 @@ def train_and_evaluate(config, workdir) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
     num_steps = int(config.num_steps)
-    local_bs = parallel.local_batch_size(int(config.batch_size), mesh)
+    parallel.local_batch_size(int(config.batch_size), mesh)  # raises now, before any data, unless the batch splits
     info = data.dataset_info(config.data.name)
     kw = source_kwargs(config)
     train_source = data.load_source(config.data.name, config.data.train_split, **kw)
@@ -235,11 +235,7 @@ def train_and_evaluate(config, workdir) -> dict:
             ckpts.save_best(step, state, result["mean_iou"])
             return result, panels
 
-        batches = data.make_batches(train_source, batch_size=local_bs, crop_size=int(config.data.crop_size),
-                                    train=True, seed=int(config.seed), start_step=start,
-                                    num_steps=max(num_steps - start, 0), scribbles=bool(config.data.scribbles),
-                                    shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                    **augmentation_kwargs(config))
+        batches = training_batches(config, train_source, mesh, start_step=start, num_steps=num_steps - start)
         keys = ("image", "label", "scribbles") if config.data.scribbles else ("image", "label")
         # data.train_labels = "scribbles": the scribbles are the only training labels (the
         # scribble-only baseline RAWKS is compared with; unlabelled pixels are -1, ignored)

@@ -43,12 +43,18 @@ METHODS = ("rawks", "scribble_baseline")
 # nowhere); P is the same as ``rawks_then_q``'s. ``rawks_then_q_hard`` (not the paper's loss)
 # fits Q to argmax P by cross-entropy where P does not abstain (``rawks.targets = "hard"``):
 # tests whether fitting P's soft boundary distributions is what keeps Q from P's boundaries.
+# ``dense_labels`` is the oracle for all of the above: the scribble-only network's config
+# trained on the dense ground truth instead (``data.train_labels = "dense"``; the paper's
+# "train on dense ground truth" row, Table 2), i.e. Q trained on a perfect P. From scratch it
+# bounds what any propagated targets can add at this budget; as a second stage (``--base
+# dense_labels=SCRIBBLE_RUN``) it bounds ``rawks_then_q``.
 VARIANTS = {
     "rawks_alpha0": ("rawks", {"rawks.alpha": 0.0}),
     "rawks_full": ("rawks", {"rawks.downsample": 1}),
     "rawks_then_q": ("rawks", {"init_params": "all", "freeze_method": True}),
     "rawks_then_q_unweighted": ("rawks", {"init_params": "all", "freeze_method": True, "rawks.alpha": 0.0}),
     "rawks_then_q_hard": ("rawks", {"init_params": "all", "freeze_method": True, "rawks.targets": "hard"}),
+    "dense_labels": ("scribble_baseline", {"data.train_labels": "dense"}),
 }
 
 

@@ -60,6 +60,10 @@ VARIANTS = {
     # a twice-wider affinity decoder (64 channels; the paper's is 256 at 1/4 resolution, ours
     # runs at full resolution on the stem features, where 4x the 32-channel cost is what fits)
     "dilated_wide": ("dilated", {"dilated.decoder_width": 64}),
+    # RWN's training walk radius relative to the image: the paper's R = 40 at 321 px is 12 % of
+    # the image; the config's 4 walk pixels (8 px at half resolution) are 3.6 % of a 224 crop
+    "rwn_r8": ("rwn", {"rwn.train_radius": 8}),     # 16 px, 7 %
+    "rwn_r12": ("rwn", {"rwn.train_radius": 12}),   # 24 px, 11 %
 }
 
 

@@ -195,7 +195,6 @@ def train_and_evaluate(config, workdir) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
     num_steps = int(config.num_steps)
-    parallel.local_batch_size(int(config.batch_size), mesh)  # raises now, before any data, unless the batch splits
     info = data.dataset_info(config.data.name)
     kw = source_kwargs(config)
     train_source = data.load_source(config.data.name, config.data.train_split, **kw)

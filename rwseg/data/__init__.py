@@ -15,7 +15,7 @@ in no loss or metric.
 """
 
 from rwseg.data.augment import denormalize, normalize
-from rwseg.data.catalogue import NAMES, DatasetInfo, Source, dataset_info, load_source
+from rwseg.data.catalogue import NAMES, DatasetInfo, Source, dataset_info, load_source, splits_of
 from rwseg.data.constants import DEFAULT_MEAN, DEFAULT_STD, IGNORE_INDEX
 from rwseg.data.files import DataFileError
 from rwseg.data.pipeline import batch_dataset, make_batches, max_image_size
@@ -31,6 +31,7 @@ __all__ = [
     "Source",
     "batch_dataset",
     "dataset_info",
+    "splits_of",
     "denormalize",
     "load_source",
     "make_batches",

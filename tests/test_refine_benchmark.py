@@ -1,4 +1,4 @@
-"""The refinement benchmark driver (rwseg.refine_benchmark) end to end on the smoke configs:
+"""The refinement benchmark driver (experiments.refine_benchmark) end to end on the smoke configs:
 control + one method from one base checkpoint, one seed (seed pairing: tests/test_bootstrap.py), table, panels, resumability, and
 per-image counts that add up to the evaluation's totals."""
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rwseg import data
-from rwseg.refine_benchmark import base_of, parse_base, run, run_config
+from experiments.refine_benchmark import base_of, parse_base, run, run_config
 from rwseg.train import parallel
 from rwseg.train.evaluate import evaluate, load_run
 from rwseg.train.state import source_kwargs
@@ -154,7 +154,7 @@ def test_per_method_base():
 
 
 def test_command_line_rejects_a_missing_control_run(tmp_path):
-    from rwseg.refine_benchmark import main
+    from experiments.refine_benchmark import main
 
     with pytest.raises(RuntimeError, match="control 'scribble_baseline' has not finished"):
         main(["--config", str(CONFIGS / "stanford_scribbles.py"), "--control", "scribble_baseline",

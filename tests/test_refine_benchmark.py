@@ -68,6 +68,47 @@ def test_refine_benchmark_smoke(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps} and len(stamps) == 2
     assert cached == {p: p.stat().st_mtime_ns for p in cached} and len(cached) == 2
 
+    _check_densecrf_rows(base, out, setup.num_classes)
+
+
+def _check_densecrf_rows(base, out, num_classes):
+    """--densecrf dev on the same runs: parameters chosen on the dev split, a densecrf row (the
+    control post-processed) and a dilated+densecrf row, each compared with the control and with
+    DenseCRF; the first image's post-processed counts equal DenseCRF run on that image alone."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from experiments import densecrf
+    from rwseg import metrics
+    from experiments.refine_benchmark import scores_to_probs
+
+    summary = run(base, steps=2, out=out, seeds=(1,), methods=("dilated",), config=REFINE, smoke=True, num_panels=2,
+                  num_samples=100, train=False, densecrf="dev")
+    assert list(summary["methods"]) == ["baseline", "densecrf", "dilated", "dilated+densecrf"]
+    tuned = json.loads((out / "densecrf_dev.json").read_text())
+    assert len(tuned["grid"]) == len(densecrf.GRID) and tuned["split"] == "validation"
+    best = max(range(len(tuned["grid"])), key=lambda i: tuned["grid"][i]["mean_iou"])
+    assert tuned["chosen"] == best and summary["densecrf"]["params"] == tuned["grid"][best]["params"]
+    rows = summary["methods"]
+    assert "diff_reference" in rows["dilated"]["mean_iou"] and "diff" in rows["densecrf"]["mean_iou"]
+    assert rows["densecrf"]["seconds_per_image"] > rows["baseline"]["seconds_per_image"] > 0
+    table = (out / "results.md").read_text()
+    assert "| densecrf |" in table and "| dilated+densecrf |" in table and "Difference to densecrf" in table
+
+    # the control's first validation image, alone and unpadded: softmax -> DenseCRF -> counts
+    mesh = parallel.make_mesh()
+    config, setup, state, _ = load_run(out / "seed1" / "baseline", mesh, checkpoint="latest")
+    ex = data.load_source(config.data.name, "validation", **source_kwargs(config))[0]
+    from rwseg.train.state import merge
+
+    scores = merge(setup.graphdef, state).predict(data.normalize(ex["image"])[None])
+    probs = np.asarray(scores_to_probs(scores, "baseline"))[0]
+    pred = densecrf.densecrf(ex["image"], probs, densecrf.DenseCRFParams(**tuned["grid"][best]["params"])).argmax(-1)
+    per_image = np.load(out / "seed1" / "baseline" / "eval" / "per_image.npz")
+    np.testing.assert_array_equal(per_image["crf_confusion"][0],
+                                  np.asarray(metrics.confusion_matrix(pred, ex["label"], num_classes)))
+    with pytest.raises(ValueError, match="split: expected one of"):
+        run(base, steps=2, out=out, seeds=(1,), methods=(), config=REFINE, smoke=True, num_panels=0, train=False,
+            split="test")
+
 
 @pytest.mark.slow
 def test_from_scratch_against_another_control_reports_rawks_propagation(tmp_path):

@@ -118,7 +118,7 @@ def eval_multiple(config) -> int:
     return max(1, int(config[config.method][key])) if key and config.get(config.method) else 1
 
 
-def eval_batches(config, source, mesh, *, scribbles: bool = False):
+def eval_batches(config, source, mesh, *, scribbles: bool = False, keys=()):
     """Local (per-process) evaluation batches, each of one image size (module docstring).
 
     Yields numpy dicts ``{"image" (b, H, W, 3), "label" (b, H, W), "valid" (b,)[, "scribbles"]}``
@@ -128,10 +128,12 @@ def eval_batches(config, source, mesh, *, scribbles: bool = False):
     is per group ``min(eval_batch_size, the group size rounded up to the device count)``
     divided over the processes. Every process yields the same sequence of shapes and
     batch sizes; slots past the end of a group are ignore-only examples (``valid`` False).
+    ``keys``: more keys of :func:`rwseg.data.make_batches`'s batches to keep (e.g. ``"mask"``,
+    the pixels that come from the image).
     """
     ndev = mesh.devices.size
     multiple = eval_multiple(config)
-    keys = ("image", "label", "valid") + (("scribbles",) if scribbles else ())
+    keys = ("image", "label", "valid") + (("scribbles",) if scribbles else ()) + tuple(keys)
     limit = int(config.eval_batches) * int(config.eval_batch_size)
     for shape, indices in shape_groups(source, limit or None):
         size = min(int(config.eval_batch_size), -(-len(indices) // ndev) * ndev)

@@ -106,7 +106,8 @@ def densecrf(image: np.ndarray, probs: np.ndarray, params: DenseCRFParams = DEEP
         crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
     if params.bilateral_compat > 0:
         crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                                 rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
+                                 rgbim=np.require(image, np.uint8, ["C", "W"]),  # pydensecrf needs a writable buffer
+                                 compat=params.bilateral_compat)
     q = np.asarray(crf.inference(int(params.iterations)), np.float32)
     return q.reshape(num_labels, h, w).transpose(1, 2, 0)
 

@@ -405,6 +405,75 @@ def propagation_metrics(workdir, *, images: int = 0) -> dict:
     return out
 
 
+def densecrf_propagation(config, split: str, params, *, images: int = 0) -> dict:
+    """DenseCRF label propagation of the generated scribbles (:func:`experiments.densecrf.propagate_scribbles`:
+    scribble pixels as hard unaries, uniform elsewhere) on ``split``, scored as RAWKS's P is
+    (:func:`propagation_metrics`): the classic P is compared with.
+
+    Args:
+        config: a RAWKS run's config (its scribbles: ``config.seed``, the generator's settings).
+        split: ``"train"`` (the photos P is reported on) or ``"validation"`` (where the
+            parameters are chosen).
+        params: :class:`experiments.densecrf.DenseCRFParams`.
+        images: the first ``images`` images only, rounded up to a whole evaluation batch
+            (0 = every one).
+
+    Returns:
+        ``{"train_P_mean_iou", "train_P_pixel_accuracy", "train_P_boundary_fscore", "images"}``
+        (abstention and solves do not apply).
+    """
+    import jax
+
+    from experiments.densecrf import propagate_scribbles
+    from rwseg import data, metrics
+    from rwseg.train import parallel
+    from rwseg.train.evaluate import eval_batches
+
+    config = config.copy_and_resolve_references()
+    config.eval_batches = -(-int(images) // int(config.eval_batch_size)) if images else 0
+    source = data.load_source(config.data.name, split, **_source_kwargs(config))
+    k = data.dataset_info(config.data.name).num_classes
+    tolerance = float(config.boundary_tolerance)
+    counts_fn = jax.jit(jax.vmap(lambda p, l: {"confusion": metrics.confusion_matrix(p, l, k),
+                                              "boundary": metrics.boundary_counts(p, l, tolerance=tolerance)}))
+    conf, bnd, n = np.zeros((k, k), np.int64), np.zeros(4, np.int64), 0
+    for batch in eval_batches(config, source, parallel.make_mesh(), scribbles=True, keys=("mask",)):
+        images_u8 = data.denormalize(batch["image"])
+        pred = np.zeros(batch["label"].shape, np.int32)
+        keep = np.flatnonzero(batch["valid"])
+        for i in keep:
+            h, w = _extent(batch["mask"][i])
+            pred[i, :h, :w] = propagate_scribbles(images_u8[i, :h, :w], batch["scribbles"][i, :h, :w], k, params).argmax(-1)
+        counts = jax.tree.map(np.asarray, counts_fn(pred, batch["label"]))
+        conf += counts["confusion"][keep].sum(0)
+        bnd += counts["boundary"][keep].sum(0)
+        n += len(keep)
+    region = metrics.summarize(conf)
+    return {"train_P_mean_iou": float(region["mean_iou"]), "train_P_pixel_accuracy": float(region["pixel_accuracy"]),
+            "train_P_boundary_fscore": float(metrics.summarize_boundary(bnd)["fscore"]),
+            "train_P_abstain": float("nan"), "train_P_nonconverged_fraction": float("nan"), "images": n}
+
+
+def tune_densecrf_propagation(config, grid, *, images: int = 0, out=None):
+    """DenseCRF propagation's parameters chosen on the dev (validation) split's scribbles: the
+    setting of ``grid`` with the highest mIoU (:func:`densecrf_propagation`); cached in ``out``
+    (JSON). Returns ``(params, table)``."""
+    import dataclasses
+
+    from experiments.densecrf import DenseCRFParams
+
+    grid = list(grid)
+    if out is not None and pathlib.Path(out).exists():
+        cached = json.loads(pathlib.Path(out).read_text())
+        if [r["params"] for r in cached["grid"]] == [dataclasses.asdict(g) for g in grid]:
+            return grid[cached["chosen"]], cached["grid"]
+    table = [dict(densecrf_propagation(config, "validation", g, images=images), params=dataclasses.asdict(g)) for g in grid]
+    chosen = int(np.argmax([r["train_P_mean_iou"] for r in table]))
+    if out is not None:
+        pathlib.Path(out).write_text(json.dumps({"grid": table, "chosen": chosen, "split": "validation"}, indent=2))
+    return DenseCRFParams(**table[chosen]["params"]), table
+
+
 def _source_kwargs(config):
     from rwseg.train.state import source_kwargs
 
@@ -564,6 +633,7 @@ def _over_seeds(values) -> dict:
             "std": float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")}
 
 
+DENSECRF_PROPAGATION = "densecrf propagation"  # DenseCRF from RAWKS's scribbles, beside P
 DENSECRF = "densecrf"  # the row of DenseCRF on the control; a method's post-processed row is METHOD+densecrf
 
 
@@ -634,6 +704,15 @@ def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, c
                     d.setdefault(row, []).append(v)
             if cfg.method == "rawks":
                 propagation[m].append(propagation_metrics(workdir, images=propagation_images))
+                if crf is not None:  # the classic from the same scribbles, parameters chosen on dev
+                    from experiments import densecrf as dc
+                    from rwseg.train.evaluate import load_config
+
+                    run_cfg = load_config(workdir)
+                    prop = tune_densecrf_propagation(run_cfg, dc.GRID, images=propagation_images,
+                                                     out=out / f"densecrf_propagation_dev_seed{seed}.json")[0]
+                    propagation.setdefault(DENSECRF_PROPAGATION, []).append(
+                        densecrf_propagation(run_cfg, run_cfg.data.train_split, prop, images=propagation_images))
     complete = [m for m in evals if len(evals[m]) == len(seeds)]
     if control not in complete:
         raise RuntimeError(f"the control {control!r} has not finished for every seed (missing: {missing})")
@@ -645,7 +724,8 @@ def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, c
                         control=control, reference=DENSECRF if DENSECRF in complete else None,
                         inference={m: inference[m] for m in order})
     summary["propagation"] = {m: {k: _over_seeds([p[k] for p in propagation[m]]) for k, _ in PROPAGATION}
-                              for m in names if m in complete and propagation[m]}
+                              for m in names + [DENSECRF_PROPAGATION]
+                              if (m in complete or m == DENSECRF_PROPAGATION) and propagation.get(m)}
     summary["propagation_images"] = {m: int(propagation[m][0]["images"]) for m in names
                                      if m in complete and propagation[m] and propagation_images}
     summary.update(base=base if isinstance(base, dict) or base is None else str(base), steps=int(steps), seed_list=list(seeds),

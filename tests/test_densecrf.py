@@ -56,6 +56,7 @@ def test_no_pairwise_term_returns_the_unary_softmax():
 
 def test_bilateral_kernel_snaps_to_colour_regions_like_exact_mean_field():
     image, probs, truth = _two_regions()
+    image.flags.writeable = False  # as a data source's arrays are
     p = D.DenseCRFParams(gaussian_sxy=3, gaussian_compat=1, bilateral_sxy=20, bilateral_srgb=10, bilateral_compat=5,
                          iterations=5)
     q = D.densecrf(image, probs, p)

@@ -158,6 +158,21 @@ def test_from_scratch_against_another_control_reports_rawks_propagation(tmp_path
                                                                                       abs=1e-6)
     assert f"P on the first {batch} (rawks) training images" in (out / "results.md").read_text()
 
+    # --densecrf: DenseCRF propagation of the same scribbles beside P, its parameters chosen on the
+    # dev split's scribbles (the grid's best mIoU), scored on the same training images
+    pytest.importorskip("pydensecrf.densecrf")
+    from experiments import densecrf
+    from experiments.refine_benchmark import DENSECRF_PROPAGATION
+
+    crf = run(None, steps=2, out=out, seeds=(0,), methods=("rawks",), config=scribbles, control="scribble_baseline",
+              smoke=True, num_panels=0, num_samples=50, train=False, propagation_images=3, densecrf="deeplab")
+    row = crf["propagation"][DENSECRF_PROPAGATION]
+    assert 0.0 <= row["train_P_mean_iou"]["mean"] <= 1.0 and 0.0 <= row["train_P_pixel_accuracy"]["mean"] <= 1.0
+    tuned = json.loads((out / "densecrf_propagation_dev_seed0.json").read_text())
+    assert tuned["split"] == "validation" and len(tuned["grid"]) == len(densecrf.GRID)
+    assert max(r["train_P_mean_iou"] for r in tuned["grid"]) == tuned["grid"][tuned["chosen"]]["train_P_mean_iou"]
+    assert "| densecrf propagation |" in (out / "results.md").read_text()
+
     # a second stage from each seed's runs (per-method --base with {seed}): RAWKS's "train P, Q, then Q"
     # from the finished rawks run (every parameter; the boundary network fixed, Q trains) against the
     # scribble-only run trained on for as long

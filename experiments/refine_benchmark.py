@@ -105,13 +105,13 @@ def run_config(config_path, method: str, *, base=None, steps: int, seed: int, sm
     is the default data folder), or ``None`` to train from scratch (the config's data folder).
     """
     from rwseg.train.config_files import load_config_file
-    from rwseg.train.evaluate import load_config
+    from rwseg.train.workdir import load_config
 
     c = load_config_file(str(config_path), method + (",smoke" if smoke else ""))
     if base is not None:
         c.init_from = str(base)
         if manual_dir is None:
-            manual_dir = load_config(base).data.get("manual_dir", "")
+            manual_dir = load_config(base).data.manual_dir
     c.num_steps = int(steps)
     c.checkpoint_every = int(steps)
     c.seed = int(seed)
@@ -146,18 +146,15 @@ def per_image_counts(config, graphdef, state, mesh, source, *, num_classes: int,
     """
     import jax
 
-    from rwseg import data, metrics
+    from rwseg import data
     from rwseg.train import parallel
-    from rwseg.train.evaluate import eval_batches, make_eval_step
+    from rwseg.train.evaluate import eval_batches, make_eval_step, metric_counts
 
     config.eval_batches = 0
-    widths = tuple(float(w) for w in config.trimap_widths)
-    tolerance = float(config.boundary_tolerance)
+    widths, tolerance = config.trimap_widths, config.boundary_tolerance
     predict = make_eval_step(graphdef, mesh, num_classes, widths, tolerance)
-    counts_fn = jax.jit(jax.vmap(lambda p, l: {
-        "confusion": metrics.confusion_matrix(p, l, num_classes),
-        "trimap": metrics.trimap_counts(p, l, widths=widths),
-        "boundary": metrics.boundary_counts(p, l, tolerance=tolerance)}))
+    counts_fn = jax.jit(jax.vmap(lambda p, l: metric_counts(p, l, num_classes=num_classes, widths=widths,
+                                                            tolerance=tolerance)))
     rows = {"confusion": [], "trimap": [], "boundary": []}
     panels = {"images": [], "labels": [], "pred": []}
     for batch in eval_batches(config, source, mesh):
@@ -183,7 +180,8 @@ def evaluate_images(workdir, *, num_panels: int = 4) -> dict:
     from rwseg import data
     from rwseg.train import parallel
     from rwseg.train.checkpoint import Checkpoints
-    from rwseg.train.evaluate import _stack_padded, load_run
+    from rwseg.train.evaluate import load_run, stack_padded
+    from rwseg.train.state import source_kwargs
 
     workdir = pathlib.Path(workdir)
     path = workdir / "eval" / "per_image.npz"
@@ -197,16 +195,16 @@ def evaluate_images(workdir, *, num_panels: int = 4) -> dict:
     t0 = time.perf_counter()
     mesh = parallel.make_mesh()
     config, setup, state, step = load_run(workdir, mesh, checkpoint="latest")
-    source = data.load_source(config.data.name, config.data.eval_split, **_source_kwargs(config))
+    source = data.load_source(config.data.name, config.data.eval_split, **source_kwargs(config))
     counts, panels = per_image_counts(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes,
                                       num_panels=num_panels)
     out = dict(counts, step=np.int64(step), num_classes=np.int64(setup.num_classes),
                trimap_widths=np.asarray(config.trimap_widths, np.float64),
                eval_seconds=np.float64(time.perf_counter() - t0))
     if panels["pred"]:
-        out.update(panel_images=_stack_padded(panels["images"], 0),
-                   panel_labels=_stack_padded(panels["labels"], data.IGNORE_INDEX),
-                   panel_pred=_stack_padded(panels["pred"], data.IGNORE_INDEX))
+        out.update(panel_images=stack_padded(panels["images"], 0),
+                   panel_labels=stack_padded(panels["labels"], data.IGNORE_INDEX),
+                   panel_pred=stack_padded(panels["pred"], data.IGNORE_INDEX))
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **out)
     print(f"   evaluated {workdir} (step {step}, {len(counts['confusion'])} images) in "
@@ -226,6 +224,7 @@ def propagation_metrics(workdir, *, images: int = 0) -> dict:
     from rwseg import data
     from rwseg.train import parallel
     from rwseg.train.evaluate import evaluate_propagation, load_run
+    from rwseg.train.state import source_kwargs
 
     workdir = pathlib.Path(workdir)
     path = workdir / "eval" / "propagation.json"
@@ -243,19 +242,13 @@ def propagation_metrics(workdir, *, images: int = 0) -> dict:
     config, setup, state, step = load_run(workdir, mesh, checkpoint="latest")
     # every training image (as per_image_counts evaluates every validation image), or the first ``images``
     config.eval_batches = -(-int(images) // int(config.eval_batch_size)) if images else 0
-    source = data.load_source(config.data.name, config.data.train_split, **_source_kwargs(config))
+    source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
     limit = int(config.eval_batches) * int(config.eval_batch_size)
     out = dict(evaluate_propagation(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes),
                step=int(step), images=min(limit, len(source)) if limit else len(source), requested_images=int(images))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     return out
-
-
-def _source_kwargs(config):
-    from rwseg.train.state import source_kwargs
-
-    return source_kwargs(config)
 
 
 def step_seconds(workdir) -> float:

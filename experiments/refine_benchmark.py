@@ -105,13 +105,13 @@ def run_config(config_path, method: str, *, base=None, steps: int, seed: int, sm
     is the default data folder), or ``None`` to train from scratch (the config's data folder).
     """
     from rwseg.train.config_files import load_config_file
-    from rwseg.train.evaluate import load_config
+    from rwseg.train.workdir import load_config
 
     c = load_config_file(str(config_path), method + (",smoke" if smoke else ""))
     if base is not None:
         c.init_from = str(base)
         if manual_dir is None:
-            manual_dir = load_config(base).data.get("manual_dir", "")
+            manual_dir = load_config(base).data.manual_dir
     c.num_steps = int(steps)
     c.checkpoint_every = int(steps)
     c.seed = int(seed)
@@ -162,7 +162,7 @@ def _network_outputs(config, graphdef, state, mesh, source, *, num_classes: int,
     shape compiled before it is timed)."""
     import jax
 
-    from rwseg.models.device_local import batch_axis
+    from rwseg.layers.device_local import batch_axis
     from rwseg.train import parallel
     from rwseg.train.evaluate import eval_batches, make_eval_step
     from rwseg.train.state import merge
@@ -219,14 +219,12 @@ def per_image_counts(config, graphdef, state, mesh, source, *, num_classes: int,
     """
     import jax
 
-    from rwseg import data, metrics
+    from rwseg import data
+    from rwseg.train.evaluate import metric_counts
 
-    widths = tuple(float(w) for w in config.trimap_widths)
-    tolerance = float(config.boundary_tolerance)
-    counts_fn = jax.jit(jax.vmap(lambda p, l: {
-        "confusion": metrics.confusion_matrix(p, l, num_classes),
-        "trimap": metrics.trimap_counts(p, l, widths=widths),
-        "boundary": metrics.boundary_counts(p, l, tolerance=tolerance)}))
+    widths, tolerance = config.trimap_widths, config.boundary_tolerance
+    counts_fn = jax.jit(jax.vmap(lambda p, l: metric_counts(p, l, num_classes=num_classes, widths=widths,
+                                                            tolerance=tolerance)))
     keys = ("confusion", "trimap", "boundary")
     rows = {k: [] for k in keys + (tuple("crf_" + k for k in keys) if densecrf is not None else ())}
     panels = {"images": [], "labels": [], "pred": [], "crf_pred": []}
@@ -274,7 +272,8 @@ def evaluate_images(workdir, *, split: str = "validation", num_panels: int = 4, 
     from rwseg import data
     from rwseg.train import parallel
     from rwseg.train.checkpoint import Checkpoints
-    from rwseg.train.evaluate import _stack_padded, load_run
+    from rwseg.train.evaluate import load_run, stack_padded
+    from rwseg.train.state import source_kwargs
 
     workdir = pathlib.Path(workdir)
     path = workdir / "eval" / ("per_image.npz" if split == "validation" else f"per_image_{split}.npz")
@@ -290,18 +289,18 @@ def evaluate_images(workdir, *, split: str = "validation", num_panels: int = 4, 
     t0 = time.perf_counter()
     mesh = parallel.make_mesh()
     config, setup, state, step = load_run(workdir, mesh, checkpoint="latest")
-    source = data.load_source(config.data.name, split, **_source_kwargs(config))
+    source = data.load_source(config.data.name, split, **source_kwargs(config))
     counts, panels = per_image_counts(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes,
                                       num_panels=num_panels, densecrf=densecrf)
     out = dict(counts, step=np.int64(step), num_classes=np.int64(setup.num_classes),
                trimap_widths=np.asarray(config.trimap_widths, np.float64),
                eval_seconds=np.float64(time.perf_counter() - t0), densecrf=np.str_(crf_key))
     if panels["pred"]:
-        out.update(panel_images=_stack_padded(panels["images"], 0),
-                   panel_labels=_stack_padded(panels["labels"], data.IGNORE_INDEX),
-                   panel_pred=_stack_padded(panels["pred"], data.IGNORE_INDEX))
+        out.update(panel_images=stack_padded(panels["images"], 0),
+                   panel_labels=stack_padded(panels["labels"], data.IGNORE_INDEX),
+                   panel_pred=stack_padded(panels["pred"], data.IGNORE_INDEX))
         if panels["crf_pred"]:
-            out["crf_panel_pred"] = _stack_padded(panels["crf_pred"], data.IGNORE_INDEX)
+            out["crf_panel_pred"] = stack_padded(panels["crf_pred"], data.IGNORE_INDEX)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **out)
     print(f"   evaluated {workdir} on {split} (step {step}, {len(counts['confusion'])} images) in "
@@ -329,6 +328,7 @@ def tune_densecrf(workdir, grid, *, split: str = "validation", out=None) -> tupl
     from rwseg import data, metrics
     from rwseg.train import parallel
     from rwseg.train.evaluate import load_run
+    from rwseg.train.state import source_kwargs
 
     if split == "test":
         raise ValueError("split: DenseCRF's parameters are chosen on the dev split (validation), never on test")
@@ -339,7 +339,7 @@ def tune_densecrf(workdir, grid, *, split: str = "validation", out=None) -> tupl
             return grid[cached["chosen"]], cached["grid"]
     mesh = parallel.make_mesh()
     config, setup, state, _ = load_run(workdir, mesh, checkpoint="latest")
-    source = data.load_source(config.data.name, split, **_source_kwargs(config))
+    source = data.load_source(config.data.name, split, **source_kwargs(config))
     k = setup.num_classes
     items = []  # (image uint8, probs, label) at each image's own size
     for _, rest, keep, probs, _ in _network_outputs(config, setup.graphdef, state, mesh, source, num_classes=k,
@@ -379,6 +379,7 @@ def propagation_metrics(workdir, *, images: int = 0) -> dict:
     from rwseg import data
     from rwseg.train import parallel
     from rwseg.train.evaluate import evaluate_propagation, load_run
+    from rwseg.train.state import source_kwargs
 
     workdir = pathlib.Path(workdir)
     path = workdir / "eval" / "propagation.json"
@@ -396,7 +397,7 @@ def propagation_metrics(workdir, *, images: int = 0) -> dict:
     config, setup, state, step = load_run(workdir, mesh, checkpoint="latest")
     # every training image (as per_image_counts evaluates every validation image), or the first ``images``
     config.eval_batches = -(-int(images) // int(config.eval_batch_size)) if images else 0
-    source = data.load_source(config.data.name, config.data.train_split, **_source_kwargs(config))
+    source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
     limit = int(config.eval_batches) * int(config.eval_batch_size)
     out = dict(evaluate_propagation(config, setup.graphdef, state, mesh, source, num_classes=setup.num_classes),
                step=int(step), images=min(limit, len(source)) if limit else len(source), requested_images=int(images))
@@ -428,10 +429,11 @@ def densecrf_propagation(config, split: str, params, *, images: int = 0) -> dict
     from rwseg import data, metrics
     from rwseg.train import parallel
     from rwseg.train.evaluate import eval_batches
+    from rwseg.train.state import source_kwargs
 
     config = config.copy_and_resolve_references()
     config.eval_batches = -(-int(images) // int(config.eval_batch_size)) if images else 0
-    source = data.load_source(config.data.name, split, **_source_kwargs(config))
+    source = data.load_source(config.data.name, split, **source_kwargs(config))
     k = data.dataset_info(config.data.name).num_classes
     tolerance = float(config.boundary_tolerance)
     counts_fn = jax.jit(jax.vmap(lambda p, l: {"confusion": metrics.confusion_matrix(p, l, k),
@@ -472,12 +474,6 @@ def tune_densecrf_propagation(config, grid, *, images: int = 0, out=None):
     if out is not None:
         pathlib.Path(out).write_text(json.dumps({"grid": table, "chosen": chosen, "split": "validation"}, indent=2))
     return DenseCRFParams(**table[chosen]["params"]), table
-
-
-def _source_kwargs(config):
-    from rwseg.train.state import source_kwargs
-
-    return source_kwargs(config)
 
 
 def step_seconds(workdir) -> float:
@@ -706,7 +702,7 @@ def run(base, *, steps: int, out, seeds=(0,), methods=DEFAULT_METHODS, config, c
                 propagation[m].append(propagation_metrics(workdir, images=propagation_images))
                 if crf is not None:  # the classic from the same scribbles, parameters chosen on dev
                     from experiments import densecrf as dc
-                    from rwseg.train.evaluate import load_config
+                    from rwseg.train.workdir import load_config
 
                     run_cfg = load_config(workdir)
                     prop = tune_densecrf_propagation(run_cfg, dc.GRID, images=propagation_images,

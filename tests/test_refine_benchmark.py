@@ -256,9 +256,9 @@ def test_parse_method_variant():
     names and suffixes are refused with what exists."""
     from rwseg.train.config_files import parse_method_variant
 
-    variants = {"spn_half": ("spn", {"spn.downsample": 2})}
+    variants = {"spn_half": ("spn", {"spn.layer.downsample": 2})}
     assert parse_method_variant("spn", ("spn", "rwn"), variants) == ("spn", {}, False)
-    assert parse_method_variant("spn_half,smoke", ("spn", "rwn"), variants) == ("spn", {"spn.downsample": 2}, True)
+    assert parse_method_variant("spn_half,smoke", ("spn", "rwn"), variants) == ("spn", {"spn.layer.downsample": 2}, True)
     assert parse_method_variant(None, ("spn", "rwn"), variants, default="rwn") == ("rwn", {}, False)
     for bad in ("gcrf", "spn,tiny", "spn,smoke,smoke", ""):
         with pytest.raises(ValueError, match=r"\('spn', 'rwn'\).*\('spn_half',\)"):

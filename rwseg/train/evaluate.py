@@ -73,8 +73,10 @@ def make_eval_step(graphdef, mesh, num_classes: int, widths, tolerance):
         pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
         labels = batch["label"]
         counted = jnp.any((labels >= 0) & (labels < num_classes), axis=(1, 2)).astype(jnp.int32)
+        confusion, out_of_range = metrics.confusion_matrix(pred, labels, num_classes, return_out_of_range=True)
         counts = {
-            "confusion": metrics.confusion_matrix(pred, labels, num_classes),
+            "confusion": confusion,
+            "out_of_range": out_of_range,
             "trimap": metrics.trimap_counts(pred, labels, widths=widths),
             "boundary": metrics.boundary_counts(pred, labels, tolerance=float(tolerance)),
             "solves": jnp.stack([jnp.sum(info["nonconverged"] * counted), jnp.sum(info["solves"] * counted)]),
@@ -155,11 +157,14 @@ def _stack_padded(arrays, fill) -> np.ndarray:
 
 def summarize_counts(totals: dict, widths, tolerance) -> dict:
     """Summed counts -> JSON-ready floats."""
-    region = metrics.summarize(totals["confusion"])
+    region = metrics.summarize(totals["confusion"], totals.get("out_of_range"))
     trimap = np.asarray(metrics.summarize_trimap(totals["trimap"]))
     boundary = metrics.summarize_boundary(totals["boundary"])
     out = {k: float(region[k]) for k in ("mean_iou", "fw_iou", "pixel_accuracy", "mean_accuracy")}
     out["per_class_iou"] = [float(v) for v in np.asarray(region["per_class_iou"])]
+    if "out_of_range" in totals:  # pixels left out of the confusion matrix (the scores are NaN then)
+        out["out_of_range_labels"] = int(region["out_of_range_labels"])
+        out["out_of_range_pred"] = int(region["out_of_range_pred"])
     for w, e in zip(widths, trimap):
         out[f"trimap_error@{w:g}"] = float(e)
     out.update({f"boundary_{k}": float(v) for k, v in boundary.items()})

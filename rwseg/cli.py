@@ -1,4 +1,4 @@
-"""The ``rwseg`` command line: ``rwseg train|evaluate|compare|bench [flags]``.
+"""The ``rwseg`` command line: ``rwseg train|evaluate|compare|bench|check-kernels [flags]``.
 
 One flag library for every subcommand: absl flags, with ml_collections' config flags for
 ``--config``. ``rwseg --help`` lists the subcommands, ``rwseg <command> --help`` its
@@ -205,6 +205,33 @@ def _run_bench(argv, prog) -> int:
     return bench.run_script(scripts[name], rest)
 
 
+# --------------------------------------------------------------------------- check-kernels
+
+
+def _define_check_kernels() -> None:
+    from absl import flags
+
+    flags.DEFINE_enum("kernel", "auto", ["auto", "pallas", "pallas_gpu"],
+                      "The kernel to check: auto = the kernel of this backend (the TPU kernel on CPU).")
+    flags.DEFINE_bool("interpret", None, "Run the kernel in Pallas interpret mode (default: on CPU only).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Precision of the check.")
+
+
+def _run_check_kernels(argv, prog) -> int:
+    from absl import flags
+
+    if len(argv) > 1:
+        _fail(prog, f"unexpected arguments {argv[1:]}")
+    if flags.FLAGS.dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    from rwseg import spn_verify
+
+    kernel = None if flags.FLAGS.kernel == "auto" else flags.FLAGS.kernel
+    return spn_verify.report(kernel, interpret=flags.FLAGS.interpret, dtype=flags.FLAGS.dtype)
+
+
 COMMANDS = {
     "train": Command("train one method (and evaluate it)",
                      "--config NAME|PATH[:smoke] --workdir DIR [--config.key=value ...]", _define_train, _run_train),
@@ -216,6 +243,10 @@ COMMANDS = {
                        _run_compare),
     "bench": Command("run a benchmark script of a source checkout (experiments/benchmarks/)",
                      "[NAME [-- script flags]] [--benchmarks_dir DIR]", _define_bench, _run_bench),
+    "check-kernels": Command("the device check: compare the SPN Pallas kernel with the scan on this chip, "
+                             "print 'verified' or the difference (rwseg.spn_verify)",
+                             "[--kernel auto|pallas|pallas_gpu] [--interpret] [--dtype float32|float64]",
+                             _define_check_kernels, _run_check_kernels),
 }
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
@@ -293,7 +324,8 @@ def _usage() -> str:
             "  rwseg compare --smoke                             # seconds: baseline vs spn, tiny configs\n"
             "  rwseg train --config spn --workdir runs/spn --config.num_steps=1000\n"
             "  rwseg evaluate --workdir runs/spn --baseline_workdir runs/baseline\n"
-            "  rwseg bench stencil -- --repeats 5\n")
+            "  rwseg bench stencil -- --repeats 5\n"
+            "  rwseg check-kernels                               # on a GPU/TPU: is the SPN kernel right here?\n")
 
 
 def main(argv: list | None = None) -> int:

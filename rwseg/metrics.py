@@ -154,7 +154,7 @@ def confusion_matrix(pred, labels, num_classes: int, *, ignore_index: int | None
     return cm, oor
 
 
-def summarize(cm, out_of_range=None) -> dict:
+def summarize(cm, *, out_of_range=None) -> dict:
     """Region scores from a (summed) confusion matrix (rows = ground truth).
 
     - ``per_class_iou`` (N,): ``tp / (gt + pred - tp)``; NaN for classes absent from

@@ -155,7 +155,7 @@ def test_confusion_matrix_counts_out_of_range_pixels_under_jit_and_summarize_rep
     np.testing.assert_array_equal(sum(np.asarray(r[0]) for r in rows), cm)
     bcm, boor = jax.vmap(f)(pred, labels)
     np.testing.assert_array_equal(boor.sum(0), oor)
-    s = jax.jit(M.summarize)(cm, oor)
+    s = jax.jit(M.summarize)(cm, out_of_range=oor)
     assert int(s["out_of_range_labels"]) == 2 and int(s["out_of_range_pred"]) == 2
     for key in ("mean_iou", "fw_iou", "pixel_accuracy", "mean_accuracy"):
         assert np.isnan(s[key]), key
@@ -164,14 +164,14 @@ def test_confusion_matrix_counts_out_of_range_pixels_under_jit_and_summarize_rep
     good = np.where((labels >= 3) & (labels != IGN), 0, labels), np.clip(pred, 0, 2)
     cm, oor = f(good[1], good[0])
     np.testing.assert_array_equal(oor, [0, 0])
-    s, plain = M.summarize(cm, oor), M.summarize(cm)
+    s, plain = M.summarize(cm, out_of_range=oor), M.summarize(cm)
     assert int(s["out_of_range_pred"]) == 0
     for key, value in plain.items():
         np.testing.assert_array_equal(s[key], value)
     with pytest.raises(ValueError, match=r"out_of_range: expected shape"):
-        M.summarize(cm, np.zeros(3, np.int32))
+        M.summarize(cm, out_of_range=np.zeros(3, np.int32))
     with pytest.raises(TypeError, match=r"out_of_range: expected an integer"):
-        M.summarize(cm, np.zeros(2))
+        M.summarize(cm, out_of_range=np.zeros(2))
 
 
 def test_summarize_hand_computed():

@@ -381,7 +381,7 @@ def test_confusion_matrix_under_jit_counts_out_of_range_pixels(shape, n, ignore,
     good = counted & ~label_bad & ~pred_bad
     assert int(np.asarray(cm).sum()) == good.sum()
     np.testing.assert_array_equal(np.trace(cm), (good & (pred == labels)).sum())
-    s = metrics.summarize(cm, oor)
+    s = metrics.summarize(cm, out_of_range=oor)
     assert np.isnan(s["mean_iou"]) == (label_bad.any() or pred_bad.any() or not good.any())
 
 

@@ -157,7 +157,7 @@ def _stack_padded(arrays, fill) -> np.ndarray:
 
 def summarize_counts(totals: dict, widths, tolerance) -> dict:
     """Summed counts -> JSON-ready floats."""
-    region = metrics.summarize(totals["confusion"], totals.get("out_of_range"))
+    region = metrics.summarize(totals["confusion"], out_of_range=totals.get("out_of_range"))
     trimap = np.asarray(metrics.summarize_trimap(totals["trimap"]))
     boundary = metrics.summarize_boundary(totals["boundary"])
     out = {k: float(region[k]) for k in ("mean_iou", "fw_iou", "pixel_accuracy", "mean_accuracy")}

@@ -93,6 +93,7 @@ def _run_train(argv, prog) -> int:
     from rwseg.train.checkpoint import CheckpointMismatchError, NoIntactCheckpointError
     from rwseg.train.config_check import ConfigError, check_config
     from rwseg.train.evaluate import markdown_table
+    from rwseg.train.preemption import PREEMPTED_EXIT_STATUS, Preempted
     from rwseg.train.trainer import train_and_evaluate
 
     try:  # user errors: one clear message, no traceback, exit status 1
@@ -100,6 +101,9 @@ def _run_train(argv, prog) -> int:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ConfigError, NoIntactCheckpointError, CheckpointMismatchError) as e:
         _fail(prog, e)
+    except Preempted as e:  # SIGTERM / SIGINT: checkpointed; the same command resumes
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_STATUS
     if result:
         print(markdown_table([(FLAGS.config.method, result)], FLAGS.config.trimap_widths))
         print(f"results and panels: {os.path.join(FLAGS.workdir, 'eval')}")

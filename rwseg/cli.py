@@ -78,6 +78,10 @@ def _define_train() -> None:
                          "Number of processes (default: $JAX_NUM_PROCESSES or 1).", lower_bound=1)
     flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
                          "This process's index (default: $JAX_PROCESS_ID or 0).", lower_bound=0)
+    flags.DEFINE_integer("heartbeat_timeout_seconds", 60,
+                         "Multi-process: a process silent this long is declared dead and every other one stops "
+                         "(exit status 76 at its next collective if the dead one's connections closed, else "
+                         "an abort after this timeout).", lower_bound=1)
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -87,13 +91,16 @@ def _run_train(argv, prog) -> int:
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         _fail(prog, f"unexpected arguments: {argv[1:]}")
+    import jax
+
     from rwseg.train.parallel import initialize
 
-    initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
     from rwseg.train.checkpoint import CheckpointMismatchError, NoIntactCheckpointError
     from rwseg.train.config_check import ConfigError, check_config
     from rwseg.train.evaluate import markdown_table
-    from rwseg.train.preemption import PREEMPTED_EXIT_STATUS, Preempted
+    from rwseg.train.preemption import PREEMPTED_EXIT_STATUS, Preempted, exit_lost_process
     from rwseg.train.trainer import train_and_evaluate
 
     try:  # user errors: one clear message, no traceback, exit status 1
@@ -104,6 +111,10 @@ def _run_train(argv, prog) -> int:
     except Preempted as e:  # SIGTERM / SIGINT: checkpointed; the same command resumes
         print(f"{prog}: {e}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT_STATUS
+    except jax.errors.JaxRuntimeError as e:  # multi-process: a collective failed, another process is gone
+        if FLAGS.num_processes > 1:
+            exit_lost_process(e, FLAGS.workdir, prog)  # status 76, without the shutdown barrier
+        raise
     if result:
         print(markdown_table([(FLAGS.config.method, result)], FLAGS.config.trimap_widths))
         print(f"results and panels: {os.path.join(FLAGS.workdir, 'eval')}")

@@ -20,6 +20,15 @@ part in the same (collective) save, whichever of them received the signal.
 saves asynchronously (the arrays are copied to the host and the checksum computed while
 training waits; the files are written in a background thread), and the clock adds up the
 time the loop is blocked in ``save``.
+
+A lost process (multi-process runs): when a collective with another process fails (the
+other process was killed or crashed, e.g. gloo's "Connection reset by peer"),
+:func:`exit_lost_process` prints one message (which process, the last complete
+checkpoint, "restart every process") and ends this process at once with status
+:data:`LOST_PROCESS_EXIT_STATUS` (76), skipping ``jax.distributed``'s shutdown barrier,
+which would wait for the dead process until the heartbeat timeout and then abort. Where
+no collective notices it, the coordination service ends the process after the heartbeat
+timeout (:func:`rwseg.train.parallel.initialize`): no run hangs.
 """
 
 from __future__ import annotations
@@ -30,9 +39,11 @@ import time
 
 import numpy as np
 
-__all__ = ["PREEMPTED_EXIT_STATUS", "Preempted", "StopSignals", "stop_requested", "SaveClock"]
+__all__ = ["PREEMPTED_EXIT_STATUS", "LOST_PROCESS_EXIT_STATUS", "Preempted", "StopSignals", "stop_requested",
+           "SaveClock", "lost_process_message", "exit_lost_process"]
 
 PREEMPTED_EXIT_STATUS = 75  # sysexits.h EX_TEMPFAIL: stopped on a signal with a checkpoint; restart to resume
+LOST_PROCESS_EXIT_STATUS = 76  # another process of a multi-process run is gone; restart them all to resume
 
 
 class Preempted(Exception):
@@ -153,3 +164,28 @@ class SaveClock:
         share = 100 * self.seconds / max(train_seconds, 1e-9)
         return (f"rwseg.train: {self.saves} asynchronous checkpoint saves blocked training for {self.seconds:.2f} s "
                 f"({1000 * self.seconds / self.saves:.0f} ms each, {share:.1f}% of {train_seconds:.1f} s of training)")
+
+
+def lost_process_message(error: BaseException, workdir) -> str:
+    """The message of :func:`exit_lost_process`: this process, the error, the checkpoint to resume from."""
+    import pathlib
+
+    import jax
+
+    root = pathlib.Path(workdir) / "checkpoints"
+    steps = sorted(int(p.name) for p in root.glob("*") if p.name.isdigit()) if root.exists() else []
+    resume = f"step {steps[-1]} ({root / str(steps[-1])})" if steps else "step 0 (no checkpoint yet)"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"process {jax.process_index()} of {jax.process_count()}: a collective with the other processes "
+            f"failed ({type(error).__name__}: {first[:300]}): another process of this run has stopped. "
+            f"Restart every process with the same command: the run resumes from its last checkpoint, {resume}")
+
+
+def exit_lost_process(error: BaseException, workdir, prog: str) -> None:
+    """Print :func:`lost_process_message` on stderr and end the process with status 76 now."""
+    import os
+    import sys
+
+    print(f"{prog}: error: {lost_process_message(error, workdir)}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(LOST_PROCESS_EXIT_STATUS)

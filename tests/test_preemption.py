@@ -93,6 +93,33 @@ def test_save_clock_adds_up_the_blocking_time():
     clock = SaveClock()
     clock.save(Slow(), 1, None)
     clock.save(Slow(), 2, None)
-    assert clock.saves == 2 and 0.04 <= clock.seconds < 1
+    assert clock.saves == 2 and clock.last_step == 2 and 0.04 <= clock.seconds < 1
     assert 0.04 <= clock.take() < 1 and clock.take() == 0.0
     assert "2 asynchronous checkpoint saves blocked training for" in clock.summary(10.0)
+
+
+@pytest.mark.slow
+def test_stop_on_a_periodic_checkpoint_step_saves_once_and_skips_the_evaluation(tmp_path, monkeypatch):
+    """In-process: a stop agreed after step 2, which is also a periodic checkpoint step: that
+    checkpoint is not saved twice, Preempted names step 2, and the final evaluation is skipped."""
+    from rwseg.train import trainer
+    from rwseg.train.preemption import Preempted
+    from _train_cli import smoke_config
+
+    calls = []
+
+    def stop_after_two(stop):
+        calls.append(1)
+        if len(calls) == 2:
+            stop.received = "SIGTERM"
+            return True
+        return False
+
+    monkeypatch.setattr(trainer, "stop_requested", stop_after_two)
+    config = smoke_config(CONFIG, None, **{"num_steps": 6, "checkpoint_every": 2, "eval_at_end": True,
+                                           "data.data_dir": str(tmp_path / "tfds")})
+    with pytest.raises(Preempted, match=r"stopped on SIGTERM after step 2") as caught:
+        trainer.train_and_evaluate(config, tmp_path / "run")
+    assert caught.value.step == 2 and _checkpoints(tmp_path / "run") == [2]
+    assert not (tmp_path / "run" / "eval").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored

@@ -141,6 +141,7 @@ class SaveClock:
     def __init__(self):
         self.saves = 0
         self.seconds = 0.0
+        self.last_step: int | None = None  # the step of the latest save through this clock
         self._since_read = 0.0
 
     def save(self, ckpts, step: int, state) -> None:
@@ -148,6 +149,7 @@ class SaveClock:
         t = time.perf_counter()
         ckpts.save(step, state)
         dt = time.perf_counter() - t
+        self.last_step = int(step)
         self.saves += 1
         self.seconds += dt
         self._since_read += dt

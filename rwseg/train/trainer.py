@@ -270,7 +270,7 @@ def train_and_evaluate(config, workdir) -> dict:
                 if done % int(config.checkpoint_every) == 0 or done == num_steps:
                     clock.save(ckpts, done, state)
                 if stop_requested(stop):
-                    if ckpts.latest_step() != done:
+                    if clock.last_step != done:
                         clock.save(ckpts, done, state)
                     ckpts.wait()
                     raise Preempted(done, stop.received, ckpts.root / "checkpoints" / str(done))

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["RECORDED", "KERNELS", "TOLERANCE", "KernelCheck", "kernel_for_backend", "device_kind",
-           "check_kernel", "set_self_check", "self_check_enabled", "is_verified", "format_check", "report"]
+           "check_kernel", "register_propagation", "set_self_check", "self_check_enabled", "is_verified",
+           "format_check", "report"]
 
 # kernel (an implementation name of rwseg.spn) -> the backends on which "auto" may choose it
 KERNELS = {"pallas": ("tpu",), "pallas_gpu": ("gpu", "cuda", "rocm")}
@@ -52,6 +53,7 @@ RECORDED: dict[str, tuple[str, ...]] = {"pallas": (), "pallas_gpu": ()}
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 
 _ENV = "RWSEG_SPN_SELF_CHECK"
+_propagation = None  # (stacked propagation, directions) of rwseg.spn, registered when it is imported
 _self_check: bool | None = None  # None: follow the environment variable
 _cache: dict = {}  # (kernel, backend, device kind) -> KernelCheck, this process's self-checks
 
@@ -127,10 +129,29 @@ def self_check_enabled() -> bool:
     return os.environ.get(_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+def register_propagation(propagate_stacked, directions) -> None:
+    """Register the propagation :func:`check_kernel` compares the kernels in (``rwseg.spn``
+    does so when it is imported: it imports this module, which cannot import it back).
+
+    Args:
+        propagate_stacked: ``f(x, gates, directions, implementation, interpret)`` -> the maps of
+            the ``directions`` (``rwseg.spn``'s jitted stacked propagation).
+        directions: all directions, in ``rwseg.spn``'s order.
+    """
+    global _propagation
+    _propagation = (propagate_stacked, tuple(directions))
+
+
+def _registered():
+    """The registered ``(propagate_stacked, directions)``."""
+    if _propagation is None:
+        raise RuntimeError("rwseg.spn_verify: the check runs rwseg.spn's propagation; import rwseg.spn first")
+    return _propagation
+
+
 def _problems(dtype):
     """Small SPN problems: (x (H, W, C), gates (D, H, W, C, G), cotangents, directions)."""
-    from rwseg.spn import DIRECTIONS
-
+    _, DIRECTIONS = _registered()
     rng = np.random.default_rng(0)
     out = []
     for (h, w, c), g, directions in (((13, 9, 5), 3, DIRECTIONS), ((6, 11, 3), 1, DIRECTIONS),
@@ -160,9 +181,11 @@ def check_kernel(kernel: str | None = None, *, interpret: bool | None = None,
 
     Returns:
         A :class:`KernelCheck`.
-    """
-    from rwseg import spn
 
+    Raises:
+        RuntimeError: ``rwseg.spn`` is not imported (:func:`register_propagation`).
+    """
+    propagate_stacked, _ = _registered()
     backend = jax.default_backend()
     kernel = kernel or kernel_for_backend(backend) or "pallas"
     if kernel not in KERNELS:
@@ -173,7 +196,7 @@ def check_kernel(kernel: str | None = None, *, interpret: bool | None = None,
 
     def value_and_vjp(impl, x, gates, cot, directions):
         def f(x, gates, cot):
-            outs, vjp = jax.vjp(lambda a, b: jnp.stack(spn._propagate_stacked_jit(a, b, directions, impl, interpret)),
+            outs, vjp = jax.vjp(lambda a, b: jnp.stack(propagate_stacked(a, b, directions, impl, interpret)),
                                 x, gates)
             return (outs,) + vjp(cot)
 

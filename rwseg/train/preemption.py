@@ -90,7 +90,11 @@ class StopSignals:
             signal.raise_signal(signum)
 
     def install(self) -> "StopSignals":
-        """Install the handlers (no-op outside the main thread); returns ``self``."""
+        """Install the handlers (no-op outside the main thread).
+
+        Returns:
+            ``self``.
+        """
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -145,7 +149,13 @@ class SaveClock:
         self._since_read = 0.0
 
     def save(self, ckpts, step: int, state) -> None:
-        """``ckpts.save(step, state)``, timed (the asynchronous write goes on in the background)."""
+        """``ckpts.save(step, state)``, timed (the asynchronous write goes on in the background).
+
+        Args:
+            ckpts: the run's checkpoint managers (:mod:`rwseg.train.checkpoint`).
+            step: the number of finished steps.
+            state: the train state to save.
+        """
         t = time.perf_counter()
         ckpts.save(step, state)
         dt = time.perf_counter() - t
@@ -155,12 +165,23 @@ class SaveClock:
         self._since_read += dt
 
     def take(self) -> float:
-        """Seconds blocked in saves since the previous call (for the train metrics of a log line)."""
+        """Seconds blocked in saves since the previous call (for the train metrics of a log line).
+
+        Returns:
+            The seconds.
+        """
         out, self._since_read = self._since_read, 0.0
         return out
 
     def summary(self, train_seconds: float) -> str:
-        """One line: saves, seconds blocked, per save and as a share of ``train_seconds``."""
+        """One line: saves, seconds blocked, per save and as a share of ``train_seconds``.
+
+        Args:
+            train_seconds: the wall time of the training loop.
+
+        Returns:
+            The line.
+        """
         if not self.saves:
             return "rwseg.train: no periodic checkpoint was saved"
         share = 100 * self.seconds / max(train_seconds, 1e-9)
@@ -169,7 +190,15 @@ class SaveClock:
 
 
 def lost_process_message(error: BaseException, workdir) -> str:
-    """The message of :func:`exit_lost_process`: this process, the error, the checkpoint to resume from."""
+    """The message of :func:`exit_lost_process`: this process, the error, the checkpoint to resume from.
+
+    Args:
+        error: the failed collective's exception.
+        workdir: the run directory (its ``checkpoints/`` name the step to resume from).
+
+    Returns:
+        The message.
+    """
     import pathlib
 
     import jax
@@ -184,7 +213,14 @@ def lost_process_message(error: BaseException, workdir) -> str:
 
 
 def exit_lost_process(error: BaseException, workdir, prog: str) -> None:
-    """Print :func:`lost_process_message` on stderr and end the process with status 76 now."""
+    """Print :func:`lost_process_message` on stderr and end the process with status 76 now
+    (``os._exit``: without the shutdown barrier that would wait for the lost process).
+
+    Args:
+        error: the failed collective's exception.
+        workdir: the run directory.
+        prog: the program name the message starts with.
+    """
     import os
     import sys
 

@@ -255,9 +255,9 @@ def hitting_probabilities(
 
     Value checks: seeds out of range and negative / non-finite boundary raise
     ``ValueError`` eagerly when the inputs are concrete. Under ``jit``/``vmap`` they cannot
-    raise; out-of-range seeds then act as labelled pixels of no label (absorbing with
-    Z = 0), and a NaN boundary gives an all-NaN P with ``info.solve.converged`` False
-    (never a plausible P). ``checked=True`` adds ``checkify`` checks for traced inputs; the
+    raise; a seed out of range or a negative or non-finite boundary anywhere then gives an
+    all-NaN P with ``info.solve.converged`` False for every label (never a plausible P),
+    at the cost of one reduction over the inputs (the solve stops at once). ``checked=True`` adds ``checkify`` checks for traced inputs; the
     caller must then wrap the (jitted) function in ``jax.experimental.checkify.checkify``
     and call ``err.throw()``.
 
@@ -283,6 +283,13 @@ def hitting_probabilities(
     seeds = jnp.asarray(seeds)
     dtype = boundary.dtype
     h, w = boundary.shape
+    # Unchecked bad values (possible only for traced inputs; concrete ones raised above): a
+    # negative or non-finite boundary, or a seed outside -1 .. num_labels - 1, poisons the
+    # whole solve, so that P is NaN and ``converged`` False (never a plausible P: a negative
+    # B makes the system indefinite, and an out-of-range seed would act as an absorbing
+    # pixel of no label). A NaN boundary makes the solve stop at once (module docstring).
+    bad = ~(jnp.all(jnp.isfinite(boundary) & (boundary >= 0)) & jnp.all((seeds >= -1) & (seeds < num_labels)))
+    boundary = jnp.where(bad, jnp.asarray(jnp.nan, dtype), boundary)
 
     labelled = seeds >= 0
     unl = ~labelled
@@ -330,6 +337,8 @@ def hitting_probabilities(
     p = jnp.where(approximate[..., None], jax.lax.stop_gradient(p_path),
                   v / jnp.where(approximate[..., None] | (vsum <= 0), 1, vsum))
     p = jnp.where(reachable[..., None], p, jnp.asarray(1 / num_labels, dtype))
+    p = jnp.where(bad, jnp.asarray(jnp.nan, dtype), p)  # also where no valid seed made P uniform
+    info = info._replace(converged=info.converged & ~bad)
     return (p, RawksInfo(reachable=reachable, approximate=approximate, solve=info)) if return_info else p
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import linsolve, stencil
-from rwseg._numerics import masked_mean
+from rwseg._numerics import channel_scale, masked_mean
 from rwseg.constants import IGNORE_INDEX
 
 __all__ = ["feature_distances", "affinity", "transition", "random_walk", "affinity_loss"]
@@ -151,6 +151,16 @@ def _inverse_sqrt_degree(weights, offsets):
 _LANES = 8
 
 
+def _power_of_two_scale(f):
+    """``2^e`` per channel with ``2^(e-1) <= max |f| < 2^e`` (1 for a zero or non-finite channel).
+
+    Dividing or multiplying by it is exact (no rounding) wherever the result stays in the
+    normal range.
+    """
+    _, e = jnp.frexp(channel_scale(f))
+    return jnp.ldexp(jnp.ones((), f.dtype), e).astype(f.dtype)
+
+
 def _pad_channels(x):
     c = x.shape[-1]
     extra = (-c) % _LANES if c > _LANES else 0
@@ -203,7 +213,10 @@ def random_walk(
     of the strongly diffusing walk). ``info.converged`` tests the true residual, so ask for
     ``tol`` a few times above that floor: ``tol = 1e-5`` up to alpha = 0.9, ``1e-4`` for
     alpha = 0.99; below it the loop may stop (recurrence converged) with
-    ``converged=False``. float64 inputs reach ``tol = 1e-12``.
+    ``converged=False``. float64 inputs reach ``tol = 1e-12``. The symmetric solve scales
+    each channel of ``f`` by a power of two near its ``max |f|`` (exact: no rounding changes),
+    so scores at the bottom of the normal range (``finfo.tiny``) are walked like any others;
+    only outputs that are themselves below it are flushed to zero (XLA on CPU).
 
     Bad values: a negative weight, ``alpha`` out of [0, 1) (converged walk) or a
     non-symmetric W with ``symmetric=True`` raise ``ValueError`` when the inputs are
@@ -282,11 +295,15 @@ def random_walk(
             return z - alpha_s * stencil.apply_masked(masked, inv_sqrt_d * z, offsets)
 
         c = f.shape[-1]
-        # Scores within a factor sqrt(max degree) of the smallest normal number underflow in
-        # f * sqrt(d) (flushed to zero on CPU): a known limitation (tests/test_properties.py).
-        z, info = linsolve.cg(matvec, _pad_channels((1 - alpha_c) * f / inv_sqrt_d), tol=tol,
+        # The walk is linear in f: solve for f / s and scale back, s = the power of two nearest
+        # max |f| per channel, so that f * sqrt(d) does not fall below the normal range (flushed
+        # to zero on CPU) for scores near the bottom of it. A power of two scales exactly: every
+        # rounding of the solve, hence float32 convergence, is the same as without it
+        # (linsolve's own rescaling acts after the sqrt(d) scaling and cannot prevent that).
+        s = _power_of_two_scale(jax.lax.stop_gradient(f))
+        z, info = linsolve.cg(matvec, _pad_channels((1 - alpha_c) * (f / s) / inv_sqrt_d), tol=tol,
                               max_iters=max_iters)
-        y = inv_sqrt_d * z[..., :c]
+        y = (inv_sqrt_d * z[..., :c]) * s
         info = linsolve.SolveInfo(info.residual[:c], info.iterations, info.converged[:c])
     else:
         inv_d, _ = _inverse_degree(weights, offsets)

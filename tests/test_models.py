@@ -237,6 +237,7 @@ def _eval_solves(config):
     _, counts = step(parallel.replicate(setup.state, mesh), parallel.global_batch(batch, mesh))
     counts = parallel.to_host(counts)
     result = summarize_counts(counts, [float(w) for w in config.trimap_widths], config.boundary_tolerance)
+    assert result["out_of_range_labels"] == 0 and result["out_of_range_pred"] == 0  # counted, none here
     return result["nonconverged_fraction"], int(counts["solves"][1])
 
 

@@ -212,7 +212,8 @@ def test_rawks_propagation_evaluated_on_training_images(tfds_dir):
     out = evaluate_propagation(config, setup.graphdef, state, mesh, train, num_classes=setup.num_classes)
     assert set(out) == {"train_P_mean_iou", "train_P_pixel_accuracy", "train_P_abstain",
                         "train_P_nonconverged_fraction", "train_P_boundary_precision", "train_P_boundary_recall",
-                        "train_P_boundary_fscore"}
+                        "train_P_boundary_fscore", "train_P_out_of_range_labels", "train_P_out_of_range_pred"}
+    assert out["train_P_out_of_range_labels"] == 0 and out["train_P_out_of_range_pred"] == 0  # counted, none here
     assert out["train_P_nonconverged_fraction"] == 0.0  # default solver settings converge
     assert all(0.0 <= v <= 1.0 for v in out.values())
     # scribbles alone already label part of each image: P is far better than chance

@@ -46,7 +46,7 @@ REPO_PAGES = {
 }
 
 # modules first in the API reference, when they exist; the others follow alphabetically
-API_ORDER = ("stencil", "linsolve", "rwn", "rawks", "spn", "spn_pallas", "gcrf", "dilated", "metrics",
+API_ORDER = ("stencil", "linsolve", "rwn", "rawks", "spn", "spn_pallas", "spn_verify", "gcrf", "dilated", "metrics",
              "constants", "layers", "models", "data", "train", "compare")
 API_SECTION = "API reference"
 

@@ -72,11 +72,14 @@ def metric_counts(pred, labels, *, num_classes: int, widths, tolerance) -> dict:
       tolerance: boundary matching tolerance in pixels.
 
     Returns:
-      ``{"confusion": (K, K), "trimap": (len(widths), 2), "boundary": (4,)}`` int counts of
-      :func:`rwseg.metrics.confusion_matrix`, :func:`rwseg.metrics.trimap_counts` and
-      :func:`rwseg.metrics.boundary_counts` (scores: :func:`summarize_counts`).
+      ``{"confusion": (K, K), "out_of_range": (2,), "trimap": (len(widths), 2), "boundary": (4,)}``
+      int counts of :func:`rwseg.metrics.confusion_matrix` (with ``return_out_of_range=True``:
+      the pixels left out of the matrix because their label or prediction is out of range),
+      :func:`rwseg.metrics.trimap_counts` and :func:`rwseg.metrics.boundary_counts` (scores:
+      :func:`summarize_counts`).
     """
-    return {"confusion": metrics.confusion_matrix(pred, labels, num_classes),
+    confusion, out_of_range = metrics.confusion_matrix(pred, labels, num_classes, return_out_of_range=True)
+    return {"confusion": confusion, "out_of_range": out_of_range,
             "trimap": metrics.trimap_counts(pred, labels, widths=tuple(float(w) for w in widths)),
             "boundary": metrics.boundary_counts(pred, labels, tolerance=float(tolerance))}
 
@@ -247,20 +250,26 @@ def summarize_counts(totals: dict, widths, tolerance) -> dict:
     """The scores of summed counts.
 
     Args:
-      totals: summed :func:`metric_counts` (and optionally ``"solves"``).
+      totals: summed :func:`metric_counts` (and optionally ``"solves"``); counts without
+        ``"out_of_range"`` (e.g. a subset of the keys) give the region scores unchecked.
       widths: the trimap widths of the counts.
       tolerance: the boundary tolerance of the counts (reported).
 
     Returns:
       JSON-ready floats: ``mean_iou``, ``fw_iou``, ``pixel_accuracy``, ``mean_accuracy``,
       ``per_class_iou`` (list), ``trimap_error@W`` per width, ``boundary_{precision,recall,fscore}``,
-      ``boundary_tolerance`` and, with solves, ``nonconverged_fraction``.
+      ``boundary_tolerance``, with ``"out_of_range"`` the integer ``out_of_range_labels`` and
+      ``out_of_range_pred`` (pixels left out of the confusion matrix; the region scores are
+      NaN when either is nonzero) and, with solves, ``nonconverged_fraction``.
     """
-    region = metrics.summarize(totals["confusion"])
+    region = metrics.summarize(totals["confusion"], out_of_range=totals.get("out_of_range"))
     trimap = np.asarray(metrics.summarize_trimap(totals["trimap"]))
     boundary = metrics.summarize_boundary(totals["boundary"])
     out = {k: float(region[k]) for k in ("mean_iou", "fw_iou", "pixel_accuracy", "mean_accuracy")}
     out["per_class_iou"] = [float(v) for v in np.asarray(region["per_class_iou"])]
+    if "out_of_range" in totals:  # pixels left out of the confusion matrix (the scores are NaN then)
+        out["out_of_range_labels"] = int(region["out_of_range_labels"])
+        out["out_of_range_pred"] = int(region["out_of_range_pred"])
     for w, e in zip(widths, trimap):
         out[f"trimap_error@{w:g}"] = float(e)
     out.update({f"boundary_{k}": float(v) for k, v in boundary.items()})
@@ -346,8 +355,10 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
       dense labels), ``train_P_boundary_{precision,recall,fscore}`` (at
       ``config.boundary_tolerance``, as for the predictions: how sharp the targets are),
       ``train_P_abstain`` (fraction of labelled pixels with uncertainty weight ``w(x) < 0.5``,
-      where the paper abstains) and ``train_P_nonconverged_fraction`` (fraction of the
-      solves that did not converge).
+      where the paper abstains), ``train_P_nonconverged_fraction`` (fraction of the
+      solves that did not converge) and ``train_P_out_of_range_{labels,pred}`` (integer
+      counts of the pixels left out of the confusion matrix; the region scores are NaN when
+      either is nonzero).
     """
 
     def fn(state, batch):
@@ -358,7 +369,8 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
         valid = (labels >= 0) & (labels < num_classes)
         counts = metric_counts(pred, labels, num_classes=num_classes, widths=config.trimap_widths,
                                tolerance=config.boundary_tolerance)
-        return {"confusion": counts["confusion"], "boundary": counts["boundary"],
+        return {"confusion": counts["confusion"], "out_of_range": counts["out_of_range"],
+                "boundary": counts["boundary"],
                 "abstain": jnp.stack([jnp.sum(valid & (w < 0.5)), jnp.sum(valid)]),
                 "solves": solve_counts(info, labels, num_classes)}
 
@@ -368,9 +380,11 @@ def evaluate_propagation(config, graphdef, state, mesh, source, *, num_classes: 
     for batch in eval_batches(config, source, mesh, scribbles=True) if batches is None else batches:
         batch = {k: batch[k] for k in ("image", "label", "scribbles")}
         totals = accumulate(totals, parallel.to_host(step(state, parallel.global_batch(batch, mesh))))
-    region = metrics.summarize(totals["confusion"])
+    region = metrics.summarize(totals["confusion"], out_of_range=totals["out_of_range"])
     boundary = {f"train_P_boundary_{k}": float(v) for k, v in metrics.summarize_boundary(totals["boundary"]).items()}
     return {"train_P_mean_iou": float(region["mean_iou"]), "train_P_pixel_accuracy": float(region["pixel_accuracy"]),
+            "train_P_out_of_range_labels": int(region["out_of_range_labels"]),
+            "train_P_out_of_range_pred": int(region["out_of_range_pred"]),
             **boundary,
             "train_P_abstain": float(totals["abstain"][0] / max(int(totals["abstain"][1]), 1)),
             "train_P_nonconverged_fraction": float(totals["solves"][0] / max(int(totals["solves"][1]), 1))}

@@ -30,16 +30,28 @@ __all__ = ["initialize", "make_mesh", "batch_sharding", "replicated", "global_ba
            "local_batch_size", "to_host", "collectives_in_loops", "while_loop_count"]
 
 
-def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0) -> None:
+HEARTBEAT_TIMEOUT_SECONDS = 60  # a process silent this long is declared dead (jax's default: 100)
+
+
+def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0, *,
+               heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS) -> None:
     """``jax.distributed.initialize`` when ``num_processes > 1`` (no-op otherwise).
 
     On CPU-only machines the gloo cross-process collectives are enabled first (jax's
     CPU default has none). Must run before any other JAX call.
 
+    A lost process (killed, crashed, its host gone): the others stop within
+    ``heartbeat_timeout_seconds`` (plus a few seconds) and never hang: when the dead
+    process's connections are closed (a crash on a live host), the next collective fails
+    at once (:mod:`rwseg.train.preemption`, ``rwseg train`` exits with status 76); otherwise
+    the coordination service declares it dead after ``heartbeat_timeout_seconds`` without
+    a heartbeat and ends every other process (abort, status 134 / signal 6).
+
     Args:
       coordinator_address: ``host:port`` of process 0.
       num_processes: the number of processes.
       process_id: this process's index.
+      heartbeat_timeout_seconds: see above (``jax.distributed.initialize``).
     """
     if num_processes <= 1:
         return
@@ -47,7 +59,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 1, process_id
         raise ValueError("coordinator_address: expected host:port when num_processes > 1, got ''")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, heartbeat_timeout_seconds=int(heartbeat_timeout_seconds))
 
 
 def make_mesh() -> Mesh:

@@ -26,6 +26,11 @@
 6. Whatever fails after the checkpoint managers exist (a step, the final evaluation,
    Ctrl-C), pending checkpoint saves are finished and the managers closed before the
    original error propagates: the last checkpoint is complete and a restart resumes from it.
+7. Preemption (:mod:`rwseg.train.preemption`): on SIGTERM / SIGINT the step in flight is
+   finished and checkpointed, the save waited for, and :class:`~rwseg.train.preemption.Preempted`
+   raised (the CLI exits with status 75). Periodic checkpoints are asynchronous; the time
+   they block the loop is logged (``checkpoint_blocked_sec`` in the train metrics) and
+   summed up at the end of training.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from rwseg.train.config_check import check_config
 from rwseg.train.evaluate import evaluate, write_results
 from rwseg.train.init_from import init_params
 from rwseg.train.panels import save_panels
+from rwseg.train.preemption import Preempted, SaveClock, StopSignals, stop_requested
 from rwseg.train.state import compute_statistics, create, make_train_step, source_kwargs, training_batches
 from rwseg.train.workdir import MetricsWriter, check_resume_config, record_config
 
@@ -160,6 +166,7 @@ def train_and_evaluate(config, workdir) -> dict:
         bar = _progress(config, start, num_steps)
         t0, last_logged = time.perf_counter(), start
         result = {}
+        clock, stop, train_t0 = SaveClock(), StopSignals().install(), t0  # SIGTERM/SIGINT: preemption.py
         try:
             for step in range(start, num_steps):
                 batch = next(batches)
@@ -172,17 +179,26 @@ def train_and_evaluate(config, workdir) -> dict:
                     values = jax.tree.map(float, parallel.to_host(metrics))
                     now = time.perf_counter()
                     values["steps_per_sec"] = (done - last_logged) / max(now - t0, 1e-9)
+                    values["checkpoint_blocked_sec"] = clock.take()  # included in the steps' time
                     t0, last_logged = now, done
                     writer.write(done, "train", values)
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                     if not np.isfinite(values["loss"]):
                         raise FloatingPointError(f"loss is {values['loss']} at step {done}; see {writer.path}")
                 if done % int(config.checkpoint_every) == 0 or done == num_steps:
-                    ckpts.save(done, state)
+                    clock.save(ckpts, done, state)
+                if stop_requested(stop):
+                    if clock.last_step != done:
+                        clock.save(ckpts, done, state)
+                    ckpts.wait()
+                    raise Preempted(done, stop.received, ckpts.root / "checkpoints" / str(done))
                 if int(config.eval_every) and done % int(config.eval_every) == 0 and done != num_steps:
                     run_eval(done)
         finally:
+            stop.restore()
             bar.close()
+        if jax.process_index() == 0:
+            print(clock.summary(time.perf_counter() - train_t0), flush=True)
         if config.eval_at_end:
             final = ckpts.latest_step() or num_steps
             result, panels = run_eval(final)

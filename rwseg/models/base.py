@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from rwseg.models.backbone import Backbone, upsample
+from rwseg.models.backbone import upsample
 from rwseg.models.common import cross_entropy
 
 __all__ = ["Statistic", "Segmenter", "Baseline", "solver_stats", "no_solves"]
@@ -58,13 +58,13 @@ def no_solves(batch_size: int) -> dict:
 
 
 class Segmenter(nnx.Module):
-    """Base class: owns the backbone built from ``config.model``."""
+    """Base class: owns the backbone built from ``config.model`` (:func:`rwseg.models.backbones.build_backbone`)."""
 
     def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs):
-        m = config.model
+        from rwseg.models.backbones import build_backbone  # lazy: the backbones import this module
+
         self.num_classes = num_classes
-        self.backbone = Backbone(num_classes, width=m.width, depth=m.depth, aspp_rates=tuple(m.aspp_rates),
-                                 features=m.features, norm=m.norm, rngs=rngs)
+        self.backbone = build_backbone(config.model, num_classes, rngs=rngs)  # config.model.backbone
 
     def coarse_scores(self, images):
         """Backbone logits bilinearly upsampled to the image size: (B, H, W, K)."""

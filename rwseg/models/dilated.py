@@ -35,8 +35,8 @@ class DilatedAffinityModel(Segmenter):
         self.beta = float(c.beta)
         self.use_stem = bool(c.use_stem)
         self.refinement = DilatedAffinity(
-            num_classes, config.model.features, rates=c.rates, frequencies=statistics["frequencies"],
-            low_level_channels=config.model.width if self.use_stem else 0,
+            num_classes, self.backbone.num_features, rates=c.rates, frequencies=statistics["frequencies"],
+            low_level_channels=self.backbone.stem_channels if self.use_stem else 0,
             decoder_width=int(c.get("decoder_width", 0)), decoder_depth=int(c.get("decoder_depth", 0)),
             norm=config.model.norm, gamma=float(c.gamma),
             lam=float(c.lam), mu=float(c.mu), num_steps=int(c.iterations), rngs=rngs)

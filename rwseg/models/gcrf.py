@@ -38,7 +38,7 @@ class GCRFModel(Segmenter):
         self.aux_weight = float(c.aux_weight)
         self.pretrain_steps, self.pretrain_weight = int(c.pretrain_steps), float(c.pretrain_weight)
         self.refinement = GaussianCRF(
-            num_classes, feature_channels=config.model.features, embedding_channels=int(c.features),
+            num_classes, feature_channels=self.backbone.num_features, embedding_channels=int(c.features),
             num_filters=int(c.filters), radius=int(c.radius), downsample=int(c.crf_downsample),
             num_steps=int(c.num_layers), tol=float(c.tol), max_iters=int(c.max_layers), margin=float(c.margin),
             compat_init=float(c.compat_init), rngs=rngs)

@@ -33,7 +33,7 @@ class RWNModel(Segmenter):
         c = config.rwn
         self.affinity_weight = float(c.affinity_weight)
         self.refinement = RandomWalkRefinement(
-            num_classes, feature_channels=config.model.width, downsample=int(c.walk_downsample),
+            num_classes, feature_channels=self.backbone.stem_channels, downsample=int(c.walk_downsample),
             train_radius=int(c.train_radius), eval_radius=int(c.eval_radius), alpha=float(c.alpha),
             theta_init=float(c.theta_init), tol=float(c.tol), max_iters=int(c.max_iters), rngs=rngs)
 

@@ -182,6 +182,9 @@ OPTIONAL_OPTIONS = {
     "data.flip": boolean,
     "data.color_jitter": color_jitter,
     "data.train_labels": one_of("dense", "scribbles"),
+    "optimizer.schedule": one_of("cosine", "poly"),
+    "optimizer.power": number(lo=0, lo_open=True),
+    # config.model.backbone / pretrained / resnet: rwseg.models.backbones.check_model_config
 }
 
 # the value an absent optional key stands for: a run whose config.json predates the key
@@ -198,6 +201,10 @@ OPTIONAL_DEFAULTS = {
     "data.flip": True,
     "data.color_jitter": [0.0, 0.0, 0.0],
     "data.train_labels": "dense",
+    "optimizer.schedule": "cosine",
+    "optimizer.power": 0.9,
+    "model.backbone": "compact",
+    "model.pretrained": "",
     "spn.guidance_input": "image",
     "dilated.decoder_width": 0,
     "dilated.decoder_depth": 0,
@@ -371,6 +378,9 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
                               f"got {values['init_from']!r} (no directory {base})")
         except ValueError as e:
             errors.append(str(e))
+    from rwseg.models.backbones import check_model_config
+
+    errors += check_model_config(config)
     if values.get("freeze_backbone") is True and values.get("init_from") in (_MISSING, None, ""):
         errors.append("config.freeze_backbone: expected False without config.init_from (a frozen random "
                       "backbone), got True")

@@ -26,7 +26,7 @@ from rwseg.train.init_from import SUBTREE, freeze_subtrees, scale_method_updates
 from rwseg.train.optim import make_optimizer
 
 __all__ = ["Setup", "create", "source_kwargs", "augmentation_kwargs", "training_batches", "compute_statistics",
-           "make_train_step", "merge"]
+           "make_train_step", "merge", "load_pretrained"]
 
 
 def source_kwargs(config) -> dict:
@@ -131,10 +131,25 @@ def create(config, num_classes: int, statistics: dict) -> Setup:
         return params, tx.init(params), nnx.to_pure_dict(stats)
 
     params, opt_state, stats = init()
+    if config.model.get("pretrained", ""):  # a torchvision/timm ResNet checkpoint into the encoder
+        params, stats = load_pretrained(graphdef, params, stats, config.model.pretrained)
+        opt_state = jax.jit(tx.init)(params)
     state = {"params": params, "opt_state": opt_state}
     if jax.tree.leaves(stats):
         state["stats"] = stats
     return Setup(graphdef, state, tx, schedule, num_classes)
+
+
+def load_pretrained(graphdef, params: dict, stats: dict, path: str) -> tuple[dict, dict]:
+    """(params, stats) with the ResNet encoder's arrays from the checkpoint ``path``
+    (:func:`rwseg.models.backbones.load_torch_weights`; its report is printed)."""
+    from rwseg.models.backbones import load_torch_weights
+
+    model = nnx.merge(graphdef, params, stats)
+    report = load_torch_weights(model, path)
+    print(f"rwseg.train: config.model.pretrained: {report.summary()}", flush=True)
+    _, params, stats = nnx.split(model, nnx.Param, Statistic)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
 def merge(graphdef, state):

@@ -50,6 +50,7 @@ def _batch(scribbles):
     return batch
 
 
+@pytest.mark.slow  # six train-step compilations: about a minute on 2 idle cores
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_trains_one_step_on_a_pretrained_resnet(method, checkpoint, capsys):
     sd, path = checkpoint

@@ -279,6 +279,7 @@ HARMLESS_KEYS = frozenset({
     "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_at_end",
     "eval_batch_size", "eval_batches", "num_panels", "trimap_widths", "boundary_tolerance", "progress",
     "baseline_workdir", "allow_config_change", "data.data_dir", "data.manual_dir", "data.eval_split",
+    "model.pretrained",  # read only when a run starts; a resumed run restores its checkpoint
     "rwn.eval_radius", "rwn.alpha", "rwn.tol", "rwn.max_iters",
     "gcrf.tol", "gcrf.max_layers",
     "dilated.lam", "dilated.mu", "dilated.iterations",

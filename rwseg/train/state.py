@@ -100,8 +100,11 @@ class Setup:
     num_classes: int
 
 
-def create(config, num_classes: int, statistics: dict) -> Setup:
+def create(config, num_classes: int, statistics: dict, *, pretrained: bool = True) -> Setup:
     """Build the model (seed ``config.seed``) and the initial train state.
+
+    With ``pretrained`` (the default) a ``config.model.pretrained`` checkpoint is loaded into the
+    ResNet encoder (:func:`load_pretrained`); ``False`` skips it (a checkpoint will be restored).
 
     Initialisation runs under ``jax.jit`` (one compilation instead of hundreds of eager
     dispatches) with an ``rbg`` PRNG key; the graph definition comes from
@@ -131,7 +134,7 @@ def create(config, num_classes: int, statistics: dict) -> Setup:
         return params, tx.init(params), nnx.to_pure_dict(stats)
 
     params, opt_state, stats = init()
-    if config.model.get("pretrained", ""):  # a torchvision/timm ResNet checkpoint into the encoder
+    if pretrained and config.model.get("pretrained", ""):  # a torchvision/timm ResNet checkpoint into the encoder
         params, stats = load_pretrained(graphdef, params, stats, config.model.pretrained)
         opt_state = jax.jit(tx.init)(params)
     state = {"params": params, "opt_state": opt_state}

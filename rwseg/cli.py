@@ -1,9 +1,10 @@
-"""The ``rwseg`` command line: ``rwseg train|evaluate|compare|bench [flags]``.
+"""The ``rwseg`` command line: ``rwseg train|evaluate|compare [flags]``.
 
 One flag library for every subcommand: absl flags, with ml_collections' config flags for
 ``--config``. ``rwseg --help`` lists the subcommands, ``rwseg <command> --help`` its
-flags. ``python -m rwseg.train``, ``python -m rwseg.evaluate`` and ``python -m
-rwseg.compare`` run the same code as ``rwseg train|evaluate|compare``.
+flags. ``python -m rwseg COMMAND`` (:mod:`rwseg.__main__`) is the same. This is the only
+module of rwseg that parses command-line arguments; the benchmarks are scripts of
+``experiments/benchmarks/`` with flags of their own.
 
 Logging is quiet by default: library, orbax and absl logs are shown from WARNING up
 (what a run prints is its progress bar and the final metrics table); ``--verbosity 0``
@@ -174,37 +175,6 @@ def _run_compare(argv, prog) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- bench
-
-
-def _define_bench() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("benchmarks_dir", "", "Folder of the bench_<name>.py scripts (default: "
-                        "experiments/benchmarks of the source checkout holding the installed rwseg, or of the "
-                        "current directory or one of its parents).")
-
-
-def _run_bench(argv, prog) -> int:
-    from absl import flags
-
-    from rwseg import bench
-
-    try:
-        scripts = bench.find_benchmarks(flags.FLAGS.benchmarks_dir or None)
-    except FileNotFoundError as e:
-        _fail(prog, e)
-    if len(argv) < 2:
-        print(f"usage: {prog} NAME [-- script flags]; benchmarks in {next(iter(scripts.values())).parent}:")
-        for name, path in scripts.items():
-            print(f"  {name:14s} {bench.summary(path)}")
-        return 0
-    name, rest = argv[1], argv[2:]
-    if name not in scripts:
-        _fail(prog, f"benchmark: expected one of {', '.join(scripts)}, got {name!r}")
-    return bench.run_script(scripts[name], rest)
-
-
 COMMANDS = {
     "train": Command("train one method (and evaluate it)",
                      "--config NAME|PATH[:smoke] --workdir DIR [--config.key=value ...]", _define_train, _run_train),
@@ -214,8 +184,6 @@ COMMANDS = {
     "compare": Command("the main job: train + evaluate the baseline and methods, print the table",
                        "[--methods spn,rwn] [--workdir runs/main] [--steps N] [--smoke]", _define_compare,
                        _run_compare),
-    "bench": Command("run a benchmark script of a source checkout (experiments/benchmarks/)",
-                     "[NAME [-- script flags]] [--benchmarks_dir DIR]", _define_bench, _run_bench),
 }
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
@@ -287,13 +255,12 @@ def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {n:{width}s}  {c.summary}" for n, c in COMMANDS.items()]
     return ("usage: rwseg COMMAND [flags]   (rwseg COMMAND --help: the command's flags)\n\n"
-            "rwseg: affinity-based segmentation operators in JAX; training, evaluation, comparison, benchmarks.\n\n"
+            "rwseg: affinity-based segmentation operators in JAX; training, evaluation, comparison.\n\n"
             "commands:\n" + "\n".join(lines) + "\n\n"
             "examples:\n"
             "  rwseg compare --smoke                             # seconds: baseline vs spn, tiny configs\n"
             "  rwseg train --config spn --workdir runs/spn --config.num_steps=1000\n"
-            "  rwseg evaluate --workdir runs/spn --baseline_workdir runs/baseline\n"
-            "  rwseg bench stencil -- --repeats 5\n")
+            "  rwseg evaluate --workdir runs/spn --baseline_workdir runs/baseline\n")
 
 
 def main(argv: list | None = None) -> int:

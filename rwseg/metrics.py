@@ -45,7 +45,6 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import stencil as S
-from rwseg._deprecation import deprecated_arguments
 from rwseg._numerics import masked_mean, safe_divide
 from rwseg.constants import IGNORE_INDEX
 
@@ -92,7 +91,6 @@ def _label_valid(labels, ignore_index):
 # --------------------------------------------------------------------------- region metrics
 
 
-@deprecated_arguments(positional=("ignore_index",))
 def confusion_matrix(pred, labels, num_classes: int, *, ignore_index: int | None = IGNORE_INDEX,
                      checked: bool = False):
     """Confusion matrix ``cm[t, p]`` = number of pixels of true class ``t`` predicted as ``p``.
@@ -203,7 +201,6 @@ def _boundary(labels, valid, void_boundaries: bool):
     return valid & jnp.any(inside & differs, axis=-1)
 
 
-@deprecated_arguments(positional=("ignore_index",))
 def boundary_mask(labels, *, ignore_index: int | None = IGNORE_INDEX, void_boundaries: bool = False):
     """Ground-truth boundary pixels of a label map.
 
@@ -262,7 +259,6 @@ def _squared_distance(mask, radius: float):
     return big - best
 
 
-@deprecated_arguments(positional=("radius",))
 def within_distance(mask, *, radius):
     """Pixels within Euclidean distance ``radius`` of a True pixel of ``mask``.
 
@@ -301,7 +297,6 @@ def _check_widths(widths) -> tuple[float, ...]:
     return widths
 
 
-@deprecated_arguments(positional=("widths", "ignore_index"))
 def trimap_counts(pred, labels, *, widths: Sequence[float], ignore_index: int | None = IGNORE_INDEX,
                   void_boundaries: bool = False):
     """Pixel errors inside bands around the ground-truth boundaries (Bertasius et al., Fig. 5).
@@ -357,7 +352,6 @@ def summarize_trimap(counts):
     return safe_divide(err, tot, jnp.nan)
 
 
-@deprecated_arguments(positional=("widths", "ignore_index"))
 def trimap_error(pred, labels, *, widths: Sequence[float], ignore_index: int | None = IGNORE_INDEX,
                  void_boundaries: bool = False):
     """Error rate inside the trimap band of each width (Bertasius et al., Fig. 5).
@@ -381,7 +375,6 @@ def trimap_error(pred, labels, *, widths: Sequence[float], ignore_index: int | N
                                           void_boundaries=void_boundaries))
 
 
-@deprecated_arguments(positional=("tolerance", "ignore_index"))
 def boundary_counts(pred, labels, *, tolerance: float, ignore_index: int | None = IGNORE_INDEX,
                     void_boundaries: bool = False):
     """Boundary matching counts for the boundary F-score (Bertasius et al., Table 4).
@@ -446,7 +439,6 @@ def summarize_boundary(counts) -> dict:
     return {"precision": precision, "recall": recall, "fscore": fscore}
 
 
-@deprecated_arguments(positional=("tolerance", "ignore_index"))
 def boundary_fscore(pred, labels, *, tolerance: float, ignore_index: int | None = IGNORE_INDEX,
                     void_boundaries: bool = False) -> dict:
     """Boundary precision, recall and F-score of a segmentation (Bertasius et al., Table 4).

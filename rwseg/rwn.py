@@ -22,7 +22,6 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import linsolve, stencil
-from rwseg._deprecation import deprecated_arguments
 from rwseg._numerics import masked_mean
 from rwseg.constants import IGNORE_INDEX
 
@@ -158,7 +157,6 @@ def _pad_channels(x):
     return jnp.pad(x, ((0, 0), (0, 0), (0, extra))) if extra else x
 
 
-@deprecated_arguments(renamed={"steps": "num_steps"})
 def random_walk(
     weights,
     f,
@@ -221,7 +219,6 @@ def random_walk(
         alpha: restart weight of the walk, a scalar (``0 <= alpha < 1`` for the converged
             walk; ``1.0`` with ``num_steps=1`` is the training layer). May be traced.
         num_steps: exact number of steps (Python int), or ``None`` for the converged walk.
-            Formerly ``steps`` (still accepted, with a ``DeprecationWarning``).
         symmetric: promise that W = W^T (selects CG on the symmetric scaling).
         tol: relative residual of the solved system at which the converged walk stops,
             per channel (``||b - A z|| / ||b||``, in the scaled variables for
@@ -301,7 +298,6 @@ def random_walk(
     return (y, info) if return_info else y
 
 
-@deprecated_arguments(positional=("ignore_index",))
 def affinity_loss(weights, labels, offsets, *, ignore_index: int = IGNORE_INDEX) -> jnp.ndarray:
     """Squared error of affinities against ground-truth affinities (paper §3.3).
 

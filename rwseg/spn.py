@@ -57,7 +57,6 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import spn_pallas, stencil
-from rwseg._deprecation import deprecated_arguments
 
 __all__ = ["DIRECTIONS", "direction_offsets", "propagate", "spn", "stabilize", "propagation_matrix"]
 
@@ -303,7 +302,6 @@ def _propagate_stacked_jit(x, gates, directions, implementation, interpret):
     return _unpack(_solve(a, p, implementation, layout.rows, interpret), layout)
 
 
-@deprecated_arguments(positional=("direction", "implementation"))
 def propagate(x, gates, *, direction: str, implementation: str = "auto"):
     """One linear propagation of ``x`` in ``direction`` (paper eq. 1 / eq. 5).
 
@@ -331,7 +329,6 @@ def propagate(x, gates, *, direction: str, implementation: str = "auto"):
     return _propagate_stacked(x, gates[None], (direction,), implementation)[0]
 
 
-@deprecated_arguments(positional=("merge", "implementation"))
 def spn(x, gates, *, merge: str = "max", implementation: str = "auto"):
     """Four-direction SPN layer: propagate in every direction, merge node-wise (paper §3.3).
 
@@ -384,7 +381,6 @@ def stabilize(gates):
     return gates / jnp.maximum(total, jnp.ones((), total.dtype))
 
 
-@deprecated_arguments(positional=("direction", "channel"))
 def propagation_matrix(gates, *, direction: str, channel: int = 0):
     """The dense (H·W, H·W) propagation matrix ``G`` of one channel: ``vec(h) = G vec(x)``.
 

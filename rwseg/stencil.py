@@ -27,7 +27,6 @@ import numpy as np
 from jax.interpreters import ad, batching, mlir
 
 from rwseg import _validate as V
-from rwseg._deprecation import deprecated_arguments
 from rwseg.constants import IGNORE_INDEX
 
 Offset = tuple[int, int]
@@ -57,7 +56,6 @@ __all__ = [
 # --------------------------------------------------------------------------- offsets
 
 
-@deprecated_arguments(positional=("name",))
 def as_offsets(offsets: Iterable[Sequence[int]], *, name: str = "offsets") -> Offsets:
     """Normalise ``offsets`` to a hashable tuple of ``(dy, dx)`` int pairs.
 
@@ -585,7 +583,6 @@ def asymmetry(weights, offsets):
     return jnp.where(jnp.all(jnp.isfinite(wv)), defect, jnp.nan), jnp.max(jnp.abs(wv))
 
 
-@deprecated_arguments(positional=("ignore_index",))
 def label_affinity(labels, offsets, *, ignore_index: int = IGNORE_INDEX):
     """Ground-truth affinities on the stencil (RWN §3.3, dilated affinity §3.1).
 

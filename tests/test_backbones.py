@@ -20,7 +20,7 @@ import torch_resnet
 from rwseg.models.backbones import (ResNet, ResNetEncoder, WeightImportError, build_backbone, load_torch_weights,
                                     read_state_dict)
 from rwseg.models.backbones.resnet import BLOCKS, HEADS, LEVELS, FrozenAffine, FrozenBatchNorm, level_grid, stage_dilations
-from rwseg.models.backbone import upsample
+from rwseg.layers.grid import upsample
 
 SIZE = (33, 37)  # odd and even: torch's symmetric padding, rounded-up sizes
 

@@ -10,6 +10,7 @@ from jax.experimental import checkify
 from jax.test_util import check_grads
 
 from rwseg import rawks
+from rwseg.data import scribbles_from_labels
 
 H, W, L = 7, 8, 3
 
@@ -296,18 +297,18 @@ def test_scribbles_from_labels():
     labels[35:, :3] = 3  # a thin region (3 px): scribbles anyway
     labels[0, 49] = 255
     key = jax.random.key(0)
-    seeds = rawks.scribbles_from_labels(labels, key, density=0.03)
+    seeds = scribbles_from_labels(labels, key, density=0.03)
     assert seeds.shape == labels.shape and seeds.dtype == np.int32
     lab = seeds >= 0
     assert np.all(seeds[lab] == labels[lab])  # seeds lie on their label
     assert set(np.unique(seeds[lab])) == {0, 1, 2, 3}  # at least one stroke per region
     assert 0.01 < lab.mean() < 0.08
-    np.testing.assert_array_equal(seeds, rawks.scribbles_from_labels(labels, key, density=0.03))
-    assert not np.array_equal(seeds, rawks.scribbles_from_labels(labels, jax.random.key(1), density=0.03))
-    dense = rawks.scribbles_from_labels(labels, key, density=0.2)
+    np.testing.assert_array_equal(seeds, scribbles_from_labels(labels, key, density=0.03))
+    assert not np.array_equal(seeds, scribbles_from_labels(labels, jax.random.key(1), density=0.03))
+    dense = scribbles_from_labels(labels, key, density=0.2)
     assert (dense >= 0).sum() > 2 * lab.sum()
     with pytest.raises(ValueError, match="density"):
-        rawks.scribbles_from_labels(labels, key, density=0.0)
+        scribbles_from_labels(labels, key, density=0.0)
     # propagated scribbles recover the dense labels when B is high on the label edges
     edges = np.zeros(labels.shape)
     edges[:-1] += 4.0 * (labels[:-1] != labels[1:])

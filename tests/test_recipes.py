@@ -28,7 +28,7 @@ def test_recipe_loads_passes_the_check_and_builds(method):
         check_config(c, num_devices=devices, num_processes=1)
     # the config builds the model it names (abstractly: no arrays)
     model = nnx.eval_shape(lambda: build_model(c, 21, rngs=nnx.Rngs(0), statistics={
-        "frequencies": np.ones((len(c.dilated.rates), 9), np.float32)} if method == "dilated" else None))
+        "frequencies": np.ones((len(c.dilated.layer.rates), 9), np.float32)} if method == "dilated" else None))
     assert isinstance(model.backbone, ResNet) and len(model.backbone.encoder.layer3) == 23
     assert model.backbone.output_stride == c.model.resnet.output_stride
     smoke = load_config_file(str(RECIPES / f"{method}.py"), "smoke")

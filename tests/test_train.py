@@ -1,5 +1,5 @@
 """Training infrastructure: schedule, metrics log, tables, panels, checkpoints, and the
-``rwseg.train`` / ``rwseg.evaluate`` CLIs end to end on the built-in data."""
+``rwseg train`` / ``rwseg evaluate`` CLIs end to end on the built-in data."""
 
 import json
 import pathlib
@@ -19,7 +19,7 @@ from rwseg.train.evaluate import markdown_table
 from rwseg.train.optim import make_optimizer, make_schedule
 from rwseg.train.panels import colorize, palette, save_panels
 from _train_cli import run_train, subprocess_env
-from rwseg.train.trainer import MetricsWriter
+from rwseg.train.workdir import MetricsWriter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "rwseg" / "configs" / "baseline.py") + ":smoke"
@@ -108,8 +108,8 @@ def test_checkpoints_periodic_best_and_restore(tmp_path):
 
 @pytest.mark.slow
 def test_cli_train_then_evaluate(tmp_path):
-    """`python -m rwseg.train` (smoke) writes config, metrics, checkpoints, table and panels;
-    `python -m rwseg.evaluate` on the workdir reproduces the metrics."""
+    """`python -m rwseg train` (smoke) writes config, metrics, checkpoints, table and panels;
+    `python -m rwseg evaluate` on the workdir reproduces the metrics."""
     workdir = tmp_path / "run"
     env = {"TFDS_DATA_DIR": str(tmp_path / "tfds")}  # private dataset build (pytest-xdist)
     out = run_train(CONFIG, workdir, {"num_steps": 4, "checkpoint_every": 2}, env=env, cwd=ROOT)
@@ -135,7 +135,7 @@ def test_cli_train_then_evaluate(tmp_path):
     assert (workdir / "best" / "4").is_dir()
 
     first = dict(metrics)
-    proc = subprocess.run([sys.executable, "-m", "rwseg.evaluate", "--workdir", str(workdir),
+    proc = subprocess.run([sys.executable, "-m", "rwseg", "evaluate", "--workdir", str(workdir),
                            "--baseline_workdir", str(workdir)],
                           env=subprocess_env(1, env), capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,7 +153,7 @@ def test_cli_rejects_unknown_method(tmp_path):
 
 
 def test_evaluate_needs_a_run(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rwseg.evaluate", "--workdir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "rwseg", "evaluate", "--workdir", str(tmp_path)],
                           env=subprocess_env(1), capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode != 0 and "config.json" in proc.stderr
 
@@ -223,7 +223,7 @@ def test_rawks_propagation_evaluated_on_training_images(tfds_dir):
     import numpy as np
 
     from rwseg import metrics
-    from rwseg.models.backbone import pooled_grid, upsample
+    from rwseg.layers.grid import pooled_grid, upsample
     from rwseg.train.evaluate import eval_batches
     from rwseg.train.state import merge
 
@@ -231,7 +231,7 @@ def test_rawks_propagation_evaluated_on_training_images(tfds_dir):
     for batch in eval_batches(config, train, mesh, scribbles=True):
         images = jnp.asarray(batch["image"])
         p = upsample(model.propagate(images, jnp.asarray(batch["scribbles"])), images.shape[1:3],
-                     pooled_grid(int(config.rawks.downsample)))
+                     pooled_grid(int(config.rawks.layer.downsample)))
         pred = np.asarray(jnp.argmax(p, axis=-1))
         for i in np.flatnonzero(batch["valid"]):
             counts += np.asarray(metrics.boundary_counts(pred[i], batch["label"][i],

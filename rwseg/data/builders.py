@@ -132,33 +132,36 @@ class StanfordConfig(tfds.core.BuilderConfig):
     """Split parameters of Stanford Background; ``fingerprint`` identifies the folder content."""
 
     num_validation: int = 72
+    num_test: int = 143
     split_seed: int = 0
     fingerprint: str = ""
 
     @classmethod
-    def make(cls, *, manual_dir=None, num_validation=72, split_seed=0) -> "StanfordConfig":
+    def make(cls, *, manual_dir=None, num_validation=72, num_test=143, split_seed=0) -> "StanfordConfig":
         """A config whose name encodes the split and a fingerprint of the folder's files.
 
         Args:
             manual_dir: the ``iccv09Data`` folder (``None``: fingerprint ``"default"``).
-            num_validation: the size of the seeded validation split.
-            split_seed: the seed of the split.
+            num_validation: the size of the seeded validation (dev) split.
+            num_test: the size of the seeded test split (reported, never used to choose).
+            split_seed: the seed of the split (:func:`rwseg.data.stanford.split_ids`).
 
         Returns:
-            The config, named e.g. ``seed0_val72_<fingerprint>``.
+            The config, named e.g. ``seed0_val72_test143_<fingerprint>``.
         """
         fp = stanford.fingerprint(manual_dir) if manual_dir is not None else "default"
         return cls(
-            name=f"seed{int(split_seed)}_val{int(num_validation)}_{fp}",
-            description=f"seeded split (seed {split_seed}, {num_validation} validation images)",
+            name=f"seed{int(split_seed)}_val{int(num_validation)}_test{int(num_test)}_{fp}",
+            description=f"seeded split (seed {split_seed}, {num_validation} validation, {num_test} test images)",
             num_validation=int(num_validation),
+            num_test=int(num_test),
             split_seed=int(split_seed),
             fingerprint=fp,
         )
 
 
 class RwsegStanfordBackground(tfds.core.GeneratorBasedBuilder):
-    """Stanford Background (iccv09Data) from ``manual_dir``, with a seeded train/validation split."""
+    """Stanford Background (iccv09Data) from ``manual_dir``, with a seeded train / validation (dev) / test split."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -174,7 +177,8 @@ class RwsegStanfordBackground(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         root = dl_manager.manual_dir
         cfg = self.builder_config
-        splits = stanford.split_ids(stanford.list_ids(root), num_validation=cfg.num_validation, seed=cfg.split_seed)
+        splits = stanford.split_ids(stanford.list_ids(root), num_validation=cfg.num_validation,
+                                   num_test=cfg.num_test, seed=cfg.split_seed)
         return {name: self._generate_examples(root, ids) for name, ids in splits.items()}
 
     def _generate_examples(self, root, ids):

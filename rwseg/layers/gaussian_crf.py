@@ -19,8 +19,8 @@ from flax import nnx
 from rwseg import gcrf as ops
 from rwseg.layers import _inputs as I
 from rwseg.layers.info import exact_steps, solved
-from rwseg.models.common import avg_pool, subsample_labels
-from rwseg.models.device_local import map_examples
+from rwseg.layers.grid import avg_pool, subsample_labels, to_image, to_working_grid
+from rwseg.layers.device_local import map_examples
 
 __all__ = ["GaussianCRF"]
 
@@ -83,7 +83,7 @@ class GaussianCRF(nnx.Module):
             z = self.pairwise(small)
         else:
             I.check_map("features", features, b, self.feature_channels, "feature_channels")
-            feats = I.to_working_grid(features, (h, w), self.downsample, features_grid)
+            feats = to_working_grid(features, (h, w), self.downsample, features_grid)
             z = self.pairwise(jnp.concatenate([feats, small], axis=-1))
         filters = self.filters[...]
         return jax.vmap(lambda zz: ops.pairwise_similarity(zz, filters, self.offsets))(z)
@@ -112,7 +112,7 @@ class GaussianCRF(nnx.Module):
         """
         b, h, w = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         I.check_map("logits", logits, b, self.num_classes, "num_classes")
-        unary = jax.nn.softmax(I.to_working_grid(logits, (h, w), self.downsample, logits_grid), axis=-1)
+        unary = jax.nn.softmax(to_working_grid(logits, (h, w), self.downsample, logits_grid), axis=-1)
         sim = similarity if similarity is not None else self.similarity(image, features, features_grid=features_grid)
         compat = ops.compatibility(self.compat[...])
         if train:
@@ -124,7 +124,7 @@ class GaussianCRF(nnx.Module):
                                                          max_iters=self.max_iters, return_info=True),
                                  unary, sim, shared=(compat,))
             info = solved(si.converged, si.iterations, si.residual, y)
-        y = I.to_image(y, (h, w), self.downsample)
+        y = to_image(y, (h, w), self.downsample)
         return (y, info) if return_info else y
 
     def margin_loss(self, refined, labels):

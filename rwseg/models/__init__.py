@@ -29,7 +29,17 @@ METHODS = {
 
 
 def model_class(method: str):
-    """The model class registered for ``method``."""
+    """The model class registered for a method.
+
+    Args:
+      method: a name of :data:`METHODS`.
+
+    Returns:
+      The :class:`rwseg.models.base.Segmenter` subclass (imported on first use).
+
+    Raises:
+      ValueError: ``method`` is not registered (the message names ``config.method``).
+    """
     if method not in METHODS:
         raise ValueError(f"config.method: expected one of {sorted(METHODS)}, got {method!r}")
     module, name = METHODS[method].split(":")
@@ -37,14 +47,36 @@ def model_class(method: str):
 
 
 def dataset_statistics(config, label_maps) -> dict:
-    """Constants computed from training label maps (B, H, W) int; {} for most methods."""
+    """Constants a method needs from training label maps, computed before the model is built.
+
+    Args:
+      config: a training config (``config.method`` picks the model class).
+      label_maps: (B, H, W) int training labels.
+
+    Returns:
+      The model class's ``dataset_statistics(config, label_maps)`` (dilated:
+      ``{"frequencies": (|R|, 9)}``), ``{}`` for methods without any.
+    """
     cls = model_class(config.method)
     fn = getattr(cls, "dataset_statistics", None)
     return dict(fn(config, label_maps)) if fn is not None else {}
 
 
 def build_model(config, num_classes: int, *, rngs: nnx.Rngs, statistics: dict | None = None):
-    """Instantiate the model of ``config.method`` with freshly initialised parameters."""
+    """Instantiate the model of ``config.method`` with freshly initialised parameters.
+
+    Args:
+      config: a training config (``config.model``, ``config.<method>``).
+      num_classes: K, channels of the logits.
+      rngs: parameter initialisation.
+      statistics: the :func:`dataset_statistics` of a method that needs them.
+
+    Returns:
+      The model (an ``nnx.Module``, :class:`rwseg.models.base.Segmenter`).
+
+    Raises:
+      ValueError: the method needs statistics and none are given.
+    """
     cls = model_class(config.method)
     if getattr(cls, "dataset_statistics", None) is not None:
         if statistics is None:

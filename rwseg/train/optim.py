@@ -20,12 +20,22 @@ __all__ = ["make_schedule", "make_optimizer"]
 
 
 def make_schedule(opt_config, num_steps: int):
+    """Linear warmup to ``learning_rate``, then cosine or poly decay to ``learning_rate * end_factor``.
+
+    Args:
+      opt_config: ``config.optimizer`` (``learning_rate``, ``warmup_steps``, ``end_factor``,
+        ``schedule``, ``power``).
+      num_steps: the run's steps (the decay ends there).
+
+    Returns:
+      An optax schedule, step -> learning rate.
+    """
     lr = float(opt_config.learning_rate)
     warmup = max(0, min(int(opt_config.warmup_steps), num_steps - 1))
-    kind = opt_config.get("schedule", "cosine")
+    kind = opt_config.schedule
     if kind == "poly":
         end = lr * float(opt_config.end_factor)
-        decay = optax.polynomial_schedule(init_value=lr, end_value=end, power=float(opt_config.get("power", 0.9)),
+        decay = optax.polynomial_schedule(init_value=lr, end_value=end, power=float(opt_config.power),
                                           transition_steps=max(num_steps - warmup, 1))
         if not warmup:
             return decay
@@ -38,7 +48,17 @@ def make_schedule(opt_config, num_steps: int):
 
 
 def make_optimizer(opt_config, num_steps: int):
-    """-> (optax.GradientTransformation, schedule)."""
+    """The optimiser of ``config.optimizer``: AdamW or SGD with momentum (decoupled weight
+    decay), gradient clipping (``grad_clip_norm > 0``) and skipping of non-finite updates
+    (``max_nonfinite_skips > 0``).
+
+    Args:
+      opt_config: ``config.optimizer``.
+      num_steps: the run's steps.
+
+    Returns:
+      ``(optax.GradientTransformation, schedule)``.
+    """
     schedule = make_schedule(opt_config, num_steps)
     name = opt_config.name
     if name == "adamw":
@@ -50,7 +70,7 @@ def make_optimizer(opt_config, num_steps: int):
         raise ValueError(f"config.optimizer.name: expected 'adamw' or 'sgd', got {name!r}")
     if float(opt_config.grad_clip_norm) > 0:
         tx = optax.chain(optax.clip_by_global_norm(float(opt_config.grad_clip_norm)), tx)
-    skip = int(opt_config.get("max_nonfinite_skips", 0))
+    skip = int(opt_config.max_nonfinite_skips)
     if skip > 0:  # drop updates whose gradient has a NaN/inf (at most `skip` in a row)
         tx = optax.apply_if_finite(tx, max_consecutive_errors=skip)
     return tx, schedule

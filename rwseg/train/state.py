@@ -2,7 +2,7 @@
 
 The train state is a plain pytree ``{"params", "opt_state"[, "stats"]}`` of arrays
 (``nnx.split`` of the model into its graph definition, its ``nnx.Param`` leaves and
-its constant :class:`rwseg.models.base.Statistic` leaves, as pure dicts). The step
+its constant :class:`rwseg.layers.statistic.Statistic` leaves, as pure dicts). The step
 merges the model inside the traced function (``nnx.merge``), so it is a pure
 ``(state, batch, step) -> (state, metrics)`` function that ``jax.jit`` compiles once
 for a mesh; optax updates the params directly.
@@ -19,8 +19,8 @@ from flax import nnx
 
 from rwseg import data
 from rwseg.models import build_model, dataset_statistics, model_class
-from rwseg.models.base import Statistic
-from rwseg.models.device_local import batch_axis
+from rwseg.layers.device_local import batch_axis
+from rwseg.layers.statistic import Statistic
 from rwseg.train import parallel
 from rwseg.train.init_from import SUBTREE, freeze_subtrees, scale_method_updates
 from rwseg.train.optim import make_optimizer
@@ -30,7 +30,15 @@ __all__ = ["Setup", "create", "source_kwargs", "augmentation_kwargs", "training_
 
 
 def source_kwargs(config) -> dict:
-    """data_dir / manual_dir for ``rwseg.data.load_source`` ("" = default)."""
+    """data_dir / manual_dir for ``rwseg.data.load_source`` ("" = default).
+
+    Args:
+      config: a training config.
+
+    Returns:
+      The keyword arguments of :func:`rwseg.data.load_source` (the built-in dataset's
+      ``num_train``, ``num_validation``, ``image_size`` too).
+    """
     kw = {}
     if config.data.data_dir:
         kw["data_dir"] = config.data.data_dir
@@ -44,13 +52,18 @@ def source_kwargs(config) -> dict:
 
 
 def augmentation_kwargs(config) -> dict:
-    """Training augmentation of ``rwseg.data.make_batches`` from ``config.data`` (defaults for
-    configs written before these keys): ``scale_range`` ((1, 1) = no scaling), ``flip``,
-    ``color_jitter`` (brightness, contrast, saturation)."""
+    """Training augmentation of :func:`rwseg.data.make_batches` from ``config.data``.
+
+    Args:
+      config: a training config.
+
+    Returns:
+      ``{"scale_range": (lo, hi), "flip": bool, "color_jitter": (brightness, contrast,
+      saturation)}`` (``(1, 1)`` = no scaling).
+    """
     d = config.data
-    return {"scale_range": tuple(float(v) for v in d.get("scale_range", (0.75, 1.25))),
-            "flip": bool(d.get("flip", True)),
-            "color_jitter": tuple(float(v) for v in d.get("color_jitter", (0.0, 0.0, 0.0)))}
+    return {"scale_range": tuple(float(v) for v in d.scale_range), "flip": bool(d.flip),
+            "color_jitter": tuple(float(v) for v in d.color_jitter)}
 
 
 def training_batches(config, source, mesh, *, start_step: int = 0, num_steps: int):
@@ -79,7 +92,15 @@ def training_batches(config, source, mesh, *, start_step: int = 0, num_steps: in
 
 
 def compute_statistics(config, source) -> dict:
-    """Dataset constants the method needs (``{}`` for most), from a few training batches."""
+    """Dataset constants the method needs (``{}`` for most), from a few training batches.
+
+    Args:
+      config: a training config (``config.statistics_batches`` batches, seed ``config.seed + 1``).
+      source: the training split.
+
+    Returns:
+      :func:`rwseg.models.dataset_statistics` of their labels.
+    """
     if getattr(model_class(config.method), "dataset_statistics", None) is None:
         return {}
     batches = data.make_batches(source, batch_size=config.batch_size, crop_size=config.data.crop_size,
@@ -110,6 +131,16 @@ def create(config, num_classes: int, statistics: dict, *, pretrained: bool = Tru
     dispatches) with an ``rbg`` PRNG key; the graph definition comes from
     ``nnx.eval_shape`` (no arrays). The same config gives the same parameters on every
     process and device count (the init is not sharded).
+
+    Args:
+      config: a training config.
+      num_classes: K.
+      statistics: :func:`compute_statistics`.
+
+    Returns:
+      The :class:`Setup`: graph definition, initial state ``{"params", "opt_state"[, "stats"]}``
+      (frozen parts and the method's learning-rate multiplier applied to the optimiser),
+      optimiser, schedule, K.
     """
 
     def build():
@@ -121,10 +152,10 @@ def create(config, num_classes: int, statistics: dict, *, pretrained: bool = Tru
     graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, Statistic)[0]
     tx, schedule = make_optimizer(config.optimizer, int(config.num_steps))
     # rwseg.train.init_from: zero updates for params["backbone"] and/or the method's own layers
-    frozen_backbone, frozen_method = bool(config.get("freeze_backbone", False)), bool(config.get("freeze_method", False))
+    frozen_backbone, frozen_method = bool(config.freeze_backbone), bool(config.freeze_method)
     if frozen_backbone or frozen_method:
         tx = freeze_subtrees(tx, lambda name: frozen_backbone if name == SUBTREE else frozen_method)
-    if float(config.optimizer.get("method_lr_mult", 1.0)) != 1.0:  # a larger rate for the method's new layers
+    if float(config.optimizer.method_lr_mult) != 1.0:  # a larger rate for the method's new layers
         tx = scale_method_updates(tx, config.optimizer.method_lr_mult)
 
     @jax.jit
@@ -134,7 +165,7 @@ def create(config, num_classes: int, statistics: dict, *, pretrained: bool = Tru
         return params, tx.init(params), nnx.to_pure_dict(stats)
 
     params, opt_state, stats = init()
-    if pretrained and config.model.get("pretrained", ""):  # a torchvision/timm ResNet checkpoint into the encoder
+    if pretrained and config.model.pretrained:  # a torchvision/timm ResNet checkpoint into the encoder
         params, stats = load_pretrained(graphdef, params, stats, config.model.pretrained)
         opt_state = jax.jit(tx.init)(params)
     state = {"params": params, "opt_state": opt_state}
@@ -144,8 +175,19 @@ def create(config, num_classes: int, statistics: dict, *, pretrained: bool = Tru
 
 
 def load_pretrained(graphdef, params: dict, stats: dict, path: str) -> tuple[dict, dict]:
-    """(params, stats) with the ResNet encoder's arrays from the checkpoint ``path``
-    (:func:`rwseg.models.backbones.load_torch_weights`; its report is printed)."""
+    """The state with the ResNet encoder's arrays from a torchvision / timm checkpoint.
+
+    Loads with :func:`rwseg.models.backbones.load_torch_weights` and prints its report.
+
+    Args:
+      graphdef: the model's graph definition (of :func:`create`).
+      params: the pure ``nnx.Param`` dict.
+      stats: the pure ``Statistic`` dict (the frozen BatchNorm affines among them).
+      path: a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` checkpoint.
+
+    Returns:
+      ``(params, stats)``: new pure dicts, the encoder's entries replaced.
+    """
     from rwseg.models.backbones import load_torch_weights
 
     model = nnx.merge(graphdef, params, stats)
@@ -156,7 +198,15 @@ def load_pretrained(graphdef, params: dict, stats: dict, path: str) -> tuple[dic
 
 
 def merge(graphdef, state):
-    """The NNX model of a train state (inside or outside ``jit``)."""
+    """The NNX model of a train state (inside or outside ``jit``).
+
+    Args:
+      graphdef: the model's graph definition.
+      state: a train state (``params`` and, for a model with statistics, ``stats``).
+
+    Returns:
+      The model (``nnx.Module``).
+    """
     if "stats" in state:
         return nnx.merge(graphdef, state["params"], state["stats"])
     return nnx.merge(graphdef, state["params"])
@@ -167,9 +217,16 @@ def make_train_step(setup: Setup, mesh):
 
     batch arrays are sharded along ``"data"``, the state is replicated; the loss is the
     mean over the global batch, so the result does not depend on the device count.
-    The model is traced under :func:`rwseg.models.device_local.batch_axis`: its
+    The model is traced under :func:`rwseg.layers.device_local.batch_axis`: its
     per-example solvers run device-local (``jax.shard_map``), so no solver loop waits on
     the other devices; ``jax.jit`` inserts the gradient all-reduce outside them.
+
+    Args:
+      setup: the :class:`Setup` of :func:`create`.
+      mesh: the device mesh.
+
+    Returns:
+      The jitted step; ``metrics`` holds the loss, its terms, ``grad_norm`` and ``learning_rate``.
     """
     graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
 

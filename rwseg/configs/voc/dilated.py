@@ -10,7 +10,7 @@ from rwseg.configs.voc import deeplab_v3plus
 
 def get_config(arg=None):
     c = deeplab_v3plus(method_config("dilated"))
-    c.dilated.rates = (8, (12, 24), 16)
-    c.dilated.decoder_width = 64
-    c.dilated.decoder_depth = 1
+    c.dilated.layer.rates = (8, (12, 24), 16)
+    c.dilated.layer.decoder_width = 64
+    c.dilated.layer.decoder_depth = 1
     return common.finalize(c, arg)

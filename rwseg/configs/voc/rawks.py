@@ -11,6 +11,6 @@ from rwseg.configs.voc import deeplab_v2
 
 def get_config(arg=None):
     c = deeplab_v2(method_config("rawks"))
-    c.rawks.width = 32
-    c.rawks.downsample = 4
+    c.rawks.layer.boundary_channels = 32
+    c.rawks.layer.downsample = 4
     return common.finalize(c, arg)

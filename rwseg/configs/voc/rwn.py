@@ -10,7 +10,7 @@ from rwseg.configs.voc import deeplab_v2
 
 def get_config(arg=None):
     c = deeplab_v2(method_config("rwn"))
-    c.rwn.walk_downsample = 4
-    c.rwn.train_radius = 10
-    c.rwn.eval_radius = 2
+    c.rwn.layer.downsample = 4
+    c.rwn.layer.train_radius = 10
+    c.rwn.layer.eval_radius = 2
     return common.finalize(c, arg)

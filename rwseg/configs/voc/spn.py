@@ -12,8 +12,8 @@ from rwseg.configs.voc import deeplab_v2
 
 def get_config(arg=None):
     c = deeplab_v2(method_config("spn"))
-    c.spn.width = 32
-    c.spn.depth = 3
-    c.spn.downsample = 4
+    c.spn.layer.guidance_channels = 32
+    c.spn.layer.guidance_depth = 3
+    c.spn.layer.downsample = 4
     c.spn.guidance_input = "image,stem"
     return common.finalize(c, arg)

@@ -27,19 +27,21 @@ import pathlib
 
 from flax import nnx
 
+from rwseg.models.backbone import Backbone
 from rwseg.models.backbones.resnet import BLOCKS, HEADS, OUTPUT_STRIDES, ResNet, ResNetEncoder, level_grid
 from rwseg.models.backbones.weights import (ImportReport, WeightImportError, load_torch_weights,
                                             read_state_dict)
 
-__all__ = ["BACKBONES", "RESNET_SECTION", "build_backbone", "resnet_kwargs", "check_model_config", "ResNet",
+__all__ = ["BACKBONES", "RESNET_SECTION", "build_backbone", "backbone_channels", "resnet_kwargs", "check_model_config", "ResNet",
            "ResNetEncoder", "level_grid", "load_torch_weights", "read_state_dict", "ImportReport",
            "WeightImportError", "CHECKPOINT_SUFFIXES"]
 
 BACKBONES = {"compact": None, "resnet50": 50, "resnet101": 101}  # name -> ResNet depth
 RESNET_SECTION = "resnet"  # config.model.resnet: ResNet's constructor arguments
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-# ResNet's arguments a config may set (num_classes: the dataset's; depth: the backbone's name)
-_FIXED = ("num_classes", "depth", "rngs")
+# ResNet's arguments a config may set (num_classes: the dataset's; depth: the backbone's name;
+# in_channels: the model's images)
+_FIXED = ("num_classes", "depth", "in_channels", "rngs")
 
 
 def _resnet_options() -> tuple[str, ...]:
@@ -59,8 +61,8 @@ def resnet_kwargs(model_config) -> dict:
     Raises:
       ValueError: naming an unknown ``config.model.resnet`` key.
     """
-    name = model_config.get("backbone", "compact")
-    section = dict(model_config.get(RESNET_SECTION, None) or {})
+    name = model_config.backbone
+    section = dict(model_config.get(RESNET_SECTION, None) or {})  # an optional section
     unknown = sorted(set(section) - set(_resnet_options()))
     if unknown:
         raise ValueError(f"config.model.{RESNET_SECTION}: unknown keys {unknown} (ResNet's arguments: "
@@ -69,12 +71,13 @@ def resnet_kwargs(model_config) -> dict:
     return {"depth": BACKBONES[name], **kw}
 
 
-def build_backbone(model_config, num_classes: int, *, rngs: nnx.Rngs):
+def build_backbone(model_config, num_classes: int, *, in_channels: int = 3, rngs: nnx.Rngs):
     """The backbone ``config.model`` selects, freshly initialised.
 
     Args:
       model_config: ``config.model`` (see the module docstring).
       num_classes: logits channels.
+      in_channels: channels of the images (the model's, not a config key).
       rngs: the initialisers' keys.
 
     Returns:
@@ -83,16 +86,43 @@ def build_backbone(model_config, num_classes: int, *, rngs: nnx.Rngs):
     Raises:
       ValueError: an unknown ``config.model.backbone`` or ``config.model.resnet`` key.
     """
-    name = model_config.get("backbone", "compact")
+    name = model_config.backbone
     if name not in BACKBONES:
         raise ValueError(f"config.model.backbone: expected one of {sorted(BACKBONES)}, got {name!r}")
     if name == "compact":
-        from rwseg.models.backbone import Backbone
-
         m = model_config
         return Backbone(num_classes, width=m.width, depth=m.depth, aspp_rates=tuple(m.aspp_rates),
-                        features=m.features, norm=m.norm, rngs=rngs)
-    return ResNet(num_classes, **resnet_kwargs(model_config), rngs=rngs)
+                        features=m.features, norm=m.norm, in_channels=in_channels, rngs=rngs)
+    return ResNet(num_classes, **resnet_kwargs(model_config), in_channels=in_channels, rngs=rngs)
+
+
+def backbone_channels(model_config) -> tuple[int, int]:
+    """The channels of the backbone ``config.model`` selects, without building it.
+
+    The refinement layers' channel arguments (``SUPPLIED`` of the models) come from here;
+    :class:`rwseg.models.base.Segmenter` checks them against the built backbone's
+    ``stem_channels`` / ``num_features``.
+
+    Args:
+      model_config: ``config.model`` (see the module docstring).
+
+    Returns:
+      ``(stem_channels, num_features)``: channels of the backbone's ``stem`` and ``features``.
+
+    Raises:
+      ValueError: an unknown ``config.model.backbone`` or ``config.model.resnet`` key.
+    """
+    name = model_config.backbone
+    if name not in BACKBONES:
+        raise ValueError(f"config.model.backbone: expected one of {sorted(BACKBONES)}, got {name!r}")
+    if name == "compact":
+        return int(model_config.width), int(model_config.features)
+    kw = resnet_kwargs(model_config)
+    defaults = {n: p.default for n, p in inspect.signature(ResNet.__init__).parameters.items()}
+    get = lambda n: kw.get(n, defaults[n])  # noqa: E731
+    # the encoder ends on layer4: 512 planes x the bottleneck's expansion 4; ASPP-v2 sums its
+    # branches' logits and exposes layer4 as the features, the other heads their own width
+    return ResNet.STEM_CHANNELS, (ResNetEncoder.OUT_CHANNELS if get("head") == "aspp" else int(get("head_channels")))
 
 
 def _int(v, lo):
@@ -117,10 +147,15 @@ def check_model_config(config) -> list[str]:
     model = config.get("model", None)
     if model is None:
         return errors
-    name = model.get("backbone", "compact")
+    missing = [f"config.model.{k}: missing (expected {d})" for k, d in
+               (("backbone", "one of " + ", ".join(repr(b) for b in BACKBONES)), ("pretrained", "a path or ''"))
+               if k not in model]
+    if missing:
+        return missing
+    name = model.backbone
     if name not in BACKBONES:
         return [f"config.model.backbone: expected one of {', '.join(repr(b) for b in BACKBONES)}, got {name!r}"]
-    pretrained = model.get("pretrained", "")
+    pretrained = model.pretrained
     if not isinstance(pretrained, str):
         errors.append(f"config.model.pretrained: expected a path (a string), got {pretrained!r}")
     elif pretrained:

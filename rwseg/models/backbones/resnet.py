@@ -14,7 +14,7 @@ names: ``encoder.conv1``, ``encoder.bn1``, ``encoder.layer3[5].conv2``,
 * **Frozen BatchNorm**: each BatchNorm is a fixed per-channel affine ``x * scale + bias``
   (``scale = gamma / sqrt(var + eps)``, ``bias = beta - mean * scale`` from the checkpoint's
   running statistics), stored as :class:`FrozenAffine` variables (a
-  :class:`rwseg.models.base.Statistic`: checkpointed, never trained, no batch statistics),
+  :class:`rwseg.layers.statistic.Statistic`: checkpointed, never trained, no batch statistics),
   so the train step stays a pure function of (params, batch) whatever the per-device
   batch. Freshly built, the affine is the identity (``scale = 1``, ``bias = 0``): the
   backbones are meant to start from a pretrained checkpoint.
@@ -52,8 +52,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rwseg.models.backbone import ConvBlock, Grid, upsample
-from rwseg.models.base import Statistic
+from rwseg.layers.convs import ConvBlock
+from rwseg.layers.grid import Grid, upsample
+from rwseg.layers.statistic import Statistic
 
 __all__ = ["FrozenAffine", "FrozenBatchNorm", "Bottleneck", "ResNetEncoder", "ResNet", "BLOCKS", "HEADS",
            "OUTPUT_STRIDES", "LEVELS", "level_grid", "stage_dilations"]
@@ -185,6 +186,8 @@ class ResNetEncoder(nnx.Module):
     "layer4": 2048 channels}`` (sizes rounded up), on the grids of :func:`level_grid`.
     """
 
+    OUT_CHANNELS = 64 * 2 ** 3 * EXPANSION  # layer4: 512 planes x the bottleneck's expansion
+
     def __init__(self, blocks: Sequence[int], *, output_stride: int = 8, in_channels: int = 3, rngs: nnx.Rngs):
         blocks = tuple(int(b) for b in blocks)
         if len(blocks) != 4 or min(blocks) < 1:
@@ -201,6 +204,7 @@ class ResNetEncoder(nnx.Module):
             setattr(self, f"layer{i + 1}", nnx.List(stage))
             cin = planes * EXPANSION
         self.out_channels = cin
+        assert cin == self.OUT_CHANNELS, (cin, self.OUT_CHANNELS)
 
     def __call__(self, images):
         x = jax.nn.relu(self.bn1(self.conv1(images)))
@@ -292,6 +296,8 @@ class ResNet(nnx.Module):
       ``conv1`` .. ``layer4``: the encoder levels (:class:`ResNetEncoder`), on :func:`level_grid`.
     """
 
+    STEM_CHANNELS = 64  # conv1's channels: the ``stem`` features
+
     def __init__(self, num_classes: int, *, depth: int = 101, output_stride: int = 8, head: str = "aspp",
                  aspp_rates: Sequence[int] = (6, 12, 18, 24), head_channels: int = 256,
                  low_level_channels: int = 48, head_norm: str = "group", blocks: Sequence[int] | None = None,
@@ -317,7 +323,7 @@ class ResNet(nnx.Module):
                                        head_norm, int(output_stride), rngs=rngs)
             self.num_features = int(head_channels)
         self.head_name, self.output_stride = head, int(output_stride)
-        self.num_classes, self.stem_channels = num_classes, 64
+        self.num_classes, self.stem_channels = num_classes, self.STEM_CHANNELS
 
     def grid(self, size_hw) -> tuple[Grid, Grid]:
         """(rows, cols) :class:`Grid` of ``features`` / ``logits`` (any image size ``size_hw``):

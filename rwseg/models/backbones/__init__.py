@@ -5,7 +5,8 @@
 * ``"resnet50"`` / ``"resnet101"`` — DeepLab-ResNets (:class:`rwseg.models.backbones.resnet.ResNet`
   with ``depth`` 50 / 101), built from the section ``config.model.resnet``, which holds
   ResNet's constructor arguments under their names (every one but ``num_classes``, given by
-  the dataset, and ``depth``, given by the backbone's name); absent ones take the
+  the dataset, ``depth``, given by the backbone's name, and ``in_channels``, the model's
+  images); absent ones take the
   constructor's defaults::
 
       config.model.backbone = "resnet101"

@@ -4,6 +4,8 @@
 * :class:`RwsegStanfordBackground` — Stanford Background from a local ``iccv09Data`` folder.
 * :class:`RwsegVoc2012Segmentation` — PASCAL VOC 2012 segmentation masks (TFDS's own
   ``voc/2012`` has boxes only) from a local ``VOCdevkit`` folder.
+* :class:`RwsegVoc2012Aug` — VOC 2012 + SBD (train_aug / VOC val) from a local folder
+  holding a ``VOCdevkit`` and SBD's ``benchmark_RELEASE`` (:mod:`rwseg.data.sbd`).
 
 All three store ``{"image": PNG/JPEG bytes (H, W, 3), "label": uint8 (H, W) ZLIB tensor
 (255 = ignore), "id": text}`` with ``disable_shuffling=True``, so record ``i`` of a split
@@ -27,7 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from rwseg.data import stanford, synthetic, voc
+from rwseg.data import sbd, stanford, synthetic, voc
 
 _ARRAY_RECORD = "array_record"
 
@@ -222,4 +224,39 @@ class RwsegVoc2012Segmentation(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, root, ids):
         for example_id in ids:
             ex = voc.read_example(root, example_id)
+            yield example_id, {"image": _rgb_bytes(ex), "label": ex["label"], "id": example_id}
+
+
+# ----------------------------------------------------------------------------- voc + sbd
+
+
+class RwsegVoc2012Aug(tfds.core.GeneratorBasedBuilder):
+    """PASCAL VOC 2012 + SBD: ``train`` = train_aug (10,582 images), ``validation`` = VOC val (1,449).
+
+    ``manual_dir`` holds both datasets: a VOC2012 folder (or ``VOCdevkit/VOC2012``, see
+    :func:`rwseg.data.voc.find_root`) and SBD's ``benchmark_RELEASE/dataset`` (see
+    :func:`rwseg.data.sbd.find_root`); nothing is downloaded.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Put VOCtrainval_11-May-2012.tar (extracted: VOCdevkit/VOC2012) and SBD's benchmark.tgz "
+        "(extracted: benchmark_RELEASE/dataset) in one folder and pass it as manual_dir."
+    )
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, description=sbd.__doc__, features=_features("jpeg"),
+                                     homepage="http://home.bharathh.info/pubs/codes/SBD/download.html",
+                                     disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        root = dl_manager.manual_dir
+        voc_root, sbd_root = voc.find_root(root), sbd.find_root(root)
+        return {"train": self._generate_examples(voc_root, sbd_root, sbd.train_aug_ids(voc_root, sbd_root)),
+                "validation": self._generate_examples(voc_root, sbd_root, voc.split_ids(voc_root, "validation"))}
+
+    def _generate_examples(self, voc_root, sbd_root, ids):
+        for example_id in ids:
+            ex = sbd.read_example(voc_root, sbd_root, example_id)
             yield example_id, {"image": _rgb_bytes(ex), "label": ex["label"], "id": example_id}

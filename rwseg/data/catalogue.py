@@ -5,6 +5,7 @@
 | ``synthetic`` | generated from a seed (``rwseg.data.synthetic``) | 6 | generated |
 | ``stanford_background`` | local ``iccv09Data`` folder (``manual_dir``) | 8 | seeded split, and a seeded ``test`` split |
 | ``voc2012`` | local ``VOCdevkit`` (``manual_dir``) or download | 21 | ``val.txt`` |
+| ``voc2012_aug`` | local ``VOCdevkit`` + SBD ``benchmark_RELEASE`` (``manual_dir``); train = train_aug | 21 | ``val.txt`` |
 | ``oxford_iiit_pet`` | TFDS catalogue ``oxford_iiit_pet`` | 2 | TFDS ``test`` |
 
 Every source item is ``{"image": uint8 (H, W, 3), "label": int32 (H, W)}`` with
@@ -26,7 +27,7 @@ import pathlib
 
 import numpy as np
 
-from rwseg.data import stanford, synthetic, voc
+from rwseg.data import sbd, stanford, synthetic, voc
 from rwseg.data.constants import IGNORE_INDEX
 
 try:  # POSIX: serialises dataset builds across processes (_prepare_lock)
@@ -76,6 +77,7 @@ _INFOS = {
     "synthetic": DatasetInfo("synthetic", synthetic.NUM_CLASSES, synthetic.CLASS_NAMES),
     "stanford_background": DatasetInfo("stanford_background", stanford.NUM_CLASSES, stanford.CLASS_NAMES),
     "voc2012": DatasetInfo("voc2012", voc.NUM_CLASSES, voc.CLASS_NAMES),
+    "voc2012_aug": DatasetInfo("voc2012_aug", voc.NUM_CLASSES, voc.CLASS_NAMES),
     "oxford_iiit_pet": DatasetInfo("oxford_iiit_pet", len(PET_CLASS_NAMES), PET_CLASS_NAMES),
 }
 NAMES = tuple(_INFOS)
@@ -260,7 +262,8 @@ def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **buil
       data_dir: TFDS data dir (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``);
         the built ``array_record`` files are cached there per builder config.
       manual_dir: folder with the raw data for ``stanford_background`` (default
-        ``$RWSEG_STANFORD_DIR``) and ``voc2012``.
+        ``$RWSEG_STANFORD_DIR``), ``voc2012`` and ``voc2012_aug`` (VOCdevkit and SBD's
+        benchmark_RELEASE side by side).
       **builder_kwargs: ``synthetic``: ``num_train=256, num_validation=64,
         image_size=(64, 64), seed=0``; ``stanford_background``: ``num_validation=72,
         num_test=143, split_seed=0``.
@@ -309,6 +312,14 @@ def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **buil
     elif name == "voc2012":
         _check_kwargs(name, builder_kwargs, ())
         builder = _prepared(lambda: builders.RwsegVoc2012Segmentation(**kw), manual_dir)
+        adapter = _adapt_rwseg
+    elif name == "voc2012_aug":
+        _check_kwargs(name, builder_kwargs, ())
+        if manual_dir is None:
+            raise ValueError("manual_dir: voc2012_aug needs a folder holding VOCdevkit/ and SBD's "
+                             "benchmark_RELEASE/, got None")
+        voc.find_root(manual_dir), sbd.find_root(manual_dir)  # clear errors before TFDS starts
+        builder = _prepared(lambda: builders.RwsegVoc2012Aug(**kw), manual_dir)
         adapter = _adapt_rwseg
     else:  # oxford_iiit_pet
         _check_kwargs(name, builder_kwargs, ())

@@ -27,12 +27,37 @@ from flax import nnx
 
 from rwseg.layers.grid import upsample
 from rwseg.layers.info import solved
-from rwseg.models.backbone import Backbone
+from rwseg.models.backbones import backbone_channels, build_backbone
 from rwseg.models.common import cross_entropy
 
-__all__ = ["IMAGE_CHANNELS", "Segmenter", "Baseline", "solver_stats", "no_solves"]
+__all__ = ["IMAGE_CHANNELS", "stem_channels", "feature_channels", "Segmenter", "Baseline", "solver_stats", "no_solves"]
 
 IMAGE_CHANNELS = 3  # the models' input images are RGB (rwseg.data)
+
+
+def stem_channels(config) -> int:
+    """Channels of the backbone's full-resolution ``stem`` features (any ``config.model.backbone``).
+
+    Args:
+      config: a training config.
+
+    Returns:
+      ``config.model.width`` on the compact backbone, 64 (conv1) on a ResNet.
+    """
+    return backbone_channels(config.model)[0]
+
+
+def feature_channels(config) -> int:
+    """Channels of the backbone's ``features`` (any ``config.model.backbone``).
+
+    Args:
+      config: a training config.
+
+    Returns:
+      ``config.model.features`` on the compact backbone; a ResNet's head width (layer4's
+      2048 with the ASPP-v2 head).
+    """
+    return backbone_channels(config.model)[1]
 
 
 def solver_stats(converged, *outputs) -> dict:
@@ -69,7 +94,8 @@ def no_solves(batch_size: int) -> dict:
 
 
 class Segmenter(nnx.Module):
-    """Base class: owns the backbone built from ``config.model``.
+    """Base class: owns the backbone built from ``config.model``
+    (:func:`rwseg.models.backbones.build_backbone`, by ``config.model.backbone``).
 
     A method's model adds one refinement layer, ``self.refinement``, of the class ``LAYER``
     (of :mod:`rwseg.layers`), built as ``LAYER(num_classes, **config.<method>.layer,
@@ -79,9 +105,11 @@ class Segmenter(nnx.Module):
     dataset statistics (``STATISTICS``, from the model's ``dataset_statistics``).
 
     Args:
-      config: a training config (``config.model``: ``width``, ``depth``, ``aspp_rates``,
-        ``features``, ``norm`` of :class:`rwseg.models.backbone.Backbone`; the method's
-        ``config.<method>``).
+      config: a training config (``config.model``: ``backbone``, then ``width``, ``depth``,
+        ``aspp_rates``, ``features``, ``norm`` of :class:`rwseg.models.backbone.Backbone` or the
+        section ``resnet`` of :class:`rwseg.models.backbones.ResNet`; the method's
+        ``config.<method>``). The layer's channel arguments follow the backbone's
+        ``stem_channels`` / ``num_features`` (:func:`stem_channels`, :func:`feature_channels`).
       num_classes: K, channels of the logits.
       rngs: parameter initialisation.
       statistics: the dataset statistics the layer takes (``STATISTICS``), else ``None``.
@@ -104,10 +132,10 @@ class Segmenter(nnx.Module):
         return {name: value(config) for name, value in cls.SUPPLIED.items()}
 
     def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs, statistics: dict | None = None):
-        m = config.model
         self.num_classes = num_classes
-        self.backbone = Backbone(num_classes, width=m.width, depth=m.depth, aspp_rates=tuple(m.aspp_rates),
-                                 features=m.features, norm=m.norm, in_channels=IMAGE_CHANNELS, rngs=rngs)
+        self.backbone = build_backbone(config.model, num_classes, in_channels=IMAGE_CHANNELS, rngs=rngs)
+        built = (self.backbone.stem_channels, self.backbone.num_features)
+        assert built == backbone_channels(config.model), (built, backbone_channels(config.model))
         if self.LAYER is not None:
             self.refinement = self.LAYER(num_classes, **config[config.method].layer, **self.supplied_arguments(config),
                                          **(statistics or {}), rngs=rngs)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from flax import nnx
 
 from rwseg.layers import DilatedAffinity
-from rwseg.models.base import Segmenter, no_solves
+from rwseg.models.base import Segmenter, feature_channels, no_solves, stem_channels
 from rwseg.constants import IGNORE_INDEX
 from rwseg.models.common import cross_entropy
 
@@ -37,9 +37,9 @@ class DilatedAffinityModel(Segmenter):
     """
 
     LAYER = DilatedAffinity
-    SUPPLIED = {"feature_channels": lambda config: int(config.model.features),
+    SUPPLIED = {"feature_channels": feature_channels,
                 "norm": lambda config: config.model.norm,
-                "low_level_channels": lambda config: int(config.model.width) if config.dilated.use_stem else 0}
+                "low_level_channels": lambda config: stem_channels(config) if config.dilated.use_stem else 0}
     STATISTICS = frozenset({"frequencies"})
 
     def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs, statistics: dict):

@@ -26,7 +26,7 @@ from flax import nnx
 
 from rwseg.layers import GaussianCRF
 from rwseg.layers.grid import to_image, to_working_grid
-from rwseg.models.base import IMAGE_CHANNELS, Segmenter
+from rwseg.models.base import IMAGE_CHANNELS, Segmenter, feature_channels, stem_channels
 from rwseg.models.common import cross_entropy
 
 __all__ = ["GCRFModel"]
@@ -39,7 +39,7 @@ class GCRFModel(Segmenter):
     """
 
     LAYER = GaussianCRF
-    SUPPLIED = {"feature_channels": lambda config: int(config.model.features),
+    SUPPLIED = {"feature_channels": feature_channels,
                 "image_channels": lambda config: IMAGE_CHANNELS}
 
     def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs):

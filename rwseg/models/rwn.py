@@ -22,7 +22,7 @@ from __future__ import annotations
 from flax import nnx
 
 from rwseg.layers import RandomWalkRefinement
-from rwseg.models.base import IMAGE_CHANNELS, Segmenter
+from rwseg.models.base import IMAGE_CHANNELS, Segmenter, feature_channels, stem_channels
 from rwseg.models.common import cross_entropy
 
 __all__ = ["RWNModel"]
@@ -36,7 +36,7 @@ class RWNModel(Segmenter):
     """
 
     LAYER = RandomWalkRefinement
-    SUPPLIED = {"feature_channels": lambda config: int(config.model.width),
+    SUPPLIED = {"feature_channels": stem_channels,
                 "image_channels": lambda config: IMAGE_CHANNELS}
 
     def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs):

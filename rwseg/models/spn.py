@@ -23,7 +23,7 @@ from flax import nnx
 
 from rwseg.layers import SpatialPropagation
 from rwseg.layers.grid import upsample
-from rwseg.models.base import IMAGE_CHANNELS, Segmenter
+from rwseg.models.base import IMAGE_CHANNELS, Segmenter, feature_channels, stem_channels
 from rwseg.models.common import cross_entropy
 
 __all__ = ["SPNModel", "GUIDANCE_INPUTS", "parse_guidance_input", "guidance_channels"]
@@ -59,7 +59,7 @@ def guidance_channels(config) -> int:
     Returns:
       The sum of the channels of the ``guidance_input`` maps.
     """
-    channels = {"image": IMAGE_CHANNELS, "stem": int(config.model.width), "features": int(config.model.features)}
+    channels = {"image": IMAGE_CHANNELS, "stem": stem_channels(config), "features": feature_channels(config)}
     return sum(channels[n] for n in parse_guidance_input(config.spn.guidance_input))
 
 

@@ -185,6 +185,10 @@ COMMON_OPTIONS = {
     "data.flip": _boolean,
     "data.color_jitter": _color_jitter,
     "data.train_labels": _one_of("dense", "scribbles"),
+    "optimizer.schedule": _one_of("cosine", "poly"),
+    "optimizer.power": _number(lo=0, lo_open=True),
+    # config.model.backbone / pretrained / resnet (ResNet's constructor arguments, by its
+    # signature): rwseg.models.backbones.check_model_config
 }
 
 # method -> {option of config.<method> outside its layer section (read by the model or its loss): check}
@@ -265,6 +269,7 @@ HARMLESS_KEYS = frozenset({
     "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_at_end",
     "eval_batch_size", "eval_batches", "num_panels", "trimap_widths", "boundary_tolerance", "progress",
     "baseline_workdir", "allow_config_change", "data.data_dir", "data.manual_dir", "data.eval_split",
+    "model.pretrained",  # read only when a run starts; a resumed run restores its checkpoint
     "rwn.layer.eval_radius", "rwn.layer.alpha", "rwn.layer.tol", "rwn.layer.max_iters",
     "gcrf.layer.tol", "gcrf.layer.max_iters",
     "dilated.layer.lam", "dilated.layer.mu", "dilated.layer.num_steps",
@@ -428,6 +433,9 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
                               f"got {values['init_from']!r} (no directory {base})")
         except ValueError as e:
             errors.append(str(e))
+    from rwseg.models.backbones import check_model_config
+
+    errors += check_model_config(config)
     if values.get("freeze_backbone") is True and values.get("init_from") in (_MISSING, None, ""):
         errors.append("config.freeze_backbone: expected False without config.init_from (a frozen random "
                       "backbone), got True")

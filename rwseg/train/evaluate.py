@@ -455,7 +455,7 @@ def load_run(workdir, mesh, *, checkpoint: str = "best"):
     config = load_config(workdir)
     info = data.dataset_info(config.data.name)
     source = data.load_source(config.data.name, config.data.train_split, **source_kwargs(config))
-    setup = create(config, info.num_classes, compute_statistics(config, source))
+    setup = create(config, info.num_classes, compute_statistics(config, source), pretrained=False)  # restored below
     template = parallel.replicate(setup.state, mesh)
     ckpts = Checkpoints(workdir, read_only=True)
     restored = ckpts.restore(template, which=checkpoint)

@@ -26,7 +26,7 @@ from rwseg.train.init_from import SUBTREE, freeze_subtrees, scale_method_updates
 from rwseg.train.optim import make_optimizer
 
 __all__ = ["Setup", "create", "source_kwargs", "augmentation_kwargs", "training_batches", "compute_statistics",
-           "make_train_step", "merge"]
+           "make_train_step", "merge", "load_pretrained"]
 
 
 def source_kwargs(config) -> dict:
@@ -121,8 +121,11 @@ class Setup:
     num_classes: int
 
 
-def create(config, num_classes: int, statistics: dict) -> Setup:
+def create(config, num_classes: int, statistics: dict, *, pretrained: bool = True) -> Setup:
     """Build the model (seed ``config.seed``) and the initial train state.
+
+    With ``pretrained`` (the default) a ``config.model.pretrained`` checkpoint is loaded into the
+    ResNet encoder (:func:`load_pretrained`); ``False`` skips it (a checkpoint will be restored).
 
     Initialisation runs under ``jax.jit`` (one compilation instead of hundreds of eager
     dispatches) with an ``rbg`` PRNG key; the graph definition comes from
@@ -162,10 +165,36 @@ def create(config, num_classes: int, statistics: dict) -> Setup:
         return params, tx.init(params), nnx.to_pure_dict(stats)
 
     params, opt_state, stats = init()
+    if pretrained and config.model.pretrained:  # a torchvision/timm ResNet checkpoint into the encoder
+        params, stats = load_pretrained(graphdef, params, stats, config.model.pretrained)
+        opt_state = jax.jit(tx.init)(params)
     state = {"params": params, "opt_state": opt_state}
     if jax.tree.leaves(stats):
         state["stats"] = stats
     return Setup(graphdef, state, tx, schedule, num_classes)
+
+
+def load_pretrained(graphdef, params: dict, stats: dict, path: str) -> tuple[dict, dict]:
+    """The state with the ResNet encoder's arrays from a torchvision / timm checkpoint.
+
+    Loads with :func:`rwseg.models.backbones.load_torch_weights` and prints its report.
+
+    Args:
+      graphdef: the model's graph definition (of :func:`create`).
+      params: the pure ``nnx.Param`` dict.
+      stats: the pure ``Statistic`` dict (the frozen BatchNorm affines among them).
+      path: a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` checkpoint.
+
+    Returns:
+      ``(params, stats)``: new pure dicts, the encoder's entries replaced.
+    """
+    from rwseg.models.backbones import load_torch_weights
+
+    model = nnx.merge(graphdef, params, stats)
+    report = load_torch_weights(model, path)
+    print(f"rwseg.train: config.model.pretrained: {report.summary()}", flush=True)
+    _, params, stats = nnx.split(model, nnx.Param, Statistic)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
 def merge(graphdef, state):

@@ -72,6 +72,14 @@ def resnet_kwargs(model_config) -> dict:
     return {"depth": BACKBONES[name], **kw}
 
 
+def _backbone_name(model_config) -> str:
+    """``config.model.backbone``, checked against :data:`BACKBONES`."""
+    name = model_config.backbone
+    if name not in BACKBONES:
+        raise ValueError(f"config.model.backbone: expected one of {sorted(BACKBONES)}, got {name!r}")
+    return name
+
+
 def build_backbone(model_config, num_classes: int, *, in_channels: int = 3, rngs: nnx.Rngs):
     """The backbone ``config.model`` selects, freshly initialised.
 
@@ -87,9 +95,7 @@ def build_backbone(model_config, num_classes: int, *, in_channels: int = 3, rngs
     Raises:
       ValueError: an unknown ``config.model.backbone`` or ``config.model.resnet`` key.
     """
-    name = model_config.backbone
-    if name not in BACKBONES:
-        raise ValueError(f"config.model.backbone: expected one of {sorted(BACKBONES)}, got {name!r}")
+    name = _backbone_name(model_config)
     if name == "compact":
         m = model_config
         return Backbone(num_classes, width=m.width, depth=m.depth, aspp_rates=tuple(m.aspp_rates),
@@ -113,9 +119,7 @@ def backbone_channels(model_config) -> tuple[int, int]:
     Raises:
       ValueError: an unknown ``config.model.backbone`` or ``config.model.resnet`` key.
     """
-    name = model_config.backbone
-    if name not in BACKBONES:
-        raise ValueError(f"config.model.backbone: expected one of {sorted(BACKBONES)}, got {name!r}")
+    name = _backbone_name(model_config)
     if name == "compact":
         return int(model_config.width), int(model_config.features)
     kw = resnet_kwargs(model_config)

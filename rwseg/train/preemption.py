@@ -49,6 +49,11 @@ LOST_PROCESS_EXIT_STATUS = 76  # another process of a multi-process run is gone;
 class Preempted(Exception):
     """Training stopped on a signal after ``step`` steps, with a complete checkpoint of that step.
 
+    Args:
+        step: the number of finished steps (the checkpoint's step).
+        signal_name: e.g. ``"SIGTERM"``.
+        where: the checkpoint's path, named in the message.
+
     Attributes:
         step: the number of finished steps (the checkpoint's step).
         signal_name: e.g. ``"SIGTERM"``.

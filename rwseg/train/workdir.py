@@ -33,7 +33,12 @@ HISTORY = "config_history.jsonl"
 class MetricsWriter:
     """Appends JSON lines to ``workdir/metrics.jsonl`` (process 0 only), mirrored to
     TensorBoard when ``tensorboardX`` is installed. On resume, lines of steps after the
-    restored step (written by the interrupted run) are dropped first."""
+    restored step (written by the interrupted run) are dropped first.
+
+    Args:
+        workdir: the run directory.
+        resume_step: the restored step; later lines are dropped (0: a fresh run keeps none past 0).
+    """
 
     def __init__(self, workdir, *, resume_step: int = 0):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"

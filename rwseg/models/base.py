@@ -206,28 +206,11 @@ class Baseline(Segmenter):
     """Backbone + bilinear upsampling of the 1/8 logits; softmax cross-entropy."""
 
     def loss(self, batch, step):
-        """Softmax cross-entropy of the upsampled logits; logs ``ce`` (arguments and returns: :meth:`rwseg.models.base.Segmenter.loss`).
-
-        Args:
-          batch: ``{"image": (B, H, W, 3), "label": (B, H, W)[, "scribbles": (B, H, W)]}`` (see
-            :meth:`rwseg.models.base.Segmenter.loss`).
-          step: the (traced) global step.
-
-        Returns:
-          ``(loss scalar, {name: scalar})``: the objective and its logged terms.
-        """
+        """Softmax cross-entropy of the upsampled logits; logs ``ce`` (arguments and returns: :meth:`rwseg.models.base.Segmenter.loss`)."""
         logits = self.coarse_scores(batch["image"])
         ce = cross_entropy(logits, batch["label"])
         return ce, {"ce": ce}
 
     def infer(self, images):
-        """The upsampled logits, no solves (arguments and returns: :meth:`rwseg.models.base.Segmenter.infer`).
-
-        Args:
-          images: ``(B, H, W, 3)`` normalised images.
-
-        Returns:
-          ``(scores (B, H, W, K), info)``: full-resolution class scores and the solver diagnostics
-          (see :meth:`rwseg.models.base.Segmenter.infer`).
-        """
+        """The upsampled logits, no solves (arguments and returns: :meth:`rwseg.models.base.Segmenter.infer`)."""
         return self.coarse_scores(images), no_solves(images.shape[0])

@@ -43,14 +43,6 @@ class DilatedAffinityModel(Segmenter):
     STATISTICS = frozenset({"frequencies"})
 
     def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs, statistics: dict):
-        """Builds the backbone and the method's layer from the config.
-
-        Args:
-          config: the run's config (``config.model`` and this method's section).
-          num_classes: K, the number of classes.
-          rngs: the initialisers' keys.
-          statistics: the dataset statistics the layer needs (computed by the trainer).
-        """
         super().__init__(config, num_classes, rngs=rngs, statistics=statistics)
         c = config.dilated
         self.beta = float(c.beta)
@@ -76,14 +68,6 @@ class DilatedAffinityModel(Segmenter):
     def loss(self, batch, step):
         """Cross-entropy of the upsampled logits + ``beta`` x the focal affinity loss (eq. 4-5); logs
         ``ce``, ``affinity`` (arguments and returns: :meth:`rwseg.models.base.Segmenter.loss`).
-
-        Args:
-          batch: ``{"image": (B, H, W, 3), "label": (B, H, W)[, "scribbles": (B, H, W)]}`` (see
-            :meth:`rwseg.models.base.Segmenter.loss`).
-          step: the (traced) global step.
-
-        Returns:
-          ``(loss scalar, {name: scalar})``: the objective and its logged terms.
         """
         images, labels = batch["image"], batch["label"]
         out = self.backbone(images)
@@ -95,13 +79,6 @@ class DilatedAffinityModel(Segmenter):
     def infer(self, images):
         """Affinity propagation of the upsampled class probabilities (eq. 6-7), no solves
         (arguments and returns: :meth:`rwseg.models.base.Segmenter.infer`).
-
-        Args:
-          images: ``(B, H, W, 3)`` normalised images.
-
-        Returns:
-          ``(scores (B, H, W, K), info)``: full-resolution class scores and the solver diagnostics
-          (see :meth:`rwseg.models.base.Segmenter.infer`).
         """
         out = self.backbone(images)
         grid = self.backbone.grid(images.shape[1:3])

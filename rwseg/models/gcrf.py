@@ -43,13 +43,6 @@ class GCRFModel(Segmenter):
                 "image_channels": lambda config: IMAGE_CHANNELS}
 
     def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs):
-        """Builds the backbone and the method's layer from the config.
-
-        Args:
-          config: the run's config (``config.model`` and this method's section).
-          num_classes: K, the number of classes.
-          rngs: the initialisers' keys.
-        """
         super().__init__(config, num_classes, rngs=rngs)
         c = config.gcrf
         self.aux_weight = float(c.aux_weight)
@@ -63,14 +56,6 @@ class GCRFModel(Segmenter):
         """Margin loss (eq. 6) of unrolled GMF + ``aux_weight`` x the unary cross-entropy, plus
         ``pretrain_weight`` x the pairwise loss (eq. 7) before ``pretrain_steps``; logs ``margin``,
         ``ce_unary``, ``pretrain`` (arguments and returns: :meth:`rwseg.models.base.Segmenter.loss`).
-
-        Args:
-          batch: ``{"image": (B, H, W, 3), "label": (B, H, W)[, "scribbles": (B, H, W)]}`` (see
-            :meth:`rwseg.models.base.Segmenter.loss`).
-          step: the (traced) global step.
-
-        Returns:
-          ``(loss scalar, {name: scalar})``: the objective and its logged terms.
         """
         images, labels = batch["image"], batch["label"]
         out = self.backbone(images)
@@ -86,13 +71,6 @@ class GCRFModel(Segmenter):
     def infer(self, images):
         """GMF to ``tol``, one solve per image (device-local under a mesh), and its diagnostics
         (arguments and returns: :meth:`rwseg.models.base.Segmenter.infer`).
-
-        Args:
-          images: ``(B, H, W, 3)`` normalised images.
-
-        Returns:
-          ``(scores (B, H, W, K), info)``: full-resolution class scores and the solver diagnostics
-          (see :meth:`rwseg.models.base.Segmenter.infer`).
         """
         y, info = self._crf(images, self.backbone(images), return_info=True)
         return y, info.stats()

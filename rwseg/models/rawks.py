@@ -51,13 +51,6 @@ class RAWKSModel(Segmenter):
     SUPPLIED = {"norm": lambda config: config.model.norm, "image_channels": lambda config: IMAGE_CHANNELS}
 
     def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs):
-        """Builds the backbone and the method's layer from the config.
-
-        Args:
-          config: the run's config (``config.model`` and this method's section).
-          num_classes: K, the number of classes.
-          rngs: the initialisers' keys.
-        """
         super().__init__(config, num_classes, rngs=rngs)
         self.fixed_targets = bool(config.freeze_method)
         self.target_kind = str(config.rawks.targets)
@@ -110,14 +103,6 @@ class RAWKSModel(Segmenter):
     def loss(self, batch, step):
         """The uncertainty-weighted loss of eq. 11 of Q against P (a constant with ``freeze_method``),
         from ``batch["scribbles"]`` only; logs ``rawks`` (arguments and returns: :meth:`rwseg.models.base.Segmenter.loss`).
-
-        Args:
-          batch: ``{"image": (B, H, W, 3), "label": (B, H, W)[, "scribbles": (B, H, W)]}`` (see
-            :meth:`rwseg.models.base.Segmenter.loss`).
-          step: the (traced) global step.
-
-        Returns:
-          ``(loss scalar, {name: scalar})``: the objective and its logged terms.
         """
         images = batch["image"]
         logits = self.backbone(images)["logits"]
@@ -128,12 +113,5 @@ class RAWKSModel(Segmenter):
     def infer(self, images):
         """Q's scores; no solver runs at evaluation (P is a training-time module)
         (arguments and returns: :meth:`rwseg.models.base.Segmenter.infer`).
-
-        Args:
-          images: ``(B, H, W, 3)`` normalised images.
-
-        Returns:
-          ``(scores (B, H, W, K), info)``: full-resolution class scores and the solver diagnostics
-          (see :meth:`rwseg.models.base.Segmenter.infer`).
         """
         return self.coarse_scores(images), no_solves(images.shape[0])

@@ -40,13 +40,6 @@ class RWNModel(Segmenter):
                 "image_channels": lambda config: IMAGE_CHANNELS}
 
     def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs):
-        """Builds the backbone and the method's layer from the config.
-
-        Args:
-          config: the run's config (``config.model`` and this method's section).
-          num_classes: K, the number of classes.
-          rngs: the initialisers' keys.
-        """
         super().__init__(config, num_classes, rngs=rngs)
         self.affinity_weight = float(config.rwn.affinity_weight)
 
@@ -57,14 +50,6 @@ class RWNModel(Segmenter):
     def loss(self, batch, step):
         """Cross-entropy of the one-step walk (eq. 2) + ``affinity_weight`` x the affinity loss (§3.3);
         logs ``ce``, ``affinity`` (arguments and returns: :meth:`rwseg.models.base.Segmenter.loss`).
-
-        Args:
-          batch: ``{"image": (B, H, W, 3), "label": (B, H, W)[, "scribbles": (B, H, W)]}`` (see
-            :meth:`rwseg.models.base.Segmenter.loss`).
-          step: the (traced) global step.
-
-        Returns:
-          ``(loss scalar, {name: scalar})``: the objective and its logged terms.
         """
         images, labels = batch["image"], batch["label"]
         out = self.backbone(images)
@@ -76,13 +61,6 @@ class RWNModel(Segmenter):
     def infer(self, images):
         """The converged walk (eq. 3), one CG solve per image (device-local under a mesh), and its
         diagnostics (arguments and returns: :meth:`rwseg.models.base.Segmenter.infer`).
-
-        Args:
-          images: ``(B, H, W, 3)`` normalised images.
-
-        Returns:
-          ``(scores (B, H, W, K), info)``: full-resolution class scores and the solver diagnostics
-          (see :meth:`rwseg.models.base.Segmenter.infer`).
         """
         y, info = self._walk(images, self.backbone(images), return_info=True)
         return y, info.stats()

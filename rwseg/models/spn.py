@@ -73,13 +73,6 @@ class SPNModel(Segmenter):
     SUPPLIED = {"norm": lambda config: config.model.norm, "image_channels": guidance_channels}
 
     def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs):
-        """Builds the backbone and the method's layer from the config.
-
-        Args:
-          config: the run's config (``config.model`` and this method's section).
-          num_classes: K, the number of classes.
-          rngs: the initialisers' keys.
-        """
         super().__init__(config, num_classes, rngs=rngs)
         c = config.spn
         self.aux_weight = float(c.aux_weight)
@@ -119,14 +112,6 @@ class SPNModel(Segmenter):
     def loss(self, batch, step):
         """Cross-entropy of the refined scores + ``aux_weight`` x that of the coarse ones; logs ``ce``,
         ``ce_coarse`` (arguments and returns: :meth:`rwseg.models.base.Segmenter.loss`).
-
-        Args:
-          batch: ``{"image": (B, H, W, 3), "label": (B, H, W)[, "scribbles": (B, H, W)]}`` (see
-            :meth:`rwseg.models.base.Segmenter.loss`).
-          step: the (traced) global step.
-
-        Returns:
-          ``(loss scalar, {name: scalar})``: the objective and its logged terms.
         """
         refined, coarse = self.refine(batch["image"])
         ce = cross_entropy(refined, batch["label"])
@@ -136,13 +121,6 @@ class SPNModel(Segmenter):
     def infer(self, images):
         """The refined scores (exact propagation, no solve) and the layer's diagnostics
         (arguments and returns: :meth:`rwseg.models.base.Segmenter.infer`).
-
-        Args:
-          images: ``(B, H, W, 3)`` normalised images.
-
-        Returns:
-          ``(scores (B, H, W, K), info)``: full-resolution class scores and the solver diagnostics
-          (see :meth:`rwseg.models.base.Segmenter.infer`).
         """
         refined, _, info = self.refine(images, return_info=True)
         return refined, info.stats()

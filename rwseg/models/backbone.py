@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rwseg.models.memory import call_block
+
 __all__ = ["ConvBlock", "Backbone", "Grid", "PIXELS", "encoder_grid", "pooled_grid", "upsample"]
 
 ENCODER_STAGES = 3  # stride-2 3x3 'SAME' convs between the stem and the 1/8 features
@@ -117,11 +119,15 @@ class ConvBlock(nnx.Module):
                              use_bias=norm == "none", rngs=rngs)
         self.norm = nnx.GroupNorm(cout, num_groups=min(8, cout), rngs=rngs) if norm == "group" else None
 
-    def __call__(self, x):
+    def forward(self, x):
+        """The block without rematerialisation (:func:`rwseg.models.memory.call_block` wraps it)."""
         x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x)
         return jax.nn.relu(x)
+
+    def __call__(self, x):
+        return call_block(self, x)
 
 
 class Backbone(nnx.Module):

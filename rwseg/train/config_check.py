@@ -182,6 +182,9 @@ OPTIONAL_OPTIONS = {
     "data.flip": boolean,
     "data.color_jitter": color_jitter,
     "data.train_labels": one_of("dense", "scribbles"),
+    "compute_dtype": one_of("float32", "bfloat16"),
+    "remat": boolean,
+    "microbatches": int_at_least(1),
 }
 
 # the value an absent optional key stands for: a run whose config.json predates the key
@@ -198,6 +201,9 @@ OPTIONAL_DEFAULTS = {
     "data.flip": True,
     "data.color_jitter": [0.0, 0.0, 0.0],
     "data.train_labels": "dense",
+    "compute_dtype": "float32",
+    "remat": False,
+    "microbatches": 1,
     "spn.guidance_input": "image",
     "dilated.decoder_width": 0,
     "dilated.decoder_depth": 0,
@@ -271,7 +277,7 @@ DOWNSAMPLE_KEYS = {"rwn": "walk_downsample", "rawks": "downsample", "spn": "down
 HARMLESS_KEYS = frozenset({
     "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_at_end",
     "eval_batch_size", "eval_batches", "num_panels", "trimap_widths", "boundary_tolerance", "progress",
-    "baseline_workdir", "allow_config_change", "data.data_dir", "data.manual_dir", "data.eval_split",
+    "baseline_workdir", "allow_config_change", "microbatches", "data.data_dir", "data.manual_dir", "data.eval_split",
     "rwn.eval_radius", "rwn.alpha", "rwn.tol", "rwn.max_iters",
     "gcrf.tol", "gcrf.max_layers",
     "dilated.lam", "dilated.mu", "dilated.iterations",
@@ -398,6 +404,10 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
         if ok(key) and (values[key] % num_devices or values[key] % num_processes):
             errors.append(f"config.{key}: expected a multiple of the device count {num_devices} "
                           f"(and of the process count {num_processes}), got {values[key]}")
+    micro = values.get("microbatches", _MISSING)
+    if micro not in (_MISSING, 1) and ok("batch_size") and values["batch_size"] % (num_devices * micro):
+        errors.append(f"config.microbatches: expected a divisor of the per-device batch (config.batch_size "
+                      f"{values['batch_size']} over {num_devices} devices), got {micro}")
 
     norm = values.get("model.norm")
     if norm == "group" and ok("model.width", "model.features"):

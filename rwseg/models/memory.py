@@ -1,0 +1,104 @@
+"""Memory levers of the models: bfloat16 compute and rematerialisation.
+
+**Compute dtype** (``config.compute_dtype``, :func:`set_compute_dtype`). With
+``"bfloat16"`` every :class:`rwseg.models.backbone.ConvBlock` (the backbone's stem,
+encoder, ASPP and projection blocks, and the small image networks of the layers: SPN
+guidance, RAWKS boundary, the dilated decoder) runs its convolution, GroupNorm and ReLU
+in bfloat16: their inputs and kernels are cast to bfloat16 at the op
+(``nnx.Conv(dtype=...)``), the parameters stay float32 (``param_dtype``), and so does
+the optimiser state built from them. GroupNorm still takes its mean and variance in
+float32 (flax reduces in float32). The activations these blocks keep for the backward
+pass are bfloat16: half the bytes.
+
+Everything else stays float32, on purpose:
+
+* the *heads* that are plain ``nnx.Conv`` (the backbone classifier, SPN gates, RWN
+  ``theta``, GCRF pairwise embedding, dilated affinity head, RAWKS boundary output) keep
+  ``dtype=None``: flax promotes their bfloat16 input with the float32 kernel, so logits,
+  gates, affinities, similarities and boundaries come out float32;
+* so every solver (the RWN walk and its CG, GMF, the SPN recurrence, the RAWKS solve,
+  dilated propagation) receives float32 operands: their residuals, scan and
+  ``while_loop`` carries and the reductions that decide convergence (``tol`` tests
+  against a relative residual) are float32. In bfloat16 (8 bits of mantissa) a relative
+  residual cannot go below ~4e-3, so a ``tol`` of 1e-5 would never be met, and a
+  recurrence over hundreds of SPN rows would accumulate rounding in its carry;
+* losses (softmax cross-entropy over float32 logits) and gradient accumulation are float32.
+
+**Rematerialisation** (``config.remat``, :func:`remat_scope`). Inside
+``with remat_scope(True):`` (the train step enters it while tracing the loss), every
+``ConvBlock`` is wrapped in ``nnx.remat`` with ``jax.checkpoint_policies.nothing_saveable``
+(the backward pass keeps each block's input only and recomputes its convolution, norm
+and ReLU), and the layers with unrolled refinements pass ``remat=True`` to their
+operators, which checkpoint each step of their ``lax.scan`` (GMF layers of
+:func:`rwseg.gcrf.gmf`, walk steps of :func:`rwseg.rwn.random_walk`): only the scan
+carries are saved per step. Gradients are unchanged (the same computation, run twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["COMPUTE_DTYPES", "set_compute_dtype", "remat_scope", "remat_enabled", "call_block"]
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+_REMAT: contextvars.ContextVar = contextvars.ContextVar("rwseg_remat", default=False)
+
+
+def set_compute_dtype(model: nnx.Module, compute_dtype: str = "float32") -> nnx.Module:
+    """Set the compute dtype of every ``ConvBlock`` in ``model`` (in place; returns ``model``).
+
+    Args:
+      model: any rwseg model or layer (an ``nnx.Module``).
+      compute_dtype: ``"float32"`` or ``"bfloat16"`` (``config.compute_dtype``).
+
+    Returns:
+      ``model``, whose ``ConvBlock`` convolutions and GroupNorms compute in that dtype
+      (``dtype``; their ``param_dtype`` stays float32). The dtype is a static attribute:
+      it is part of the graph definition ``nnx.split`` returns.
+    """
+    from rwseg.models.backbone import ConvBlock
+
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"config.compute_dtype: expected one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    dtype = None if compute_dtype == "float32" else COMPUTE_DTYPES[compute_dtype]
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, ConvBlock):
+            module.conv.dtype = dtype
+            if module.norm is not None:
+                module.norm.dtype = dtype
+    return model
+
+
+@contextlib.contextmanager
+def remat_scope(enabled: bool = True):
+    """Within this context (entered where a loss is traced) the models rematerialise:
+    :func:`call_block` checkpoints each ``ConvBlock`` and :func:`remat_enabled` is True
+    (layers pass it to their unrolled operators)."""
+    token = _REMAT.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _REMAT.reset(token)
+
+
+def remat_enabled() -> bool:
+    """Whether the enclosing :func:`remat_scope` asks for rematerialisation."""
+    return _REMAT.get()
+
+
+def _apply(block, x):
+    return block.forward(x)
+
+
+_apply_remat = nnx.remat(_apply, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def call_block(block, x):
+    """``block.forward(x)``, under ``nnx.remat`` (save the input only) inside ``remat_scope(True)``."""
+    return _apply_remat(block, x) if remat_enabled() else _apply(block, x)

@@ -194,6 +194,8 @@ def _define_plan() -> None:
     flags.DEFINE_integer("max_tries", 6, "When a step does not fit: how many settings (remat, bfloat16, "
                          "microbatches, smaller batch) to compile in search of one that fits (0 = none).",
                          lower_bound=0)
+    flags.DEFINE_boolean("levers", False, "Also compile the train step with each lever alone (remat, bfloat16, "
+                         "microbatches=2) and show what each saves (one more compile per lever).")
     flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -216,6 +218,10 @@ def _run_plan(argv, prog) -> int:
     if loops:
         print("\ncollectives inside loops (every device waits on the others once per iteration):\n  "
               + "\n  ".join(loops))
+    if FLAGS.levers and "train" in FLAGS.steps:
+        rows = plan.compare_levers(FLAGS.config, FLAGS.topology, batch_per_chip=result.batch_size // result.num_chips,
+                                   crop=FLAGS.crop, hbm_gib=FLAGS.hbm_gib, mesh=mesh, base=result)
+        print("\nwhat each lever saves (train step, each alone):\n\n" + plan.format_levers(rows), flush=True)
     if result.fits:
         return 0
     failed = ", ".join(s.name for s in result.steps if not s.fits)

@@ -184,3 +184,21 @@ def test_remat_scope_is_a_context():
         with remat_scope(False):
             assert not remat_enabled()
     assert not remat_enabled()
+
+
+def test_group_norm_in_bfloat16_matches_flax_group_norm():
+    """The bfloat16 normalisation against nnx.GroupNorm on the same (float32) input: within bfloat16
+    rounding (2^-8 relative of the output's scale); float32 input: nnx.GroupNorm itself."""
+    from rwseg.models.memory import group_norm
+
+    rng = np.random.default_rng(3)
+    norm = nnx.GroupNorm(16, num_groups=8, rngs=nnx.Rngs(0))
+    norm.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+    norm.bias[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+    x = jnp.asarray(rng.normal(loc=2.0, size=(2, 6, 5, 16)), jnp.float32)
+    want = np.asarray(norm(x))
+    np.testing.assert_array_equal(np.asarray(group_norm(norm, x)), want)
+    norm.dtype = jnp.bfloat16
+    got = group_norm(norm, x.astype(jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2 ** -6 * np.abs(want).max())

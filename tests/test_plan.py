@@ -122,14 +122,19 @@ def test_every_method_plans_on_a_tpu_topology(six_plans):
 def test_cli_plan_exits_nonzero_when_a_step_does_not_fit():
     proc = subprocess.run(
         [sys.executable, "-m", "rwseg", "plan", "--config", "baseline:smoke", "--topology", "v5e:2x2",
-         "--batch_per_chip", "1", "--crop", "32", "--steps", "train", "--hbm_gib", "0.001", "--max_tries", "1"],
+         "--batch_per_chip", "2", "--crop", "32", "--steps", "train", "--hbm_gib", "0.001", "--max_tries", "1", "--levers"],
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stderr[-3000:]
     out = proc.stdout
-    assert "rwseg plan: baseline on v5e:2x2 (4 chips, 0.00 GiB HBM each)" in out
+    assert "rwseg plan: baseline on v5e:2x2 (4 chips, 0.00 GiB HBM each); batch 8 (2 per chip)" in out
     assert "| fits | **no** |" in out and "| temp (per chip) |" in out and "| GFLOP" in out
     assert "the train step does not fit" in out
     assert "no tried setting fits; tried: --config.remat=True" in out
+    # --levers: the train step with each lever alone, and what it saves against the configured step
+    table = out[out.index("what each lever saves"):]
+    for name in ("as configured", "remat", "bfloat16", "microbatches=2"):
+        assert f"| {name} |" in table, name
+    assert "| microbatches=2 | " in table and " % |" in table
 
 
 def test_cli_plan_without_libtpu_names_the_extra():
@@ -138,3 +143,16 @@ def test_cli_plan_without_libtpu_names_the_extra():
     proc = subprocess.run([sys.executable, "-m", "rwseg", "plan", "--config", "baseline:smoke", "--topology",
                            "v5e:2x2"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "rwseg[tpu]" in proc.stderr
+
+
+def test_spn_kernel_vmem_count_matches_the_tpu_compiler():
+    """The count of :func:`rwseg.spn_pallas.fits_on_chip` against what the TPU compiler said
+    (v5e:2x2 ahead-of-time, spn value and gradient, batch 16): at 64x64x8 "Scoped allocation
+    with size 20.00M and limit 16.00M exceeded"; the 32x32x3 smoke SPN compiles with the kernel."""
+    from rwseg import spn_pallas
+
+    padded = lambda n, c: 2 * n * (2 + 3) * (-(-n // 8) * 8) * max(128, -(-c // 128) * 128) * 4  # noqa: E731
+    assert padded(64, 8) == 20 << 20
+    assert not spn_pallas.fits_on_chip(64, 64, 8, 3, 4)
+    assert spn_pallas.fits_on_chip(32, 32, 3, 3, 4)
+    assert spn_pallas.fits_on_chip(56, 56, 8, 3, 4) and not spn_pallas.fits_on_chip(1024, 1024, 8, 3, 4)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rwseg.models.memory import call_block
+from rwseg.models.memory import call_block, group_norm
 
 __all__ = ["ConvBlock", "Backbone", "Grid", "PIXELS", "encoder_grid", "pooled_grid", "upsample"]
 
@@ -123,7 +123,7 @@ class ConvBlock(nnx.Module):
         """The block without rematerialisation (:func:`rwseg.models.memory.call_block` wraps it)."""
         x = self.conv(x)
         if self.norm is not None:
-            x = self.norm(x)
+            x = group_norm(self.norm, x)  # nnx.GroupNorm itself in float32; in bfloat16 without float32 copies
         return jax.nn.relu(x)
 
     def __call__(self, x):

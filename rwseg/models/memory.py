@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["COMPUTE_DTYPES", "set_compute_dtype", "remat_scope", "remat_enabled", "call_block"]
+__all__ = ["COMPUTE_DTYPES", "set_compute_dtype", "group_norm", "remat_scope", "remat_enabled", "call_block"]
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -73,6 +73,38 @@ def set_compute_dtype(model: nnx.Module, compute_dtype: str = "float32") -> nnx.
             if module.norm is not None:
                 module.norm.dtype = dtype
     return model
+
+
+def group_norm(norm: nnx.GroupNorm, x):
+    """``norm(x)`` (an ``nnx.GroupNorm`` over the last axis), normalising in ``x``'s dtype.
+
+    flax's GroupNorm subtracts its float32 mean from the input and scales in float32, so a
+    bfloat16 input leaves float32 intermediates for the backward pass: measured on a
+    v5e ahead-of-time compile of the baseline's train step at 512x512, bfloat16 blocks
+    *doubled* the temporary memory (0.35 -> 0.73 GiB per chip). Here the statistics are
+    still reduced in float32 (flax's fast variance ``E[x^2] - E[x]^2``, clamped at 0), but
+    they are folded with ``scale`` and ``bias`` into one per-(example, channel) multiplier
+    and offset, cast to ``x``'s dtype, and the normalisation is ``x * mul + add`` in that
+    dtype. A float32 ``x`` (or a norm without a compute dtype) goes to ``norm`` itself.
+
+    Args:
+      norm: the GroupNorm (its ``num_groups``, ``epsilon``, ``scale`` and ``bias``).
+      x: (B, ..., C) activations.
+
+    Returns:
+      (B, ..., C) in ``x.dtype``.
+    """
+    if norm.dtype is None or x.dtype == jnp.float32 or not (norm.use_scale and norm.use_bias):
+        return norm(x)
+    c, g = x.shape[-1], int(norm.num_groups)
+    grouped = x.reshape(x.shape[:-1] + (g, c // g))
+    axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+    wide = grouped.astype(jnp.float32)
+    mean = jnp.mean(wide, axis=axes, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(wide), axis=axes, keepdims=True) - jnp.square(mean), 0.0)
+    mul = jax.lax.rsqrt(var + norm.epsilon) * norm.scale[...].astype(jnp.float32).reshape(g, c // g)
+    add = norm.bias[...].astype(jnp.float32).reshape(g, c // g) - mean * mul
+    return (grouped * mul.astype(x.dtype) + add.astype(x.dtype)).reshape(x.shape)
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ from rwseg._platform import compile_platform
 from rwseg.train import parallel
 
 __all__ = ["HBM_GIB", "PlanError", "StepPlan", "Plan", "hbm_bytes", "topology_mesh", "plan_config",
-           "suggest_fit", "collective_stats", "format_plan", "GIB"]
+           "suggest_fit", "compare_levers", "format_levers", "LEVERS", "collective_stats", "format_plan", "GIB"]
 
 GIB = 1 << 30
 
@@ -384,6 +384,48 @@ def suggest_fit(config, topology: str, *, batch_per_chip: int, crop: int | None 
         if plan.fits:
             return flags, plan, tried
     return None, None, tried
+
+
+LEVERS = (("remat", {"remat": True}), ("bfloat16", {"compute_dtype": "bfloat16"}), ("microbatches=2", {"microbatches": 2}))
+
+
+def compare_levers(config, topology: str, *, batch_per_chip: int, crop: int | None = None,
+                   hbm_gib: float | None = None, mesh: Mesh | None = None, base: Plan | None = None) -> list:
+    """What each lever saves: the train step compiled with each of :data:`LEVERS` alone.
+
+    Args:
+      config: a training config.
+      topology: as for :func:`plan_config`.
+      batch_per_chip: examples per chip (microbatches are skipped when they do not divide it).
+      crop: as for :func:`plan_config`.
+      hbm_gib: as for :func:`plan_config`.
+      mesh: a mesh to reuse.
+      base: the plan of ``config`` itself (compiled when not given).
+
+    Returns:
+      ``[(name, StepPlan)]``: ``"as configured"`` first, then each lever that is not already on.
+    """
+    mesh = mesh if mesh is not None else topology_mesh(topology)
+    kw = dict(batch_per_chip=batch_per_chip, crop=crop, hbm_gib=hbm_gib, steps=("train",), mesh=mesh)
+    base = base if base is not None else plan_config(config, topology, **kw)
+    rows = [("as configured", base.step("train"))]
+    for name, changes in LEVERS:
+        key, value = next(iter(changes.items()))
+        if config.get(key, None) == value or (key == "microbatches" and batch_per_chip % value):
+            continue
+        rows.append((name, plan_config(_with(config, **changes), topology, **kw).step("train")))
+    return rows
+
+
+def format_levers(rows) -> str:
+    """A markdown table of :func:`compare_levers`: temp and peak bytes per chip, and the saving."""
+    base = rows[0][1]
+    lines = ["| train step | temp / chip | peak / chip | temp saved | GFLOP |", "|---|---|---|---|---|"]
+    for name, s in rows:
+        saved = "-" if s is base else f"{100 * (1 - s.temp_bytes / base.temp_bytes):.0f} %" if base.temp_bytes else "-"
+        lines.append(f"| {name} | {_gib(s.temp_bytes)} | {_gib(s.peak_bytes) if not s.error else 'over HBM'} | "
+                     f"{saved} | {s.flops / 1e9:.3g} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- report

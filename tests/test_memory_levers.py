@@ -43,16 +43,20 @@ _STEPS = {}
 
 
 def _step(method, **changes):
-    """(params before, params after, metrics) of one train step of the smoke config with ``changes``
-    (cached: the tests below share their compilations)."""
+    """(params before, params after two train steps, the second step's metrics) of the smoke config
+    with ``changes`` (cached: the tests below share their compilations)."""
     key = (method, tuple(sorted(changes.items())))
     if key not in _STEPS:
         config = _config(method, **changes)
         k = data.dataset_info(config.data.name).num_classes
         setup = create(config, k, {})
-        before = jax.tree.map(np.asarray, setup.state["params"])  # the step donates the state
-        new, metrics = make_train_step(setup, _mesh())(setup.state, _batch(k), STEP)
-        _STEPS[key] = before, jax.tree.map(np.asarray, new["params"]), jax.tree.map(float, metrics)
+        copy = lambda tree: jax.tree.map(lambda x: np.array(x, copy=True), tree)  # noqa: E731
+        before = copy(setup.state["params"])  # the step donates (and overwrites) the state's buffers
+        step = make_train_step(setup, _mesh())
+        # two steps: optax counts its own steps, and the schedule's warmup gives the first a zero rate
+        state, _ = step(setup.state, _batch(k, seed=1), STEP - 1)
+        new, metrics = step(state, _batch(k), STEP)
+        _STEPS[key] = before, copy(new["params"]), jax.tree.map(float, metrics)
     return _STEPS[key]
 
 
@@ -102,12 +106,13 @@ def test_random_walk_remat_same_value_and_gradient():
 
 def test_compute_dtype_reaches_every_conv_block_and_keeps_params_float32():
     config = _config("spn", compute_dtype="bfloat16")
-    model = build_model(config, 3, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: build_model(config, 3, rngs=nnx.Rngs(0)))  # abstract: no initialisation
     blocks = [m for _, m in nnx.iter_modules(model) if isinstance(m, ConvBlock)]
     assert blocks and all(b.conv.dtype == jnp.bfloat16 and b.norm.dtype == jnp.bfloat16 for b in blocks)
     assert model.refinement.gates.dtype is None  # the gates head promotes to float32
     assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
-    out = model.backbone(jnp.zeros((1, 32, 32, 3), jnp.float32))
+    backbone = build_model(_config("baseline", compute_dtype="bfloat16"), 3, rngs=nnx.Rngs(0)).backbone
+    out = nnx.jit(lambda m, x: m(x))(backbone, jnp.zeros((1, 32, 32, 3), jnp.float32))
     assert out["stem"].dtype == jnp.bfloat16 and out["features"].dtype == jnp.bfloat16
     assert out["logits"].dtype == jnp.float32  # heads (and so every solver input) stay float32
     with pytest.raises(ValueError, match="config.compute_dtype"):

@@ -59,6 +59,13 @@ def check_shape(name: str, x, expected: Sequence[int | None], layout: str) -> No
         raise ValueError(f"{name}: expected shape {layout} = {exp}, got {shape}")
 
 
+def _check_kind(name: str, x, kind, expected: str, hint: str) -> None:
+    """TypeError naming ``name`` unless ``x``'s dtype is a ``kind`` (``jnp.floating``, ...)."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, kind):
+        raise TypeError(f"{name}: expected {expected}, got dtype {dtype} (shape {_shape(x)}){hint}")
+
+
 def check_floating(name: str, x) -> None:
     """Checks that an array has a floating-point dtype.
 
@@ -69,9 +76,7 @@ def check_floating(name: str, x) -> None:
     Raises:
         TypeError: ``x`` has another dtype.
     """
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{name}: expected a floating-point array, got dtype {dtype} (shape {_shape(x)})")
+    _check_kind(name, x, jnp.floating, "a floating-point array", "")
 
 
 def check_integer(name: str, x) -> None:
@@ -84,12 +89,7 @@ def check_integer(name: str, x) -> None:
     Raises:
         TypeError: ``x`` has another dtype.
     """
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(
-            f"{name}: expected an integer label array, got dtype {dtype} (shape {_shape(x)}); "
-            "cast with .astype(jnp.int32)"
-        )
+    _check_kind(name, x, jnp.integer, "an integer label array", "; cast with .astype(jnp.int32)")
 
 
 def check_nonnegative_int(name: str, value, *, positive: bool = False) -> int:

@@ -1,9 +1,10 @@
-"""The ``rwseg`` command line: ``rwseg train|evaluate|compare|plan|bench [flags]``.
+"""The ``rwseg`` command line: ``rwseg train|evaluate|compare|plan|check-kernels [flags]``.
 
 One flag library for every subcommand: absl flags, with ml_collections' config flags for
 ``--config``. ``rwseg --help`` lists the subcommands, ``rwseg <command> --help`` its
-flags. ``python -m rwseg.train``, ``python -m rwseg.evaluate`` and ``python -m
-rwseg.compare`` run the same code as ``rwseg train|evaluate|compare``.
+flags. ``python -m rwseg COMMAND`` (:mod:`rwseg.__main__`) is the same. This is the only
+module of rwseg that parses command-line arguments; the benchmarks are scripts of
+``experiments/benchmarks/`` with flags of their own.
 
 Logging is quiet by default: library, orbax and absl logs are shown from WARNING up
 (what a run prints is its progress bar and the final metrics table); ``--verbosity 0``
@@ -78,6 +79,10 @@ def _define_train() -> None:
                          "Number of processes (default: $JAX_NUM_PROCESSES or 1).", lower_bound=1)
     flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
                          "This process's index (default: $JAX_PROCESS_ID or 0).", lower_bound=0)
+    flags.DEFINE_integer("heartbeat_timeout_seconds", 60,
+                         "Multi-process: a process silent this long is declared dead and every other one stops "
+                         "(exit status 76 at its next collective if the dead one's connections closed, else "
+                         "an abort after this timeout).", lower_bound=1)
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -87,12 +92,16 @@ def _run_train(argv, prog) -> int:
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         _fail(prog, f"unexpected arguments: {argv[1:]}")
+    import jax
+
     from rwseg.train.parallel import initialize
 
-    initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
     from rwseg.train.checkpoint import CheckpointMismatchError, NoIntactCheckpointError
     from rwseg.train.config_check import ConfigError, check_config
     from rwseg.train.evaluate import markdown_table
+    from rwseg.train.preemption import PREEMPTED_EXIT_STATUS, Preempted, exit_lost_process
     from rwseg.train.trainer import train_and_evaluate
 
     try:  # user errors: one clear message, no traceback, exit status 1
@@ -100,6 +109,13 @@ def _run_train(argv, prog) -> int:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ConfigError, NoIntactCheckpointError, CheckpointMismatchError) as e:
         _fail(prog, e)
+    except Preempted as e:  # SIGTERM / SIGINT: checkpointed; the same command resumes
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_STATUS
+    except jax.errors.JaxRuntimeError as e:  # multi-process: a collective failed, another process is gone
+        if FLAGS.num_processes > 1:
+            exit_lost_process(e, FLAGS.workdir, prog)  # status 76, without the shutdown barrier
+        raise
     if result:
         print(markdown_table([(FLAGS.config.method, result)], FLAGS.config.trimap_widths))
         print(f"results and panels: {os.path.join(FLAGS.workdir, 'eval')}")
@@ -244,35 +260,31 @@ def _run_plan(argv, prog) -> int:
     return 1
 
 
-# --------------------------------------------------------------------------- bench
+# --------------------------------------------------------------------------- check-kernels
 
 
-def _define_bench() -> None:
+def _define_check_kernels() -> None:
     from absl import flags
 
-    flags.DEFINE_string("benchmarks_dir", "", "Folder of the bench_<name>.py scripts (default: "
-                        "experiments/benchmarks of the source checkout holding the installed rwseg, or of the "
-                        "current directory or one of its parents).")
+    flags.DEFINE_enum("kernel", "auto", ["auto", "pallas", "pallas_gpu"],
+                      "The kernel to check: auto = the kernel of this backend (the TPU kernel on CPU).")
+    flags.DEFINE_bool("interpret", None, "Run the kernel in Pallas interpret mode (default: on CPU only).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Precision of the check.")
 
 
-def _run_bench(argv, prog) -> int:
+def _run_check_kernels(argv, prog) -> int:
     from absl import flags
 
-    from rwseg import bench
+    if len(argv) > 1:
+        _fail(prog, f"unexpected arguments {argv[1:]}")
+    if flags.FLAGS.dtype == "float64":
+        import jax
 
-    try:
-        scripts = bench.find_benchmarks(flags.FLAGS.benchmarks_dir or None)
-    except FileNotFoundError as e:
-        _fail(prog, e)
-    if len(argv) < 2:
-        print(f"usage: {prog} NAME [-- script flags]; benchmarks in {next(iter(scripts.values())).parent}:")
-        for name, path in scripts.items():
-            print(f"  {name:14s} {bench.summary(path)}")
-        return 0
-    name, rest = argv[1], argv[2:]
-    if name not in scripts:
-        _fail(prog, f"benchmark: expected one of {', '.join(scripts)}, got {name!r}")
-    return bench.run_script(scripts[name], rest)
+        jax.config.update("jax_enable_x64", True)
+    from rwseg import spn_verify
+
+    kernel = None if flags.FLAGS.kernel == "auto" else flags.FLAGS.kernel
+    return spn_verify.report(kernel, interpret=flags.FLAGS.interpret, dtype=flags.FLAGS.dtype)
 
 
 COMMANDS = {
@@ -288,8 +300,10 @@ COMMANDS = {
                     "collectives per chip (needs rwseg[tpu])",
                     "--config NAME|PATH[:smoke] --topology v5e:16x16 [--batch_per_chip N] [--crop S] "
                     "[--config.key=value ...]", _define_plan, _run_plan),
-    "bench": Command("run a benchmark script of a source checkout (experiments/benchmarks/)",
-                     "[NAME [-- script flags]] [--benchmarks_dir DIR]", _define_bench, _run_bench),
+    "check-kernels": Command("the device check: compare the SPN Pallas kernel with the scan on this chip, "
+                             "print 'verified' or the difference (rwseg.spn_verify)",
+                             "[--kernel auto|pallas|pallas_gpu] [--interpret] [--dtype float32|float64]",
+                             _define_check_kernels, _run_check_kernels),
 }
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
@@ -366,14 +380,14 @@ def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {n:{width}s}  {c.summary}" for n, c in COMMANDS.items()]
     return ("usage: rwseg COMMAND [flags]   (rwseg COMMAND --help: the command's flags)\n\n"
-            "rwseg: affinity-based segmentation operators in JAX; training, evaluation, comparison, benchmarks.\n\n"
+            "rwseg: affinity-based segmentation operators in JAX; training, evaluation, comparison.\n\n"
             "commands:\n" + "\n".join(lines) + "\n\n"
             "examples:\n"
             "  rwseg compare --smoke                             # seconds: baseline vs spn, tiny configs\n"
             "  rwseg train --config spn --workdir runs/spn --config.num_steps=1000\n"
             "  rwseg evaluate --workdir runs/spn --baseline_workdir runs/baseline\n"
             "  rwseg plan --config spn --topology v5e:16x16 --batch_per_chip 2 --crop 512   # needs rwseg[tpu]\n"
-            "  rwseg bench stencil -- --repeats 5\n")
+            "  rwseg check-kernels                               # on a GPU/TPU: is the SPN kernel right here?\n")
 
 
 def main(argv: list | None = None) -> int:

@@ -3,7 +3,7 @@ dataset, evaluate them on its validation split, print a comparison table and wri
 picture panels.
 
     rwseg compare [--methods spn,dilated] [--workdir runs/main] [--steps N] [--smoke]
-    python -m rwseg.compare ...   (the same)
+    python -m rwseg compare ...   (the same)
 
 Each method trains with its shipped config :mod:`rwseg.configs` ``.<method>`` (or
 ``<config_dir>/<method>.py``; ``--steps`` overrides ``num_steps``; ``--smoke`` uses the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 
 import numpy as np
@@ -101,9 +100,3 @@ def run(methods=DEFAULT_METHODS, *, workdir="runs/main", steps: int | None = Non
     for path in written:
         print(f"panels (image | ground truth | baseline | method): {path}")
     return results
-
-
-if __name__ == "__main__":
-    from rwseg.cli import run_command
-
-    sys.exit(run_command("compare", prog="python -m rwseg.compare"))

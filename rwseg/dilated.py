@@ -32,7 +32,6 @@ import optax
 
 from rwseg import _validate as V
 from rwseg import stencil as S
-from rwseg._deprecation import deprecated_arguments
 from rwseg._numerics import masked_mean, safe_divide
 from rwseg.constants import IGNORE_INDEX
 
@@ -57,7 +56,6 @@ def _counts_from_affinity(targets, valid, num_rates):
     return counts, valid.reshape(h, w, num_rates, 8).all(axis=-1)
 
 
-@deprecated_arguments(positional=("ignore_index",))
 def neighbor_counts(labels, rates, *, ignore_index: int = IGNORE_INDEX):
     """Neighbour category of every pixel and rate (paper §3.2, eq. 5's ``n_sum(y_a)``).
 
@@ -90,7 +88,6 @@ def _histogram(labels, offsets, ignore_index):
 _histogram_jit = jax.jit(_histogram, static_argnums=(1, 2))
 
 
-@deprecated_arguments(positional=("ignore_index",))
 def category_frequencies(label_maps: Iterable, rates, *, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """Frequency table of the neighbour categories over a dataset (paper Fig. 3).
 
@@ -143,7 +140,6 @@ def _out_float(x):
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
 
 
-@deprecated_arguments(positional=("eps",))
 def prior_bias(frequencies, *, eps: float = 1e-6):
     """Bias initialisation of the affinity head, ``b_r = -log((1 - pi_r) / pi_r)`` (paper §4.1).
 
@@ -194,7 +190,6 @@ def _focal(logits, targets, gamma):
     return optax.sigmoid_focal_loss(logits, (targets > 0).astype(logits.dtype), gamma=gamma)
 
 
-@deprecated_arguments(positional=("gamma", "ignore_index"))
 def affinity_loss(logits, labels, rates, frequencies, *, gamma: float = 2.0, ignore_index: int = IGNORE_INDEX,
                   checked: bool = False):
     """Reweighted focal loss of the dilated affinities (paper eq. 4-5, without beta).
@@ -273,7 +268,6 @@ _ZERO_MASS = ("probs: eq. 6 divides each pixel's q_i = lam·p_i·max(p_i) + sum_
               "undefined there; give every pixel positive mass (e.g. a softmax output)")
 
 
-@deprecated_arguments(renamed={"iterations": "num_steps"})
 def propagate(probs, affinity_logits, rates, *, lam=6.0, mu=7.0, num_steps: int = 10, checked: bool = False):
     """Affinity propagation refinement (paper eq. 6 with eq. 7's steep gate).
 
@@ -311,8 +305,7 @@ def propagate(probs, affinity_logits, rates, *, lam=6.0, mu=7.0, num_steps: int 
         lam: weight of the pixel's own term, a scalar >= 0 (6 in the paper); a Python
             number or a 0-d array (traced ones too, e.g. learned).
         mu: gate steepness, a scalar >= 0 (7 in the paper), same types as ``lam``.
-        num_steps: number of propagation steps (Python int >= 0). Formerly ``iterations``
-            (still accepted, with a ``DeprecationWarning``).
+        num_steps: number of propagation steps (Python int >= 0).
         checked: add ``checkify`` value checks for traced inputs.
 
     Returns:

@@ -61,7 +61,6 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import linsolve, stencil
-from rwseg._deprecation import deprecated_arguments
 from rwseg._numerics import masked_mean, safe_divide
 from rwseg.constants import IGNORE_INDEX
 
@@ -197,7 +196,6 @@ def _check_labels(labels, hw, num_classes, ignore_index, checked=False):
 # --------------------------------------------------------------------------- model pieces
 
 
-@deprecated_arguments(positional=("pattern",))
 def bipartite_offsets(radius: int, *, pattern: str = "odd") -> stencil.Offsets:
     """The GCRF stencil inside the (2·radius + 1)^2 window (paper §3.2, Fig. 2).
 
@@ -401,7 +399,6 @@ def _check_state(name, y, unary, similarity, compat, offsets):
     return offsets
 
 
-@deprecated_arguments(positional=("parity",))
 def gmf_half_update(mu, unary, similarity, compat, offsets, *, parity: int):
     """One GMF sub-layer (paper §4, Fig. 3): update the columns of one parity.
 
@@ -441,7 +438,6 @@ def _info(matvec, rhs, mu, layers, converged):
     return linsolve.SolveInfo(rel, jnp.asarray(layers, jnp.int32), jnp.broadcast_to(converged, rel.shape))
 
 
-@deprecated_arguments(renamed={"num_layers": "num_steps", "max_layers": "max_iters"})
 def gmf(
     unary,
     similarity,
@@ -486,15 +482,15 @@ def gmf(
             :func:`compatibility`).
         offsets: N bipartite (every dx odd), symmetric offsets ``(dy, dx)``.
         num_steps: exact number of GMF layers (Python int), or ``None`` to iterate to
-            convergence. Formerly ``num_layers`` (still accepted, with a warning).
+            convergence.
         tol: convergence threshold of the iterated GMF, relative to ``max|r|`` (a Python
             or numpy scalar). Unused with ``num_steps``.
-        max_iters: cap on the layers of the iterated GMF. Formerly ``max_layers``.
+        max_iters: cap on the layers of the iterated GMF.
         return_info: also return a :class:`rwseg.linsolve.SolveInfo`.
         checked: add ``checkify`` value checks for traced inputs.
         remat: with ``num_steps``, checkpoint each layer (``jax.checkpoint``): the
             backward pass keeps only the iterate between layers and recomputes a layer's
-            intermediates (``config.remat``, :mod:`rwseg.models.memory`). Same values
+            intermediates (``config.remat``, :mod:`rwseg.layers.memory`). Same values
             and gradients. Unused without ``num_steps``.
 
     Returns:
@@ -605,7 +601,6 @@ def energy(y, unary, similarity, compat, offsets):
     return total
 
 
-@deprecated_arguments(positional=("margin", "ignore_index"))
 def margin_loss(y, labels, *, margin: float = 0.5, ignore_index: int = IGNORE_INDEX, checked: bool = False):
     """Multi-class hinge loss (paper eq. 6), averaged over labelled pixels.
 
@@ -638,7 +633,6 @@ def margin_loss(y, labels, *, margin: float = 0.5, ignore_index: int = IGNORE_IN
     return masked_mean(per_pixel, valid)
 
 
-@deprecated_arguments(positional=("threshold", "ignore_index"))
 def similarity_pretrain_loss(similarity, labels, offsets, *, threshold: float = math.exp(-10),
                              ignore_index: int = IGNORE_INDEX):
     """Pairwise pretraining loss (paper eq. 7), averaged over labelled pairs.

@@ -141,11 +141,25 @@ def _check_operators(b, matvec, preconditioner, x0):
             raise TypeError(f"x0: expected a floating-point warm start, got dtype {x0.dtype}")
     if not callable(matvec):
         raise TypeError(f"matvec: expected a callable, got {type(matvec).__name__}")
-    _check_like_b("matvec", "a linear map returning an array", jax.eval_shape(matvec, b), b)
+    _check_like_b("matvec", "a linear map returning an array", _eval_shape_named("matvec", matvec, b), b)
     if preconditioner is not None:
         if not callable(preconditioner):
             raise TypeError(f"preconditioner: expected a callable v -> M^-1 v, got {type(preconditioner).__name__}")
-        _check_like_b("preconditioner", "a map v -> M^-1 v returning an array", jax.eval_shape(preconditioner, b), b)
+        _check_like_b("preconditioner", "a map v -> M^-1 v returning an array",
+                      _eval_shape_named("preconditioner", preconditioner, b), b)
+
+
+def _eval_shape_named(name, f, b):
+    """``jax.eval_shape(f, b)``; a shape or dtype error inside ``f`` is re-raised naming ``name``.
+
+    E.g. a :func:`jacobi` diagonal that does not broadcast against ``b`` fails inside jax's
+    ``mul`` with a message that names neither the argument nor the shapes the solver expects.
+    """
+    try:
+        return jax.eval_shape(f, b)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected a map of arrays shaped like b {tuple(b.shape)} (dtype {b.dtype}), "
+                         f"but applying it to b failed: {e}") from e
 
 
 def _threshold(rhs, tol, atol):

@@ -45,7 +45,6 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import stencil as S
-from rwseg._deprecation import deprecated_arguments
 from rwseg._numerics import masked_mean, safe_divide
 from rwseg.constants import IGNORE_INDEX
 
@@ -92,18 +91,18 @@ def _label_valid(labels, ignore_index):
 # --------------------------------------------------------------------------- region metrics
 
 
-@deprecated_arguments(positional=("ignore_index",))
 def confusion_matrix(pred, labels, num_classes: int, *, ignore_index: int | None = IGNORE_INDEX,
-                     checked: bool = False):
+                     checked: bool = False, return_out_of_range: bool = False):
     """Confusion matrix ``cm[t, p]`` = number of pixels of true class ``t`` predicted as ``p``.
 
     Pixels whose label is ignored (negative or equal to ``ignore_index``) are skipped.
     Every other label must lie in ``[0, num_classes)`` and every prediction in
     ``[0, num_classes)``: both are checked eagerly on concrete inputs (``ValueError``
-    naming ``labels`` or ``pred``); under ``jit`` a pixel with an out-of-range label or
-    prediction is dropped (not counted), unless ``checked=True`` is passed and the call
-    is wrapped in ``checkify.checkify``, which then reports it. Matrices add up over
-    images, batches and devices (``psum``).
+    naming ``labels`` or ``pred``). Under ``jit`` a pixel with an out-of-range label or
+    prediction cannot raise and is left out of ``cm``; ``return_out_of_range=True`` counts
+    those pixels (pass the count to :func:`summarize`, which then reports it and gives NaN
+    scores), and ``checked=True`` inside ``checkify.checkify`` reports them as an error.
+    Matrices and counts add up over images, batches and devices (``psum``).
 
     Args:
         pred: int array ``(..., H, W)`` (any shape: pixels are simply counted).
@@ -112,11 +111,17 @@ def confusion_matrix(pred, labels, num_classes: int, *, ignore_index: int | None
         ignore_index: ground-truth label value to ignore (negative labels are always
             ignored); ``None`` ignores only negative labels.
         checked: add ``checkify`` value checks for traced inputs.
+        return_out_of_range: also return the counts of the pixels left out of ``cm``
+            because a value is out of range.
 
     Returns:
         ``(N, N)`` integer counts (default int dtype: int64 with ``jax_enable_x64``, else
             int32 — sum on the host in int64 for very large datasets). Rows are ground truth,
-            columns prediction.
+            columns prediction. With ``return_out_of_range=True`` the pair ``(cm, oor)``:
+            ``oor`` (2,) integer counts, ``oor[0]`` the pixels whose label is not ignored and
+            outside ``[0, N)``, ``oor[1]`` the pixels whose label is not ignored and whose
+            prediction is outside ``[0, N)`` (a pixel with both counts in both; an ignored
+            pixel counts in neither, whatever its prediction).
     """
     num_classes = V.check_nonnegative_int("num_classes", num_classes, positive=True)
     _check_pair(pred, labels)
@@ -140,10 +145,14 @@ def confusion_matrix(pred, labels, num_classes: int, *, ignore_index: int | None
     index = jnp.where(valid, labels * num_classes + pred, 0)
     dtype = _int_dtype()
     counts = jnp.zeros(num_classes * num_classes, dtype).at[index].add(valid.astype(dtype))
-    return counts.reshape(num_classes, num_classes)
+    cm = counts.reshape(num_classes, num_classes)
+    if not return_out_of_range:
+        return cm
+    oor = jnp.stack([jnp.sum(~ignored & ~label_ok, dtype=dtype), jnp.sum(~ignored & ~pred_ok, dtype=dtype)])
+    return cm, oor
 
 
-def summarize(cm) -> dict:
+def summarize(cm, *, out_of_range=None) -> dict:
     """Region scores from a (summed) confusion matrix (rows = ground truth).
 
     - ``per_class_iou`` (N,): ``tp / (gt + pred - tp)``; NaN for classes absent from
@@ -157,8 +166,15 @@ def summarize(cm) -> dict:
 
     A quantity with nothing to average over (empty matrix) is NaN. jit-able.
 
+    With ``out_of_range`` (the summed second result of ``confusion_matrix(...,
+    return_out_of_range=True)``) the dict also holds ``out_of_range_labels`` and
+    ``out_of_range_pred`` (integer pixel counts), and every score above is NaN when either
+    is nonzero: pixels left out of ``cm`` make its scores those of another dataset.
+
     Args:
         cm: ``(N, N)`` counts from :func:`confusion_matrix`.
+        out_of_range: optional ``(2,)`` integer counts (out-of-range labels, predictions)
+            from :func:`confusion_matrix`.
 
     Returns:
         A dict of default-float jnp values with the keys above.
@@ -177,7 +193,7 @@ def summarize(cm) -> dict:
     iou = safe_divide(tp, union, nan)
     acc = safe_divide(tp, gt, nan)
     total = cm.sum()
-    return {
+    scores = {
         "mean_iou": masked_mean(iou, present, empty=nan),
         "fw_iou": safe_divide(jnp.where(in_gt, gt * iou, 0).sum(), total, nan),
         "pixel_accuracy": safe_divide(tp.sum(), total, nan),
@@ -185,6 +201,16 @@ def summarize(cm) -> dict:
         "per_class_iou": iou,
         "per_class_accuracy": acc,
     }
+    if out_of_range is None:
+        return scores
+    V.check_shape("out_of_range", out_of_range, (2,), "(2,) counts of out-of-range labels and predictions")
+    V.check_integer("out_of_range", out_of_range)
+    out_of_range = jnp.asarray(out_of_range)
+    clean = jnp.all(out_of_range == 0)
+    scores = {k: jnp.where(clean, v, nan) for k, v in scores.items()}
+    scores["out_of_range_labels"] = out_of_range[0]
+    scores["out_of_range_pred"] = out_of_range[1]
+    return scores
 
 
 # --------------------------------------------------------------------------- boundaries and distances
@@ -203,7 +229,6 @@ def _boundary(labels, valid, void_boundaries: bool):
     return valid & jnp.any(inside & differs, axis=-1)
 
 
-@deprecated_arguments(positional=("ignore_index",))
 def boundary_mask(labels, *, ignore_index: int | None = IGNORE_INDEX, void_boundaries: bool = False):
     """Ground-truth boundary pixels of a label map.
 
@@ -262,7 +287,6 @@ def _squared_distance(mask, radius: float):
     return big - best
 
 
-@deprecated_arguments(positional=("radius",))
 def within_distance(mask, *, radius):
     """Pixels within Euclidean distance ``radius`` of a True pixel of ``mask``.
 
@@ -301,7 +325,6 @@ def _check_widths(widths) -> tuple[float, ...]:
     return widths
 
 
-@deprecated_arguments(positional=("widths", "ignore_index"))
 def trimap_counts(pred, labels, *, widths: Sequence[float], ignore_index: int | None = IGNORE_INDEX,
                   void_boundaries: bool = False):
     """Pixel errors inside bands around the ground-truth boundaries (Bertasius et al., Fig. 5).
@@ -357,7 +380,6 @@ def summarize_trimap(counts):
     return safe_divide(err, tot, jnp.nan)
 
 
-@deprecated_arguments(positional=("widths", "ignore_index"))
 def trimap_error(pred, labels, *, widths: Sequence[float], ignore_index: int | None = IGNORE_INDEX,
                  void_boundaries: bool = False):
     """Error rate inside the trimap band of each width (Bertasius et al., Fig. 5).
@@ -381,7 +403,6 @@ def trimap_error(pred, labels, *, widths: Sequence[float], ignore_index: int | N
                                           void_boundaries=void_boundaries))
 
 
-@deprecated_arguments(positional=("tolerance", "ignore_index"))
 def boundary_counts(pred, labels, *, tolerance: float, ignore_index: int | None = IGNORE_INDEX,
                     void_boundaries: bool = False):
     """Boundary matching counts for the boundary F-score (Bertasius et al., Table 4).
@@ -446,7 +467,6 @@ def summarize_boundary(counts) -> dict:
     return {"precision": precision, "recall": recall, "fscore": fscore}
 
 
-@deprecated_arguments(positional=("tolerance", "ignore_index"))
 def boundary_fscore(pred, labels, *, tolerance: float, ignore_index: int | None = IGNORE_INDEX,
                     void_boundaries: bool = False) -> dict:
     """Boundary precision, recall and F-score of a segmentation (Bertasius et al., Table 4).

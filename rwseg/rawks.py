@@ -51,17 +51,14 @@ Two cases need care:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
 
 from rwseg import _validate as V
 from rwseg import linsolve, stencil
-from rwseg._deprecation import deprecated_arguments
-from rwseg.constants import IGNORE_INDEX
 
 __all__ = [
     "RawksInfo",
@@ -70,7 +67,6 @@ __all__ = [
     "path_costs",
     "uncertainty_weights",
     "rawks_loss",
-    "scribbles_from_labels",
 ]
 
 _FOUR = stencil.four_connected()
@@ -259,9 +255,9 @@ def hitting_probabilities(
 
     Value checks: seeds out of range and negative / non-finite boundary raise
     ``ValueError`` eagerly when the inputs are concrete. Under ``jit``/``vmap`` they cannot
-    raise; out-of-range seeds then act as labelled pixels of no label (absorbing with
-    Z = 0), and a NaN boundary gives an all-NaN P with ``info.solve.converged`` False
-    (never a plausible P). ``checked=True`` adds ``checkify`` checks for traced inputs; the
+    raise; a seed out of range or a negative or non-finite boundary anywhere then gives an
+    all-NaN P with ``info.solve.converged`` False for every label (never a plausible P),
+    at the cost of one reduction over the inputs (the solve stops at once). ``checked=True`` adds ``checkify`` checks for traced inputs; the
     caller must then wrap the (jitted) function in ``jax.experimental.checkify.checkify``
     and call ``err.throw()``.
 
@@ -287,6 +283,13 @@ def hitting_probabilities(
     seeds = jnp.asarray(seeds)
     dtype = boundary.dtype
     h, w = boundary.shape
+    # Unchecked bad values (possible only for traced inputs; concrete ones raised above): a
+    # negative or non-finite boundary, or a seed outside -1 .. num_labels - 1, poisons the
+    # whole solve, so that P is NaN and ``converged`` False (never a plausible P: a negative
+    # B makes the system indefinite, and an out-of-range seed would act as an absorbing
+    # pixel of no label). A NaN boundary makes the solve stop at once (module docstring).
+    bad = ~(jnp.all(jnp.isfinite(boundary) & (boundary >= 0)) & jnp.all((seeds >= -1) & (seeds < num_labels)))
+    boundary = jnp.where(bad, jnp.asarray(jnp.nan, dtype), boundary)
 
     labelled = seeds >= 0
     unl = ~labelled
@@ -334,6 +337,8 @@ def hitting_probabilities(
     p = jnp.where(approximate[..., None], jax.lax.stop_gradient(p_path),
                   v / jnp.where(approximate[..., None] | (vsum <= 0), 1, vsum))
     p = jnp.where(reachable[..., None], p, jnp.asarray(1 / num_labels, dtype))
+    p = jnp.where(bad, jnp.asarray(jnp.nan, dtype), p)  # also where no valid seed made P uniform
+    info = info._replace(converged=info.converged & ~bad)
     return (p, RawksInfo(reachable=reachable, approximate=approximate, solve=info)) if return_info else p
 
 
@@ -342,7 +347,6 @@ def _entropy(p):
     return -jnp.sum(p * jnp.log(jnp.maximum(p, tiny)), axis=-1)
 
 
-@deprecated_arguments(renamed={"alpha": "temperature"}, positional=("alpha", "reachable"))
 def uncertainty_weights(P, *, temperature, reachable=None) -> jnp.ndarray:
     """Uncertainty weights ``w(x) = exp(-temperature H(P_x))`` (paper, after eq. 11).
 
@@ -351,8 +355,7 @@ def uncertainty_weights(P, *, temperature, reachable=None) -> jnp.ndarray:
 
     Args:
         P: (H, W, L) float label distributions.
-        temperature: scalar multiplying the entropy ``H(P_x)``. Formerly ``alpha`` (still
-            accepted, with a ``DeprecationWarning``).
+        temperature: scalar multiplying the entropy ``H(P_x)``.
         reachable: optional (H, W) bool from :class:`RawksInfo`; the weight is 0 where it is
             False (no label reachable).
 
@@ -368,7 +371,6 @@ def uncertainty_weights(P, *, temperature, reachable=None) -> jnp.ndarray:
     return w
 
 
-@deprecated_arguments(renamed={"alpha": "temperature"})
 def rawks_loss(P, logits, *, temperature, reachable=None, weight_gradient: bool = True,
                targets: str = "soft") -> jnp.ndarray:
     """Uncertainty-weighted loss, paper eq. 11, averaged over pixels.
@@ -384,7 +386,7 @@ def rawks_loss(P, logits, *, temperature, reachable=None, weight_gradient: bool 
     Args:
         P: (H, W, L) float label distributions (from :func:`hitting_probabilities`).
         logits: (H, W, L) float segmentation scores.
-        temperature: entropy temperature of :func:`uncertainty_weights`. Formerly ``alpha``.
+        temperature: entropy temperature of :func:`uncertainty_weights`.
         reachable: optional (H, W) bool, weight 0 where False.
         weight_gradient: ``False`` treats w as a constant (``stop_gradient``).
         targets: ``"soft"``: eq. 11 as above. ``"hard"``: a diagnostic, not the paper's loss:
@@ -418,102 +420,3 @@ def rawks_loss(P, logits, *, temperature, reachable=None, weight_gradient: bool 
     tiny = jnp.finfo(dtype).tiny
     kl = jnp.sum(P * (jnp.log(jnp.maximum(P, tiny)) - log_q), axis=-1)
     return jnp.mean(w * kl + _entropy(P))
-
-
-# --------------------------------------------------------------------------- scribbles
-
-
-def _rng_from_key(key) -> np.random.Generator:
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
-
-
-def _stroke(mask, start, length, rng) -> list:
-    """A smooth random stroke of up to ``length`` pixels inside ``mask`` from ``start``."""
-    h, w = mask.shape
-    pos = np.array(start, float)
-    angle = rng.uniform(0, 2 * np.pi)
-    pixels = [tuple(start)]
-    turned = False
-    while len(pixels) < length:
-        angle += rng.normal(0, 0.3)
-        nxt = pos + (np.sin(angle), np.cos(angle))
-        y, x = int(round(nxt[0])), int(round(nxt[1]))
-        if not (0 <= y < h and 0 <= x < w and mask[y, x]):
-            if turned:
-                break
-            angle += np.pi  # turn back once, then stop at the next wall
-            turned = True
-            continue
-        pos = nxt
-        if (y, x) != pixels[-1]:
-            pixels.append((y, x))
-    return pixels
-
-
-def scribbles_from_labels(
-    labels,
-    key,
-    *,
-    density: float = 0.03,
-    stroke_length: Optional[int] = None,
-    margin: int = 2,
-    ignore_index: int = IGNORE_INDEX,
-) -> np.ndarray:
-    """Synthetic scribbles from dense labels (real scribble sets are not available here).
-
-    For every 4-connected region of one label (``ignore_index`` / negative labels
-    skipped), strokes (smooth random walks) are drawn inside the region, ``margin``
-    pixels away from its border where the region is thick enough (else anywhere inside
-    it), until about ``density`` of the region's pixels are covered, with at least one
-    stroke per region. Numpy preprocessing, not traceable; deterministic for a given key.
-
-    Args:
-        labels: (H, W) int, concrete.
-        key: a JAX PRNG key.
-        density: fraction in (0, 1] of each region to cover.
-        stroke_length: stroke length in pixels; defaults to ``max(3, sqrt(region area))``.
-        margin: distance in pixels to keep from region borders.
-        ignore_index: label value to skip.
-
-    Returns:
-        seeds: (H, W) int32 numpy array, -1 unlabelled, else the label (every seed lies on a
-            pixel of that label).
-    """
-    V.check_rank("labels", labels, 2, "(H, W)")
-    V.check_integer("labels", labels)
-    if not V.is_concrete(labels):
-        raise TypeError("labels: expected a concrete array (scribbles_from_labels is numpy preprocessing), "
-                        "got a tracer; call it outside jit/vmap")
-    if not 0 < density <= 1:
-        raise ValueError(f"density: expected a fraction in (0, 1], got {density!r}")
-    if stroke_length is not None:
-        stroke_length = V.check_nonnegative_int("stroke_length", stroke_length, positive=True)
-    margin = V.check_nonnegative_int("margin", margin)
-    labels = np.asarray(labels)
-    rng = _rng_from_key(key)
-    seeds = np.full(labels.shape, -1, np.int32)
-    for value in np.unique(labels):
-        if value < 0 or value == ignore_index:
-            continue
-        regions, n = ndimage.label(labels == value)  # 4-connected by default
-        for r in range(1, n + 1):
-            region = regions == r
-            area = int(region.sum())
-            inner = ndimage.distance_transform_edt(region) > margin
-            mask = inner if inner.any() else region
-            length = stroke_length or max(3, int(round(np.sqrt(area))))
-            budget = max(1, int(round(density * area)))
-            covered = 0
-            for _ in range(max(1, int(np.ceil(budget / length)))):
-                ys, xs = np.nonzero(mask)
-                i = rng.integers(len(ys))
-                pix = _stroke(mask, (ys[i], xs[i]), min(length, budget - covered if covered else length), rng)
-                for y, x in pix:
-                    seeds[y, x] = value
-                covered += len(pix)
-                if covered >= budget:
-                    break
-    return seeds

@@ -22,8 +22,7 @@ import numpy as np
 
 from rwseg import _validate as V
 from rwseg import linsolve, stencil
-from rwseg._deprecation import deprecated_arguments
-from rwseg._numerics import masked_mean
+from rwseg._numerics import channel_scale, masked_mean
 from rwseg.constants import IGNORE_INDEX
 
 __all__ = ["feature_distances", "affinity", "transition", "random_walk", "affinity_loss"]
@@ -152,13 +151,22 @@ def _inverse_sqrt_degree(weights, offsets):
 _LANES = 8
 
 
+def _power_of_two_scale(f):
+    """``2^e`` per channel with ``2^(e-1) <= max |f| < 2^e`` (1 for a zero or non-finite channel).
+
+    Dividing or multiplying by it is exact (no rounding) wherever the result stays in the
+    normal range.
+    """
+    _, e = jnp.frexp(channel_scale(f))
+    return jnp.ldexp(jnp.ones((), f.dtype), e).astype(f.dtype)
+
+
 def _pad_channels(x):
     c = x.shape[-1]
     extra = (-c) % _LANES if c > _LANES else 0
     return jnp.pad(x, ((0, 0), (0, 0), (0, extra))) if extra else x
 
 
-@deprecated_arguments(renamed={"steps": "num_steps"})
 def random_walk(
     weights,
     f,
@@ -206,7 +214,10 @@ def random_walk(
     of the strongly diffusing walk). ``info.converged`` tests the true residual, so ask for
     ``tol`` a few times above that floor: ``tol = 1e-5`` up to alpha = 0.9, ``1e-4`` for
     alpha = 0.99; below it the loop may stop (recurrence converged) with
-    ``converged=False``. float64 inputs reach ``tol = 1e-12``.
+    ``converged=False``. float64 inputs reach ``tol = 1e-12``. The symmetric solve scales
+    each channel of ``f`` by a power of two near its ``max |f|`` (exact: no rounding changes),
+    so scores at the bottom of the normal range (``finfo.tiny``) are walked like any others;
+    only outputs that are themselves below it are flushed to zero (XLA on CPU).
 
     Bad values: a negative weight, ``alpha`` out of [0, 1) (converged walk) or a
     non-symmetric W with ``symmetric=True`` raise ``ValueError`` when the inputs are
@@ -222,7 +233,6 @@ def random_walk(
         alpha: restart weight of the walk, a scalar (``0 <= alpha < 1`` for the converged
             walk; ``1.0`` with ``num_steps=1`` is the training layer). May be traced.
         num_steps: exact number of steps (Python int), or ``None`` for the converged walk.
-            Formerly ``steps`` (still accepted, with a ``DeprecationWarning``).
         symmetric: promise that W = W^T (selects CG on the symmetric scaling).
         tol: relative residual of the solved system at which the converged walk stops,
             per channel (``||b - A z|| / ||b||``, in the scaled variables for
@@ -232,7 +242,7 @@ def random_walk(
         checked: add ``checkify`` value checks for traced ``alpha``.
         remat: with ``num_steps``, checkpoint each step (``jax.checkpoint``): the backward
             pass keeps the iterate only and recomputes the step's shifted products
-            (``config.remat``, :mod:`rwseg.models.memory`). Same values and gradients.
+            (``config.remat``, :mod:`rwseg.layers.memory`). Same values and gradients.
             Unused without ``num_steps``.
 
     Returns:
@@ -292,11 +302,15 @@ def random_walk(
             return z - alpha_s * stencil.apply_masked(masked, inv_sqrt_d * z, offsets)
 
         c = f.shape[-1]
-        # Scores within a factor sqrt(max degree) of the smallest normal number underflow in
-        # f * sqrt(d) (flushed to zero on CPU): a known limitation (tests/test_properties.py).
-        z, info = linsolve.cg(matvec, _pad_channels((1 - alpha_c) * f / inv_sqrt_d), tol=tol,
+        # The walk is linear in f: solve for f / s and scale back, s = the power of two nearest
+        # max |f| per channel, so that f * sqrt(d) does not fall below the normal range (flushed
+        # to zero on CPU) for scores near the bottom of it. A power of two scales exactly: every
+        # rounding of the solve, hence float32 convergence, is the same as without it
+        # (linsolve's own rescaling acts after the sqrt(d) scaling and cannot prevent that).
+        s = _power_of_two_scale(jax.lax.stop_gradient(f))
+        z, info = linsolve.cg(matvec, _pad_channels((1 - alpha_c) * (f / s) / inv_sqrt_d), tol=tol,
                               max_iters=max_iters)
-        y = inv_sqrt_d * z[..., :c]
+        y = (inv_sqrt_d * z[..., :c]) * s
         info = linsolve.SolveInfo(info.residual[:c], info.iterations, info.converged[:c])
     else:
         inv_d, _ = _inverse_degree(weights, offsets)
@@ -308,7 +322,6 @@ def random_walk(
     return (y, info) if return_info else y
 
 
-@deprecated_arguments(positional=("ignore_index",))
 def affinity_loss(weights, labels, offsets, *, ignore_index: int = IGNORE_INDEX) -> jnp.ndarray:
     """Squared error of affinities against ground-truth affinities (paper §3.3).
 

@@ -35,7 +35,8 @@ zero input and zero gates, so H != W needs no second scan). Gates pointing outsi
 own image and the input term ``(1 - sum_k p_k) * x`` are computed once, outside the loop.
 The recurrence ``h_t = a_t + P_t h_{t-1}`` is solved by :mod:`rwseg.spn_pallas`: a
 ``lax.scan`` carrying one column (CPU) or a Pallas kernel (TPU; on GPU its Triton variant
-when it lowers; interpret mode on request), wrapped in ``lax.custom_linear_solve`` as the triangular system
+when it lowers; interpret mode on request; ``implementation="auto"`` uses a kernel only where it is
+verified, :mod:`rwseg.spn_verify`), wrapped in ``lax.custom_linear_solve`` as the triangular system
 ``(I - A) h = a``: gradients w.r.t. ``x`` run the adjoint recurrence (the reverse scan
 with transposed gates) instead of storing per-step intermediates, gradients w.r.t. the
 gates are ``lambda * h_prev`` neighbours, and forward mode (``jvp``, ``jacfwd``) works as
@@ -57,8 +58,7 @@ import numpy as np
 
 from rwseg import _platform
 from rwseg import _validate as V
-from rwseg import spn_pallas, stencil
-from rwseg._deprecation import deprecated_arguments
+from rwseg import spn_pallas, spn_verify, stencil
 
 __all__ = ["DIRECTIONS", "direction_offsets", "propagate", "spn", "stabilize", "propagation_matrix"]
 
@@ -227,8 +227,10 @@ def _resolve_implementation(implementation, x, gates, directions):
     """"scan", "pallas" (block kernel: TPU, or interpret mode on CPU) or "pallas_gpu" for this call.
 
     See :func:`propagate`. On GPU, "pallas" is the Triton kernel
-    (:func:`spn_pallas.recurrence_gpu`) and "auto" picks it only if it lowers (and compiles)
-    for this shape on this backend (:func:`spn_pallas.gpu_kernel_lowers`), else the scan.
+    (:func:`spn_pallas.recurrence_gpu`). "auto" picks a kernel only where it is verified on
+    this device (:func:`rwseg.spn_verify.is_verified`: recorded, or the opt-in self-check)
+    and, on GPU, it lowers (and compiles) for this shape (:func:`spn_pallas.gpu_kernel_lowers`),
+    on TPU its blocks fit on chip; else the scan.
     """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")
@@ -241,12 +243,16 @@ def _resolve_implementation(implementation, x, gates, directions):
         n = max(height, width)
         dtype = jnp.result_type(x, gates)
         if on_gpu:
+            if not spn_verify.is_verified("pallas_gpu"):
+                return "scan"
             layout = _layout(height, width, directions)
             lowers = spn_pallas.gpu_kernel_lowers(layout.steps, len(directions) * layout.rows, channels,
                                                   gates.shape[-1], jnp.dtype(dtype).name, layout.rows)
             return "pallas_gpu" if lowers else "scan"
+        if backend != "tpu":
+            return "scan"
         on_chip = spn_pallas.fits_on_chip(n, n, channels, gates.shape[-1], dtype.itemsize)
-        return "pallas" if backend == "tpu" and on_chip else "scan"
+        return "pallas" if on_chip and spn_verify.is_verified("pallas") else "scan"
     return implementation
 
 
@@ -304,7 +310,9 @@ def _propagate_stacked_jit(x, gates, directions, implementation, interpret):
     return _unpack(_solve(a, p, implementation, layout.rows, interpret), layout)
 
 
-@deprecated_arguments(positional=("direction", "implementation"))
+spn_verify.register_propagation(_propagate_stacked_jit, DIRECTIONS)  # the device check compares in it
+
+
 def propagate(x, gates, *, direction: str, implementation: str = "auto"):
     """One linear propagation of ``x`` in ``direction`` (paper eq. 1 / eq. 5).
 
@@ -319,9 +327,11 @@ def propagate(x, gates, *, direction: str, implementation: str = "auto"):
             the previous column/row.
         direction: one of :data:`DIRECTIONS`.
         implementation: ``"scan"`` (``lax.scan``), ``"pallas"`` (the Pallas kernel of
-            :mod:`rwseg.spn_pallas`, its Triton variant on GPU; interpret mode on CPU) or
-            ``"auto"`` (Pallas on TPU when the blocks fit on chip and on GPU when the kernel
-            lowers, else the scan; the scan on CPU).
+            :mod:`rwseg.spn_pallas`, its Triton variant on GPU; interpret mode on CPU;
+            forced, verified or not) or ``"auto"``: the kernel only where it is verified on
+            this device (:mod:`rwseg.spn_verify`: none is recorded yet, so the scan unless
+            the opt-in self-check passes) and, on TPU, its blocks fit on chip, on GPU it
+            lowers; else the scan; the scan on CPU.
 
     Returns:
         h: (H, W, C) in ``result_type(x, gates)``.
@@ -332,7 +342,6 @@ def propagate(x, gates, *, direction: str, implementation: str = "auto"):
     return _propagate_stacked(x, gates[None], (direction,), implementation)[0]
 
 
-@deprecated_arguments(positional=("merge", "implementation"))
 def spn(x, gates, *, merge: str = "max", implementation: str = "auto"):
     """Four-direction SPN layer: propagate in every direction, merge node-wise (paper §3.3).
 
@@ -385,7 +394,6 @@ def stabilize(gates):
     return gates / jnp.maximum(total, jnp.ones((), total.dtype))
 
 
-@deprecated_arguments(positional=("direction", "channel"))
 def propagation_matrix(gates, *, direction: str, channel: int = 0):
     """The dense (H·W, H·W) propagation matrix ``G`` of one channel: ``vec(h) = G vec(x)``.
 

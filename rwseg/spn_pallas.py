@@ -38,15 +38,20 @@ Three implementations of the same step functions (:func:`column_step`,
 
 Status on accelerators (no GPU or TPU was available when this was written; the kernels
 are verified in interpret mode only, ``tests/test_spn_pallas.py``): :func:`recurrence`
-lowers for TPU (Mosaic TPU lowering runs without a device; compiling for the chip was not
-tried), so ``implementation="auto"`` uses it on TPU when one program's blocks, as Mosaic
-pads and double-buffers them, fit the 16 MiB of scoped VMEM (:func:`fits_on_chip`: maps up to
-56x56 in float32, three-way, at up to 128 channels; larger maps take the scan). It does not lower for GPU (Mosaic GPU rejects its strided
-block loads; Triton cannot slice a value). :func:`recurrence_gpu` lowers for CUDA
+lowers for TPU (Mosaic TPU lowering runs without a device; it compiles for a v5e without
+one) but it has never run on a TPU. It does not lower for GPU (Mosaic GPU rejects its
+strided block loads; Triton cannot slice a value). :func:`recurrence_gpu` lowers for CUDA
 (Triton; checked without a device, forward, transpose and the whole batched,
-differentiated layer); it has not been compiled by Triton or run on a GPU. On GPU,
-``"pallas"`` uses it and ``"auto"`` uses it when it lowers and compiles for the shape
-(:func:`gpu_kernel_lowers`), else the scan.
+differentiated layer); it has not been compiled by Triton or run on a GPU.
+
+Neither kernel has been compared with the scan on a chip, so ``implementation="auto"``
+uses one only where it is verified on that device kind (:mod:`rwseg.spn_verify`: a
+recorded run of the device check ``rwseg check-kernels``, none yet, or the opt-in
+self-check at first use, ``RWSEG_SPN_SELF_CHECK=1``) and, on TPU, one program's blocks, as
+Mosaic pads and double-buffers them, fit the 16 MiB of scoped VMEM (:func:`fits_on_chip`: maps
+up to 56x56 in float32, three-way, at up to 128 channels; larger maps take the scan), on GPU it lowers and compiles for the shape
+(:func:`gpu_kernel_lowers`); else the scan. ``implementation="pallas"`` forces the kernel
+(the Triton one on GPU).
 """
 
 from __future__ import annotations

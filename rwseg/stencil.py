@@ -27,7 +27,6 @@ import numpy as np
 from jax.interpreters import ad, batching, mlir
 
 from rwseg import _validate as V
-from rwseg._deprecation import deprecated_arguments
 from rwseg.constants import IGNORE_INDEX
 
 Offset = tuple[int, int]
@@ -57,7 +56,6 @@ __all__ = [
 # --------------------------------------------------------------------------- offsets
 
 
-@deprecated_arguments(positional=("name",))
 def as_offsets(offsets: Iterable[Sequence[int]], *, name: str = "offsets") -> Offsets:
     """Normalise ``offsets`` to a hashable tuple of ``(dy, dx)`` int pairs.
 
@@ -304,6 +302,11 @@ def _kernel(a, b, *, kind, offsets):
     # reduce: XLA CPU fuses it with the products and windows, whereas one jnp.sum per
     # offset becomes a separate YNN reduce fusion and a copied window each (~15x slower at
     # K = 144, see docs/benchmarks/stencil.md).
+    # Both operands are materialised first (_materialized): as the weight cotangent of
+    # ``sum(apply(w, x)**2)`` (g = 2 apply(w, x)), XLA CPU fused the whole forward into each
+    # of the K products and recomputed it K times (34-45x the forward at K = 144).
+    a, b = _materialized(a, b)
+    bp = _pad_hw(b, halo)
     zero = jnp.zeros((), dtype)
     sums = []
     for j in range(0, len(offsets), _CORRELATE_GROUP):
@@ -313,6 +316,19 @@ def _kernel(a, b, *, kind, offsets):
 
 
 _CORRELATE_GROUP = 8
+
+
+def _materialized(*xs):
+    """``xs`` unchanged, but computed into memory before any use: the operands of an always
+    taken ``lax.cond`` (its predicate reads one value, so XLA cannot fold it away). A
+    conditional is a fusion boundary for XLA: the producers of ``xs`` cannot be fused into,
+    and recomputed inside, the consumers. (``lax.optimization_barrier`` does not do this on
+    XLA CPU, which removes it before fusion; measured in docs/benchmarks/stencil.md.)
+    """
+    if any(x.size == 0 for x in xs):
+        return xs
+    keep = jnp.logical_not(jnp.isnan(xs[0].reshape(-1)[0]))  # True unless a NaN; both branches are exact
+    return jax.lax.cond(keep, lambda *v: v, lambda *v: tuple(u * 1 for u in v), *xs)
 
 
 def _add_all(xs, ys):
@@ -402,7 +418,11 @@ def apply(weights, x, offsets) -> jnp.ndarray:
     Differentiation is hand-written: reverse mode gives ``dx = apply_transpose(weights, g)``
     and ``dw[i, k] = sum_c g[i, c] x[i + o_k, c]`` on valid entries (zero elsewhere), two
     passes of the forward's shape; forward mode is ``apply(dw, x) + apply(weights, dx)``;
-    both compose to any order and under ``vmap``.
+    both compose to any order and under ``vmap``. The weight correlation materialises its
+    operands first, so its cost does not depend on the loss: without that, XLA CPU fused
+    the forward into each of its K products when ``g`` is a function of ``y`` (``jax.grad``
+    of ``sum(apply(w, x)**2)`` in ``w`` cost 49x the forward at K = 144, 64x64x21, against
+    2.0x now; vjp, log-softmax loss and both gradients 2-4x: docs/benchmarks/stencil.md).
 
     Args:
         weights: (H, W, K) float, entry ``[i, k]`` linking ``i`` to ``i + o_k``.
@@ -585,7 +605,6 @@ def asymmetry(weights, offsets):
     return jnp.where(jnp.all(jnp.isfinite(wv)), defect, jnp.nan), jnp.max(jnp.abs(wv))
 
 
-@deprecated_arguments(positional=("ignore_index",))
 def label_affinity(labels, offsets, *, ignore_index: int = IGNORE_INDEX):
     """Ground-truth affinities on the stencil (RWN §3.3, dilated affinity §3.1).
 

@@ -7,7 +7,7 @@ while loops of the compiled step (as a JSON list), its number of while loops, an
 results: the parameters and metrics after one train step, the eval predictions and
 counts. Also ``probe/*``: the same inspection of ``jit(vmap(rwn.random_walk))`` (a
 converged walk, batch sharded) with a bare ``vmap`` and with
-:func:`rwseg.models.device_local.map_examples`. Batches are built directly from the
+:func:`rwseg.layers.device_local.map_examples`. Batches are built directly from the
 synthetic generator (no dataset build): global batch 8, 32x32.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 from rwseg import data
 from rwseg.data.synthetic import NUM_CLASSES, synthetic_example
 from rwseg.models import dataset_statistics
-from rwseg.rawks import scribbles_from_labels
+from rwseg.data import scribbles_from_labels
 from rwseg.train import parallel
 from rwseg.train.config_files import load_config_file
 from rwseg.train.evaluate import make_eval_step
@@ -50,7 +50,7 @@ def inspect(fn, args, prefix):
 def probe(mesh):
     """A vmapped converged walk on a sharded batch, bare and device-local."""
     from rwseg import rwn, stencil
-    from rwseg.models.device_local import batch_axis, map_examples
+    from rwseg.layers.device_local import batch_axis, map_examples
 
     offsets = stencil.four_connected()
     walk = lambda w, f: rwn.random_walk(w, f, offsets, alpha=0.9, symmetric=True, tol=1e-5, max_iters=50)

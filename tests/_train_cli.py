@@ -1,4 +1,4 @@
-"""Test helpers: run the training CLI (``python -m rwseg.train``) in subprocesses, with
+"""Test helpers: run the training CLI (``python -m rwseg train``) in subprocesses, with
 fake CPU devices or several processes: ``run_train(config, workdir, overrides, devices=8)``.
 """
 
@@ -27,8 +27,8 @@ def subprocess_env(devices: int = 1, extra: dict | None = None) -> dict:
 
 
 def train_command(config_path: str, workdir, overrides=(), *, process: tuple[str, int, int] | None = None) -> list:
-    """argv of ``python -m rwseg.train``; ``process = (coordinator, num_processes, process_id)``."""
-    cmd = [sys.executable, "-m", "rwseg.train", "--config", str(config_path), "--workdir", str(workdir)]
+    """argv of ``python -m rwseg train``; ``process = (coordinator, num_processes, process_id)``."""
+    cmd = [sys.executable, "-m", "rwseg", "train", "--config", str(config_path), "--workdir", str(workdir)]
     cmd += [f"--config.{k}={v}" for k, v in dict(overrides).items()]
     if process is not None:
         address, n, i = process

@@ -12,6 +12,7 @@ import glob
 import importlib.util
 import os
 import pathlib
+import sys
 import zlib
 
 # The test extra installs libtpu (tests/test_plan.py compiles for TPU topologies). On a machine
@@ -25,6 +26,11 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# the repository root: tests import the experiment drivers (``experiments.refine_benchmark``)
+_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 try:  # property-based tests (tests/test_properties.py); the rest of the suite runs without
     from hypothesis import HealthCheck, settings

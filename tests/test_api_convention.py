@@ -8,8 +8,6 @@
 - ``ignore_index`` is keyword-only with the default ``rwseg.constants.IGNORE_INDEX``;
 - ``return_info=True`` returns ``(result, info)`` with a NamedTuple info holding a
   ``SolveInfo`` (every code path, called on tiny inputs);
-- old spellings (renamed keywords, formerly positional options) still work, warn with a
-  ``DeprecationWarning`` and give identical results;
 - docstrings have Google-style ``Args:`` (names = the signature's, in order) and
   ``Returns:`` sections, and name papers rather than seed files or paths outside the repo.
 """
@@ -18,7 +16,6 @@ import importlib
 import inspect
 import pathlib
 import re
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +39,6 @@ POSITIONAL = {
     "rawks.path_costs": ("boundary", "sources", "blocked"),
     "rawks.uncertainty_weights": ("P",),
     "rawks.rawks_loss": ("P", "logits"),
-    "rawks.scribbles_from_labels": ("labels", "key"),
     "gcrf.bipartite_offsets": ("radius",),  # a stencil constructor: its size
     "gcrf.pairwise_similarity": ("z", "filters", "offsets"),
     "gcrf.compatibility": ("r",),
@@ -182,102 +178,6 @@ def _rawks():
 
 def _probs():
     return jax.nn.softmax(jnp.asarray(_rng(7).normal(size=(H, W, 3))), -1)
-
-
-def _freq():
-    return dilated.category_frequencies([np.asarray(_labels())], RATES)
-
-
-def _spd(x):
-    return 3 * x - stencil.apply(jnp.ones((H, W, 4)) * 0.5, x, OFFS)
-
-
-# name -> (positional args, new-spelling keyword options): every option a deprecated
-# spelling maps to is given, so that the old spelling can be derived from the example.
-EXAMPLES = {
-    "rwn.random_walk": lambda: ((*_walk(), OFFS), dict(alpha=0.5, num_steps=2)),
-    "rwn.affinity_loss": lambda: ((_walk()[0], _labels(), OFFS), dict(ignore_index=2)),
-    "rawks.uncertainty_weights": lambda: ((_probs(),), dict(temperature=0.7, reachable=jnp.arange(H * W).reshape(H, W) % 3 > 0)),
-    "rawks.rawks_loss": lambda: ((_probs(), jnp.asarray(_rng(8).normal(size=(H, W, 3)))), dict(temperature=0.7)),
-    "gcrf.bipartite_offsets": lambda: ((3,), dict(pattern="odd_columns")),
-    "gcrf.gmf": lambda: ((*_gcrf(), GOFFS), dict(num_steps=3, max_iters=10)),
-    "gcrf.gmf_half_update": lambda: ((_gcrf()[0], *_gcrf(), GOFFS), dict(parity=1)),
-    "gcrf.margin_loss": lambda: ((_gcrf()[0], _labels()), dict(margin=0.3, ignore_index=constants.IGNORE_INDEX)),
-    "gcrf.similarity_pretrain_loss": lambda: ((_gcrf()[1], _labels(), GOFFS), dict(threshold=0.2, ignore_index=1)),
-    "spn.propagate": lambda: ((jnp.asarray(_rng(9).normal(size=(H, W, 2))),
-                               jnp.asarray(_rng(10).uniform(-0.3, 0.3, (H, W, 2, 3)))),
-                              dict(direction="top_to_bottom", implementation="scan")),
-    "spn.spn": lambda: ((jnp.asarray(_rng(9).normal(size=(H, W, 2))),
-                         jnp.asarray(_rng(11).uniform(-0.3, 0.3, (4, H, W, 2, 3)))),
-                        dict(merge="mean", implementation="scan")),
-    "spn.propagation_matrix": lambda: ((jnp.asarray(_rng(10).uniform(-0.3, 0.3, (3, 4, 2, 1))),),
-                                       dict(direction="right_to_left", channel=1)),
-    "dilated.neighbor_counts": lambda: ((_labels(), RATES), dict(ignore_index=1)),
-    "dilated.category_frequencies": lambda: (([np.asarray(_labels())], RATES), dict(ignore_index=1)),
-    "dilated.prior_bias": lambda: ((_freq(),), dict(eps=1e-3)),
-    "dilated.affinity_loss": lambda: ((jnp.asarray(_rng(12).normal(size=(H, W, 8))), _labels(), RATES, _freq()),
-                                      dict(gamma=1.5, ignore_index=1)),
-    "dilated.propagate": lambda: ((_probs(), jnp.asarray(_rng(13).normal(size=(H, W, 8))), RATES), dict(num_steps=2)),
-    "stencil.as_offsets": lambda: (([(0, 1)],), dict(name="stencil")),
-    "stencil.label_affinity": lambda: ((_labels(), OFFS), dict(ignore_index=1)),
-    "metrics.confusion_matrix": lambda: ((_pred(), _labels(), 3), dict(ignore_index=constants.IGNORE_INDEX)),
-    "metrics.boundary_mask": lambda: ((_labels(),), dict(ignore_index=1)),
-    "metrics.within_distance": lambda: ((_labels() == 1,), dict(radius=1.5)),
-    "metrics.trimap_counts": lambda: ((_pred(), _labels()), dict(widths=(0, 2), ignore_index=1)),
-    "metrics.trimap_error": lambda: ((_pred(), _labels()), dict(widths=(0, 2), ignore_index=1)),
-    "metrics.boundary_counts": lambda: ((_pred(), _labels()), dict(tolerance=1.0, ignore_index=1)),
-    "metrics.boundary_fscore": lambda: ((_pred(), _labels()), dict(tolerance=1.0, ignore_index=1)),
-}
-
-DEPRECATED = [(q, f) for q, f in FUNCTIONS if hasattr(f, "__deprecated_arguments__")]
-
-
-def _old_call(fn, args, kwargs):
-    """The pre-convention spelling of ``fn(*args, **kwargs)``."""
-    spec = fn.__deprecated_arguments__
-    renamed, positional = spec["renamed"], spec["positional"]
-    kwargs = dict(kwargs)
-    args = list(args) + [kwargs.pop(renamed.get(old, old)) for old in positional]
-    back = {new: old for old, new in renamed.items()}
-    return args, {back.get(k, k): v for k, v in kwargs.items()}
-
-
-def _same(a, b):
-    la, ta = jax.tree_util.tree_flatten(a)
-    lb, tb = jax.tree_util.tree_flatten(b)
-    assert ta == tb
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_every_deprecated_function_has_an_example():
-    assert {q for q, _ in DEPRECATED} <= set(EXAMPLES)
-
-
-@pytest.mark.parametrize("name,fn", DEPRECATED, ids=[q for q, _ in DEPRECATED])
-def test_old_spelling_warns_and_gives_identical_results(name, fn):
-    args, kwargs = EXAMPLES[name]()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        new = fn(*args, **kwargs)
-    old_args, old_kwargs = _old_call(fn, args, kwargs)
-    assert len(old_args) > len(args) or set(old_kwargs) != set(kwargs)
-    with pytest.warns(DeprecationWarning) as rec:
-        old = fn(*old_args, **old_kwargs)
-    text = " ".join(str(r.message) for r in rec)
-    spec = fn.__deprecated_arguments__
-    for old_name in list(spec["positional"][: len(old_args) - len(args)]) + [k for k in old_kwargs if k in spec["renamed"]]:
-        assert repr(old_name) in text and spec["renamed"].get(old_name, old_name) in text
-    _same(new, old)
-
-
-@pytest.mark.parametrize("name", ["rwn.random_walk", "gcrf.gmf"])
-def test_old_and_new_spelling_together_is_a_type_error(name):
-    fn = dict(FUNCTIONS)[name]
-    args, kwargs = EXAMPLES[name]()
-    old = next(iter(fn.__deprecated_arguments__["renamed"]))
-    with pytest.raises(TypeError, match="pass only"):
-        fn(*args, **{old: 2}, **kwargs)
 
 
 # --------------------------------------------------------------------------- return_info

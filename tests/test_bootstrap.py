@@ -1,9 +1,9 @@
-"""rwseg.bootstrap.paired_bootstrap against exact and large-sample answers."""
+"""experiments.bootstrap.paired_bootstrap against exact and large-sample answers."""
 
 import numpy as np
 import pytest
 
-from rwseg.bootstrap import paired_bootstrap, resample_weights
+from experiments.bootstrap import paired_bootstrap, resample_weights
 
 
 def ratio(c):  # summed [value, weight] pairs -> weighted mean, batched over the leading axis

@@ -56,7 +56,7 @@ class OperatorVariantsTest(chex.TestCase):
         rng = np.random.default_rng(1)
         x = rng.normal(size=(5, 4, 2))
         gates = rng.uniform(-0.5, 0.9, size=(5, 4, 2, 1))
-        h = self.variant(lambda x, g: spn.propagate(x, g, "top_to_bottom"))(jnp.asarray(x), jnp.asarray(gates))
+        h = self.variant(lambda x, g: spn.propagate(x, g, direction="top_to_bottom"))(jnp.asarray(x), jnp.asarray(gates))
         chex.assert_shape(h, x.shape)
         chex.assert_type(h, jnp.float64)
         np.testing.assert_allclose(np.asarray(h), _numpy_top_to_bottom(x, gates), rtol=1e-12, atol=1e-12)

@@ -1,4 +1,4 @@
-"""The `rwseg` command line: subcommands, --config by name or path, the benchmark finder.
+"""The `rwseg` command line: subcommands, --config by name or path.
 (End to end: test_train.py runs train/evaluate, test_wheel.py `rwseg compare --smoke`.)"""
 
 import pathlib
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rwseg import bench, cli, configs
+from rwseg import cli, configs
 from rwseg.train.config_files import load_config_file, resolve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_help_lists_the_subcommands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("train", "evaluate", "compare", "plan", "bench"):
+    for command in ("train", "evaluate", "compare", "plan", "check-kernels"):
         assert f"\n  {command} " in out
     assert cli.main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
 
@@ -49,11 +49,3 @@ def test_config_by_name_or_path(tmp_path, monkeypatch):
         resolve("nope:smoke")
     with pytest.raises(ValueError, match="config name: expected one of"):
         configs.get_config("common")
-
-
-def test_benchmark_finder(tmp_path):
-    found = bench.find_benchmarks()
-    assert {"stencil", "spn_gcrf", "random_walks", "train"} <= set(found)
-    assert all(p.parent == ROOT / "experiments" / "benchmarks" for p in found.values())
-    with pytest.raises(FileNotFoundError, match="--benchmarks_dir: no bench_"):
-        bench.find_benchmarks(tmp_path)

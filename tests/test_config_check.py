@@ -1,6 +1,7 @@
-"""Config validation before training (issue 9, items 3 and 7): every bad value is refused
-before any data or model is built, with a message naming its ``config.`` key; resuming
-compares configs key by key."""
+"""Config validation before training: every bad value is refused before any data or model
+is built, with a message naming its ``config.`` key; a method's layer section is checked
+against its layer's signature; an older run's config is upgraded once, at load time;
+resuming compares configs key by key."""
 
 import pathlib
 import subprocess
@@ -8,7 +9,9 @@ import subprocess
 import ml_collections
 import pytest
 
+from rwseg.models import model_class
 from rwseg.train.config_check import HARMLESS_KEYS, METHOD_OPTIONS, ConfigError, check_config, config_changes
+from rwseg.train.config_upgrade import upgrade_config
 from rwseg.train.config_files import load_config_file
 from _train_cli import subprocess_env, train_command
 
@@ -44,8 +47,8 @@ def test_shipped_configs_are_valid(method, arg):
     check_config(config, num_devices=1, num_processes=1)
     assert config.allow_config_change is False
     # every option the method's model reads is checked, and nothing else is in its section
-    if METHOD_OPTIONS[method]:
-        assert set(config[method].keys()) == set(METHOD_OPTIONS[method])
+    if model_class(method).LAYER is not None:
+        assert set(config[method].keys()) == set(METHOD_OPTIONS[method]) | {"layer"}
 
 
 @pytest.mark.parametrize("method, overrides, expected", [
@@ -68,25 +71,29 @@ def test_shipped_configs_are_valid(method, arg):
     ("baseline", {"progress": "yes"}, "config.progress: expected True or False"),
     ("baseline", {"method": "spn"}, "config.spn: method 'spn' reads its options from config.spn"),
     ("baseline", {"method": "crf"}, "config.method: expected one of"),
-    ("rwn", {"rwn.alpha": 1.0}, "config.rwn.alpha: expected a finite number in [0, 1), got 1.0"),
-    ("rwn", {"rwn.alpha": -0.1}, "config.rwn.alpha"),
-    ("rwn", {"rwn.tol": 0.0}, "config.rwn.tol: expected a finite number in (0, inf)"),
-    ("rwn", {"rwn.walk_downsample": 3}, "config.rwn.walk_downsample: expected a divisor of config.data.crop_size"),
-    ("rwn", {"rwn.eval_radius": 0}, "config.rwn.eval_radius: expected an int >= 1"),
+    ("rwn", {"rwn.layer.alpha": 1.0}, "config.rwn.layer.alpha: expected a finite number in [0, 1), got 1.0"),
+    ("rwn", {"rwn.layer.alpha": -0.1}, "config.rwn.layer.alpha"),
+    ("rwn", {"rwn.layer.tol": 0.0}, "config.rwn.layer.tol: expected a finite number in (0, inf)"),
+    ("rwn", {"rwn.layer.downsample": 3}, "config.rwn.layer.downsample: expected a divisor of config.data.crop_size"),
+    ("rwn", {"rwn.layer.theta_init": "x"}, "config.rwn.layer.theta_init: expected a finite number"),
+    ("rwn", {"rwn.layer.eval_radius": 0}, "config.rwn.layer.eval_radius: expected an int >= 1"),
     ("rawks", {"data.scribbles": False}, "config.data.scribbles: expected True for method 'rawks'"),
-    ("rawks", {"rawks.width": 12}, "config.rawks.width: expected a channel count"),
-    ("rawks", {"rawks.max_boundary": 0.0}, "config.rawks.max_boundary"),
-    ("spn", {"spn.downsample": 0}, "config.spn.downsample: expected an int >= 1"),
+    ("rawks", {"rawks.layer.boundary_channels": 12}, "config.rawks.layer.boundary_channels: expected a channel "
+     "count"),
+    ("rawks", {"rawks.targets": "hard"}, "config.rawks.targets: expected 'soft' unless config.freeze_method"),
+    ("rawks", {"rawks.layer.max_boundary": 0.0}, "config.rawks.layer.max_boundary"),
+    ("spn", {"spn.layer.downsample": 0}, "config.spn.layer.downsample: expected an int >= 1"),
+    ("spn", {"spn.layer.merge": "sum"}, "config.spn.layer.merge: expected one of 'max', 'mean', got 'sum'"),
     ("spn", {"spn.aux_weight": -1.0}, "config.spn.aux_weight"),
     ("spn", {"spn.guidance_input": "image,depth"}, "config.spn.guidance_input: expected distinct comma-separated "
      "names from 'image', 'stem', 'features'"),
-    ("gcrf", {"gcrf.num_layers": 0}, "config.gcrf.num_layers: expected an int >= 1"),
-    ("gcrf", {"gcrf.crf_downsample": 3}, "config.gcrf.crf_downsample: expected a divisor"),
-    ("dilated", {"dilated.rates": (1, 0)}, "config.dilated.rates: expected a non-empty tuple of ints >= 1"),
-    ("dilated", {"dilated.lam": -1.0}, "config.dilated.lam"),
-    ("dilated", {"dilated.iterations": -1}, "config.dilated.iterations: expected an int >= 0"),
-    ("dilated", {"dilated.decoder_depth": 2}, "config.dilated.decoder_width: expected >= 1 with decoder_depth = 2"),
-    ("dilated", {"dilated.decoder_depth": 1, "dilated.decoder_width": 12}, "config.dilated.decoder_width: expected a "
+    ("gcrf", {"gcrf.layer.num_steps": -1}, "config.gcrf.layer.num_steps: expected an int >= 0"),
+    ("gcrf", {"gcrf.layer.downsample": 3}, "config.gcrf.layer.downsample: expected a divisor"),
+    ("dilated", {"dilated.layer.rates": (1, 0)}, "config.dilated.layer.rates: expected a non-empty tuple of ints >= 1"),
+    ("dilated", {"dilated.layer.lam": -1.0}, "config.dilated.layer.lam"),
+    ("dilated", {"dilated.layer.num_steps": -1}, "config.dilated.layer.num_steps: expected an int >= 0"),
+    ("dilated", {"dilated.layer.decoder_depth": 2}, "config.dilated.layer.decoder_width: expected >= 1 with decoder_depth = 2"),
+    ("dilated", {"dilated.layer.decoder_depth": 1, "dilated.layer.decoder_width": 12}, "config.dilated.layer.decoder_width: expected a "
      "channel count"),
 ])
 def test_bad_value_names_its_key(method, overrides, expected):
@@ -94,24 +101,70 @@ def test_bad_value_names_its_key(method, overrides, expected):
 
 
 def test_all_problems_reported_at_once():
-    text = _error(_config("rwn", **{"num_steps": -3, "model.width": 12, "rwn.alpha": 1.0}))
+    text = _error(_config("rwn", **{"num_steps": -3, "model.width": 12, "rwn.layer.alpha": 1.0}))
     assert text.startswith("invalid configuration:")
-    assert all(key in text for key in ("config.num_steps", "config.model.width", "config.rwn.alpha"))
+    assert all(key in text for key in ("config.num_steps", "config.model.width", "config.rwn.layer.alpha"))
 
 
 def test_missing_option_in_method_section():
     config = _config("rwn")
     with config.unlocked():
-        del config.rwn["tol"]
-    assert "config.rwn.tol: missing" in _error(config)
+        del config.rwn.layer["tol"]
+    assert "config.rwn.layer.tol: missing" in _error(config)
 
 
-def test_options_added_later_may_be_absent():
-    """A config written before an optional key existed (config.json of an older run) still passes."""
+def test_layer_section_holds_only_the_layer_arguments():
+    """An old or misspelt key is refused, naming the layer's arguments; a model's own
+    options sit apart from its layer's."""
+    config = _config("gcrf")
+    with config.unlocked():
+        config.gcrf.layer.num_layers = 5
+        config.gcrf.crf_downsample = 2
+    text = _error(config)
+    assert "config.gcrf.layer.num_layers: expected an argument of GaussianCRF (embedding_channels, num_filters, " \
+           "radius, downsample, num_steps, tol, max_iters, margin, compat_init), got an unknown key" \
+        in text
+    assert "config.gcrf.crf_downsample: expected one of aux_weight, pretrain_steps, pretrain_weight or layer" in text
+    config = _config("spn")
+    with config.unlocked():
+        config.spn.layer.norm = "none"  # supplied by the model (config.model.norm)
+    assert "config.spn.layer.norm: expected an argument of SpatialPropagation" in _error(config)
     config = _config("dilated")
     with config.unlocked():
-        del config.dilated["decoder_width"], config.dilated["decoder_depth"]
-    check_config(config, num_devices=1, num_processes=1)
+        del config.dilated["layer"]
+    assert "config.dilated.layer: missing (expected the arguments of DilatedAffinity: rates, " in _error(config)
+
+
+# config.gcrf of the gcrf smoke config as rwseg wrote it before the layer sections (an older
+# workdir's config.json)
+OLD_GCRF = {"radius": 1, "crf_downsample": 2, "features": 16, "filters": 0, "num_layers": 5, "tol": 1e-4,
+            "max_layers": 200, "margin": 0.5, "aux_weight": 0.5, "pretrain_steps": 2, "pretrain_weight": 0.1,
+            "compat_init": 0.5}
+
+
+def test_an_old_config_is_upgraded_once_at_load_time(tmp_path):
+    import json
+
+    from rwseg.train.workdir import load_config
+
+    new = _config("gcrf").to_dict()
+    old = json.loads(json.dumps(new))  # as saved: lists for tuples
+    for key in ("allow_config_change", "init_from", "init_params", "freeze_backbone", "freeze_method"):
+        del old[key]
+    for key in ("max_nonfinite_skips", "method_lr_mult"):
+        del old["optimizer"][key]
+    for key in ("scale_range", "flip", "color_jitter", "train_labels"):
+        del old["data"][key]
+    old["gcrf"] = dict(OLD_GCRF)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = load_config(tmp_path)
+    assert dict(loaded.gcrf.layer) == {"radius": 1, "downsample": 2, "embedding_channels": 16, "num_filters": 0,
+                                       "num_steps": 5, "tol": 1e-4, "max_iters": 200, "margin": 0.5,
+                                       "compat_init": 0.5}
+    assert config_changes(loaded, _config("gcrf")) == {}  # resuming the old run with today's config
+    check_config(loaded, num_devices=1, num_processes=1)
+    assert upgrade_config(upgrade_config(old)) == upgrade_config(old) == json.loads(json.dumps(new))
+    assert upgrade_config(json.loads(json.dumps(new))) == json.loads(json.dumps(new))  # a current one: unchanged
 
 
 def test_batch_size_against_devices():
@@ -135,14 +188,14 @@ def test_workdir_that_is_a_file(tmp_path):
 
 def test_config_changes_ignore_harmless_keys():
     old = _config("rwn")
-    new = _config("rwn", **{"num_steps": 50, "eval_batches": 3, "rwn.alpha": 0.5, "progress": True})
+    new = _config("rwn", **{"num_steps": 50, "eval_batches": 3, "rwn.layer.alpha": 0.5, "progress": True})
     assert config_changes(old, new) == {}
-    new = _config("rwn", **{"model.width": 16, "rwn.train_radius": 3, "seed": 1})
-    assert config_changes(old, new) == {"model.width": (8, 16), "rwn.train_radius": (2, 3), "seed": (0, 1)}
-    # a saved config.json (lists, not tuples; a key an older version did not write) compares equal
+    new = _config("rwn", **{"model.width": 16, "rwn.layer.train_radius": 3, "seed": 1})
+    assert config_changes(old, new) == {"model.width": (8, 16), "rwn.layer.train_radius": (2, 3), "seed": (0, 1)}
+    # a saved config.json (lists, not tuples; a key an older version did not write) compares equal, upgraded
     saved = ml_collections.ConfigDict(old.to_dict())
     saved_dict = {k: v for k, v in saved.to_dict().items() if k != "allow_config_change"}
-    assert config_changes(saved_dict, old) == {}
+    assert config_changes(upgrade_config(saved_dict), old) == {}
     assert config_changes(_config("rwn"), _config("spn"))["method"] == ("rwn", "spn")
     assert "allow_config_change" in HARMLESS_KEYS and "model.width" not in HARMLESS_KEYS
 
@@ -157,9 +210,9 @@ def test_cli_refuses_bad_config_before_training(tmp_path):
     workdir = tmp_path / "file"
     workdir.write_text("not a directory")
     proc = _cli(train_command(str(CONFIGS / "rwn.py") + ":smoke", workdir,
-                              {"rwn.alpha": 1.0, "num_steps": -3, "model.width": 12}), tmp_path)
+                              {"rwn.layer.alpha": 1.0, "num_steps": -3, "model.width": 12}), tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    for text in ("rwseg.train: error: invalid configuration:", "config.rwn.alpha: expected a finite number in [0, 1)",
+    for text in ("rwseg train: error: invalid configuration:", "config.rwn.layer.alpha: expected a finite number in [0, 1)",
                  "config.num_steps: expected an int >= 1, got -3", "config.model.width: expected channel counts",
                  f"workdir: expected a directory or a path to create, got {workdir}"):
         assert text in proc.stderr, proc.stderr[-3000:]
@@ -175,17 +228,17 @@ def test_cli_method_without_its_section(tmp_path):
 
 
 def test_evaluation_loads_the_latest_config_of_the_run(tmp_path):
-    """rwseg.evaluate must see a harmless change made on resume (e.g. rwn.alpha), not config.json."""
+    """rwseg evaluate must see a harmless change made on resume (e.g. rwn.layer.alpha), not config.json."""
     import json
 
-    from rwseg.train.evaluate import load_config
+    from rwseg.train.workdir import load_config
 
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_config(tmp_path)
     first = {"method": "rwn", "rwn": {"alpha": 0.9}}
     (tmp_path / "config.json").write_text(json.dumps(first))
-    assert load_config(tmp_path).rwn.alpha == 0.9  # a run from before the history file
+    assert load_config(tmp_path).rwn.layer.alpha == 0.9  # a run from before the history file
     later = {"method": "rwn", "rwn": {"alpha": 0.5}}
     (tmp_path / "config_history.jsonl").write_text(
         json.dumps({"step": 0, "config": first}) + "\n" + json.dumps({"step": 4, "config": later}) + "\n")
-    assert load_config(tmp_path).rwn.alpha == 0.5
+    assert load_config(tmp_path).rwn.layer.alpha == 0.5

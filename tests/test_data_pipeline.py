@@ -243,3 +243,18 @@ def test_color_jitter_in_batches():
         assert not np.allclose(x["image"], y["image"])
     with pytest.raises(ValueError, match="color_jitter"):
         batches(src, color_jitter=(1.5, 0, 0), **kw)
+
+
+def test_resume_with_fewer_processes_reads_the_same_global_stream():
+    """Issue 29: a run checkpointed with 4 processes and resumed with 2 (or 1) reads the same
+    global batches from the restored step on: the shards, concatenated in process order (the
+    order of the global batch over a 1-d mesh), equal the 2-process and 1-process batches."""
+    src = colour_source(n=12)
+    kw = dict(seed=5, start_step=3, num_steps=3, crop_size=(12, 12), train=True)
+    four = [batches(src, batch_size=2, shard_index=p, shard_count=4, **kw) for p in range(4)]
+    two = [batches(src, batch_size=4, shard_index=p, shard_count=2, **kw) for p in range(2)]
+    one = batches(src, batch_size=8, **kw)
+    for s in range(3):
+        for k in one[s]:
+            np.testing.assert_array_equal(np.concatenate([four[p][s][k] for p in range(4)]), one[s][k], err_msg=k)
+            np.testing.assert_array_equal(np.concatenate([two[p][s][k] for p in range(2)]), one[s][k], err_msg=k)

@@ -33,12 +33,13 @@ def write_fake(root, sizes=SIZES, seed=0):
 
 def test_fake_folder_round_trip(tmp_path):
     truth = write_fake(tmp_path / "raw")
-    kw = dict(data_dir=tmp_path / "tfds", manual_dir=tmp_path / "raw", num_validation=2, split_seed=1)
+    kw = dict(data_dir=tmp_path / "tfds", manual_dir=tmp_path / "raw", num_validation=2, num_test=1, split_seed=1)
     train = D.load_source("stanford_background", "train", **kw)
     val = D.load_source("stanford_background", "validation", **kw)
-    assert (len(train), len(val)) == (4, 2)
-    split = stanford.split_ids(list(truth), num_validation=2, seed=1)
-    for src, ids in ((train, split["train"]), (val, split["validation"])):
+    test = D.load_source("stanford_background", "test", **kw)
+    assert (len(train), len(val), len(test)) == (3, 2, 1)
+    split = stanford.split_ids(list(truth), num_validation=2, num_test=1, seed=1)
+    for src, ids in ((train, split["train"]), (val, split["validation"]), (test, split["test"])):
         for i, eid in enumerate(ids):  # records keep the split's (sorted id) order
             ex = src[i]
             img, lab = truth[eid]
@@ -59,9 +60,29 @@ def test_split_is_seeded_disjoint_and_covering():
         stanford.split_ids(ids, num_validation=20, seed=0)
 
 
+def test_three_way_split_is_disjoint_covering_and_nested():
+    ids = [f"{k:07d}" for k in range(30)]
+    s = stanford.split_ids(ids, num_validation=6, num_test=9, seed=0)
+    assert (len(s["train"]), len(s["validation"]), len(s["test"])) == (15, 6, 9)
+    assert sorted(s["train"] + s["validation"] + s["test"]) == ids
+    assert stanford.split_ids(list(reversed(ids)), num_validation=6, num_test=9, seed=0) == s
+    # growing the dev split never moves a test photo: the test split depends on num_test only
+    assert stanford.split_ids(ids, num_validation=3, num_test=9, seed=0)["test"] == s["test"]
+    with pytest.raises(ValueError, match="num_validation \\+ num_test"):
+        stanford.split_ids(ids, num_validation=20, num_test=10, seed=0)
+    with pytest.raises(ValueError, match="num_test"):
+        stanford.split_ids(ids, num_validation=2, num_test=-1, seed=0)
+
+
+def test_test_split_only_where_the_dataset_has_one(tmp_path):
+    assert D.splits_of("stanford_background") == ("train", "validation", "test")
+    with pytest.raises(ValueError, match="split: expected one of \\['train', 'validation'\\] for synthetic"):
+        D.load_source("synthetic", "test", data_dir=tmp_path)
+
+
 def test_changed_folder_rebuilds(tmp_path):
     write_fake(tmp_path / "raw")
-    kw = dict(data_dir=tmp_path / "tfds", manual_dir=tmp_path / "raw", num_validation=2)
+    kw = dict(data_dir=tmp_path / "tfds", manual_dir=tmp_path / "raw", num_validation=2, num_test=0)
     assert len(D.load_source("stanford_background", "train", **kw)) == 4
     img = np.zeros((8, 8, 3), np.uint8)
     Image.fromarray(img).save(tmp_path / "raw" / "images" / "0000099.jpg")
@@ -117,7 +138,7 @@ def test_bad_files_raise_errors_naming_the_file(tmp_path, damage, message):
     bad = damage(tmp_path / "raw", "0000003")
     with pytest.raises(D.DataFileError, match=message) as err:
         D.load_source(
-            "stanford_background", "train", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "raw", num_validation=2
+            "stanford_background", "train", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "raw", num_validation=2, num_test=0
         )
     assert str(bad) in str(err.value) and err.value.path == str(bad)
 
@@ -164,7 +185,7 @@ def test_real_subset_builds_and_reads(stanford_dir, tmp_path):
     for eid in ids:  # symlinks: nothing is copied
         (raw / "images" / f"{eid}.jpg").symlink_to(pathlib.Path(stanford_dir, "images", f"{eid}.jpg"))
         (raw / "labels" / f"{eid}.regions.txt").symlink_to(pathlib.Path(stanford_dir, "labels", f"{eid}.regions.txt"))
-    src = D.load_source("stanford_background", "validation", data_dir=tmp_path / "tfds", manual_dir=raw, num_validation=1)
+    src = D.load_source("stanford_background", "validation", data_dir=tmp_path / "tfds", manual_dir=raw, num_validation=1, num_test=0)
     eid = stanford.split_ids(ids, num_validation=1, seed=0)["validation"][0]
     ex = src[0]
     png = np.asarray(Image.open(pathlib.Path(stanford_dir, "labels_png", f"{eid}.png")))

@@ -1,4 +1,4 @@
-"""Device-local solver loops (issue 8.5): rwseg.models.device_local and the compiled steps.
+"""Device-local solver loops : rwseg.layers.device_local and the compiled steps.
 
 In-process tests (1 device): :func:`map_examples` is ``vmap`` (with and without a
 1-device mesh) and :func:`rwseg.train.parallel.collectives_in_loops` parses HLO text.
@@ -22,7 +22,7 @@ import pytest
 from jax.sharding import Mesh
 
 from rwseg import rwn, stencil
-from rwseg.models.device_local import batch_axis, current_batch_axis, map_examples
+from rwseg.layers.device_local import batch_axis, current_batch_axis, map_examples
 from rwseg.train import parallel
 from _train_cli import subprocess_env
 

@@ -39,8 +39,8 @@ def dilated_run(tmp_path_factory):
 
 
 def test_sweep_and_oracle_agree_on_the_unpropagated_prediction(dilated_run):
-    sweep = _lines(_script("eval_sweep").main, [str(dilated_run), "", "dilated.iterations=0"])
-    assert [r["spec"] for r in sweep] == ["", "dilated.iterations=0"] and all(r["step"] == 2 for r in sweep)
+    sweep = _lines(_script("eval_sweep").main, [str(dilated_run), "", "dilated.layer.num_steps=0"])
+    assert [r["spec"] for r in sweep] == ["", "dilated.layer.num_steps=0"] and all(r["step"] == 2 for r in sweep)
     oracle = _lines(_script("dilated_oracle").main, [str(dilated_run), "--steps", "1,4"])
     rows = {r["variant"]: r for r in oracle if "variant" in r}
     assert set(rows) == {"base", "pred1", "gt1", "pred4", "gt4"}
@@ -58,9 +58,9 @@ def test_sweep_refuses_training_options():
     with pytest.raises(SystemExit, match="'model.width' is not an evaluation-time option"):
         _script("eval_sweep").parse_spec("model.width=8")
     with pytest.raises(SystemExit, match="expected key=value"):
-        _script("eval_sweep").parse_spec("rwn.alpha")
-    assert _script("eval_sweep").parse_spec("rwn.alpha=0.5,rwn.eval_radius=2") == {"rwn.alpha": 0.5,
-                                                                                 "rwn.eval_radius": 2}
+        _script("eval_sweep").parse_spec("rwn.layer.alpha")
+    assert _script("eval_sweep").parse_spec("rwn.layer.alpha=0.5,rwn.layer.eval_radius=2") == {
+        "rwn.layer.alpha": 0.5, "rwn.layer.eval_radius": 2}
 
 
 def test_boundary_headroom(dilated_run):
@@ -97,7 +97,7 @@ def test_rawks_solve_cost(tmp_path, dilated_run):
     import numpy as np
 
     from rwseg import data, rawks
-    from rwseg.models.common import subsample_scribbles
+    from rwseg.layers.grid import subsample_scribbles
     from rwseg.train import parallel
     from rwseg.train.evaluate import eval_batches, load_run
     from rwseg.train.state import merge, source_kwargs
@@ -107,7 +107,7 @@ def test_rawks_solve_cost(tmp_path, dilated_run):
     train_and_evaluate(smoke_config("rawks", num_steps=2, checkpoint_every=2, eval_at_end=False), workdir)
     script = _script("rawks_solve_cost")
     row, quality = _lines(script.main, [str(workdir), "--images", "3", "--propagation"])
-    assert row["step"] == 2 and row["images"] == 3 and row["alpha"] == 1.0
+    assert row["step"] == 2 and row["images"] == 3 and row["temperature"] == 1.0
     assert set(quality) == {"run", "step", "learned", "no_boundaries"}
 
     mesh = parallel.make_mesh()
@@ -118,16 +118,16 @@ def test_rawks_solve_cost(tmp_path, dilated_run):
     boundaries, iterations = [], []
     for batch in eval_batches(config, source, mesh, scribbles=True):
         b = np.asarray(model.boundary(jnp.asarray(batch["image"])))
-        seeds = np.asarray(subsample_scribbles(jnp.asarray(batch["scribbles"]), config.rawks.downsample))
+        seeds = np.asarray(subsample_scribbles(jnp.asarray(batch["scribbles"]), config.rawks.layer.downsample))
         for i in np.flatnonzero(batch["valid"]):
             boundaries.append(b[i])
             _, info = rawks.hitting_probabilities(jnp.asarray(b[i]), jnp.asarray(seeds[i]), setup.num_classes,
-                                                  tol=config.rawks.tol, max_iters=config.rawks.max_iters,
+                                                  tol=config.rawks.layer.tol, max_iters=config.rawks.layer.max_iters,
                                                   return_info=True)
             iterations.append(int(info.solve.iterations))
     b = np.stack(boundaries)
     assert row["boundary_mean"] == pytest.approx(b.mean(), abs=2e-3)
-    assert row["boundary_clamped_percent"] == pytest.approx(100 * np.mean(b >= 0.99 * config.rawks.max_boundary), abs=0.01)
+    assert row["boundary_clamped_percent"] == pytest.approx(100 * np.mean(b >= 0.99 * config.rawks.layer.max_boundary), abs=0.01)
     assert row["boundary_open_percent"] == pytest.approx(100 * np.mean(b < 0.1), abs=0.01)
     # the batched solve (device-local map over the batch) and the single solves round differently,
     # which can move a stopping test by an iteration or two
@@ -159,7 +159,7 @@ def test_rawks_solve_cost(tmp_path, dilated_run):
 
     # --crops: Q and P on the training crops the trainer draws (numpy confusions of the model's own
     # predictions on those batches); negative counts are refused
-    from rwseg.models.backbone import pooled_grid, upsample
+    from rwseg.layers.grid import pooled_grid, upsample
     from rwseg.train.state import training_batches
 
     (cropped,) = _lines(_script("targets_vs_network").main, [str(workdir), "--images", "3", "--crops", "2"])
@@ -169,7 +169,7 @@ def test_rawks_solve_cost(tmp_path, dilated_run):
         image = jnp.asarray(batch["image"])
         p = model.propagate(image, jnp.asarray(batch["scribbles"]))
         preds = {"Q": np.asarray(jnp.argmax(model.predict(image), axis=-1)),
-                 "P": np.asarray(jnp.argmax(upsample(p, image.shape[1:3], pooled_grid(config.rawks.downsample)), -1))}
+                 "P": np.asarray(jnp.argmax(upsample(p, image.shape[1:3], pooled_grid(config.rawks.layer.downsample)), -1))}
         ok = batch["label"] < k
         for name, pred in preds.items():
             np.add.at(cms[name], (batch["label"][ok], pred[ok]), 1)

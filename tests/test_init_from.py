@@ -11,6 +11,7 @@ import pytest
 from rwseg import data
 from rwseg.train.checkpoint import _path_name, read_state
 from rwseg.train.config_check import ConfigError, check_config, config_changes
+from rwseg.train.config_upgrade import upgrade_config
 from rwseg.train.init_from import InitFromError, checkpoint_location, init_backbone, init_params
 from rwseg.train.state import create
 from rwseg.train.trainer import train_and_evaluate
@@ -168,7 +169,7 @@ def test_config_checks_and_resume_compatibility(tmp_path):
                      num_devices=1, num_processes=1)
     with pytest.raises(ConfigError, match=r"config.init_from: expected a run directory"):
         check_config(_smoke("spn", init_from=str(tmp_path / "absent")), num_devices=1, num_processes=1)
-    # a run recorded before these keys existed resumes with their defaults unchanged ...
+    # a run recorded before these keys existed resumes, upgraded, with their defaults unchanged ...
     old = json.loads(_smoke("spn").to_json())
     for key in ("init_from", "init_params", "freeze_backbone", "freeze_method", "allow_config_change"):
         old.pop(key)
@@ -176,6 +177,7 @@ def test_config_checks_and_resume_compatibility(tmp_path):
     old["optimizer"].pop("method_lr_mult")
     for key in ("scale_range", "flip", "color_jitter", "train_labels"):  # data keys added later
         old["data"].pop(key)
+    old = upgrade_config(old)
     assert config_changes(old, _smoke("spn")) == {}
     # ... but not with another backbone start or a frozen backbone
     assert set(config_changes(old, _smoke("spn", init_from="x", freeze_backbone=True))) == {"init_from",

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from rwseg import dilated, gcrf, rawks, rwn, spn
-from rwseg.layers import _inputs as I
+from rwseg.layers.grid import to_working_grid
 from rwseg.layers import (DilatedAffinity, GaussianCRF, RandomWalkLabelPropagation, RandomWalkRefinement,
                           RefinementInfo, SpatialPropagation)
 
@@ -215,7 +215,7 @@ def test_dilated_affinity_is_propagate_of_the_head():
 def test_dilated_affinity_decoder_feeds_the_head():
     """decoder_depth 3x3 blocks sit between the (concatenated) features and the 1x1 head, at
     image resolution with low-level features and at the features' resolution without."""
-    from rwseg.layers._convs import apply_stack
+    from rwseg.layers.convs import apply_stack
 
     image, _ = _data()
     rng = np.random.default_rng(7)
@@ -288,7 +288,7 @@ def test_label_propagation_hard_targets_need_fixed_targets():
         layer.loss(logits, image, _scribbles(labels), targets="hard")
     got = layer.loss(logits, image, _scribbles(labels), fixed_targets=True, targets="hard")
     p = layer(image, _scribbles(labels))
-    q = I.to_working_grid(logits, image.shape[1:3], layer.downsample, None)
+    q = to_working_grid(logits, image.shape[1:3], layer.downsample, None)
     want = jnp.mean(jax.vmap(lambda pp, qq: rawks.rawks_loss(pp, qq, temperature=layer.temperature,
                                                              targets="hard"))(p, q))
     np.testing.assert_allclose(got, want, rtol=1e-6)

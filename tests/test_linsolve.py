@@ -293,6 +293,25 @@ def test_argument_shape_checks_name_the_argument():
         linsolve.cg(spd_matvec(w), b, preconditioner=jnp.ones((H, W, C)))
 
 
+@pytest.mark.parametrize("solver", ["cg", "bicgstab"])
+def test_jacobi_diagonal_of_the_wrong_shape_names_the_preconditioner(solver):
+    """A diagonal that does not broadcast against b used to fail inside jax's ``mul`` (issue 29)."""
+    w, b = _weights(), _rhs()
+    mv = spd_matvec(w) if solver == "cg" else nonsym_matvec(w)
+    solve = getattr(linsolve, solver)
+    with pytest.raises(ValueError, match=r"preconditioner: expected a map of arrays shaped like b \(6, 7, 3\)"):
+        solve(mv, b, preconditioner=linsolve.jacobi(jnp.ones((H - 1, W, C))))
+    # a diagonal that broadcasts to a larger array is caught by the shape check
+    with pytest.raises(ValueError, match=r"preconditioner: expected .* shaped like b \(6, 7, 3\), got shape \(2, 6, 7, 3\)"):
+        solve(mv, b, preconditioner=linsolve.jacobi(jnp.ones((2, H, W, C))))
+    # the matvec gets the same treatment
+    with pytest.raises(ValueError, match=r"matvec: expected a map of arrays shaped like b"):
+        solve(lambda v: v * jnp.ones((H, W + 1, C)), b)
+    # (H, W, 1) broadcasts over the channels: accepted
+    x, info = solve(mv, b, preconditioner=linsolve.jacobi(jnp.ones((H, W, 1))))
+    assert x.shape == b.shape
+
+
 def test_numpy_scalar_tolerances_are_accepted():
     w, b = _weights(), _rhs()
     x, info = linsolve.cg(spd_matvec(w), b, tol=np.float32(1e-9), atol=np.float64(0.0), max_iters=np.int64(500))

@@ -1,4 +1,4 @@
-"""bfloat16 compute, rematerialisation and gradient accumulation (rwseg.models.memory,
+"""bfloat16 compute, rematerialisation and gradient accumulation (rwseg.layers.memory,
 rwseg.train.state): each lever must leave the training step what it was (exactly for remat
 and microbatches, to a stated tolerance for bfloat16), and the solvers must still converge."""
 
@@ -11,8 +11,8 @@ from jax.test_util import check_grads
 
 from rwseg import configs, data, gcrf, rwn, stencil
 from rwseg.models import build_model
-from rwseg.models.backbone import ConvBlock
-from rwseg.models.memory import remat_scope, set_compute_dtype
+from rwseg.layers.convs import ConvBlock, set_compute_dtype
+from rwseg.layers.memory import remat_scope
 from rwseg.train.state import create, make_train_step, split_microbatches
 from flax import nnx
 
@@ -181,7 +181,7 @@ def test_bfloat16_solvers_still_converge(method):
 
 
 def test_remat_scope_is_a_context():
-    from rwseg.models.memory import remat_enabled
+    from rwseg.layers.memory import remat_enabled
 
     assert not remat_enabled()
     with remat_scope(True):
@@ -194,7 +194,7 @@ def test_remat_scope_is_a_context():
 def test_group_norm_in_bfloat16_matches_flax_group_norm():
     """The bfloat16 normalisation against nnx.GroupNorm on the same (float32) input: within bfloat16
     rounding (2^-8 relative of the output's scale); float32 input: nnx.GroupNorm itself."""
-    from rwseg.models.memory import group_norm
+    from rwseg.layers.memory import group_norm
 
     rng = np.random.default_rng(3)
     norm = nnx.GroupNorm(16, num_groups=8, rngs=nnx.Rngs(0))

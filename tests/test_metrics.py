@@ -136,6 +136,44 @@ def test_confusion_matrix_labels_out_of_range():
         err.throw()
 
 
+def test_confusion_matrix_counts_out_of_range_pixels_under_jit_and_summarize_reports_them():
+    """Issue 29: under jit an out-of-range prediction or label was dropped without a trace.
+    ``return_out_of_range`` counts them (ignored pixels never count, whatever their
+    prediction), the counts add up over batches and devices like ``cm``, and ``summarize``
+    reports them with NaN scores."""
+    labels = np.array([[0, 1, 3], [IGN, -1, 2], [1, 4, 0]], np.int32)
+    pred = np.array([[0, 7, 1], [9, -3, 2], [-1, 0, 0]], np.int32)
+    f = jax.jit(lambda p, l: M.confusion_matrix(p, l, 3, return_out_of_range=True))
+    cm, oor = f(pred, labels)
+    # labels 3 and 4 out of range; predictions 7 and -1 on counted labels (9, -3 sit on ignored pixels)
+    np.testing.assert_array_equal(oor, [2, 2])
+    np.testing.assert_array_equal(cm, [[2, 0, 0], [0, 0, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(cm, jax.jit(M.confusion_matrix, static_argnums=(2,))(pred, labels, 3))
+    # summable: per-row counts add up to the whole image's, also through a batched vmap + sum
+    rows = [f(pred[i], labels[i]) for i in range(3)]
+    np.testing.assert_array_equal(sum(np.asarray(r[1]) for r in rows), oor)
+    np.testing.assert_array_equal(sum(np.asarray(r[0]) for r in rows), cm)
+    bcm, boor = jax.vmap(f)(pred, labels)
+    np.testing.assert_array_equal(boor.sum(0), oor)
+    s = jax.jit(M.summarize)(cm, out_of_range=oor)
+    assert int(s["out_of_range_labels"]) == 2 and int(s["out_of_range_pred"]) == 2
+    for key in ("mean_iou", "fw_iou", "pixel_accuracy", "mean_accuracy"):
+        assert np.isnan(s[key]), key
+    assert np.all(np.isnan(s["per_class_iou"]))
+    # clean input: zero counts, the same scores as without them
+    good = np.where((labels >= 3) & (labels != IGN), 0, labels), np.clip(pred, 0, 2)
+    cm, oor = f(good[1], good[0])
+    np.testing.assert_array_equal(oor, [0, 0])
+    s, plain = M.summarize(cm, out_of_range=oor), M.summarize(cm)
+    assert int(s["out_of_range_pred"]) == 0
+    for key, value in plain.items():
+        np.testing.assert_array_equal(s[key], value)
+    with pytest.raises(ValueError, match=r"out_of_range: expected shape"):
+        M.summarize(cm, out_of_range=np.zeros(3, np.int32))
+    with pytest.raises(TypeError, match=r"out_of_range: expected an integer"):
+        M.summarize(cm, out_of_range=np.zeros(2))
+
+
 def test_summarize_hand_computed():
     # class 3 absent from both -> left out; class 2 predicted but never true -> IoU 0, no accuracy
     cm = np.array([[3, 1, 0, 0], [2, 4, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]])

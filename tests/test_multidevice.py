@@ -1,6 +1,6 @@
 """Data parallelism: 8 fake CPU devices and 2 processes give the same training step as 1 device.
 
-Each run is a subprocess of the real CLI (``python -m rwseg.train``) with the smoke
+Each run is a subprocess of the real CLI (``python -m rwseg train``) with the smoke
 config; parameters are read back from the checkpoints with
 :func:`rwseg.train.checkpoint.read_state` and compared leaf by leaf.
 """

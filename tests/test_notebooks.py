@@ -33,7 +33,8 @@ import numpy as np
 import pytest
 from _notebooks import NAMES, NOTEBOOKS, executed_notebooks  # noqa: F401 (executed_notebooks: fixture)
 
-from rwseg import rwn, spn, stencil, viz
+from notebooks import viz
+from rwseg import rwn, spn, stencil
 
 # --------------------------------------------------------------------------- executing the notebooks
 
@@ -95,7 +96,7 @@ def test_gradients_notebook_on_synthetic_fallback(executed_notebooks):
         assert needle in text, needle
 
 
-# --------------------------------------------------------------------------- rwseg.viz (fast)
+# --------------------------------------------------------------------------- notebooks/viz.py (fast)
 
 
 def test_notebook_size_reads_the_environment(monkeypatch):

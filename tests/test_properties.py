@@ -14,7 +14,9 @@ ranges, and the papers' invariants checked against independent numpy oracles:
 - GCRF: the GMF half-updates never increase the energy (eq. 1), converged GMF is the
   dense solve of ``(I + L_s ⊗ C) y = r``;
 - dilated: ``propagate`` rows sum to 1 (eq. 6) and match a numpy loop, or zero mass raises;
-- metrics: the confusion matrix counts exactly the valid pixels;
+- metrics: the confusion matrix counts exactly the valid pixels, and under ``jit`` counts
+  the out-of-range ones apart;
+- RAWKS under ``jit``: a bad boundary or seed gives NaN, never a plausible P;
 - invalid values raise errors naming the argument.
 
 The example budget comes from the hypothesis profile in ``conftest.py`` (``ci`` by
@@ -44,17 +46,17 @@ SOLVER_SHAPES = ((1, 5), (5, 1), (3, 4))  # where a solver is compiled; every pi
 # --------------------------------------------------------------------------- strategies and oracles
 
 
-def finite(lo, hi):
+def finite(lo, hi, near_tiny=False):
     # no subnormals: XLA on CPU flushes them to zero (a weight of 1e-309 would be a zero weight);
-    # values within a few factors of the smallest normal number are mapped to 0 as well: the
-    # converged walk scales scores by sqrt(degree) before its solve, which makes such values
-    # subnormal and flushes them (a documented limitation of rwseg.rwn.random_walk)
-    return st.floats(lo, hi, allow_nan=False, allow_infinity=False, allow_subnormal=False,
-                     width=64).map(lambda x: 0.0 if abs(x) < 1e-300 else x)
+    # values within a few factors of the smallest normal number are mapped to 0 as well unless
+    # ``near_tiny`` (products of them with numbers below 1 would be subnormal and flushed; the
+    # converged walk's scores, which it scales by sqrt(degree), are drawn with near_tiny=True)
+    x = st.floats(lo, hi, allow_nan=False, allow_infinity=False, allow_subnormal=False, width=64)
+    return x if near_tiny else x.map(lambda x: 0.0 if abs(x) < 1e-300 else x)
 
 
-def arrays(shape, lo, hi):
-    return hnp.arrays(np.float64, shape, elements=finite(lo, hi))
+def arrays(shape, lo, hi, near_tiny=False):
+    return hnp.arrays(np.float64, shape, elements=finite(lo, hi, near_tiny))
 
 
 def shapes(choices=SHAPES):
@@ -173,13 +175,15 @@ def test_rwn_converged_walk_is_the_dense_solve_and_keeps_constants(shape, symmet
     offsets = S.four_connected()
     raw = data.draw(arrays((h, w, 4), 0.05, 5))
     weights = symmetrize(raw, offsets) if symmetric else raw
-    f = data.draw(arrays((h, w, 2), -10, 10))
+    # scores, also scaled to the bottom of the normal range (issue 29: f * sqrt(d) underflowed)
+    f = data.draw(arrays((h, w, 2), -10, 10, near_tiny=True)) * data.draw(st.sampled_from([1.0, 2.0 ** -1018]))
     y, info = _converged_walk(weights, f, alpha, offsets, symmetric)
     assert bool(np.all(info.converged)) and np.isfinite(np.asarray(y)).all()
     m = dense(weights, offsets)
     a = m / m.sum(axis=1, keepdims=True)  # every pixel has a neighbour inside (H·W >= 2)
     exact = (1 - alpha) * np.linalg.solve(np.eye(h * w) - alpha * a, f.reshape(-1, 2))
-    close(np.asarray(y).reshape(-1, 2), exact, rtol=1e-7, atol=1e-8 * np.abs(f).max())
+    # (outputs below the normal range are flushed to zero on CPU: atol includes 2 tiny)
+    close(np.asarray(y).reshape(-1, 2), exact, rtol=1e-7, atol=1e-8 * np.abs(f).max() + 2 * np.finfo(float).tiny)
     yc, info = _converged_walk(weights, np.full((h, w, 2), const), alpha, offsets, symmetric)
     assert bool(np.all(info.converged))
     close(yc, np.full((h, w, 2), const), rtol=1e-8, atol=1e-10)
@@ -356,6 +360,45 @@ def test_confusion_matrix_counts_the_valid_pixels(shape, n, ignore, data):
     np.testing.assert_array_equal(cm.sum(1), np.bincount(labels[valid], minlength=n))
     np.testing.assert_array_equal(cm.sum(0), np.bincount(pred[valid], minlength=n))
     np.testing.assert_array_equal(np.trace(cm), (valid & (pred == labels)).sum())
+
+
+_confusion_oor = jax.jit(functools.partial(metrics.confusion_matrix, return_out_of_range=True),
+                         static_argnames=("num_classes", "ignore_index"))
+
+
+@given(shapes(), st.just(3), st.sampled_from([255, None]), st.data())  # one n: fewer compilations
+def test_confusion_matrix_under_jit_counts_out_of_range_pixels(shape, n, ignore, data):
+    """Issue 29: under jit, out-of-range labels and predictions are counted (never silently
+    dropped); ignored pixels count nowhere; cm is that of the in-range pixels."""
+    ignored = [-1, 255] if ignore == 255 else [-2, -1]
+    labels = data.draw(hnp.arrays(np.int32, shape, elements=st.sampled_from(list(range(n + 2)) + ignored + [300])))
+    pred = data.draw(hnp.arrays(np.int32, shape, elements=st.integers(-2, n + 1)))
+    cm, oor = _confusion_oor(pred, labels, num_classes=n, ignore_index=ignore)
+    counted = (labels >= 0) & (labels != ignore) if ignore is not None else labels >= 0
+    label_bad = counted & (labels >= n)
+    pred_bad = counted & ((pred < 0) | (pred >= n))
+    np.testing.assert_array_equal(oor, [label_bad.sum(), pred_bad.sum()])
+    good = counted & ~label_bad & ~pred_bad
+    assert int(np.asarray(cm).sum()) == good.sum()
+    np.testing.assert_array_equal(np.trace(cm), (good & (pred == labels)).sum())
+    s = metrics.summarize(cm, out_of_range=oor)
+    assert np.isnan(s["mean_iou"]) == (label_bad.any() or pred_bad.any() or not good.any())
+
+
+@given(st.sampled_from(SOLVER_SHAPES), st.sampled_from(["negative", "nonfinite", "seed"]),
+       finite(-30, -1e-9), st.sampled_from([np.nan, np.inf]), st.integers(-5, 5), st.data())
+def test_rawks_bad_values_under_jit_give_nan(shape, case, negative, nonfinite, seed_value, data):
+    """Issue 29: unchecked under jit, a negative or non-finite boundary or a seed outside
+    -1 .. L-1 anywhere gives an all-NaN P (never a plausible one)."""
+    assume(case != "seed" or not -1 <= seed_value < NUM_LABELS)
+    _, seeds = data.draw(seed_maps(shape))
+    boundary = data.draw(arrays(shape, 0, 30))
+    y, x = data.draw(st.integers(0, shape[0] - 1)), data.draw(st.integers(0, shape[1] - 1))
+    if case == "seed":
+        seeds[y, x] = seed_value
+    else:
+        boundary[y, x] = negative if case == "negative" else nonfinite
+    assert np.isnan(np.asarray(_hitting(boundary, seeds))).all()
 
 
 # --------------------------------------------------------------------------- invalid values raise

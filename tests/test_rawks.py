@@ -10,6 +10,7 @@ from jax.experimental import checkify
 from jax.test_util import check_grads
 
 from rwseg import rawks
+from rwseg.data import scribbles_from_labels
 
 H, W, L = 7, 8, 3
 
@@ -296,18 +297,18 @@ def test_scribbles_from_labels():
     labels[35:, :3] = 3  # a thin region (3 px): scribbles anyway
     labels[0, 49] = 255
     key = jax.random.key(0)
-    seeds = rawks.scribbles_from_labels(labels, key, density=0.03)
+    seeds = scribbles_from_labels(labels, key, density=0.03)
     assert seeds.shape == labels.shape and seeds.dtype == np.int32
     lab = seeds >= 0
     assert np.all(seeds[lab] == labels[lab])  # seeds lie on their label
     assert set(np.unique(seeds[lab])) == {0, 1, 2, 3}  # at least one stroke per region
     assert 0.01 < lab.mean() < 0.08
-    np.testing.assert_array_equal(seeds, rawks.scribbles_from_labels(labels, key, density=0.03))
-    assert not np.array_equal(seeds, rawks.scribbles_from_labels(labels, jax.random.key(1), density=0.03))
-    dense = rawks.scribbles_from_labels(labels, key, density=0.2)
+    np.testing.assert_array_equal(seeds, scribbles_from_labels(labels, key, density=0.03))
+    assert not np.array_equal(seeds, scribbles_from_labels(labels, jax.random.key(1), density=0.03))
+    dense = scribbles_from_labels(labels, key, density=0.2)
     assert (dense >= 0).sum() > 2 * lab.sum()
     with pytest.raises(ValueError, match="density"):
-        rawks.scribbles_from_labels(labels, key, density=0.0)
+        scribbles_from_labels(labels, key, density=0.0)
     # propagated scribbles recover the dense labels when B is high on the label edges
     edges = np.zeros(labels.shape)
     edges[:-1] += 4.0 * (labels[:-1] != labels[1:])
@@ -331,3 +332,37 @@ def test_nan_boundary_under_jit_gives_nan_never_a_plausible_p():
     assert bool(jnp.all(jnp.isnan(p))) and not bool(jnp.any(info.solve.converged))
     with pytest.raises(ValueError, match="boundary: expected finite values"):
         rawks.hitting_probabilities(b, s, L)
+
+
+_CHECKED = checkify.checkify(jax.jit(lambda b, s: rawks.hitting_probabilities(b, s, L, checked=True)))
+
+
+@pytest.mark.parametrize("case", ["negative", "minus_five_everywhere", "inf", "seed_too_large",
+                                  "seed_below_minus_one", "only_bad_seeds"])
+def test_bad_values_under_jit_give_nan_and_not_converged(case):
+    """Issue 29: unchecked under jit, ``boundary = -5`` gave a checkerboard P with
+    ``converged=True`` and a seed >= num_labels was absorbed without a trace. Now every bad
+    value gives an all-NaN P and ``converged`` False for every label (the shared HP jit)."""
+    b, s = _problem(4)
+    b, s = b.copy(), s.copy()
+    if case == "negative":
+        b[2, 5] = -0.5
+    elif case == "minus_five_everywhere":
+        b[:] = -5.0
+    elif case == "inf":
+        b[1, 1] = np.inf
+    elif case == "seed_too_large":
+        s[0, 0] = L
+    elif case == "seed_below_minus_one":
+        s[6, 7] = -2
+    else:  # no valid seed at all: P used to be uniform (no label reachable)
+        s[:] = -1
+        s[3, 3] = L + 4
+    p, info = HP(jnp.asarray(b), jnp.asarray(s), num_labels=L, return_info=True)
+    assert bool(jnp.all(jnp.isnan(p))), case
+    assert not bool(jnp.any(info.solve.converged)), case
+    # the checked mode reports the same input
+    err, _ = _CHECKED(jnp.asarray(b), jnp.asarray(s))
+    with pytest.raises(Exception, match="seeds: expected values|boundary: expected finite values"):
+        err.throw()
+

@@ -1,4 +1,4 @@
-"""The refinement benchmark driver (rwseg.refine_benchmark) end to end on the smoke configs:
+"""The refinement benchmark driver (experiments.refine_benchmark) end to end on the smoke configs:
 control + one method from one base checkpoint, one seed (seed pairing: tests/test_bootstrap.py), table, panels, resumability, and
 per-image counts that add up to the evaluation's totals."""
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rwseg import data
-from rwseg.refine_benchmark import base_of, parse_base, run, run_config
+from experiments.refine_benchmark import base_of, parse_base, run, run_config
 from rwseg.train import parallel
 from rwseg.train.evaluate import evaluate, load_run
 from rwseg.train.state import source_kwargs
@@ -68,6 +68,47 @@ def test_refine_benchmark_smoke(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps} and len(stamps) == 2
     assert cached == {p: p.stat().st_mtime_ns for p in cached} and len(cached) == 2
 
+    _check_densecrf_rows(base, out, setup.num_classes)
+
+
+def _check_densecrf_rows(base, out, num_classes):
+    """--densecrf dev on the same runs: parameters chosen on the dev split, a densecrf row (the
+    control post-processed) and a dilated+densecrf row, each compared with the control and with
+    DenseCRF; the first image's post-processed counts equal DenseCRF run on that image alone."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from experiments import densecrf
+    from rwseg import metrics
+    from experiments.refine_benchmark import scores_to_probs
+
+    summary = run(base, steps=2, out=out, seeds=(1,), methods=("dilated",), config=REFINE, smoke=True, num_panels=2,
+                  num_samples=100, train=False, densecrf="dev")
+    assert list(summary["methods"]) == ["baseline", "densecrf", "dilated", "dilated+densecrf"]
+    tuned = json.loads((out / "densecrf_dev.json").read_text())
+    assert len(tuned["grid"]) == len(densecrf.GRID) and tuned["split"] == "validation"
+    best = max(range(len(tuned["grid"])), key=lambda i: tuned["grid"][i]["mean_iou"])
+    assert tuned["chosen"] == best and summary["densecrf"]["params"] == tuned["grid"][best]["params"]
+    rows = summary["methods"]
+    assert "diff_reference" in rows["dilated"]["mean_iou"] and "diff" in rows["densecrf"]["mean_iou"]
+    assert rows["densecrf"]["seconds_per_image"] > rows["baseline"]["seconds_per_image"] > 0
+    table = (out / "results.md").read_text()
+    assert "| densecrf |" in table and "| dilated+densecrf |" in table and "Difference to densecrf" in table
+
+    # the control's first validation image, alone and unpadded: softmax -> DenseCRF -> counts
+    mesh = parallel.make_mesh()
+    config, setup, state, _ = load_run(out / "seed1" / "baseline", mesh, checkpoint="latest")
+    ex = data.load_source(config.data.name, "validation", **source_kwargs(config))[0]
+    from rwseg.train.state import merge
+
+    scores = merge(setup.graphdef, state).predict(data.normalize(ex["image"])[None])
+    probs = np.asarray(scores_to_probs(scores, "baseline"))[0]
+    pred = densecrf.densecrf(ex["image"], probs, densecrf.DenseCRFParams(**tuned["grid"][best]["params"])).argmax(-1)
+    per_image = np.load(out / "seed1" / "baseline" / "eval" / "per_image.npz")
+    np.testing.assert_array_equal(per_image["crf_confusion"][0],
+                                  np.asarray(metrics.confusion_matrix(pred, ex["label"], num_classes)))
+    with pytest.raises(ValueError, match="split: expected one of"):
+        run(base, steps=2, out=out, seeds=(1,), methods=(), config=REFINE, smoke=True, num_panels=0, train=False,
+            split="test")
+
 
 @pytest.mark.slow
 def test_from_scratch_against_another_control_reports_rawks_propagation(tmp_path):
@@ -117,6 +158,21 @@ def test_from_scratch_against_another_control_reports_rawks_propagation(tmp_path
                                                                                       abs=1e-6)
     assert f"P on the first {batch} (rawks) training images" in (out / "results.md").read_text()
 
+    # --densecrf: DenseCRF propagation of the same scribbles beside P, its parameters chosen on the
+    # dev split's scribbles (the grid's best mIoU), scored on the same training images
+    pytest.importorskip("pydensecrf.densecrf")
+    from experiments import densecrf
+    from experiments.refine_benchmark import DENSECRF_PROPAGATION
+
+    crf = run(None, steps=2, out=out, seeds=(0,), methods=("rawks",), config=scribbles, control="scribble_baseline",
+              smoke=True, num_panels=0, num_samples=50, train=False, propagation_images=3, densecrf="deeplab")
+    row = crf["propagation"][DENSECRF_PROPAGATION]
+    assert 0.0 <= row["train_P_mean_iou"]["mean"] <= 1.0 and 0.0 <= row["train_P_pixel_accuracy"]["mean"] <= 1.0
+    tuned = json.loads((out / "densecrf_propagation_dev_seed0.json").read_text())
+    assert tuned["split"] == "validation" and len(tuned["grid"]) == len(densecrf.GRID)
+    assert max(r["train_P_mean_iou"] for r in tuned["grid"]) == tuned["grid"][tuned["chosen"]]["train_P_mean_iou"]
+    assert "| densecrf propagation |" in (out / "results.md").read_text()
+
     # a second stage from each seed's runs (per-method --base with {seed}): RAWKS's "train P, Q, then Q"
     # from the finished rawks run (every parameter; the boundary network fixed, Q trains) against the
     # scribble-only run trained on for as long
@@ -154,7 +210,7 @@ def test_per_method_base():
 
 
 def test_command_line_rejects_a_missing_control_run(tmp_path):
-    from rwseg.refine_benchmark import main
+    from experiments.refine_benchmark import main
 
     with pytest.raises(RuntimeError, match="control 'scribble_baseline' has not finished"):
         main(["--config", str(CONFIGS / "stanford_scribbles.py"), "--control", "scribble_baseline",
@@ -200,9 +256,9 @@ def test_parse_method_variant():
     names and suffixes are refused with what exists."""
     from rwseg.train.config_files import parse_method_variant
 
-    variants = {"spn_half": ("spn", {"spn.downsample": 2})}
+    variants = {"spn_half": ("spn", {"spn.layer.downsample": 2})}
     assert parse_method_variant("spn", ("spn", "rwn"), variants) == ("spn", {}, False)
-    assert parse_method_variant("spn_half,smoke", ("spn", "rwn"), variants) == ("spn", {"spn.downsample": 2}, True)
+    assert parse_method_variant("spn_half,smoke", ("spn", "rwn"), variants) == ("spn", {"spn.layer.downsample": 2}, True)
     assert parse_method_variant(None, ("spn", "rwn"), variants, default="rwn") == ("rwn", {}, False)
     for bad in ("gcrf", "spn,tiny", "spn,smoke,smoke", ""):
         with pytest.raises(ValueError, match=r"\('spn', 'rwn'\).*\('spn_half',\)"):

@@ -259,6 +259,26 @@ def test_float32_walk_reaches_the_documented_tolerance():
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_converged_walk_of_scores_at_the_bottom_of_the_normal_range(dtype):
+    """Issue 29 (the limitation recorded in rwn.py): with small weights (degree < 1), scores
+    near the smallest normal number underflowed in f * sqrt(d) and the walk returned zeros
+    with ``converged=True``. It now solves for f / 2^e (exact) and returns the scaled walk."""
+    tiny = np.finfo(dtype).tiny
+    w = _sym_weights(dtype=dtype) * dtype(0.01)  # degrees well below 1
+    f = jnp.asarray(np.random.default_rng(3).uniform(2, 4, (H, W, C)) * tiny, dtype)
+    y, info = rwn.random_walk(w, f, OFFS, alpha=0.5, symmetric=True, tol=1e-5, return_info=True)
+    big = 2.0 ** 100
+    want = rwn.random_walk(w, f * dtype(big), OFFS, alpha=0.5, symmetric=True, tol=1e-5) / dtype(big)
+    assert bool(jnp.all(info.converged)) and float(jnp.min(y)) > 0
+    np.testing.assert_array_equal(y, want)  # powers of two scale exactly
+    # and for ordinary scores the power-of-two scaling changes no bit (float32 convergence unchanged)
+    w32, f32 = _sym_weights(dtype=np.float32), _scores(dtype=np.float32)
+    y1 = rwn.random_walk(w32, f32, OFFS, alpha=0.9, symmetric=True, tol=1e-5)
+    y2 = rwn.random_walk(w32, f32 * np.float32(2.0 ** -60), OFFS, alpha=0.9, symmetric=True, tol=1e-5)
+    np.testing.assert_array_equal(np.asarray(y2), np.asarray(y1) * np.float32(2.0 ** -60))
+
+
 def test_grouped_stencil_product_matches_dense_value_and_gradient():
     """K = 48 > 40 offsets: the converged walk's product (stencil.apply_masked) runs in two groups."""
     offs = stencil.disk_offsets(4)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rwseg import spn, spn_pallas
+from rwseg import spn, spn_pallas, spn_verify
 from rwseg.spn import DIRECTIONS
 
 
@@ -153,6 +153,7 @@ def test_auto_uses_the_gpu_kernel_only_if_it_lowers(monkeypatch):
         return fake
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setitem(spn_verify.RECORDED, "pallas_gpu", (spn_verify.device_kind(),))  # verified here (mocked)
     monkeypatch.setattr(spn_pallas, "gpu_kernel_lowers", lowers(True))
     assert spn._resolve_implementation("auto", x, gates, DIRECTIONS) == "pallas_gpu"
     assert asked == [(7, 4 * 7, 3, 3, "float32", 7)]  # T = max(H, W), 4 segments of max(H, W) rows

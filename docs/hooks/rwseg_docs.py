@@ -46,8 +46,8 @@ REPO_PAGES = {
 }
 
 # modules first in the API reference, when they exist; the others follow alphabetically
-API_ORDER = ("stencil", "linsolve", "rwn", "rawks", "spn", "spn_pallas", "gcrf", "dilated", "metrics",
-             "constants", "layers", "models", "data", "train", "compare", "evaluate", "viz")
+API_ORDER = ("stencil", "linsolve", "rwn", "rawks", "spn", "spn_pallas", "spn_verify", "gcrf", "dilated", "metrics",
+             "constants", "layers", "models", "data", "train", "compare")
 API_SECTION = "API reference"
 
 # a Sphinx role left in a docstring, as Markdown renders it: :func:<code>~rwseg.x.f</code>

@@ -19,8 +19,17 @@ pullback of a fixed output cotangent (``jax.vjp``), gradients w.r.t. weights and
 "grad of sum" is ``jax.value_and_grad`` of ``sum(op(w, x) * cot)``. Forward and
 backward are measured interleaved, so their ratio survives the drift of a shared machine.
 
+A third table (issue 29) times the reverse mode of the operators for three loss shapes,
+each as a ratio to the forward, measured interleaved: ``jax.vjp`` with a fixed output
+cotangent (weights and x), a training-like loss (``value_and_grad`` of a log-softmax
+cross-entropy after the operator, weights and x), and ``jax.grad`` of ``sum(op(w, x)**2)``
+with respect to the weights alone and to x alone — once with rwseg's operators and once
+with the operand materialisation of the weight correlation switched off (the lowering
+before issue 29, in which XLA CPU fused the forward into the K products of the weight
+gradient).
+
 Usage: ``python experiments/benchmarks/bench_stencil.py [--size 256] [--channels 21] [--repeats 10]
-[--grad-size 64]``
+[--grad-size 64] [--tables operators,grad,losses]``
 """
 
 from __future__ import annotations
@@ -90,9 +99,25 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--channels", type=int, default=21)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--grad-size", type=int, default=64, help="map size of the fwd/bwd table (issue 8)")
+    p.add_argument("--grad-size", type=int, default=64, help="map size of the fwd/bwd tables (issues 8, 29)")
+    p.add_argument("--tables", default="operators,grad,losses",
+                   help="comma-separated tables to print: operators (vs scipy), grad (issue 8), losses (issue 29)")
     args = p.parse_args(argv)
+    tables = set(args.tables.split(","))
+    print(f"machine: {machine()}")
+    if "operators" in tables:
+        operator_table(args)
+    if "grad" in tables:
+        print(f"\n# forward vs forward + backward, {args.grad_size}x{args.grad_size}x{args.channels} float32, "
+              f"median of {args.repeats}\n")
+        print(markdown_table(GRAD_HEADERS, grad_rows(args.grad_size, args.channels, args.repeats)))
+    if "losses" in tables:
+        print(f"\n# reverse mode / forward for three loss shapes, {args.grad_size}x{args.grad_size}x{args.channels} "
+              f"float32, median of {args.repeats}\n")
+        print(markdown_table(LOSS_HEADERS, loss_rows(args.grad_size, args.channels, args.repeats)))
 
+
+def operator_table(args):
     h = w = args.size
     c = args.channels
     bandwidth = copy_bandwidth()
@@ -122,8 +147,6 @@ def main(argv=None):
             ["stencil", "K", "op", "rwseg ms", "bytes bound ms", "of bound", "scipy CSR ms", "scipy / rwseg"], rows
         )
     )
-    print(f"\n# forward vs forward + backward, {args.grad_size}x{args.grad_size}x{c} float32, median of {args.repeats}\n")
-    print(markdown_table(GRAD_HEADERS, grad_rows(args.grad_size, c, args.repeats)))
 
 
 GRAD_HEADERS = ["stencil", "K", "op", "implementation", "fwd ms", "fwd+bwd ms", "ratio", "grad of sum ms", "ratio"]
@@ -164,6 +187,50 @@ def grad_rows(size, channels, repeats):
                     [name, k, op, impl, fmt_ms(t_f), fmt_ms(t_fb), f"{t_fb / t_f:.1f}x", fmt_ms(t_gs), f"{t_gs / t_f:.1f}x"]
                 )
                 print(f"done {name} {op} {impl}", file=sys.stderr, flush=True)
+    return rows
+
+
+LOSS_HEADERS = ["stencil", "K", "op", "lowering", "fwd ms", "vjp", "log-softmax loss", "grad sum(op**2) w",
+                "grad sum(op**2) x"]
+
+
+def loss_rows(size, channels, repeats):
+    """The issue-29 table: reverse mode / forward for three loss shapes, with and without the
+    materialised operands of the weight correlation (``rwseg.stencil._materialized``)."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(size, size, channels)).astype(np.float32))
+    cot = jnp.asarray(rng.normal(size=(size, size, channels)).astype(np.float32))
+    labels = jax.nn.one_hot(rng.integers(0, channels, (size, size)), channels, dtype=jnp.float32)
+    materialized = S._materialized
+    rows = []
+    for name, offsets in [("GCRF 23x23 window", gcrf.bipartite_offsets(11)), ("disk r=5", S.disk_offsets(5))]:
+        k = len(offsets)
+        weights = jnp.asarray(rng.uniform(size=(size, size, k)).astype(np.float32) / k)
+        for op_name, op in [("apply", S.apply), ("apply_transpose", S.apply_transpose)]:
+            for lowering, mat in [("rwseg", materialized), ("without materialisation", lambda *xs: xs)]:
+                S._materialized = mat  # read when the kernel is traced: set before each jit's first call
+                try:
+                    f = lambda w, v, op=op, o=offsets: op(w, v, o)
+
+                    def vjp(w, v, g, f=f):
+                        y, pullback = jax.vjp(f, w, v)
+                        return y, pullback(g)
+
+                    fns = [jax.jit(f), jax.jit(vjp),
+                           jax.jit(jax.value_and_grad(
+                               lambda w, v, f=f: -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(f(w, v), -1), -1)),
+                               argnums=(0, 1))),
+                           jax.jit(jax.grad(lambda w, v, f=f: jnp.sum(f(w, v) ** 2), argnums=0)),
+                           jax.jit(jax.grad(lambda w, v, f=f: jnp.sum(f(w, v) ** 2), argnums=1))]
+                    args = [(weights, x), (weights, x, cot), (weights, x), (weights, x), (weights, x)]
+                    for fn, a in zip(fns, args):
+                        jax.block_until_ready(fn(*a))  # compile with this lowering
+                finally:
+                    S._materialized = materialized
+                times = median_times([lambda fn=fn, a=a: jax.block_until_ready(fn(*a)) for fn, a in zip(fns, args)],
+                                     repeats=repeats)
+                rows.append([name, k, op_name, lowering, fmt_ms(times[0])] + [f"{t / times[0]:.1f}x" for t in times[1:]])
+                print(f"done {name} {op_name} {lowering}", file=sys.stderr, flush=True)
     return rows
 
 

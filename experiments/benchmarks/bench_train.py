@@ -9,7 +9,7 @@ compilation), the steps per second and the overhead over the baseline (ratio of 
 step times, measured in the same process, in interleaved rounds: one step of every
 method per round, so a drifting machine speed affects every method alike). The batch is fixed (synthetic images of the
 built-in dataset, :func:`rwseg.data.synthetic.synthetic_example`; scribbles for RAWKS
-from :func:`rwseg.rawks.scribbles_from_labels`), so every step does the same work.
+from :func:`rwseg.data.scribbles_from_labels`), so every step does the same work.
 
 Runs on the CPU (1 device) and, when jax sees a GPU, again on the GPU (one column
 pair per device). The papers promise a "minor extra cost" over the base network.
@@ -35,7 +35,7 @@ from common import block, gpu_device, machine, markdown_table, median_times  # n
 from rwseg import data  # noqa: E402
 from rwseg.data.synthetic import NUM_CLASSES, synthetic_example  # noqa: E402
 from rwseg.models import dataset_statistics  # noqa: E402
-from rwseg.rawks import scribbles_from_labels  # noqa: E402
+from rwseg.data import scribbles_from_labels  # noqa: E402
 from rwseg.train import parallel  # noqa: E402
 from rwseg.train.config_files import load_config_file  # noqa: E402
 from rwseg.train.state import create, make_train_step  # noqa: E402

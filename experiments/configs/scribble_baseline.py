@@ -10,6 +10,6 @@ from rwseg.configs import common
 
 def get_config(arg=None):
     c = common.get_config("baseline")
-    c.data.scribbles = True           # batches carry "scribbles" (rwseg.rawks.scribbles_from_labels)
+    c.data.scribbles = True           # batches carry "scribbles" (rwseg.data.scribbles_from_labels)
     c.data.train_labels = "scribbles"
     return common.finalize(c, arg)

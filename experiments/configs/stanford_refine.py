@@ -41,17 +41,17 @@ METHODS = ("baseline", "spn", "rwn", "gcrf", "dilated")
 # control, against +0.8 with image-only guidance at half resolution, and +0.0 at full
 # resolution with image-only guidance, the shipped default).
 STANFORD_OPTIONS = {
-    "spn": {"spn.downsample": 2, "spn.guidance_input": "image,stem,features"},
-    "dilated": {"dilated.decoder_width": 32, "dilated.decoder_depth": 2, "dilated.iterations": 1},
+    "spn": {"spn.layer.downsample": 2, "spn.guidance_input": "image,stem,features"},
+    "dilated": {"dilated.layer.decoder_width": 32, "dilated.layer.decoder_depth": 2, "dilated.layer.num_steps": 1},
 }
 
 # The item-3 variants tried on the validation split, by name (``--methods spn_half,...`` of
 # refine_benchmark.py): (method, overrides on top of the method's STANFORD_OPTIONS).
 VARIANTS = {
     # (``spn`` itself is what the log's third round calls spn_feat)
-    "spn_full": ("spn", {"spn.downsample": 1, "spn.guidance_input": "image"}),  # the shipped spn
+    "spn_full": ("spn", {"spn.layer.downsample": 1, "spn.guidance_input": "image"}),  # the shipped spn
     "spn_half": ("spn", {"spn.guidance_input": "image"}),
-    "rwn_full": ("rwn", {"rwn.walk_downsample": 1}),
+    "rwn_full": ("rwn", {"rwn.layer.downsample": 1}),
     # the method's new layers at 10x the backbone's learning rate (optimizer.method_lr_mult)
     "spn_half_lr10": ("spn", {"spn.guidance_input": "image", "optimizer.method_lr_mult": 10.0}),
     "rwn_lr10": ("rwn", {"optimizer.method_lr_mult": 10.0}),
@@ -59,11 +59,11 @@ VARIANTS = {
     "dilated_lr10": ("dilated", {"optimizer.method_lr_mult": 10.0}),
     # a twice-wider affinity decoder (64 channels; the paper's is 256 at 1/4 resolution, ours
     # runs at full resolution on the stem features, where 4x the 32-channel cost is what fits)
-    "dilated_wide": ("dilated", {"dilated.decoder_width": 64}),
+    "dilated_wide": ("dilated", {"dilated.layer.decoder_width": 64}),
     # RWN's training walk radius relative to the image: the paper's R = 40 at 321 px is 12 % of
     # the image; the config's 4 walk pixels (8 px at half resolution) are 3.6 % of a 224 crop
-    "rwn_r8": ("rwn", {"rwn.train_radius": 8}),     # 16 px, 7 %
-    "rwn_r12": ("rwn", {"rwn.train_radius": 12}),   # 24 px, 11 %
+    "rwn_r8": ("rwn", {"rwn.layer.train_radius": 8}),     # 16 px, 7 %
+    "rwn_r12": ("rwn", {"rwn.layer.train_radius": 12}),   # 24 px, 11 %
 }
 
 

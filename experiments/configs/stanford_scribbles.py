@@ -1,7 +1,7 @@
 """RAWKS against the scribble-only baseline on Stanford Background (issue 12, item 3):
 ``stanford_scribbles.py:METHOD[,smoke]`` with METHOD ``rawks`` or ``scribble_baseline``.
 
-Both runs learn from the same generated scribbles (``rwseg.rawks.scribbles_from_labels``,
+Both runs learn from the same generated scribbles (``rwseg.data.scribbles_from_labels``,
 about 3 % of the pixels) with the data and segmentation network of
 ``stanford_baseline.py`` (crop 224, ASPP (1, 3, 6, 12)), the same steps, schedule and
 seed: the only difference is RAWKS's random-walk label propagation and its
@@ -29,14 +29,14 @@ METHODS = ("rawks", "scribble_baseline")
 
 # Item-3 variants tried on the validation split, by name (``--methods rawks_alpha0`` of
 # refine_benchmark.py): (method, overrides). ``rawks_alpha0`` removes the uncertainty
-# weighting of eq. 11 (w = exp(-alpha H(P)) = 1): tests whether down-weighting the uncertain
+# weighting of eq. 11 (w = exp(-temperature H(P)) = 1): tests whether down-weighting the uncertain
 # boundary pixels is what makes Q's predictions blobby (stanford_refine_log.md, RAWKS).
-# ``rawks_full`` propagates at full resolution (``rawks.downsample = 1``): tests whether the
+# ``rawks_full`` propagates at full resolution (``rawks.layer.downsample = 1``): tests whether the
 # half-resolution targets are what blurs Q's boundaries.
 # ``rawks_then_q`` is the paper's "train P, Q, then Q" (Table 2): started from a finished
 # ``rawks`` run (every parameter, ``--base rawks_then_q=RUN`` of refine_benchmark.py), Q is
 # fine-tuned on the propagated labels with the boundary network fixed.
-# ``rawks_then_q_unweighted`` is that stage with the loss unweighted (``rawks.alpha = 0``:
+# ``rawks_then_q_unweighted`` is that stage with the loss unweighted (``rawks.layer.temperature = 0``:
 # w = 1, so Q fits every pixel of P, boundaries included). With the boundary network fixed
 # the weight no longer shapes P, so this isolates what eq. 11's down-weighting of the
 # uncertain (boundary) pixels costs Q. Its abstention is 0 by definition (w = 1 < 0.5
@@ -49,10 +49,10 @@ METHODS = ("rawks", "scribble_baseline")
 # bounds what any propagated targets can add at this budget; as a second stage (``--base
 # dense_labels=SCRIBBLE_RUN``) it bounds ``rawks_then_q``.
 VARIANTS = {
-    "rawks_alpha0": ("rawks", {"rawks.alpha": 0.0}),
-    "rawks_full": ("rawks", {"rawks.downsample": 1}),
+    "rawks_alpha0": ("rawks", {"rawks.layer.temperature": 0.0}),
+    "rawks_full": ("rawks", {"rawks.layer.downsample": 1}),
     "rawks_then_q": ("rawks", {"init_params": "all", "freeze_method": True}),
-    "rawks_then_q_unweighted": ("rawks", {"init_params": "all", "freeze_method": True, "rawks.alpha": 0.0}),
+    "rawks_then_q_unweighted": ("rawks", {"init_params": "all", "freeze_method": True, "rawks.layer.temperature": 0.0}),
     "rawks_then_q_hard": ("rawks", {"init_params": "all", "freeze_method": True, "rawks.targets": "hard"}),
     "dense_labels": ("scribble_baseline", {"data.train_labels": "dense"}),
 }

@@ -29,8 +29,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from rwseg import data, metrics  # noqa: E402
-from rwseg.models.backbone import pooled_grid, upsample  # noqa: E402
-from rwseg.models.common import avg_pool  # noqa: E402
+from rwseg.layers.grid import avg_pool, pooled_grid, upsample  # noqa: E402
 from rwseg.train import parallel  # noqa: E402
 from rwseg.train.evaluate import eval_batches, load_run, make_eval_step  # noqa: E402
 from rwseg.train.state import source_kwargs  # noqa: E402

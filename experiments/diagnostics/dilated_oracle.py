@@ -30,7 +30,8 @@ from rwseg.constants import IGNORE_INDEX  # noqa: E402
 from rwseg.dilated import propagate  # noqa: E402
 from rwseg.train import parallel  # noqa: E402
 from rwseg.train.checkpoint import Checkpoints  # noqa: E402
-from rwseg.train.evaluate import _kw, eval_batches, load_config, summarize_counts  # noqa: E402
+from rwseg.train.evaluate import eval_batches, summarize_counts  # noqa: E402
+from rwseg.train.workdir import load_config  # noqa: E402
 from rwseg.train.state import compute_statistics, create, merge, source_kwargs  # noqa: E402
 
 WIDTHS, TOLERANCE, GT_LOGIT = (2.0, 4.0), 2.0, 10.0
@@ -47,8 +48,8 @@ def main(argv=None):
     if config.method != "dilated":
         raise SystemExit(f"{args.run}: expected a dilated run, got method {config.method!r}")
     config.eval_batches = 0
-    lam, mu = float(config.dilated.lam), float(config.dilated.mu)
-    config.dilated.iterations = 0  # the model's prediction = its coarse probabilities
+    lam, mu = float(config.dilated.layer.lam), float(config.dilated.layer.mu)
+    config.dilated.layer.num_steps = 0  # the model's prediction = its coarse probabilities
     info = data.dataset_info(config.data.name)
     k = info.num_classes
     setup = create(config, k, compute_statistics(config, data.load_source(
@@ -86,7 +87,7 @@ def main(argv=None):
                   for name, p in preds.items()}
         return counts, gates.sum(0)
 
-    source = data.load_source(config.data.name, config.data.eval_split, **_kw(config))
+    source = data.load_source(config.data.name, config.data.eval_split, **source_kwargs(config))
     totals, gates = None, np.zeros(4)
     for batch in eval_batches(config, source, mesh):
         counts, g = run(jnp.asarray(batch["image"]), jnp.asarray(batch["label"]))

@@ -1,12 +1,12 @@
 """Evaluation-only sweep of a trained run (issue 12, item 3: choose evaluation-time options on
 the validation split without retraining).
 
-    PYTHONPATH=. python experiments/diagnostics/eval_sweep.py RUN "" "rwn.alpha=0.97" \
-        "rwn.alpha=0.99,rwn.eval_radius=1"
+    PYTHONPATH=. python experiments/diagnostics/eval_sweep.py RUN "" "rwn.layer.alpha=0.97" \
+        "rwn.layer.alpha=0.99,rwn.layer.eval_radius=1"
 
 Each SPEC is a comma-separated list of dotted config overrides (``""`` = the run's own
 config). Only evaluation-time options make sense here (``config_check.HARMLESS_KEYS``:
-``rwn.alpha``, ``rwn.eval_radius``, ``dilated.lam``/``mu``/``iterations``, ``gcrf.tol``...):
+``rwn.layer.alpha``, ``rwn.layer.eval_radius``, ``dilated.layer.lam``/``mu``/``num_steps``, ``gcrf.layer.tol``...):
 the model is rebuilt per spec (these options are baked into the module) and the run's
 latest checkpoint is evaluated on the whole validation split, every image at its own size.
 Prints one JSON line per spec.
@@ -25,7 +25,8 @@ from rwseg import data  # noqa: E402
 from rwseg.train import parallel  # noqa: E402
 from rwseg.train.checkpoint import Checkpoints  # noqa: E402
 from rwseg.train.config_check import HARMLESS_KEYS  # noqa: E402
-from rwseg.train.evaluate import _kw, evaluate, load_config  # noqa: E402
+from rwseg.train.evaluate import evaluate  # noqa: E402
+from rwseg.train.workdir import load_config  # noqa: E402
 from rwseg.train.state import compute_statistics, create, source_kwargs  # noqa: E402
 
 
@@ -45,8 +46,8 @@ def parse_spec(spec: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a run directory written by rwseg.train")
-    parser.add_argument("specs", nargs="+", help='dotted overrides, e.g. "rwn.alpha=0.97"; "" = as trained')
+    parser.add_argument("run", help="a run directory written by rwseg train")
+    parser.add_argument("specs", nargs="+", help='dotted overrides, e.g. "rwn.layer.alpha=0.97"; "" = as trained')
     args = parser.parse_args(argv)
     overrides = [parse_spec(s) for s in args.specs]
     mesh = parallel.make_mesh()
@@ -58,7 +59,7 @@ def main(argv=None):
     ckpt = Checkpoints(args.run, read_only=True)
     step, state = ckpt.restore(parallel.replicate(setup.state, mesh), which="latest")
     ckpt.close()
-    source = data.load_source(config.data.name, config.data.eval_split, **_kw(config))
+    source = data.load_source(config.data.name, config.data.eval_split, **source_kwargs(config))
     for spec, kv in zip(args.specs, overrides):
         start = time.time()
         c = load_config(args.run)

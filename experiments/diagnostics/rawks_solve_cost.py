@@ -7,9 +7,9 @@ speed of ``rawks`` after its first 20 steps).
 For each RAWKS run (latest checkpoint) and the first ``--images`` training images with their
 generated scribbles, prints one JSON line: the boundary scores B of the walk (eq. 5: a step
 across a pixel pays ``exp(-B)/4``) as their mean and the fractions at the clamp
-``rawks.max_boundary`` (within 1 %) and below 0.1, and the solves (one refined CG solve per
+``rawks.layer.max_boundary`` (within 1 %) and below 0.1, and the solves (one refined CG solve per
 image, :func:`rwseg.rawks.hitting_probabilities`) as the mean and largest CG iteration count
-and the fraction that did not reach ``rawks.tol`` within ``rawks.max_iters``.
+and the fraction that did not reach ``rawks.layer.tol`` within ``rawks.layer.max_iters``.
 
 ``--propagation``: also the quality of P on those images (:func:`rwseg.train.evaluate.
 evaluate_propagation`: P mIoU, pixel accuracy, abstention) with the run's learned boundaries and
@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from rwseg import data  # noqa: E402
-from rwseg.models.device_local import batch_axis  # noqa: E402
+from rwseg.layers.device_local import batch_axis  # noqa: E402
 from rwseg.train import parallel  # noqa: E402
 from rwseg.train.evaluate import eval_batches, load_run  # noqa: E402
 from rwseg.train.state import merge, source_kwargs  # noqa: E402
@@ -53,7 +53,7 @@ def load(workdir, num_images: int, mesh):
 def solve_cost(workdir, run, mesh) -> dict:
     """The JSON line of one run (module docstring); ``run``: :func:`load`'s tuple."""
     config, setup, state, step, source = run
-    clamp = float(config.rawks.max_boundary)
+    clamp = float(config.rawks.layer.max_boundary)
 
     def fn(state, batch):
         with batch_axis(mesh):
@@ -77,13 +77,13 @@ def solve_cost(workdir, run, mesh) -> dict:
         iterations += list(np.asarray(out["iterations"])[keep])
         nonconverged += list(np.asarray(out["nonconverged"])[keep])
     pixels = max(sums["boundary_pixels"], 1)
-    return {"run": str(workdir), "step": int(step), "alpha": float(config.rawks.alpha), "images": len(iterations),
+    return {"run": str(workdir), "step": int(step), "temperature": float(config.rawks.layer.temperature), "images": len(iterations),
             "boundary_mean": round(sums["boundary_sum"] / pixels, 3),
             "boundary_clamped_percent": round(100 * sums["clamped"] / pixels, 2),
             "boundary_open_percent": round(100 * sums["open"] / pixels, 2),
             "cg_iterations_mean": round(float(np.mean(iterations)), 1), "cg_iterations_max": int(np.max(iterations)),
             "nonconverged_percent": round(100 * float(np.mean(nonconverged)), 1),
-            "max_iters": int(config.rawks.max_iters)}
+            "max_iters": int(config.rawks.layer.max_iters)}
 
 
 def without_boundaries(state):

@@ -32,7 +32,7 @@ def get_config(method: str) -> ml_collections.ConfigDict:
 
     c.batch_size = 8                 # global batch (divided over processes and devices)
     c.num_steps = 300
-    # memory levers for large crops and pods (rwseg.models.memory, rwseg.train.state; `rwseg plan` shows their effect)
+    # memory levers for large crops and pods (rwseg.layers.memory, rwseg.train.state; `rwseg plan` shows their effect)
     c.compute_dtype = "float32"      # "bfloat16": conv blocks compute in bfloat16 (params, solvers, losses stay float32)
     c.remat = False                  # True: rematerialise conv blocks and unrolled refinement steps in the backward pass
     c.microbatches = 1               # >1: accumulate gradients over this many slices of each device's batch
@@ -43,12 +43,16 @@ def get_config(method: str) -> ml_collections.ConfigDict:
     c.model.aspp_rates = (1, 2, 3)   # dilated 3x3 convs at 1/8 resolution
     c.model.features = 48            # decoder feature channels
     c.model.norm = "group"           # "group" | "none" (no BatchNorm: pure data-parallel step)
+    c.model.backbone = "compact"     # "compact" (the keys above) | "resnet50" | "resnet101" (config.model.resnet)
+    c.model.pretrained = ""          # a torchvision/timm ResNet .pth / .safetensors loaded at the start
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"       # "adamw" | "sgd" (momentum)
     c.optimizer.learning_rate = 3e-3
     c.optimizer.warmup_steps = 20
-    c.optimizer.end_factor = 0.02    # cosine decays to learning_rate * end_factor
+    c.optimizer.schedule = "cosine"  # "cosine" | "poly" (DeepLab: (1 - t/T)^power)
+    c.optimizer.power = 0.9          # the poly schedule's exponent
+    c.optimizer.end_factor = 0.02    # the schedule decays to learning_rate * end_factor
     c.optimizer.weight_decay = 1e-4
     c.optimizer.momentum = 0.9
     c.optimizer.grad_clip_norm = 1.0  # 0 = no clipping

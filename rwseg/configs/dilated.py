@@ -9,16 +9,19 @@ from rwseg.configs import common
 def get_config(arg=None):
     c = common.get_config("dilated")
     c.dilated = ml_collections.ConfigDict()
-    c.dilated.rates = (2, 4, 8)   # full-resolution pixels (paper at 512 px: 8, (12, 24), 16)
+    # the arguments of rwseg.layers.DilatedAffinity, under its names
+    c.dilated.layer = ml_collections.ConfigDict()
+    c.dilated.layer.rates = (2, 4, 8)   # full-resolution pixels (paper at 512 px: 8, (12, 24), 16)
+    c.dilated.layer.decoder_width = 0   # 3x3 conv blocks between the features and the 1x1 affinity head
+    c.dilated.layer.decoder_depth = 0   # (0: the head is a 1x1 conv on the features)
+    c.dilated.layer.gamma = 2.0         # focal loss exponent
+    c.dilated.layer.lam = 6.0           # propagation: weight of the pixel's own prediction
+    c.dilated.layer.mu = 7.0            # propagation: steepness of the affinity gate
+    c.dilated.layer.num_steps = 10      # propagation steps
+    # model and training
     c.dilated.use_stem = True     # affinity head also sees the full-resolution stem features
-    c.dilated.decoder_width = 0   # 3x3 conv blocks between the features and the 1x1 affinity head
-    c.dilated.decoder_depth = 0   # (0: the head is a 1x1 conv on the features, as before)
     c.dilated.beta = 1.2          # affinity loss weight
-    c.dilated.gamma = 2.0         # focal loss exponent
-    c.dilated.lam = 6.0           # propagation: weight of the pixel's own prediction
-    c.dilated.mu = 7.0            # propagation: steepness of the affinity gate
-    c.dilated.iterations = 10
     c = common.finalize(c, arg)
     if arg == "smoke":
-        c.dilated.rates = (1, 2)
+        c.dilated.layer.rates = (1, 2)
     return c

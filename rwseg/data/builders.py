@@ -4,6 +4,8 @@
 * :class:`RwsegStanfordBackground` — Stanford Background from a local ``iccv09Data`` folder.
 * :class:`RwsegVoc2012Segmentation` — PASCAL VOC 2012 segmentation masks (TFDS's own
   ``voc/2012`` has boxes only) from a local ``VOCdevkit`` folder.
+* :class:`RwsegVoc2012Aug` — VOC 2012 + SBD (train_aug / VOC val) from a local folder
+  holding a ``VOCdevkit`` and SBD's ``benchmark_RELEASE`` (:mod:`rwseg.data.sbd`).
 
 All three store ``{"image": PNG/JPEG bytes (H, W, 3), "label": uint8 (H, W) ZLIB tensor
 (255 = ignore), "id": text}`` with ``disable_shuffling=True``, so record ``i`` of a split
@@ -27,7 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from rwseg.data import stanford, synthetic, voc
+from rwseg.data import sbd, stanford, synthetic, voc
 
 _ARRAY_RECORD = "array_record"
 
@@ -130,33 +132,36 @@ class StanfordConfig(tfds.core.BuilderConfig):
     """Split parameters of Stanford Background; ``fingerprint`` identifies the folder content."""
 
     num_validation: int = 72
+    num_test: int = 143
     split_seed: int = 0
     fingerprint: str = ""
 
     @classmethod
-    def make(cls, *, manual_dir=None, num_validation=72, split_seed=0) -> "StanfordConfig":
+    def make(cls, *, manual_dir=None, num_validation=72, num_test=143, split_seed=0) -> "StanfordConfig":
         """A config whose name encodes the split and a fingerprint of the folder's files.
 
         Args:
             manual_dir: the ``iccv09Data`` folder (``None``: fingerprint ``"default"``).
-            num_validation: the size of the seeded validation split.
-            split_seed: the seed of the split.
+            num_validation: the size of the seeded validation (dev) split.
+            num_test: the size of the seeded test split (reported, never used to choose).
+            split_seed: the seed of the split (:func:`rwseg.data.stanford.split_ids`).
 
         Returns:
-            The config, named e.g. ``seed0_val72_<fingerprint>``.
+            The config, named e.g. ``seed0_val72_test143_<fingerprint>``.
         """
         fp = stanford.fingerprint(manual_dir) if manual_dir is not None else "default"
         return cls(
-            name=f"seed{int(split_seed)}_val{int(num_validation)}_{fp}",
-            description=f"seeded split (seed {split_seed}, {num_validation} validation images)",
+            name=f"seed{int(split_seed)}_val{int(num_validation)}_test{int(num_test)}_{fp}",
+            description=f"seeded split (seed {split_seed}, {num_validation} validation, {num_test} test images)",
             num_validation=int(num_validation),
+            num_test=int(num_test),
             split_seed=int(split_seed),
             fingerprint=fp,
         )
 
 
 class RwsegStanfordBackground(tfds.core.GeneratorBasedBuilder):
-    """Stanford Background (iccv09Data) from ``manual_dir``, with a seeded train/validation split."""
+    """Stanford Background (iccv09Data) from ``manual_dir``, with a seeded train / validation (dev) / test split."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -172,7 +177,8 @@ class RwsegStanfordBackground(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         root = dl_manager.manual_dir
         cfg = self.builder_config
-        splits = stanford.split_ids(stanford.list_ids(root), num_validation=cfg.num_validation, seed=cfg.split_seed)
+        splits = stanford.split_ids(stanford.list_ids(root), num_validation=cfg.num_validation,
+                                   num_test=cfg.num_test, seed=cfg.split_seed)
         return {name: self._generate_examples(root, ids) for name, ids in splits.items()}
 
     def _generate_examples(self, root, ids):
@@ -218,4 +224,39 @@ class RwsegVoc2012Segmentation(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, root, ids):
         for example_id in ids:
             ex = voc.read_example(root, example_id)
+            yield example_id, {"image": _rgb_bytes(ex), "label": ex["label"], "id": example_id}
+
+
+# ----------------------------------------------------------------------------- voc + sbd
+
+
+class RwsegVoc2012Aug(tfds.core.GeneratorBasedBuilder):
+    """PASCAL VOC 2012 + SBD: ``train`` = train_aug (10,582 images), ``validation`` = VOC val (1,449).
+
+    ``manual_dir`` holds both datasets: a VOC2012 folder (or ``VOCdevkit/VOC2012``, see
+    :func:`rwseg.data.voc.find_root`) and SBD's ``benchmark_RELEASE/dataset`` (see
+    :func:`rwseg.data.sbd.find_root`); nothing is downloaded.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Put VOCtrainval_11-May-2012.tar (extracted: VOCdevkit/VOC2012) and SBD's benchmark.tgz "
+        "(extracted: benchmark_RELEASE/dataset) in one folder and pass it as manual_dir."
+    )
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, description=sbd.__doc__, features=_features("jpeg"),
+                                     homepage="http://home.bharathh.info/pubs/codes/SBD/download.html",
+                                     disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        root = dl_manager.manual_dir
+        voc_root, sbd_root = voc.find_root(root), sbd.find_root(root)
+        return {"train": self._generate_examples(voc_root, sbd_root, sbd.train_aug_ids(voc_root, sbd_root)),
+                "validation": self._generate_examples(voc_root, sbd_root, voc.split_ids(voc_root, "validation"))}
+
+    def _generate_examples(self, voc_root, sbd_root, ids):
+        for example_id in ids:
+            ex = sbd.read_example(voc_root, sbd_root, example_id)
             yield example_id, {"image": _rgb_bytes(ex), "label": ex["label"], "id": example_id}

@@ -1,10 +1,11 @@
 """Datasets by name: :func:`dataset_info` and :func:`load_source`.
 
-| name | where the data comes from | classes | ``validation`` split |
+| name | where the data comes from | classes | ``validation`` (dev) split |
 |---|---|---|---|
 | ``synthetic`` | generated from a seed (``rwseg.data.synthetic``) | 6 | generated |
-| ``stanford_background`` | local ``iccv09Data`` folder (``manual_dir``) | 8 | seeded split |
+| ``stanford_background`` | local ``iccv09Data`` folder (``manual_dir``) | 8 | seeded split, and a seeded ``test`` split |
 | ``voc2012`` | local ``VOCdevkit`` (``manual_dir``) or download | 21 | ``val.txt`` |
+| ``voc2012_aug`` | local ``VOCdevkit`` + SBD ``benchmark_RELEASE`` (``manual_dir``); train = train_aug | 21 | ``val.txt`` |
 | ``oxford_iiit_pet`` | TFDS catalogue ``oxford_iiit_pet`` | 2 | TFDS ``test`` |
 
 Every source item is ``{"image": uint8 (H, W, 3), "label": int32 (H, W)}`` with
@@ -26,7 +27,7 @@ import pathlib
 
 import numpy as np
 
-from rwseg.data import stanford, synthetic, voc
+from rwseg.data import sbd, stanford, synthetic, voc
 from rwseg.data.constants import IGNORE_INDEX
 
 try:  # POSIX: serialises dataset builds across processes (_prepare_lock)
@@ -35,6 +36,22 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 SPLITS = ("train", "validation")
+# Datasets with a held-out test split besides the validation (dev) split: the benchmark
+# reports it, and no choice is ever made on it.
+TEST_SPLIT_DATASETS = ("stanford_background",)
+
+
+def splits_of(name: str) -> tuple[str, ...]:
+    """The splits :func:`load_source` serves for a dataset.
+
+    Args:
+        name: one of :data:`NAMES` or an alias.
+
+    Returns:
+        ``("train", "validation")``, plus ``"test"`` for the datasets of
+        :data:`TEST_SPLIT_DATASETS` (Stanford Background's seeded test split).
+    """
+    return SPLITS + (("test",) if dataset_info(name).name in TEST_SPLIT_DATASETS else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +77,7 @@ _INFOS = {
     "synthetic": DatasetInfo("synthetic", synthetic.NUM_CLASSES, synthetic.CLASS_NAMES),
     "stanford_background": DatasetInfo("stanford_background", stanford.NUM_CLASSES, stanford.CLASS_NAMES),
     "voc2012": DatasetInfo("voc2012", voc.NUM_CLASSES, voc.CLASS_NAMES),
+    "voc2012_aug": DatasetInfo("voc2012_aug", voc.NUM_CLASSES, voc.CLASS_NAMES),
     "oxford_iiit_pet": DatasetInfo("oxford_iiit_pet", len(PET_CLASS_NAMES), PET_CLASS_NAMES),
 }
 NAMES = tuple(_INFOS)
@@ -149,7 +167,7 @@ class Source:
 
     Args:
         name: the dataset's canonical name (its :class:`DatasetInfo` becomes ``.info``).
-        split: ``"train"`` or ``"validation"``.
+        split: ``"train"``, ``"validation"`` or ``"test"`` (:func:`splits_of`).
         records: the wrapped random-access records.
         adapter: ``adapter(dataset, index, record) -> {"image", "label"}`` converting one record.
     """
@@ -239,14 +257,16 @@ def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **buil
 
     Args:
       name: one of :data:`NAMES` (see the module docstring) or an alias (``"voc/2012"``).
-      split: ``"train"`` or ``"validation"``.
+      split: ``"train"``, ``"validation"`` (the dev split: every choice is made on it) or,
+        for Stanford Background, ``"test"`` (reported only; :func:`splits_of`).
       data_dir: TFDS data dir (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``);
         the built ``array_record`` files are cached there per builder config.
       manual_dir: folder with the raw data for ``stanford_background`` (default
-        ``$RWSEG_STANFORD_DIR``) and ``voc2012``.
+        ``$RWSEG_STANFORD_DIR``), ``voc2012`` and ``voc2012_aug`` (VOCdevkit and SBD's
+        benchmark_RELEASE side by side).
       **builder_kwargs: ``synthetic``: ``num_train=256, num_validation=64,
         image_size=(64, 64), seed=0``; ``stanford_background``: ``num_validation=72,
-        split_seed=0``.
+        num_test=143, split_seed=0``.
 
     Returns:
       A :class:`Source`; ``source[i]`` is ``{"image": uint8 (H, W, 3), "label": int32 (H, W)}``.
@@ -265,8 +285,8 @@ def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **buil
     from rwseg.data import builders
 
     name = dataset_info(name).name
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+    if split not in splits_of(name):
+        raise ValueError(f"split: expected one of {list(splits_of(name))} for {name}, got {split!r}")
     data_dir = os.fspath(data_dir) if data_dir is not None else None
     kw = dict(data_dir=data_dir, file_format="array_record")
 
@@ -276,7 +296,7 @@ def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **buil
         builder = _prepared(lambda: builders.RwsegSynthetic(config=_config_arg(builders.RwsegSynthetic, config), **kw), None)
         adapter = _adapt_rwseg
     elif name == "stanford_background":
-        _check_kwargs(name, builder_kwargs, ("num_validation", "split_seed"))
+        _check_kwargs(name, builder_kwargs, ("num_validation", "num_test", "split_seed"))
         if manual_dir is None and os.environ.get("RWSEG_STANFORD_DIR"):
             manual_dir = os.environ["RWSEG_STANFORD_DIR"]
         if manual_dir is None:
@@ -292,6 +312,14 @@ def load_source(name: str, split: str, *, data_dir=None, manual_dir=None, **buil
     elif name == "voc2012":
         _check_kwargs(name, builder_kwargs, ())
         builder = _prepared(lambda: builders.RwsegVoc2012Segmentation(**kw), manual_dir)
+        adapter = _adapt_rwseg
+    elif name == "voc2012_aug":
+        _check_kwargs(name, builder_kwargs, ())
+        if manual_dir is None:
+            raise ValueError("manual_dir: voc2012_aug needs a folder holding VOCdevkit/ and SBD's "
+                             "benchmark_RELEASE/, got None")
+        voc.find_root(manual_dir), sbd.find_root(manual_dir)  # clear errors before TFDS starts
+        builder = _prepared(lambda: builders.RwsegVoc2012Aug(**kw), manual_dir)
         adapter = _adapt_rwseg
     else:  # oxford_iiit_pet
         _check_kwargs(name, builder_kwargs, ())

@@ -56,10 +56,10 @@ def _derived_seeds(seed: int, n: int) -> list[int]:
 
 
 def _scribbles(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Synthetic scribbles for one label map (``rwseg.rawks.scribbles_from_labels``)."""
+    """Synthetic scribbles for one label map (:func:`rwseg.data.scribbles.scribbles_from_labels`)."""
     import jax
 
-    from rwseg.rawks import scribbles_from_labels  # lazily: keeps ``rwseg.data`` light
+    from rwseg.data.scribbles import scribbles_from_labels  # lazily: keeps ``rwseg.data`` light
 
     key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
     return np.asarray(scribbles_from_labels(label, key), dtype=np.int32)
@@ -233,24 +233,26 @@ def batch_dataset(
 ) -> grain.MapDataset:
     """A grain ``MapDataset`` whose element ``s`` is batch ``s`` (see the module docstring).
 
-    The arguments are those of :func:`make_batches` (which iterates over this dataset).
+    :func:`make_batches` iterates over this dataset.
 
     Args:
         source: random-access source of ``{"image": uint8 (H, W, 3), "label": int (H, W)}``.
         batch_size: per-process batch ``B``.
-        crop_size: training crop ``(h, w)`` (or int); ``None`` keeps each image's size.
-        train: augmented, shuffled training batches (True) or padded evaluation batches (False).
+        crop_size: training crop ``(h, w)`` (or int); ``None`` keeps each (scaled) image's
+            size, which needs equal sizes within a batch. Ignored in evaluation.
+        train: augmentation + per-epoch shuffling (True) or padded, ordered evaluation (False).
         seed: seed of shuffling, augmentation and scribbles.
-        scribbles: add ``"scribbles"`` to each batch.
+        scribbles: add ``"scribbles"`` from :func:`rwseg.data.scribbles_from_labels`.
         shard_index: this process's shard (default ``jax.process_index()``).
         shard_count: the number of shards (default ``jax.process_count()``).
-        scale_range: random scale factors for training; ``None`` disables.
+        scale_range: random scale factors for training; ``None`` or ``(1, 1)`` disables.
         flip: random left-right flips in training.
         color_jitter: ``(brightness, contrast, saturation)`` strengths of the training colour
-            jitter; ``(0, 0, 0)`` disables.
-        mean: per-channel mean subtracted, in 0..255 units.
-        std: per-channel divisor, in 0..255 units.
-        pad_size: evaluation size ``(h, w)``; ``None`` = the maximum over the source.
+            jitter (:func:`rwseg.data.augment.color_jitter`, after scaling); ``(0, 0, 0)`` disables.
+        mean: per-channel mean subtracted, in 0..255 units (default ImageNet statistics).
+        std: per-channel divisor, in 0..255 units (default ImageNet statistics).
+        pad_size: evaluation size ``(h, w)``; ``None`` = the maximum over the source (reads
+            every example once). An image larger than ``pad_size`` raises ``ValueError``.
 
     Returns:
         A ``grain.MapDataset`` of batch dicts: of length ``sys.maxsize`` in training
@@ -306,69 +308,30 @@ def batch_dataset(
 def make_batches(
     source,
     *,
-    batch_size: int,
-    crop_size=None,
-    train: bool,
-    seed: int,
     start_step: int = 0,
     num_steps: Optional[int] = None,
-    scribbles: bool = False,
-    shard_index: Optional[int] = None,
-    shard_count: Optional[int] = None,
-    scale_range=(0.75, 1.25),
-    flip: bool = True,
-    color_jitter=(0.0, 0.0, 0.0),
-    mean=DEFAULT_MEAN,
-    std=DEFAULT_STD,
-    pad_size=None,
     num_threads: int = 2,
     prefetch: int = 4,
+    **options,
 ) -> Iterator[dict]:
-    """Iterate over numpy batches ``start_step, start_step + 1, ...`` (module docstring).
+    """Iterate over numpy batches ``start_step, start_step + 1, ...`` (module docstring):
+    the elements of :func:`batch_dataset` from ``start_step`` on.
 
     Args:
       source: random-access source (``len``, ``__getitem__``) of ``{"image": uint8 (H, W, 3),
         "label": int (H, W)}``, e.g. from :func:`rwseg.data.load_source`.
-      batch_size: per-process batch ``B``.
-      crop_size: training crop ``(h, w)`` (or int); ``None`` keeps each (scaled) image's
-        size, which needs equal sizes within a batch. Ignored in evaluation.
-      train: augmentation + per-epoch shuffling (True) or padded, ordered evaluation (False).
-      seed: seed of shuffling, augmentation and scribbles.
       start_step: first batch number to produce (resume).
       num_steps: number of batches (``None``: infinite in training, one pass in evaluation).
-      scribbles: add ``"scribbles"`` from ``rwseg.rawks.scribbles_from_labels``.
-      shard_index: this process's shard (default ``jax.process_index()``).
-      shard_count: the number of shards (default ``jax.process_count()``).
-      scale_range: random scale factors for training; ``None`` or ``(1, 1)`` disables.
-      flip: random left-right flips in training.
-      mean: per-channel mean subtracted, in 0..255 units (default ImageNet statistics).
-      std: per-channel divisor, in 0..255 units (default ImageNet statistics).
-      color_jitter: ``(brightness, contrast, saturation)`` strengths of the training colour
-        jitter (:func:`rwseg.data.augment.color_jitter`, after scaling); ``(0, 0, 0)`` disables.
-      pad_size: evaluation size ``(h, w)``; ``None`` = the maximum over the source (reads
-        every example once). An image larger than ``pad_size`` raises ``ValueError``.
       num_threads: grain read threads (does not affect the results).
       prefetch: grain prefetch buffer, in batches (does not affect the results).
+      **options: the keyword arguments of :func:`batch_dataset` (``batch_size``,
+        ``crop_size``, ``train``, ``seed``, ``scribbles``, the shards, the augmentation,
+        ``mean`` / ``std``, ``pad_size``), with its defaults.
 
     Returns:
       An iterator of batch dicts of numpy arrays (keys and shapes in the module docstring).
     """
-    ds = batch_dataset(
-        source,
-        batch_size=batch_size,
-        crop_size=crop_size,
-        train=train,
-        seed=seed,
-        scribbles=scribbles,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        scale_range=scale_range,
-        flip=flip,
-        color_jitter=color_jitter,
-        mean=mean,
-        std=std,
-        pad_size=pad_size,
-    )
+    ds = batch_dataset(source, **options)
     start_step = V.check_nonnegative_int("start_step", start_step)
     if num_steps is not None:
         num_steps = V.check_nonnegative_int("num_steps", num_steps)

@@ -6,7 +6,7 @@ Layout (Gould et al., ICCV 2009):
     <root>/labels/<id>.regions.txt    H rows of W integers: 0..7 = class, negative = unknown
 
 Classes: see :data:`CLASS_NAMES`. Unknown (any negative value) becomes
-``IGNORE_INDEX = 255``. There is no official split; :func:`split_ids` makes a seeded one.
+``IGNORE_INDEX = 255``. There is no official split; :func:`split_ids` makes a seeded train / validation (dev) / test one.
 Every error names the offending file (:class:`rwseg.data.files.DataFileError`).
 """
 
@@ -112,27 +112,45 @@ def read_example(root, example_id: str) -> dict:
     return {"id": example_id, "image_bytes": image_bytes, "image": image, "label": label}
 
 
-def split_ids(ids, *, num_validation: int, seed: int) -> dict[str, list[str]]:
-    """A seeded train/validation split (``ids`` are sorted first, so their order does not matter).
+def split_ids(ids, *, num_validation: int, num_test: int = 0, seed: int) -> dict[str, list[str]]:
+    """A seeded train / validation (dev) / test split (``ids`` are sorted first, so their order
+    does not matter).
+
+    The validation split is the dev split: every choice (hyperparameters, variants, DenseCRF's
+    parameters, checkpoints) is made on it. The test split is only reported, never used to
+    choose. One permutation of the sorted ids: its first ``num_test`` ids are the test split,
+    the next ``num_validation`` the validation split, the rest train.
 
     Args:
         ids: the example ids.
-        num_validation: the size of the validation split, ``0 <= num_validation < len(ids)``.
+        num_validation: the size of the validation (dev) split, ``>= 0``.
+        num_test: the size of the test split, ``>= 0``;
+            ``num_validation + num_test < len(ids)``.
         seed: the seed of the permutation.
 
     Returns:
-        ``{"train": [...], "validation": [...]}``, each sorted.
+        ``{"train": [...], "validation": [...]}``, each sorted, and ``"test"`` when
+        ``num_test > 0``.
 
     Raises:
-        ValueError: ``num_validation`` out of range.
+        ValueError: ``num_validation`` or ``num_test`` out of range.
     """
     ids = sorted(ids)
-    if not 0 <= num_validation < len(ids):
-        raise ValueError(f"num_validation: expected 0 <= num_validation < {len(ids)} (number of ids), got {num_validation}")
+    if num_validation < 0:
+        raise ValueError(f"num_validation: expected >= 0, got {num_validation}")
+    if num_test < 0:
+        raise ValueError(f"num_test: expected >= 0, got {num_test}")
+    if num_validation + num_test >= len(ids):
+        raise ValueError(f"num_validation + num_test: expected < {len(ids)} (number of ids), "
+                         f"got {num_validation} + {num_test}")
     perm = np.random.default_rng(seed).permutation(len(ids))
-    val = sorted(ids[i] for i in perm[:num_validation])
-    train = sorted(ids[i] for i in perm[num_validation:])
-    return {"train": train, "validation": val}
+    test = sorted(ids[i] for i in perm[:num_test])
+    val = sorted(ids[i] for i in perm[num_test:num_test + num_validation])
+    train = sorted(ids[i] for i in perm[num_test + num_validation:])
+    splits = {"train": train, "validation": val}
+    if num_test:
+        splits["test"] = test
+    return splits
 
 
 def fingerprint(root) -> str:

@@ -5,7 +5,7 @@ lie, ``logits_grid``, default: evenly tiling the image), the image ``(B, H, W, 3
 where the method uses them, optional features; options are explicit keyword arguments.
 ``return_info=True`` adds a :class:`RefinementInfo` (solves, non-converged examples,
 iterations, residuals). Per-example solvers run through
-:func:`rwseg.models.device_local.map_examples` (device-local under a mesh).
+:func:`rwseg.layers.device_local.map_examples` (device-local under a mesh).
 
 - :class:`SpatialPropagation` — SPN (Liu et al. 2017): guidance network + 4-direction propagation.
 - :class:`RandomWalkRefinement` — RWN (Bertasius et al. 2017): affinities + random walk;

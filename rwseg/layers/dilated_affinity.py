@@ -20,10 +20,10 @@ from flax import nnx
 
 from rwseg import dilated as ops
 from rwseg.layers import _inputs as I
-from rwseg.layers._convs import apply_stack, conv_stack
+from rwseg.layers.convs import apply_stack, conv_stack
 from rwseg.layers.info import exact_steps
-from rwseg.models.backbone import upsample
-from rwseg.models.base import Statistic
+from rwseg.layers.grid import aligned_grid, upsample
+from rwseg.layers.statistic import Statistic
 
 __all__ = ["DilatedAffinity"]
 
@@ -42,7 +42,7 @@ class DilatedAffinity(nnx.Module):
       rates: dilation rates in image pixels (ints or (r1, r2) pairs).
       frequencies: (|R|, 9) neighbour-category table of the training labels
         (:meth:`frequencies_from_labels`); stored with the layer (a
-        :class:`rwseg.models.base.Statistic`, checkpointed, not trained).
+        :class:`rwseg.layers.statistic.Statistic`, checkpointed, not trained).
       low_level_channels: channels of optional image-resolution features concatenated
         to the upsampled features before the head (a DeepLabv3+-style decoder; 0: the
         head runs on the features at their resolution and its output is upsampled).
@@ -108,7 +108,7 @@ class DilatedAffinity(nnx.Module):
         """
         b, h, w = I.check_image(image, channels=None)
         I.check_map("features", features, b, self.feature_channels, "feature_channels")
-        grid = features_grid if features_grid is not None else I.aligned_grid(features.shape[1:3], (h, w))
+        grid = features_grid if features_grid is not None else aligned_grid(features.shape[1:3], (h, w))
         if self.low_level_channels:
             if low_level is None:
                 raise ValueError(f"low_level: expected (B, H, W, {self.low_level_channels}) features (the layer "
@@ -142,7 +142,7 @@ class DilatedAffinity(nnx.Module):
         b, h, w = I.check_image(image, channels=None)
         I.check_map("logits", logits, b, self.num_classes, "num_classes")
         aff = self.affinity_logits(image, features, low_level, features_grid=features_grid)
-        grid = logits_grid if logits_grid is not None else I.aligned_grid(logits.shape[1:3], (h, w))
+        grid = logits_grid if logits_grid is not None else aligned_grid(logits.shape[1:3], (h, w))
         probs = jax.nn.softmax(upsample(logits, (h, w), grid), axis=-1)
         refine = lambda p, a: ops.propagate(p, a, self.rates, lam=self.lam, mu=self.mu, num_steps=self.num_steps)
         out = jax.vmap(refine)(probs, aff)

@@ -19,9 +19,9 @@ from flax import nnx
 from rwseg import gcrf as ops
 from rwseg.layers import _inputs as I
 from rwseg.layers.info import exact_steps, solved
-from rwseg.models.common import avg_pool, subsample_labels
-from rwseg.models.device_local import map_examples
-from rwseg.models.memory import remat_enabled
+from rwseg.layers.grid import avg_pool, subsample_labels, to_image, to_working_grid
+from rwseg.layers.device_local import map_examples
+from rwseg.layers.memory import remat_enabled
 
 __all__ = ["GaussianCRF"]
 
@@ -84,7 +84,7 @@ class GaussianCRF(nnx.Module):
             z = self.pairwise(small)
         else:
             I.check_map("features", features, b, self.feature_channels, "feature_channels")
-            feats = I.to_working_grid(features, (h, w), self.downsample, features_grid)
+            feats = to_working_grid(features, (h, w), self.downsample, features_grid)
             z = self.pairwise(jnp.concatenate([feats, small], axis=-1))
         filters = self.filters[...]
         return jax.vmap(lambda zz: ops.pairwise_similarity(zz, filters, self.offsets))(z)
@@ -113,7 +113,7 @@ class GaussianCRF(nnx.Module):
         """
         b, h, w = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         I.check_map("logits", logits, b, self.num_classes, "num_classes")
-        unary = jax.nn.softmax(I.to_working_grid(logits, (h, w), self.downsample, logits_grid), axis=-1)
+        unary = jax.nn.softmax(to_working_grid(logits, (h, w), self.downsample, logits_grid), axis=-1)
         sim = similarity if similarity is not None else self.similarity(image, features, features_grid=features_grid)
         compat = ops.compatibility(self.compat[...])
         if train:
@@ -126,7 +126,7 @@ class GaussianCRF(nnx.Module):
                                                          max_iters=self.max_iters, return_info=True),
                                  unary, sim, shared=(compat,))
             info = solved(si.converged, si.iterations, si.residual, y)
-        y = I.to_image(y, (h, w), self.downsample)
+        y = to_image(y, (h, w), self.downsample)
         return (y, info) if return_info else y
 
     def margin_loss(self, refined, labels):

@@ -18,10 +18,10 @@ from flax import nnx
 
 from rwseg import rawks as ops
 from rwseg.layers import _inputs as I
-from rwseg.layers._convs import apply_stack, conv_stack
+from rwseg.layers.convs import apply_stack, conv_stack
 from rwseg.layers.info import solved
-from rwseg.models.common import avg_pool, subsample_scribbles
-from rwseg.models.device_local import map_examples
+from rwseg.layers.grid import avg_pool, subsample_scribbles, to_working_grid
+from rwseg.layers.device_local import map_examples
 
 __all__ = ["RandomWalkLabelPropagation"]
 
@@ -75,7 +75,7 @@ class RandomWalkLabelPropagation(nnx.Module):
         Args:
           image: (B, H, W, C) float, H and W divisible by ``downsample``.
           scribbles: (B, H, W) int, -1 = unlabelled, 0..K-1 = labelled (thin strokes survive the
-            subsampling to the propagation grid, :func:`rwseg.models.common.subsample_scribbles`).
+            subsampling to the propagation grid, :func:`rwseg.layers.grid.subsample_scribbles`).
           return_info: also return a :class:`rwseg.layers.RefinementInfo` (one refined CG solve
             per image, device-local under a mesh).
 
@@ -123,5 +123,5 @@ class RandomWalkLabelPropagation(nnx.Module):
         p = self(image, scribbles)
         if fixed_targets:
             p = jax.lax.stop_gradient(p)
-        q = I.to_working_grid(logits, shape[1:], self.downsample, logits_grid)
+        q = to_working_grid(logits, shape[1:], self.downsample, logits_grid)
         return jnp.mean(jax.vmap(lambda pp, qq: ops.rawks_loss(pp, qq, temperature=self.temperature, targets=targets))(p, q))

@@ -18,9 +18,9 @@ from rwseg import rwn as ops
 from rwseg import stencil
 from rwseg.layers import _inputs as I
 from rwseg.layers.info import exact_steps, solved
-from rwseg.models.common import avg_pool, subsample_labels
-from rwseg.models.device_local import map_examples
-from rwseg.models.memory import remat_enabled
+from rwseg.layers.grid import avg_pool, subsample_labels, to_image, to_working_grid
+from rwseg.layers.device_local import map_examples
+from rwseg.layers.memory import remat_enabled
 
 __all__ = ["RandomWalkRefinement"]
 
@@ -70,7 +70,7 @@ class RandomWalkRefinement(nnx.Module):
         if features_grid is None and tuple(features.shape[1:3]) == (h, w):  # pooled together, as one map
             return avg_pool(jnp.concatenate([image, features], axis=-1), self.downsample)
         return jnp.concatenate([avg_pool(image, self.downsample),
-                                I.to_working_grid(features, (h, w), self.downsample, features_grid)], axis=-1)
+                                to_working_grid(features, (h, w), self.downsample, features_grid)], axis=-1)
 
     def affinities(self, image, features=None, *, train: bool = False, features_grid=None):
         """The learned affinities W of eq. 2 on the training (``train``) or the test disk.
@@ -100,7 +100,7 @@ class RandomWalkRefinement(nnx.Module):
             ``features_grid`` (e.g. first-layer features at image resolution).
           train: ``True``: the one-step walk ``y = A f`` on the training disk (eq. 2),
             differentiated through; ``False``: the converged walk (eq. 3), one CG solve
-            per image (device-local under a mesh, :func:`rwseg.models.device_local.map_examples`),
+            per image (device-local under a mesh, :func:`rwseg.layers.device_local.map_examples`),
             differentiated implicitly.
           logits_grid: cell placement of those maps (default: evenly tiling
             the image).
@@ -114,7 +114,7 @@ class RandomWalkRefinement(nnx.Module):
         """
         b, h, w = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         I.check_map("logits", logits, b, self.num_classes, "num_classes")
-        f = I.to_working_grid(logits, (h, w), self.downsample, logits_grid)
+        f = to_working_grid(logits, (h, w), self.downsample, logits_grid)
         weights = affinities if affinities is not None else \
             self.affinities(image, features, train=train, features_grid=features_grid)
         if train:
@@ -131,19 +131,20 @@ class RandomWalkRefinement(nnx.Module):
 
             y, si = map_examples(walk, weights, f)
             info = solved(si.converged, si.iterations, si.residual, y)
-        y = I.to_image(y, (h, w), self.downsample)
+        y = to_image(y, (h, w), self.downsample)
         return (y, info) if return_info else y
 
     def affinity_loss(self, image, labels, features=None, *, features_grid=None, affinities=None):
         """Squared error of the training-disk affinities against the labels' (§3.3), a scalar.
 
         Args:
-          image: (B, H, W, C) float; labels: (B, H, W) int (``ignore_index`` 255 /
-            negative: ignored), block-majority subsampled to the walk grid;
-          features: as for ``__call__`` (``affinities`` of the
-            training disk).
-          features_grid: as for ``__call__`` (``affinities`` of the
-          affinities: as for ``__call__`` (``affinities`` of the
+          image: (B, H, W, C) float.
+          labels: (B, H, W) int (``ignore_index`` 255 / negative: ignored), block-majority
+            subsampled to the walk grid.
+          features: as for ``__call__``.
+          features_grid: as for ``__call__``.
+          affinities: optional, :meth:`affinities` of the same inputs on the training disk
+            (``train=True``), computed once for this call and the training walk.
 
         Returns:
           The mean over the batch of :func:`rwseg.rwn.affinity_loss`.

@@ -14,10 +14,10 @@ from flax import nnx
 
 from rwseg import spn as ops
 from rwseg.layers import _inputs as I
-from rwseg.layers._convs import apply_stack, conv_stack
+from rwseg.layers.convs import apply_stack, conv_stack
 from rwseg.layers.info import exact_steps
-from rwseg.models.common import avg_pool
-from rwseg.models.device_local import map_examples
+from rwseg.layers.device_local import map_examples
+from rwseg.layers.grid import avg_pool, to_image, to_working_grid
 
 __all__ = ["SpatialPropagation"]
 
@@ -79,8 +79,8 @@ class SpatialPropagation(nnx.Module):
           logits: (B, h, w, K) float, any resolution, cells on ``logits_grid``.
           image: (B, H, W, C) float, H and W divisible by ``downsample``.
           logits_grid: where the logits' cells lie in image pixels (a
-            :class:`rwseg.models.backbone.Grid` or a (rows, cols) pair); default: evenly
-            tiling the image (:func:`rwseg.layers._inputs.aligned_grid`).
+            :class:`rwseg.layers.grid.Grid` or a (rows, cols) pair); default: evenly
+            tiling the image (:func:`rwseg.layers.grid.aligned_grid`).
           return_info: also return a :class:`rwseg.layers.RefinementInfo` (exact
             propagation: no solve, ``iterations`` = 1).
 
@@ -90,12 +90,12 @@ class SpatialPropagation(nnx.Module):
         """
         b, h, w = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         I.check_map("logits", logits, b, self.num_classes, "num_classes")
-        x = I.to_working_grid(logits, (h, w), self.downsample, logits_grid)
+        x = to_working_grid(logits, (h, w), self.downsample, logits_grid)
         gates = self.guidance_gates(image)
         # device-local under a mesh: XLA cannot partition the Mosaic kernel ("auto" on TPU) over a sharded
         # batch, so each device propagates its own examples (jax.shard_map; plain vmap without a mesh)
         refined = map_examples(lambda xx, gg: ops.spn(xx, gg, merge=self.merge, implementation=self.implementation),
                                x, gates)
         if self.downsample > 1:
-            refined = I.to_image(refined, (h, w), self.downsample)
+            refined = to_image(refined, (h, w), self.downsample)
         return (refined, exact_steps(b, 1)) if return_info else refined

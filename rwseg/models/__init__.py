@@ -29,7 +29,17 @@ METHODS = {
 
 
 def model_class(method: str):
-    """The model class registered for ``method``."""
+    """The model class registered for a method.
+
+    Args:
+      method: a name of :data:`METHODS`.
+
+    Returns:
+      The :class:`rwseg.models.base.Segmenter` subclass (imported on first use).
+
+    Raises:
+      ValueError: ``method`` is not registered (the message names ``config.method``).
+    """
     if method not in METHODS:
         raise ValueError(f"config.method: expected one of {sorted(METHODS)}, got {method!r}")
     module, name = METHODS[method].split(":")
@@ -37,7 +47,16 @@ def model_class(method: str):
 
 
 def dataset_statistics(config, label_maps) -> dict:
-    """Constants computed from training label maps (B, H, W) int; {} for most methods."""
+    """Constants a method needs from training label maps, computed before the model is built.
+
+    Args:
+      config: a training config (``config.method`` picks the model class).
+      label_maps: (B, H, W) int training labels.
+
+    Returns:
+      The model class's ``dataset_statistics(config, label_maps)`` (dilated:
+      ``{"frequencies": (|R|, 9)}``), ``{}`` for methods without any.
+    """
     cls = model_class(config.method)
     fn = getattr(cls, "dataset_statistics", None)
     return dict(fn(config, label_maps)) if fn is not None else {}
@@ -45,8 +64,21 @@ def dataset_statistics(config, label_maps) -> dict:
 
 def build_model(config, num_classes: int, *, rngs: nnx.Rngs, statistics: dict | None = None):
     """Instantiate the model of ``config.method`` with freshly initialised parameters, computing in
-    ``config.compute_dtype`` (:func:`rwseg.models.memory.set_compute_dtype`; float32 when absent)."""
-    from rwseg.models.memory import set_compute_dtype
+    ``config.compute_dtype`` (:func:`rwseg.layers.convs.set_compute_dtype`).
+
+    Args:
+      config: a training config (``config.model``, ``config.<method>``).
+      num_classes: K, channels of the logits.
+      rngs: parameter initialisation.
+      statistics: the :func:`dataset_statistics` of a method that needs them.
+
+    Returns:
+      The model (an ``nnx.Module``, :class:`rwseg.models.base.Segmenter`).
+
+    Raises:
+      ValueError: the method needs statistics and none are given.
+    """
+    from rwseg.layers.convs import set_compute_dtype
 
     cls = model_class(config.method)
     if getattr(cls, "dataset_statistics", None) is not None:
@@ -55,4 +87,4 @@ def build_model(config, num_classes: int, *, rngs: nnx.Rngs, statistics: dict | 
         model = cls(config, num_classes, rngs=rngs, statistics=statistics)
     else:
         model = cls(config, num_classes, rngs=rngs)
-    return set_compute_dtype(model, config.get("compute_dtype", "float32"))
+    return set_compute_dtype(model, config.compute_dtype)

@@ -21,10 +21,10 @@ pixel coordinates), not on the point 2i + 0.5 between input pixels 2i and 2i + 1
 down-right after the three stages (odd inputs pad both sides: -0.5 per stage instead).
 No choice of 3x3 padding cancels it (+-0.5 +-1 +-2 is never 0), so the convs are left
 as they are (parameter shapes unchanged) and the geometry is made explicit instead:
-:class:`Grid` says where the cells of a map lie in full-resolution pixels,
+:class:`rwseg.layers.grid.Grid` says where the cells of a map lie in full-resolution pixels,
 :func:`encoder_grid` gives the backbone's 1/8 grid for an input size (exactly, per
-stage and parity), :func:`pooled_grid` the grid of :func:`rwseg.models.common.avg_pool`
-/ block subsampling, and :func:`upsample` — the one resampler every model uses — maps
+stage and parity), :func:`rwseg.layers.grid.pooled_grid` the grid of :func:`rwseg.layers.grid.avg_pool`
+/ block subsampling, and :func:`rwseg.layers.grid.upsample` — the one resampler every model uses — maps
 a map from its grid to another (by default the full-resolution pixels) with
 ``jax.image.scale_and_translate`` and the compensating translation (edge values
 extended outside, as ``jax.image.resize`` does).
@@ -32,34 +32,17 @@ extended outside, as ``jax.image.resize`` does).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rwseg.models.memory import call_block, group_norm
+from rwseg.layers.convs import ConvBlock
+from rwseg.layers.grid import Grid
 
-__all__ = ["ConvBlock", "Backbone", "Grid", "PIXELS", "encoder_grid", "pooled_grid", "upsample"]
+__all__ = ["Backbone", "encoder_grid"]
 
 ENCODER_STAGES = 3  # stride-2 3x3 'SAME' convs between the stem and the 1/8 features
-
-
-class Grid(NamedTuple):
-    """Cell placement along one axis, in full-resolution continuous pixel coordinates
-    (pixel p covers [p, p + 1], its centre is p + 0.5): cell i is centred at
-    ``stride * (i + 0.5) + offset``."""
-
-    stride: float
-    offset: float = 0.0
-
-
-PIXELS = Grid(1.0, 0.0)  # the full-resolution pixels themselves
-
-
-def pooled_grid(factor: int) -> Grid:
-    """Grid of a ``factor x factor`` block average / block subsampling (centred blocks)."""
-    return Grid(float(factor), 0.0)
 
 
 def encoder_grid(size: int, stages: int = ENCODER_STAGES) -> Grid:
@@ -70,6 +53,13 @@ def encoder_grid(size: int, stages: int = ENCODER_STAGES) -> Grid:
     input cell ``2i + 1 - pad_lo``: stride 2s, offset ``o + s (0.5 - pad_lo)``
     (+s/2 for even n, -s/2 for odd n). Stride-1 convs (stem, stage convs, ASPP) are
     symmetric and do not move anything.
+
+    Args:
+      size: input pixels along the axis.
+      stages: stride-2 convs between the input and the output.
+
+    Returns:
+      The :class:`rwseg.layers.grid.Grid` of the output cells (stride ``2^stages``).
     """
     n, stride, offset = int(size), 1.0, 0.0
     for _ in range(stages):
@@ -78,56 +68,6 @@ def encoder_grid(size: int, stages: int = ENCODER_STAGES) -> Grid:
         offset += stride * (0.5 - pad_lo)
         stride, n = 2.0 * stride, out
     return Grid(stride, offset)
-
-
-def _as_pair(grid):
-    return (grid, grid) if isinstance(grid, Grid) else tuple(grid)
-
-
-def upsample(x, size: tuple[int, int], src, dst=PIXELS):
-    """Bilinear resampling of a batched map between cell grids — the one resampler of the models.
-
-    x: (B, h, w, C) whose cells lie on ``src`` (a :class:`Grid` for both axes or a
-    (rows, cols) pair, e.g. ``encoder_grid`` of the image size, or ``pooled_grid(f)``);
-    returns (B, size[0], size[1], C) sampled at the cell centres of ``dst`` (default:
-    the full-resolution pixels). Values beyond the outermost source centres are the edge
-    values (as ``jax.image.resize``); for aligned grids (offsets 0) this *is*
-    ``jax.image.resize(..., "bilinear")``.
-    """
-    b, h, w, c = x.shape
-    (sy, sx), (dy, dx) = _as_pair(src), _as_pair(dst)
-    # In dst-cell coordinates, src cell i is centred at (sy.stride (i + 0.5) + sy.offset - dy.offset) / dy.stride
-    # = scale (i + 0.5) + translation. One edge cell of padding on each side makes the kernel see the edge value
-    # everywhere scale_and_translate would otherwise return 0 (its support ends at the outermost centres +- 0.5).
-    scale = jnp.asarray([sy.stride / dy.stride, sx.stride / dx.stride], jnp.float32)
-    trans = jnp.asarray([(sy.offset - dy.offset - sy.stride) / dy.stride,
-                         (sx.offset - dx.offset - sx.stride) / dx.stride], jnp.float32)
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    out = jax.image.scale_and_translate(padded, (b, size[0], size[1], c), (1, 2), scale, trans,
-                                        method="linear", antialias=True)
-    return out.astype(x.dtype)
-
-
-class ConvBlock(nnx.Module):
-    """3x3 (or k x k) conv -> GroupNorm (optional) -> ReLU."""
-
-    def __init__(self, cin: int, cout: int, *, kernel: int = 3, stride: int = 1, dilation: int = 1,
-                 norm: str = "group", rngs: nnx.Rngs):
-        if norm not in ("group", "none"):
-            raise ValueError(f"norm: expected 'group' or 'none', got {norm!r}")
-        self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, kernel_dilation=dilation,
-                             use_bias=norm == "none", rngs=rngs)
-        self.norm = nnx.GroupNorm(cout, num_groups=min(8, cout), rngs=rngs) if norm == "group" else None
-
-    def forward(self, x):
-        """The block without rematerialisation (:func:`rwseg.models.memory.call_block` wraps it)."""
-        x = self.conv(x)
-        if self.norm is not None:
-            x = group_norm(self.norm, x)  # nnx.GroupNorm itself in float32; in bfloat16 without float32 copies
-        return jax.nn.relu(x)
-
-    def __call__(self, x):
-        return call_block(self, x)
 
 
 class Backbone(nnx.Module):
@@ -147,7 +87,7 @@ class Backbone(nnx.Module):
       ``logits``: (B, H/8, W/8, num_classes).
 
     ``features`` and ``logits`` lie on :meth:`grid` (cells shifted +3.5 px from the
-    block centres for sizes divisible by 8); resample them with :func:`upsample`.
+    block centres for sizes divisible by 8); resample them with :func:`rwseg.layers.grid.upsample`.
     """
 
     def __init__(self, num_classes: int, *, width: int = 16, depth: int = 1,
@@ -175,7 +115,14 @@ class Backbone(nnx.Module):
 
     @staticmethod
     def grid(size_hw) -> tuple[Grid, Grid]:
-        """(rows, cols) :class:`Grid` of ``features`` / ``logits`` for images of ``size_hw``."""
+        """Where ``features`` and ``logits`` lie.
+
+        Args:
+          size_hw: (H, W) of the images.
+
+        Returns:
+          The (rows, cols) :class:`rwseg.layers.grid.Grid` pair (:func:`encoder_grid`).
+        """
         return encoder_grid(size_hw[0]), encoder_grid(size_hw[1])
 
     def __call__(self, images):

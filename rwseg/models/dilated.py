@@ -11,9 +11,10 @@ map alone is 8x8 and cannot place boundaries); its bias starts at the dataset pr
 the training labels — computed once by :meth:`DilatedAffinityModel.dataset_statistics`
 and stored with the layer.
 
-Config ``config.dilated``: ``rates`` (pixels at full resolution; ints or (r1, r2)
-pairs), ``use_stem``, ``decoder_width`` / ``decoder_depth`` (3x3 blocks before the 1x1 head;
-absent = 0), ``beta``, ``gamma``, ``lam``, ``mu``, ``iterations``.
+Config ``config.dilated``: ``layer`` (the arguments of :class:`rwseg.layers.DilatedAffinity`:
+``rates`` (pixels at full resolution; ints or (r1, r2) pairs), ``decoder_width`` /
+``decoder_depth`` (3x3 blocks before the 1x1 head), ``gamma``, ``lam``, ``mu``,
+``num_steps``), ``use_stem`` and ``beta``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 from flax import nnx
 
 from rwseg.layers import DilatedAffinity
-from rwseg.models.base import Segmenter, no_solves
+from rwseg.models.base import Segmenter, feature_channels, no_solves, stem_channels
 from rwseg.constants import IGNORE_INDEX
 from rwseg.models.common import cross_entropy
 
@@ -29,28 +30,45 @@ __all__ = ["DilatedAffinityModel"]
 
 
 class DilatedAffinityModel(Segmenter):
+    """The backbone + :class:`rwseg.layers.DilatedAffinity` on its decoder (and stem) features.
+
+    Constructed as :class:`rwseg.models.base.Segmenter` (``config.dilated``: module docstring).
+      statistics: ``{"frequencies": (|R|, 9)}`` of :meth:`dataset_statistics`.
+    """
+
+    LAYER = DilatedAffinity
+    SUPPLIED = {"feature_channels": feature_channels,
+                "norm": lambda config: config.model.norm,
+                "low_level_channels": lambda config: stem_channels(config) if config.dilated.use_stem else 0}
+    STATISTICS = frozenset({"frequencies"})
+
     def __init__(self, config, num_classes: int, *, rngs: nnx.Rngs, statistics: dict):
-        super().__init__(config, num_classes, rngs=rngs)
+        super().__init__(config, num_classes, rngs=rngs, statistics=statistics)
         c = config.dilated
         self.beta = float(c.beta)
         self.use_stem = bool(c.use_stem)
-        self.refinement = DilatedAffinity(
-            num_classes, config.model.features, rates=c.rates, frequencies=statistics["frequencies"],
-            low_level_channels=config.model.width if self.use_stem else 0,
-            decoder_width=int(c.get("decoder_width", 0)), decoder_depth=int(c.get("decoder_depth", 0)),
-            norm=config.model.norm, gamma=float(c.gamma),
-            lam=float(c.lam), mu=float(c.mu), num_steps=int(c.iterations), rngs=rngs)
 
     @staticmethod
     def dataset_statistics(config, label_maps) -> dict:
-        """{"frequencies": (|R|, 9) float32} from training label maps (B, H, W)."""
-        return {"frequencies": DilatedAffinity.frequencies_from_labels(label_maps, config.dilated.rates,
+        """The layer's neighbour-category table from training labels.
+
+        Args:
+          config: the training config (``config.dilated.layer.rates``).
+          label_maps: (B, H, W) int training labels.
+
+        Returns:
+          ``{"frequencies": (|R|, 9) float32}``.
+        """
+        return {"frequencies": DilatedAffinity.frequencies_from_labels(label_maps, config.dilated.layer.rates,
                                                                        ignore_index=IGNORE_INDEX)}
 
     def _head_inputs(self, images, out):
         return (out["features"], out["stem"] if self.use_stem else None)
 
     def loss(self, batch, step):
+        """Cross-entropy of the upsampled logits + ``beta`` x the focal affinity loss (eq. 4-5); logs
+        ``ce``, ``affinity`` (arguments and returns: :meth:`rwseg.models.base.Segmenter.loss`).
+        """
         images, labels = batch["image"], batch["label"]
         out = self.backbone(images)
         ce = cross_entropy(self.coarse_scores_from(out, images), labels)
@@ -59,6 +77,9 @@ class DilatedAffinityModel(Segmenter):
         return ce + self.beta * aff_loss, {"ce": ce, "affinity": aff_loss}
 
     def infer(self, images):
+        """Affinity propagation of the upsampled class probabilities (eq. 6-7), no solves
+        (arguments and returns: :meth:`rwseg.models.base.Segmenter.infer`).
+        """
         out = self.backbone(images)
         grid = self.backbone.grid(images.shape[1:3])
         probs = self.refinement(out["logits"], images, *self._head_inputs(images, out), logits_grid=grid,

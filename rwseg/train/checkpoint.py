@@ -53,7 +53,14 @@ class CheckpointMismatchError(ValueError):
 
 
 def abstract_like(tree):
-    """ShapeDtypeStructs (with shardings) of a pytree of arrays: an orbax restore target."""
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays: an orbax restore target.
+
+    Args:
+      tree: a pytree of ``jax.Array`` s.
+
+    Returns:
+      The same tree of ``jax.ShapeDtypeStruct`` (shape, dtype, sharding).
+    """
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
@@ -89,6 +96,12 @@ def state_digest(state) -> dict:
 
     Each leaf's digest covers its dtype, shape and C-order bytes, so any changed value,
     shape or dtype changes it; the keys (``params/backbone/.../kernel``) name the arrays.
+
+    Args:
+      state: a pytree of arrays (replicated or multi-process arrays included).
+
+    Returns:
+      The digest dict (JSON-ready).
     """
     leaves = {}
     for path, x in jax.tree_util.tree_leaves_with_path(state):
@@ -100,7 +113,13 @@ def state_digest(state) -> dict:
 
 
 def verify_digest(state, recorded: dict, where) -> None:
-    """Raise :class:`DamagedCheckpointError` naming ``where`` unless ``state`` matches ``recorded``."""
+    """Raise :class:`DamagedCheckpointError` naming ``where`` unless ``state`` matches ``recorded``.
+
+    Args:
+      state: the restored pytree of arrays.
+      recorded: the :func:`state_digest` saved with it.
+      where: the checkpoint's path, for the message.
+    """
     if not isinstance(recorded, dict) or recorded.get("algorithm") != DIGEST_ALGORITHM \
             or not isinstance(recorded.get("leaves"), dict):
         raise DamagedCheckpointError(f"{where}: the recorded checksum is unreadable (got {str(recorded)[:200]!r})")
@@ -215,6 +234,11 @@ class Checkpoints:
                                                  best_fn=lambda m: float(m["mean_iou"]), best_mode="max", **common))
 
     def latest_step(self) -> int | None:
+        """The newest periodic checkpoint's step.
+
+        Returns:
+          The step (int), or ``None`` without any.
+        """
         return self.latest.latest_step()
 
     @staticmethod
@@ -224,11 +248,22 @@ class Checkpoints:
 
     def save(self, step: int, state) -> None:
         """Periodic checkpoint (asynchronous; overwrites nothing). The checksum is computed now,
-        on the state being saved, and written into the same atomic checkpoint."""
+        on the state being saved, and written into the same atomic checkpoint.
+
+        Args:
+          step: the global step.
+          state: the train state (a pytree of arrays).
+        """
         self.latest.save(step, args=self._args(state), force=True)
 
     def save_best(self, step: int, state, mean_iou: float) -> None:
-        """Offer ``state`` as the best checkpoint; kept only if its mIoU is the highest."""
+        """Offer ``state`` as the best checkpoint; kept only if its mIoU is the highest.
+
+        Args:
+          step: the global step.
+          state: the train state.
+          mean_iou: its evaluation mIoU.
+        """
         if self.best.latest_step() == step:
             return
         self.best.save(step, args=self._args(state), metrics={"mean_iou": float(mean_iou)}, force=True)
@@ -240,10 +275,17 @@ class Checkpoints:
     def restore(self, template, *, which: str = "latest", step: int | None = None):
         """Restore the newest intact checkpoint into the structure/shardings of ``template``.
 
-        Returns ``(step, state)``, or ``None`` when there is no checkpoint at all. Damaged
-        checkpoints are reported (by path) through ``log`` and skipped; unless read-only
-        they are moved to ``workdir/damaged/``. ``which="best"`` falls back to the latest
-        checkpoints when the best one is damaged. With ``step`` only that step is tried.
+        Damaged checkpoints are reported (by path) through ``log`` and skipped; unless
+        read-only they are moved to ``workdir/damaged/``. ``which="best"`` falls back to the
+        latest checkpoints when the best one is damaged.
+
+        Args:
+          template: a pytree of arrays with the structure, shapes and shardings to restore into.
+          which: ``"latest"`` (periodic checkpoints) or ``"best"``.
+          step: try only this step.
+
+        Returns:
+          ``(step, state)``, or ``None`` when there is no checkpoint at all.
 
         Raises:
           NoIntactCheckpointError: checkpoints exist but none is intact.
@@ -324,6 +366,15 @@ def read_state(workdir, *, which: str = "latest", step: int | None = None, verif
     the arrays are checked against the checkpoint's recorded checksum, as
     :meth:`Checkpoints.restore` does (none recorded: not checked). Nothing is moved or
     cleaned up.
+
+    Args:
+      workdir: a run directory.
+      which: ``"latest"`` or ``"best"``.
+      step: this step instead of the newest.
+      verify: check the arrays against the recorded checksum.
+
+    Returns:
+      ``(step, state)``, the state a nested dict of numpy arrays.
 
     Raises:
       FileNotFoundError: no finished checkpoint (``which``) in ``workdir``.

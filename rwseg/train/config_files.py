@@ -24,7 +24,13 @@ def resolve(spec: str) -> str:
     ``spec`` is ``NAME[:arg]`` for a shipped config (:data:`rwseg.configs.NAMES`) or
     ``PATH[:arg]`` for a file. An existing file wins over a name; a path
     ``.../rwseg/configs/NAME.py`` that does not exist here (run outside a checkout) means the
-    shipped ``NAME``. Returns ``"/abs/path/NAME.py[:arg]"``.
+    shipped ``NAME``.
+
+    Args:
+      spec: the ``--config`` value.
+
+    Returns:
+      ``"/abs/path/NAME.py[:arg]"``.
 
     Raises:
       FileNotFoundError: neither a file nor a shipped config name (the message lists the names).
@@ -49,6 +55,13 @@ def load_config_file(spec: str, arg: str | None = None) -> ml_collections.Config
 
     Shipped configs are imported as the modules ``rwseg.configs.<name>``; other files are
     executed as a fresh module each time (nothing is added to ``sys.modules``).
+
+    Args:
+      spec: ``NAME[:arg]`` or ``PATH[:arg]`` (:func:`resolve`).
+      arg: the ``get_config`` argument when ``spec`` has no ``:arg`` (e.g. ``"smoke"``).
+
+    Returns:
+      The ``ml_collections.ConfigDict``.
     """
     path, _, suffix = resolve(spec).partition(":")
     arg = suffix or arg

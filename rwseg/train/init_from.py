@@ -1,5 +1,5 @@
 """Start a run from another run's backbone (``config.init_from``), optionally frozen
-(``config.freeze_backbone``): the refinement protocol of issue 12 (SPN paper, §5).
+(``config.freeze_backbone``): the refinement protocol (SPN paper, §5).
 
 ``config.init_from`` names a saved run (see :func:`checkpoint_location`):
 
@@ -54,7 +54,17 @@ class InitFromError(ValueError):
 
 
 def checkpoint_location(spec: str) -> tuple[pathlib.Path, str, int | None]:
-    """``config.init_from`` -> (workdir, "latest" | "best", step or None); see the module docstring."""
+    """Where ``config.init_from`` points (see the module docstring).
+
+    Args:
+      spec: ``WORKDIR``, ``WORKDIR/best`` or ``WORKDIR/{checkpoints,best}/STEP``.
+
+    Returns:
+      ``(workdir, "latest" | "best", step or None)``.
+
+    Raises:
+      InitFromError: a step under something else than ``checkpoints`` or ``best``.
+    """
     path = pathlib.Path(spec).expanduser()
     step = None
     if path.name.isdigit() and path.parent.name in ("checkpoints", "best"):
@@ -68,10 +78,21 @@ def checkpoint_location(spec: str) -> tuple[pathlib.Path, str, int | None]:
 
 
 def load_params(spec: str) -> tuple[dict, str]:
-    """(the checkpoint's ``params`` tree as numpy arrays, a description of where it came from)."""
+    """The parameters of the checkpoint ``config.init_from`` names.
+
+    Args:
+      spec: as for :func:`checkpoint_location`.
+
+    Returns:
+      ``(params, where)``: the checkpoint's ``params`` tree as numpy arrays, and a
+      description of where it came from.
+
+    Raises:
+      InitFromError: no run directory, no finished checkpoint, or no ``params/backbone``.
+    """
     workdir, which, step = checkpoint_location(spec)
     if not workdir.is_dir():
-        raise InitFromError(f"config.init_from: expected a run directory written by `python -m rwseg.train`, "
+        raise InitFromError(f"config.init_from: expected a run directory written by `rwseg train`, "
                             f"got {spec!r} (no directory {workdir})")
     try:
         step, state = read_state(workdir, which=which, step=step)
@@ -91,12 +112,21 @@ def _leaves(tree) -> dict:
 
 
 def init_params(state: dict, spec: str, *, subtrees=(SUBTREE,)) -> tuple[dict, str]:
-    """A copy of the train ``state`` whose ``params[name]`` for each name in ``subtrees``
-    (``None``: every top-level subtree of the model) are the checkpoint's.
+    """A copy of the train ``state`` with some parameter subtrees from a checkpoint.
 
-    Raises :class:`InitFromError` naming every missing, extra or mis-shaped array when the
-    checkpoint's subtrees do not have exactly the structure of the model's (e.g. a
-    different ``config.model.width`` or ``aspp_rates``, or another method).
+    Args:
+      state: the train state (``{"params", "opt_state"[, "stats"]}``).
+      spec: the checkpoint (``config.init_from``, :func:`checkpoint_location`).
+      subtrees: the top-level names under ``params`` to copy (``None``: every one).
+
+    Returns:
+      ``(state, where)``: the new state (optimiser state untouched) and the checkpoint's
+      description.
+
+    Raises:
+      InitFromError: naming every missing, extra or mis-shaped array when the checkpoint's
+        subtrees do not have exactly the structure of the model's (e.g. a different
+        ``config.model.width`` or ``aspp_rates``, or another method).
     """
     loaded, where = load_params(spec)
     names = sorted(state["params"]) if subtrees is None else list(subtrees)
@@ -119,20 +149,43 @@ def init_params(state: dict, spec: str, *, subtrees=(SUBTREE,)) -> tuple[dict, s
 
 
 def init_backbone(state: dict, spec: str) -> tuple[dict, str]:
-    """:func:`init_params` of the ``backbone`` subtree alone (``config.init_params = "backbone"``)."""
+    """:func:`init_params` of the ``backbone`` subtree alone (``config.init_params = "backbone"``).
+
+    Args:
+      state: the train state.
+      spec: the checkpoint.
+
+    Returns:
+      ``(state, where)`` as :func:`init_params`.
+    """
     return init_params(state, spec, subtrees=(SUBTREE,))
 
 
 def freeze_subtrees(tx: optax.GradientTransformation, frozen) -> optax.GradientTransformation:
     """``tx`` for the parameters outside the top-level subtrees for which ``frozen(name)`` is
-    true; zero updates (and no optimiser moments) inside them."""
+    true; zero updates (and no optimiser moments) inside them.
+
+    Args:
+      tx: the optimiser.
+      frozen: ``name -> bool`` over the top-level names of ``params``.
+
+    Returns:
+      The ``optax.multi_transform``.
+    """
     def labels(params):
         return {k: jax.tree.map(lambda _: "frozen" if frozen(k) else "train", v) for k, v in params.items()}
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def freeze_backbone(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``tx`` for every parameter outside ``params["backbone"]``; zero updates inside it."""
+    """``tx`` for every parameter outside ``params["backbone"]``; zero updates inside it.
+
+    Args:
+      tx: the optimiser.
+
+    Returns:
+      The wrapped optimiser.
+    """
     return freeze_subtrees(tx, lambda name: name == SUBTREE)
 
 
@@ -143,7 +196,15 @@ def _by_subtree(inside: str, outside: str):
 
 
 def scale_method_updates(tx: optax.GradientTransformation, multiplier: float) -> optax.GradientTransformation:
-    """``tx``, then its updates outside ``params["backbone"]`` multiplied by ``multiplier``."""
+    """``tx``, then its updates outside ``params["backbone"]`` multiplied by ``multiplier``.
+
+    Args:
+      tx: the optimiser.
+      multiplier: ``config.optimizer.method_lr_mult``.
+
+    Returns:
+      The chained optimiser.
+    """
     scale = optax.multi_transform({"backbone": optax.identity(), "method": optax.scale(float(multiplier))},
                                   _by_subtree("backbone", "method"))
     return optax.chain(tx, scale)

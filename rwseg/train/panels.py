@@ -7,15 +7,28 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-from rwseg.viz import PALETTE
-
-__all__ = ["palette", "colorize", "save_panels"]
+__all__ = ["PALETTE", "palette", "colorize", "save_panels"]
 
 IGNORE_COLOR = (0, 0, 0)
+PALETTE = np.array(
+    [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
+     [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207], [174, 199, 232], [255, 187, 120],
+     [152, 223, 138], [255, 152, 150], [197, 176, 213], [196, 156, 148], [247, 182, 210], [199, 199, 199],
+     [219, 219, 141], [158, 218, 229]], np.uint8)
+"""The one class palette of rwseg: (20, 3) uint8 RGB, matplotlib's tab20 order (without
+matplotlib at import time). Used by :func:`palette` (the panels) and the notebooks' ``viz.color_labels``;
+ignored pixels are black in both."""
 
 
 def palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 distinct colours (:data:`rwseg.viz.PALETTE`, then seeded)."""
+    """(num_classes, 3) uint8 distinct colours (:data:`PALETTE`, then seeded).
+
+    Args:
+      num_classes: K.
+
+    Returns:
+      (K, 3) uint8.
+    """
     base = PALETTE
     if num_classes <= len(base):
         return base[:num_classes].copy()
@@ -24,7 +37,15 @@ def palette(num_classes: int) -> np.ndarray:
 
 
 def colorize(labels, num_classes: int) -> np.ndarray:
-    """(H, W) int labels -> (H, W, 3) uint8; labels outside [0, num_classes) are black."""
+    """(H, W) int labels -> (H, W, 3) uint8; labels outside [0, num_classes) are black.
+
+    Args:
+      labels: (H, W) int.
+      num_classes: K.
+
+    Returns:
+      (H, W, 3) uint8.
+    """
     labels = np.asarray(labels)
     pal = palette(num_classes)
     ok = (labels >= 0) & (labels < num_classes)
@@ -37,9 +58,16 @@ def colorize(labels, num_classes: int) -> np.ndarray:
 def save_panels(path, images, columns: dict, num_classes: int, *, scale: int = 3) -> pathlib.Path:
     """Write one PNG with a row per image: the image, then one column per label map.
 
-    images: (N, H, W, 3) uint8; columns: ordered {title: (N, H, W) int labels}, e.g.
-    {"ground truth": ..., "baseline": ..., "spn": ...}. Pixels are upscaled ``scale``x
-    (nearest) so small maps stay visible. Returns the path.
+    Args:
+      path: the PNG to write.
+      images: (N, H, W, 3) uint8.
+      columns: ordered ``{title: (N, H, W) int labels}``, e.g. ``{"ground truth": ...,
+        "baseline": ..., "spn": ...}``.
+      num_classes: K (the palette).
+      scale: pixels are upscaled ``scale`` x (nearest) so small maps stay visible.
+
+    Returns:
+      The path.
     """
     images = np.asarray(images)
     n, h, w, _ = images.shape

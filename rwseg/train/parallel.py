@@ -9,8 +9,8 @@ the global batch (:func:`global_batch`).
 Per-example solvers (Krylov loops, GMF iterations) are not left to ``jit``'s
 partitioner, which would turn a vmapped loop over the sharded batch into one loop with
 an all-reduce in its condition: the steps trace the models under
-:func:`rwseg.models.device_local.batch_axis`, and the models run their solvers with
-:func:`rwseg.models.device_local.map_examples` (``jax.shard_map`` over ``"data"``), so
+:func:`rwseg.layers.device_local.batch_axis`, and the models run their solvers with
+:func:`rwseg.layers.device_local.map_examples` (``jax.shard_map`` over ``"data"``), so
 each device iterates on its own examples. :func:`collectives_in_loops` checks a compiled
 step for collectives inside while loops.
 
@@ -30,11 +30,28 @@ __all__ = ["initialize", "make_mesh", "batch_sharding", "replicated", "global_ba
            "local_batch_size", "to_host", "collectives_in_loops", "while_loop_count"]
 
 
-def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0) -> None:
+HEARTBEAT_TIMEOUT_SECONDS = 60  # a process silent this long is declared dead (jax's default: 100)
+
+
+def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0, *,
+               heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_SECONDS) -> None:
     """``jax.distributed.initialize`` when ``num_processes > 1`` (no-op otherwise).
 
     On CPU-only machines the gloo cross-process collectives are enabled first (jax's
     CPU default has none). Must run before any other JAX call.
+
+    A lost process (killed, crashed, its host gone): the others stop within
+    ``heartbeat_timeout_seconds`` (plus a few seconds) and never hang: when the dead
+    process's connections are closed (a crash on a live host), the next collective fails
+    at once (:mod:`rwseg.train.preemption`, ``rwseg train`` exits with status 76); otherwise
+    the coordination service declares it dead after ``heartbeat_timeout_seconds`` without
+    a heartbeat and ends every other process (abort, status 134 / signal 6).
+
+    Args:
+      coordinator_address: ``host:port`` of process 0.
+      num_processes: the number of processes.
+      process_id: this process's index.
+      heartbeat_timeout_seconds: see above (``jax.distributed.initialize``).
     """
     if num_processes <= 1:
         return
@@ -42,24 +59,52 @@ def initialize(coordinator_address: str = "", num_processes: int = 1, process_id
         raise ValueError("coordinator_address: expected host:port when num_processes > 1, got ''")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, heartbeat_timeout_seconds=int(heartbeat_timeout_seconds))
 
 
 def make_mesh() -> Mesh:
-    """A 1-D mesh named ``"data"`` over all devices (Auto axis types; see stack notes)."""
+    """A 1-D mesh named ``"data"`` over all devices (Auto axis types; see stack notes).
+
+    Returns:
+      The ``jax.sharding.Mesh``.
+    """
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding of a batch: the leading axis split over ``"data"``.
+
+    Args:
+      mesh: the device mesh.
+
+    Returns:
+      ``NamedSharding(mesh, P("data"))``.
+    """
     return NamedSharding(mesh, P("data"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of the state and of summed counts: replicated on every device.
+
+    Args:
+      mesh: the device mesh.
+
+    Returns:
+      ``NamedSharding(mesh, P())``.
+    """
     return NamedSharding(mesh, P())
 
 
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """The per-process batch; raises unless the global batch splits over devices."""
+    """The per-process batch; raises unless the global batch splits over devices.
+
+    Args:
+      global_batch_size: the global batch (``config.batch_size``).
+      mesh: the device mesh.
+
+    Returns:
+      ``global_batch_size // jax.process_count()``.
+    """
     n = mesh.devices.size
     if global_batch_size % n:
         raise ValueError(f"batch_size: expected a multiple of the device count {n}, got {global_batch_size}")
@@ -67,13 +112,29 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
-    """Per-process numpy batch dict -> global jax arrays sharded along ``"data"``."""
+    """Per-process numpy batch dict -> global jax arrays sharded along ``"data"``.
+
+    Args:
+      local: ``{name: (b, ...) numpy}``, this process's part of the batch.
+      mesh: the device mesh.
+
+    Returns:
+      ``{name: (B, ...) jax.Array}``, B = b x the process count.
+    """
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
 def replicate(tree, mesh: Mesh):
-    """Place a pytree of (identical on every process) arrays replicated on the mesh."""
+    """Place a pytree of (identical on every process) arrays replicated on the mesh.
+
+    Args:
+      tree: a pytree of arrays.
+      mesh: the device mesh.
+
+    Returns:
+      The same tree of replicated ``jax.Array`` s.
+    """
     sharding = replicated(mesh)
 
     def put(x):
@@ -84,7 +145,14 @@ def replicate(tree, mesh: Mesh):
 
 
 def to_host(tree):
-    """Fully replicated or global arrays -> numpy on every process."""
+    """Fully replicated or global arrays -> numpy on every process.
+
+    Args:
+      tree: a pytree of ``jax.Array`` s.
+
+    Returns:
+      The same tree of numpy arrays (global arrays gathered over the processes).
+    """
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
     from jax.experimental import multihost_utils
@@ -120,11 +188,16 @@ def _computations(hlo_text: str) -> dict:
 def collectives_in_loops(hlo_text: str) -> list[str]:
     """Collectives that run inside a ``while`` loop of a compiled module (``[]`` if none).
 
-    hlo_text: ``jax.jit(f).lower(...).compile().as_text()``. For every ``while`` op, its
-    condition and body computations and everything they call (fusions, reductions,
-    branches, nested loops) are searched for all-reduce / all-gather /
-    collective-permute / reduce-scatter / all-to-all. Returns ``"computation: instruction"``
-    strings. A collective in a loop synchronises every device once per iteration.
+    For every ``while`` op, its condition and body computations and everything they call
+    (fusions, reductions, branches, nested loops) are searched for all-reduce / all-gather /
+    collective-permute / reduce-scatter / all-to-all. A collective in a loop synchronises
+    every device once per iteration.
+
+    Args:
+      hlo_text: ``jax.jit(f).lower(...).compile().as_text()``.
+
+    Returns:
+      ``"computation: instruction"`` strings.
     """
     comps = _computations(hlo_text)
     roots = []
@@ -151,5 +224,12 @@ def collectives_in_loops(hlo_text: str) -> list[str]:
 
 
 def while_loop_count(hlo_text: str) -> int:
-    """Number of ``while`` ops in a compiled module's text."""
+    """Number of ``while`` ops in a compiled module's text.
+
+    Args:
+      hlo_text: a compiled module's text.
+
+    Returns:
+      The count (int).
+    """
     return sum(bool(_WHILE.search(line)) for lines in _computations(hlo_text).values() for line in lines)

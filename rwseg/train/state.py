@@ -2,7 +2,7 @@
 
 The train state is a plain pytree ``{"params", "opt_state"[, "stats"]}`` of arrays
 (``nnx.split`` of the model into its graph definition, its ``nnx.Param`` leaves and
-its constant :class:`rwseg.models.base.Statistic` leaves, as pure dicts). The step
+its constant :class:`rwseg.layers.statistic.Statistic` leaves, as pure dicts). The step
 merges the model inside the traced function (``nnx.merge``), so it is a pure
 ``(state, batch, step) -> (state, metrics)`` function that ``jax.jit`` compiles once
 for a mesh; optax updates the params directly.
@@ -20,19 +20,27 @@ from flax import nnx
 
 from rwseg import data
 from rwseg.models import build_model, dataset_statistics, model_class
-from rwseg.models.base import Statistic
-from rwseg.models.device_local import batch_axis
-from rwseg.models.memory import remat_scope
+from rwseg.layers.device_local import batch_axis
+from rwseg.layers.statistic import Statistic
+from rwseg.layers.memory import remat_scope
 from rwseg.train import parallel
 from rwseg.train.init_from import SUBTREE, freeze_subtrees, scale_method_updates
 from rwseg.train.optim import make_optimizer
 
 __all__ = ["Setup", "create", "source_kwargs", "augmentation_kwargs", "training_batches", "compute_statistics",
-           "make_train_step", "split_microbatches", "merge"]
+           "make_train_step", "split_microbatches", "merge", "load_pretrained"]
 
 
 def source_kwargs(config) -> dict:
-    """data_dir / manual_dir for ``rwseg.data.load_source`` ("" = default)."""
+    """data_dir / manual_dir for ``rwseg.data.load_source`` ("" = default).
+
+    Args:
+      config: a training config.
+
+    Returns:
+      The keyword arguments of :func:`rwseg.data.load_source` (the built-in dataset's
+      ``num_train``, ``num_validation``, ``image_size`` too).
+    """
     kw = {}
     if config.data.data_dir:
         kw["data_dir"] = config.data.data_dir
@@ -46,13 +54,18 @@ def source_kwargs(config) -> dict:
 
 
 def augmentation_kwargs(config) -> dict:
-    """Training augmentation of ``rwseg.data.make_batches`` from ``config.data`` (defaults for
-    configs written before these keys): ``scale_range`` ((1, 1) = no scaling), ``flip``,
-    ``color_jitter`` (brightness, contrast, saturation)."""
+    """Training augmentation of :func:`rwseg.data.make_batches` from ``config.data``.
+
+    Args:
+      config: a training config.
+
+    Returns:
+      ``{"scale_range": (lo, hi), "flip": bool, "color_jitter": (brightness, contrast,
+      saturation)}`` (``(1, 1)`` = no scaling).
+    """
     d = config.data
-    return {"scale_range": tuple(float(v) for v in d.get("scale_range", (0.75, 1.25))),
-            "flip": bool(d.get("flip", True)),
-            "color_jitter": tuple(float(v) for v in d.get("color_jitter", (0.0, 0.0, 0.0)))}
+    return {"scale_range": tuple(float(v) for v in d.scale_range), "flip": bool(d.flip),
+            "color_jitter": tuple(float(v) for v in d.color_jitter)}
 
 
 def training_batches(config, source, mesh, *, start_step: int = 0, num_steps: int):
@@ -81,7 +94,15 @@ def training_batches(config, source, mesh, *, start_step: int = 0, num_steps: in
 
 
 def compute_statistics(config, source) -> dict:
-    """Dataset constants the method needs (``{}`` for most), from a few training batches."""
+    """Dataset constants the method needs (``{}`` for most), from a few training batches.
+
+    Args:
+      config: a training config (``config.statistics_batches`` batches, seed ``config.seed + 1``).
+      source: the training split.
+
+    Returns:
+      :func:`rwseg.models.dataset_statistics` of their labels.
+    """
     if getattr(model_class(config.method), "dataset_statistics", None) is None:
         return {}
     batches = data.make_batches(source, batch_size=config.batch_size, crop_size=config.data.crop_size,
@@ -100,12 +121,16 @@ class Setup:
     tx: optax.GradientTransformation
     schedule: object
     num_classes: int
-    remat: bool = False  # config.remat: rematerialise blocks and unrolled refinements (rwseg.models.memory)
+    remat: bool = False  # config.remat: rematerialise blocks and unrolled refinements (rwseg.layers.memory)
     microbatches: int = 1  # config.microbatches: gradient accumulation over this many slices of the batch
 
 
-def create(config, num_classes: int, statistics: dict, *, abstract: bool = False) -> Setup:
+def create(config, num_classes: int, statistics: dict, *, pretrained: bool = True,
+           abstract: bool = False) -> Setup:
     """Build the model (seed ``config.seed``) and the initial train state.
+
+    With ``pretrained`` (the default) a ``config.model.pretrained`` checkpoint is loaded into the
+    ResNet encoder (:func:`load_pretrained`); ``False`` skips it (a checkpoint will be restored).
 
     Initialisation runs under ``jax.jit`` (one compilation instead of hundreds of eager
     dispatches) with an ``rbg`` PRNG key; the graph definition comes from
@@ -115,6 +140,18 @@ def create(config, num_classes: int, statistics: dict, *, abstract: bool = False
     ``abstract=True``: ``Setup.state`` holds ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape``
     of the initialisation; nothing is allocated or computed), for ahead-of-time compilation
     (:mod:`rwseg.train.plan`).
+
+    Args:
+      config: a training config.
+      num_classes: K.
+      statistics: :func:`compute_statistics`.
+      pretrained: load ``config.model.pretrained`` (ignored with ``abstract``).
+      abstract: shapes only (``jax.ShapeDtypeStruct`` leaves).
+
+    Returns:
+      The :class:`Setup`: graph definition, initial state ``{"params", "opt_state"[, "stats"]}``
+      (frozen parts and the method's learning-rate multiplier applied to the optimiser),
+      optimiser, schedule, K.
     """
 
     def build():
@@ -126,10 +163,10 @@ def create(config, num_classes: int, statistics: dict, *, abstract: bool = False
     graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, Statistic)[0]
     tx, schedule = make_optimizer(config.optimizer, int(config.num_steps))
     # rwseg.train.init_from: zero updates for params["backbone"] and/or the method's own layers
-    frozen_backbone, frozen_method = bool(config.get("freeze_backbone", False)), bool(config.get("freeze_method", False))
+    frozen_backbone, frozen_method = bool(config.freeze_backbone), bool(config.freeze_method)
     if frozen_backbone or frozen_method:
         tx = freeze_subtrees(tx, lambda name: frozen_backbone if name == SUBTREE else frozen_method)
-    if float(config.optimizer.get("method_lr_mult", 1.0)) != 1.0:  # a larger rate for the method's new layers
+    if float(config.optimizer.method_lr_mult) != 1.0:  # a larger rate for the method's new layers
         tx = scale_method_updates(tx, config.optimizer.method_lr_mult)
 
     @jax.jit
@@ -139,15 +176,49 @@ def create(config, num_classes: int, statistics: dict, *, abstract: bool = False
         return params, tx.init(params), nnx.to_pure_dict(stats)
 
     params, opt_state, stats = jax.eval_shape(init) if abstract else init()
+    if pretrained and not abstract and config.model.pretrained:  # a torchvision/timm ResNet checkpoint into the encoder
+        params, stats = load_pretrained(graphdef, params, stats, config.model.pretrained)
+        opt_state = jax.jit(tx.init)(params)
     state = {"params": params, "opt_state": opt_state}
     if jax.tree.leaves(stats):
         state["stats"] = stats
-    return Setup(graphdef, state, tx, schedule, num_classes, remat=bool(config.get("remat", False)),
-                 microbatches=int(config.get("microbatches", 1)))
+    return Setup(graphdef, state, tx, schedule, num_classes, remat=bool(config.remat),
+                 microbatches=int(config.microbatches))
+
+
+def load_pretrained(graphdef, params: dict, stats: dict, path: str) -> tuple[dict, dict]:
+    """The state with the ResNet encoder's arrays from a torchvision / timm checkpoint.
+
+    Loads with :func:`rwseg.models.backbones.load_torch_weights` and prints its report.
+
+    Args:
+      graphdef: the model's graph definition (of :func:`create`).
+      params: the pure ``nnx.Param`` dict.
+      stats: the pure ``Statistic`` dict (the frozen BatchNorm affines among them).
+      path: a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` checkpoint.
+
+    Returns:
+      ``(params, stats)``: new pure dicts, the encoder's entries replaced.
+    """
+    from rwseg.models.backbones import load_torch_weights
+
+    model = nnx.merge(graphdef, params, stats)
+    report = load_torch_weights(model, path)
+    print(f"rwseg.train: config.model.pretrained: {report.summary()}", flush=True)
+    _, params, stats = nnx.split(model, nnx.Param, Statistic)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
 def merge(graphdef, state):
-    """The NNX model of a train state (inside or outside ``jit``)."""
+    """The NNX model of a train state (inside or outside ``jit``).
+
+    Args:
+      graphdef: the model's graph definition.
+      state: a train state (``params`` and, for a model with statistics, ``stats``).
+
+    Returns:
+      The model (``nnx.Module``).
+    """
     if "stats" in state:
         return nnx.merge(graphdef, state["params"], state["stats"])
     return nnx.merge(graphdef, state["params"])
@@ -175,11 +246,11 @@ def make_train_step(setup: Setup, mesh):
 
     batch arrays are sharded along ``"data"``, the state is replicated; the loss is the
     mean over the global batch, so the result does not depend on the device count.
-    The model is traced under :func:`rwseg.models.device_local.batch_axis`: its
+    The model is traced under :func:`rwseg.layers.device_local.batch_axis`: its
     per-example solvers run device-local (``jax.shard_map``), so no solver loop waits on
     the other devices; ``jax.jit`` inserts the gradient all-reduce outside them.
 
-    ``setup.remat``: the loss is traced under :func:`rwseg.models.memory.remat_scope`.
+    ``setup.remat``: the loss is traced under :func:`rwseg.layers.memory.remat_scope`.
     ``setup.microbatches = m > 1``: gradient accumulation. The batch is cut into m slices
     (:func:`split_microbatches`); a ``lax.scan`` sums each slice's loss, metrics and
     gradient in float32 and divides by m, then one optimiser update follows. The
@@ -190,6 +261,13 @@ def make_train_step(setup: Setup, mesh):
     mean of the slices' means. Each device's share of the batch must divide by m. The
     gradient all-reduce then runs once per slice (inside the scan): the price of the
     smaller memory.
+
+    Args:
+      setup: the :class:`Setup` of :func:`create`.
+      mesh: the device mesh.
+
+    Returns:
+      The jitted step; ``metrics`` holds the loss, its terms, ``grad_norm`` and ``learning_rate``.
     """
     graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
     micro = int(setup.microbatches)

@@ -26,13 +26,16 @@
 6. Whatever fails after the checkpoint managers exist (a step, the final evaluation,
    Ctrl-C), pending checkpoint saves are finished and the managers closed before the
    original error propagates: the last checkpoint is complete and a restart resumes from it.
+7. Preemption (:mod:`rwseg.train.preemption`): on SIGTERM / SIGINT the step in flight is
+   finished and checkpointed, the save waited for, and :class:`~rwseg.train.preemption.Preempted`
+   raised (the CLI exits with status 75). Periodic checkpoints are asynchronous; the time
+   they block the loop is logged (``checkpoint_blocked_sec`` in the train metrics) and
+   summed up at the end of training.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import pathlib
 import sys
 import time
@@ -43,49 +46,15 @@ import numpy as np
 from rwseg import data
 from rwseg.train import parallel
 from rwseg.train.checkpoint import Checkpoints
-from rwseg.train.config_check import ConfigError, check_config, config_changes, flatten
+from rwseg.train.config_check import check_config
 from rwseg.train.evaluate import evaluate, write_results
 from rwseg.train.init_from import init_params
 from rwseg.train.panels import save_panels
+from rwseg.train.preemption import Preempted, SaveClock, StopSignals, stop_requested
 from rwseg.train.state import compute_statistics, create, make_train_step, source_kwargs, training_batches
+from rwseg.train.workdir import MetricsWriter, check_resume_config, record_config
 
-__all__ = ["train_and_evaluate", "MetricsWriter", "previous_config", "check_resume_config", "record_config",
-           "finishing"]
-
-HISTORY = "config_history.jsonl"
-
-
-class MetricsWriter:
-    """Appends JSON lines to ``workdir/metrics.jsonl`` (process 0 only), mirrored to
-    TensorBoard when ``tensorboardX`` is installed. On resume, lines of steps after the
-    restored step (written by the interrupted run) are dropped first."""
-
-    def __init__(self, workdir, *, resume_step: int = 0):
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
-        self.active = jax.process_index() == 0
-        self.tb = None
-        if not self.active:
-            return
-        if self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
-        try:  # optional
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def write(self, step: int, split: str, values: dict) -> None:
-        if not self.active:
-            return
-        scalars = {k: float(v) for k, v in values.items() if np.ndim(v) == 0}
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(f"{split}/{k}", v, step)
-            self.tb.flush()
+__all__ = ["train_and_evaluate", "finishing"]
 
 
 def _progress(config, start: int, total: int):
@@ -93,61 +62,6 @@ def _progress(config, start: int, total: int):
 
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc=config.method,
                 disable=not config.progress or jax.process_index() != 0)
-
-
-def previous_config(workdir) -> tuple[dict, pathlib.Path] | None:
-    """(config dict, file it came from) of the latest (re)start recorded in ``workdir``:
-    the last line of ``config_history.jsonl``, else ``config.json``; ``None`` for a new run."""
-    workdir = pathlib.Path(workdir)
-    history, first = workdir / HISTORY, workdir / "config.json"
-    try:
-        if history.exists():
-            lines = [l for l in history.read_text().splitlines() if l.strip()]
-            if lines:
-                return json.loads(lines[-1])["config"], history
-        if first.exists():
-            return json.loads(first.read_text()), first
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"workdir: cannot read the config this run was started with ({e}); "
-                          f"fix or remove {history if history.exists() else first}") from e
-    return None
-
-
-def check_resume_config(config, workdir) -> dict:
-    """Refuse to continue a run in ``workdir`` with a changed model/method/data/optimizer setting.
-
-    Returns ``{key: (old, new)}`` of every differing key (harmless ones included) — ``{}``
-    for a new run. Raises :class:`ConfigError` naming the keys that may not change (see
-    :data:`rwseg.train.config_check.HARMLESS_KEYS`) unless ``config.allow_config_change``.
-    """
-    found = previous_config(workdir)
-    if found is None:
-        return {}
-    old, source = found
-    refused = config_changes(old, config)
-    if refused and not bool(config.get("allow_config_change", False)):
-        shown = "; ".join(f"config.{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-        raise ConfigError(
-            f"workdir {workdir} holds a run started with a different config ({source}); changed: {shown}. "
-            "Use a new --workdir, or pass --config.allow_config_change=True to continue this run with "
-            "the new settings (recorded in " + HISTORY + ")")
-    a, b = flatten(old), flatten(config)
-    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
-            if a.get(k, "<absent>") != b.get(k, "<absent>")}
-
-
-def record_config(config, workdir, step: int, changes: dict) -> None:
-    """Write ``config.json`` if absent (never rewritten) and append this start to the history."""
-    if jax.process_index() != 0:
-        return
-    workdir = pathlib.Path(workdir)
-    first = workdir / "config.json"
-    if not first.exists():
-        first.write_text(config.to_json(indent=2))
-    entry = {"step": int(step), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "changes": {k: list(v) for k, v in changes.items()}, "config": json.loads(config.to_json())}
-    with (workdir / HISTORY).open("a") as f:
-        f.write(json.dumps(entry) + "\n")
 
 
 def _finish(ckpts) -> None:
@@ -162,7 +76,11 @@ def _finish(ckpts) -> None:
 def finishing(ckpts):
     """``with finishing(Checkpoints(...)) as ckpts:`` — on leaving, pending saves are finished and
     the managers closed; if the body raised, that original error propagates (a failure while
-    finishing is then only reported on stderr), so the last checkpoint is never lost to it."""
+    finishing is then only reported on stderr), so the last checkpoint is never lost to it.
+
+    Args:
+      ckpts: the :class:`rwseg.train.checkpoint.Checkpoints` of the run.
+    """
     try:
         yield ckpts
     except BaseException:
@@ -178,7 +96,13 @@ def finishing(ckpts):
 def train_and_evaluate(config, workdir) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints) and evaluate.
 
-    Returns the final evaluation metrics (``{}`` when ``config.eval_at_end`` is False).
+    Args:
+      config: a training config (validated first, :func:`rwseg.train.config_check.check_config`).
+      workdir: the run directory (created; module docstring for what it holds).
+
+    Returns:
+      The final evaluation metrics (:func:`rwseg.train.evaluate.evaluate`; ``{}`` when
+      ``config.eval_at_end`` is False).
 
     Raises:
       ConfigError: an invalid config or workdir, or a changed config on resume (before
@@ -210,12 +134,12 @@ def train_and_evaluate(config, workdir) -> dict:
         elif started_before:
             print(f"rwseg.train: {workdir} holds an earlier start of this run but no finished checkpoint; "
                   "training from step 0", flush=True)
-        if restored is None and config.get("init_from", ""):
-            everything = config.get("init_params", "backbone") == "all"
+        if restored is None and config.init_from:
+            everything = config.init_params == "all"
             initial, where = init_params(setup.state, config.init_from, subtrees=None if everything else ("backbone",))
             state = parallel.replicate(initial, mesh)
             frozen = [n for n, k in (("backbone", "freeze_backbone"), ("method layers", "freeze_method"))
-                      if config.get(k, False)]
+                      if config[k]]
             print(f"rwseg.train: {'every parameter' if everything else 'backbone'} initialised from {where}"
                   + (f" ({' and '.join(frozen)} frozen)" if frozen else ""), flush=True)
         record_config(config, workdir, start, changes)
@@ -238,10 +162,11 @@ def train_and_evaluate(config, workdir) -> dict:
         keys = ("image", "label", "scribbles") if config.data.scribbles else ("image", "label")
         # data.train_labels = "scribbles": the scribbles are the only training labels (the
         # scribble-only baseline RAWKS is compared with; unlabelled pixels are -1, ignored)
-        scribble_labels = config.data.get("train_labels", "dense") == "scribbles"
+        scribble_labels = config.data.train_labels == "scribbles"
         bar = _progress(config, start, num_steps)
         t0, last_logged = time.perf_counter(), start
         result = {}
+        clock, stop, train_t0 = SaveClock(), StopSignals().install(), t0  # SIGTERM/SIGINT: preemption.py
         try:
             for step in range(start, num_steps):
                 batch = next(batches)
@@ -254,17 +179,26 @@ def train_and_evaluate(config, workdir) -> dict:
                     values = jax.tree.map(float, parallel.to_host(metrics))
                     now = time.perf_counter()
                     values["steps_per_sec"] = (done - last_logged) / max(now - t0, 1e-9)
+                    values["checkpoint_blocked_sec"] = clock.take()  # included in the steps' time
                     t0, last_logged = now, done
                     writer.write(done, "train", values)
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                     if not np.isfinite(values["loss"]):
                         raise FloatingPointError(f"loss is {values['loss']} at step {done}; see {writer.path}")
                 if done % int(config.checkpoint_every) == 0 or done == num_steps:
-                    ckpts.save(done, state)
+                    clock.save(ckpts, done, state)
+                if stop_requested(stop):
+                    if clock.last_step != done:
+                        clock.save(ckpts, done, state)
+                    ckpts.wait()
+                    raise Preempted(done, stop.received, ckpts.root / "checkpoints" / str(done))
                 if int(config.eval_every) and done % int(config.eval_every) == 0 and done != num_steps:
                     run_eval(done)
         finally:
+            stop.restore()
             bar.close()
+        if jax.process_index() == 0:
+            print(clock.summary(time.perf_counter() - train_t0), flush=True)
         if config.eval_at_end:
             final = ckpts.latest_step() or num_steps
             result, panels = run_eval(final)

@@ -1,7 +1,7 @@
 """Memory levers of the models: bfloat16 compute and rematerialisation.
 
-**Compute dtype** (``config.compute_dtype``, :func:`set_compute_dtype`). With
-``"bfloat16"`` every :class:`rwseg.models.backbone.ConvBlock` (the backbone's stem,
+**Compute dtype** (``config.compute_dtype``, :func:`rwseg.layers.convs.set_compute_dtype`). With
+``"bfloat16"`` every :class:`rwseg.layers.convs.ConvBlock` (the backbone's stem,
 encoder, ASPP and projection blocks, and the small image networks of the layers: SPN
 guidance, RAWKS boundary, the dilated decoder) runs its convolution, GroupNorm and ReLU
 in bfloat16: their inputs and kernels are cast to bfloat16 at the op
@@ -44,36 +44,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["COMPUTE_DTYPES", "set_compute_dtype", "group_norm", "remat_scope", "remat_enabled", "call_block"]
+__all__ = ["COMPUTE_DTYPES", "group_norm", "remat_scope", "remat_enabled", "call_block"]
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 _REMAT: contextvars.ContextVar = contextvars.ContextVar("rwseg_remat", default=False)
-
-
-def set_compute_dtype(model: nnx.Module, compute_dtype: str = "float32") -> nnx.Module:
-    """Set the compute dtype of every ``ConvBlock`` in ``model`` (in place; returns ``model``).
-
-    Args:
-      model: any rwseg model or layer (an ``nnx.Module``).
-      compute_dtype: ``"float32"`` or ``"bfloat16"`` (``config.compute_dtype``).
-
-    Returns:
-      ``model``, whose ``ConvBlock`` convolutions and GroupNorms compute in that dtype
-      (``dtype``; their ``param_dtype`` stays float32). The dtype is a static attribute:
-      it is part of the graph definition ``nnx.split`` returns.
-    """
-    from rwseg.models.backbone import ConvBlock
-
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"config.compute_dtype: expected one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
-    dtype = None if compute_dtype == "float32" else COMPUTE_DTYPES[compute_dtype]
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, ConvBlock):
-            module.conv.dtype = dtype
-            if module.norm is not None:
-                module.norm.dtype = dtype
-    return model
 
 
 def group_norm(norm: nnx.GroupNorm, x):
@@ -118,7 +93,14 @@ def group_norm(norm: nnx.GroupNorm, x):
 def remat_scope(enabled: bool = True):
     """Within this context (entered where a loss is traced) the models rematerialise:
     :func:`call_block` checkpoints each ``ConvBlock`` and :func:`remat_enabled` is True
-    (layers pass it to their unrolled operators)."""
+    (layers pass it to their unrolled operators).
+
+    Args:
+      enabled: whether to rematerialise inside the context.
+
+    Returns:
+      A context manager (yields nothing).
+    """
     token = _REMAT.set(bool(enabled))
     try:
         yield
@@ -127,7 +109,11 @@ def remat_scope(enabled: bool = True):
 
 
 def remat_enabled() -> bool:
-    """Whether the enclosing :func:`remat_scope` asks for rematerialisation."""
+    """Whether the enclosing :func:`remat_scope` asks for rematerialisation.
+
+    Returns:
+      True inside ``remat_scope(True)``, else False.
+    """
     return _REMAT.get()
 
 
@@ -139,5 +125,13 @@ _apply_remat = nnx.remat(_apply, policy=jax.checkpoint_policies.nothing_saveable
 
 
 def call_block(block, x):
-    """``block.forward(x)``, under ``nnx.remat`` (save the input only) inside ``remat_scope(True)``."""
+    """``block.forward(x)``, under ``nnx.remat`` (save the input only) inside ``remat_scope(True)``.
+
+    Args:
+      block: a :class:`rwseg.layers.convs.ConvBlock`.
+      x: its input.
+
+    Returns:
+      The block's output.
+    """
     return _apply_remat(block, x) if remat_enabled() else _apply(block, x)

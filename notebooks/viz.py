@@ -1,4 +1,4 @@
-"""Helpers for the notebooks in ``notebooks/``: an example photo, coarse scores, operator rows, plots.
+"""Helpers for the notebooks in this folder (``import viz``; the kernel runs here): an example photo, coarse scores, operator rows, plots.
 
 Nothing here is part of a method; it is the small amount of glue the two notebooks share
 (``notebooks/operators.ipynb``, ``notebooks/gradients.ipynb``), kept in one place so that
@@ -32,9 +32,9 @@ import numpy as np
 from rwseg import _validate as V
 from rwseg import metrics
 from rwseg.constants import IGNORE_INDEX
+from rwseg.train.panels import PALETTE
 
 __all__ = [
-    "PALETTE",
     "SIZE_ENV",
     "STANFORD_ENV",
     "notebook_size",
@@ -51,14 +51,6 @@ __all__ = [
 
 SIZE_ENV = "RWSEG_NOTEBOOK_SIZE"
 STANFORD_ENV = "RWSEG_STANFORD_DIR"
-PALETTE = np.array(
-    [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
-     [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207], [174, 199, 232], [255, 187, 120],
-     [152, 223, 138], [255, 152, 150], [197, 176, 213], [196, 156, 148], [247, 182, 210], [199, 199, 199],
-     [219, 219, 141], [158, 218, 229]], np.uint8)
-"""The one class palette of rwseg: (20, 3) uint8 RGB, matplotlib's tab20 order (without
-matplotlib at import time). Used by :func:`color_labels` and :mod:`rwseg.train.panels`;
-ignored pixels are black in both."""
 
 _PALETTE = PALETTE / 255.0
 

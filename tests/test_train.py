@@ -27,7 +27,7 @@ CONFIG = str(ROOT / "rwseg" / "configs" / "baseline.py") + ":smoke"
 
 def _opt(**kw):
     base = dict(name="adamw", learning_rate=1.0, warmup_steps=4, end_factor=0.1, weight_decay=0.0,
-                momentum=0.9, grad_clip_norm=0.0, max_nonfinite_skips=0)
+                momentum=0.9, grad_clip_norm=0.0, max_nonfinite_skips=0, schedule="cosine", power=0.9)
     base.update(kw)
     return ml_collections.ConfigDict(base)
 

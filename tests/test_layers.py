@@ -116,6 +116,18 @@ def test_spatial_propagation_with_zero_gates_is_bilinear_resize():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_random_walk_theta_init_splits_image_and_feature_channels():
+    """theta_init weights the image channels' distances, feature_theta_init the features': with
+    the features' weight 0 the affinities are the colour kernel exp(theta_init * L1 colour distance)."""
+    layer = RandomWalkRefinement(K, feature_channels=2, theta_init=-2.5, feature_theta_init=0.0, eval_radius=1)
+    np.testing.assert_array_equal(np.asarray(layer.theta[...]), [-2.5, -2.5, -2.5, 0.0, 0.0])
+    image, _ = _data()
+    feats = jnp.asarray(np.random.default_rng(4).normal(size=(B, H, W, 2)), jnp.float32)
+    offsets = layer.eval_offsets
+    colour = jax.vmap(lambda x: rwn.affinity(rwn.feature_distances(x, offsets), jnp.full((3,), -2.5), offsets))
+    np.testing.assert_allclose(_jit(layer.affinities, image, feats), _jit(colour, image), rtol=1e-6)
+
+
 def test_random_walk_refinement_is_the_rwn_operator():
     layer = _make("rwn")
     image, labels = _data()

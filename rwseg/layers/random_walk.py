@@ -35,18 +35,23 @@ class RandomWalkRefinement(nnx.Module):
       train_radius: disk radius (walk pixels) of the one-step training walk.
       eval_radius: disk radius of the converged test-time walk.
       alpha: restart probability of the converged walk, in [0, 1).
-      theta_init: initial value of the 1x1 conv weights over the feature distances.
+      theta_init: initial 1x1 conv weight over each image channel's distances (strongly
+        negative, e.g. -3 on normalised colour, starts the walk at an edge-stopping colour
+        kernel, the bilateral term of a dense CRF; near 0 starts it almost uniform).
+      feature_theta_init: initial weight over each low-level feature channel's distances.
       tol: CG relative tolerance of the converged walk.
       max_iters: CG iteration cap of the converged walk.
       image_channels: channels of the image.
       rngs: accepted for a uniform signature (``theta`` is initialised to a constant).
 
-    Parameters: ``theta`` (image_channels + feature_channels,).
+    Parameters: ``theta`` (image_channels + feature_channels,): the image channels' weights, then
+    the features'.
     """
 
     def __init__(self, num_classes: int, *, feature_channels: int = 0, downsample: int = 1,
                  train_radius: int = 4, eval_radius: int = 2, alpha: float = 0.9, theta_init: float = -0.2,
-                 tol: float = 1e-5, max_iters: int = 200, image_channels: int = 3, rngs: nnx.Rngs | None = None):
+                 feature_theta_init: float = -0.2, tol: float = 1e-5, max_iters: int = 200, image_channels: int = 3,
+                 rngs: nnx.Rngs | None = None):
         if not 0 <= float(alpha) < 1:
             raise ValueError(f"alpha: expected a restart probability in [0, 1), got {alpha!r}")
         self.num_classes, self.downsample = int(num_classes), int(downsample)
@@ -54,8 +59,9 @@ class RandomWalkRefinement(nnx.Module):
         self.train_offsets = stencil.disk_offsets(int(train_radius))
         self.eval_offsets = stencil.disk_offsets(int(eval_radius))
         self.alpha, self.tol, self.max_iters = float(alpha), float(tol), int(max_iters)
-        self.theta = nnx.Param(jnp.full((self.image_channels + self.feature_channels,), float(theta_init),
-                                        jnp.float32))
+        self.theta = nnx.Param(jnp.concatenate([jnp.full((self.image_channels,), float(theta_init), jnp.float32),
+                                                jnp.full((self.feature_channels,), float(feature_theta_init),
+                                                         jnp.float32)]))
 
     def _features(self, image, features, features_grid):
         """Affinity features (B, H/f, W/f, C + F) on the walk grid."""

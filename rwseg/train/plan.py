@@ -194,6 +194,7 @@ class Plan:
     microbatches: int
     steps: list
     suggestion: str = ""
+    param_bytes: int = 0  # the model's parameters (float32), replicated on every chip
 
     @property
     def fits(self) -> bool:
@@ -331,8 +332,10 @@ def plan_config(config, topology: str, *, batch_per_chip: int | None = None, cro
                 results.append(_compile("eval", lambda: fn.lower(eval_state, eval_batch), hbm))
             else:
                 raise PlanError(f"steps: expected 'train' and/or 'eval', got {name!r}")
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.state["params"]))
     return Plan(config.method, topology, chips, hbm, b, s, str(config.get("compute_dtype", "float32")),
-                bool(config.get("remat", False)), int(config.get("microbatches", 1)), results)
+                bool(config.get("remat", False)), int(config.get("microbatches", 1)), results,
+                param_bytes=int(param_bytes))
 
 
 def _with(config, **changes):
@@ -418,11 +421,12 @@ def compare_levers(config, topology: str, *, batch_per_chip: int, crop: int | No
 
 
 def format_levers(rows) -> str:
-    """A markdown table of :func:`compare_levers`: temp and peak bytes per chip, and the saving."""
+    """A markdown table of :func:`compare_levers`: temp and peak bytes per chip, and the saving in
+    peak bytes (what decides the fit; a step's temporaries can be zero when XLA aliases them all)."""
     base = rows[0][1]
-    lines = ["| train step | temp / chip | peak / chip | temp saved | GFLOP |", "|---|---|---|---|---|"]
+    lines = ["| train step | temp / chip | peak / chip | peak saved | GFLOP |", "|---|---|---|---|---|"]
     for name, s in rows:
-        saved = "-" if s is base else f"{100 * (1 - s.temp_bytes / base.temp_bytes):.0f} %" if base.temp_bytes else "-"
+        saved = "-" if s is base or s.error or base.error else f"{100 * (1 - s.peak_bytes / base.peak_bytes):.0f} %"
         lines.append(f"| {name} | {_gib(s.temp_bytes)} | {_gib(s.peak_bytes) if not s.error else 'over HBM'} | "
                      f"{saved} | {s.flops / 1e9:.3g} |")
     return "\n".join(lines)
@@ -439,7 +443,8 @@ def format_plan(plan: Plan) -> str:
     """A markdown table of a :class:`Plan`: one column per step, one row per quantity."""
     head = (f"rwseg plan: {plan.method} on {plan.topology} ({plan.num_chips} chips, {_gib(plan.hbm_bytes)} HBM each); "
             f"batch {plan.batch_size} ({plan.batch_size // plan.num_chips} per chip), crop {plan.crop_size}, "
-            f"{plan.compute_dtype}, remat {'on' if plan.remat else 'off'}, microbatches {plan.microbatches}")
+            f"{plan.compute_dtype}, remat {'on' if plan.remat else 'off'}, microbatches {plan.microbatches}; "
+            f"parameters {plan.param_bytes / (1 << 20):.2f} MiB")
 
     def collectives(s):
         if not s.collectives:

@@ -1,4 +1,4 @@
-"""The ``rwseg`` command line: ``rwseg train|evaluate|compare|check-kernels [flags]``.
+"""The ``rwseg`` command line: ``rwseg train|evaluate|compare|plan|check-kernels [flags]``.
 
 One flag library for every subcommand: absl flags, with ml_collections' config flags for
 ``--config``. ``rwseg --help`` lists the subcommands, ``rwseg <command> --help`` its
@@ -190,6 +190,76 @@ def _run_compare(argv, prog) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- plan
+
+
+def _define_plan() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "Config: a shipped method name or a config file path, with an optional ':smoke'; "
+        "--config.key=value overrides a field (e.g. --config.compute_dtype=bfloat16, --config.remat=True, "
+        "--config.microbatches=4).", lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU topology to compile for, e.g. v5e:16x16, v4:4x4x8, v5p:4x4x8, v6e:16x16.")
+    flags.DEFINE_integer("batch_per_chip", None, "Examples per chip (global batch = this x chips; default: the "
+                         "config's batch_size, which must split over the chips).", lower_bound=1)
+    flags.DEFINE_integer("crop", None, "Crop size (default: config.data.crop_size).", lower_bound=8)
+    flags.DEFINE_list("steps", ["train", "eval"], "Which steps to compile: train, eval.")
+    flags.DEFINE_float("hbm_gib", None, "HBM per chip to plan against (default: the TPU generation's).")
+    flags.DEFINE_integer("max_tries", 6, "When a step does not fit: how many settings (remat, bfloat16, "
+                         "microbatches, smaller batch) to compile in search of one that fits (0 = none).",
+                         lower_bound=0)
+    flags.DEFINE_boolean("levers", False, "Also compile the train step with each lever alone (remat, bfloat16, "
+                         "microbatches=2) and show what each saves (one more compile per lever).")
+    flags.mark_flags_as_required(["config", "topology"])
+
+
+def _run_plan(argv, prog) -> int:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        _fail(prog, f"unexpected arguments: {argv[1:]}")
+    from rwseg.train import plan
+
+    try:
+        mesh = plan.topology_mesh(FLAGS.topology)
+        result = plan.plan_config(FLAGS.config, FLAGS.topology, batch_per_chip=FLAGS.batch_per_chip,
+                                  crop=FLAGS.crop, hbm_gib=FLAGS.hbm_gib, steps=tuple(FLAGS.steps), mesh=mesh)
+    except plan.PlanError as e:
+        _fail(prog, e)
+    print(plan.format_plan(result), flush=True)
+    loops = [f"{s.name}: {c}" for s in result.steps for c in s.collectives_in_loops]
+    if loops:
+        print("\ncollectives inside loops (every device waits on the others once per iteration):\n  "
+              + "\n  ".join(loops))
+    if FLAGS.levers and "train" in FLAGS.steps:
+        rows = plan.compare_levers(FLAGS.config, FLAGS.topology, batch_per_chip=result.batch_size // result.num_chips,
+                                   crop=FLAGS.crop, hbm_gib=FLAGS.hbm_gib, mesh=mesh, base=result)
+        print("\nwhat each lever saves (train step, each alone):\n\n" + plan.format_levers(rows), flush=True)
+    if result.fits:
+        return 0
+    failed = ", ".join(s.name for s in result.steps if not s.fits)
+    print(f"\n{prog}: the {failed} step does not fit {result.hbm_bytes / plan.GIB:.2f} GiB per chip",
+          flush=True)
+    if FLAGS.max_tries:
+        print("searching for a setting that fits (each try is one more compile) ...", flush=True)
+        flags_, fitting, tried = plan.suggest_fit(
+            FLAGS.config, FLAGS.topology, batch_per_chip=result.batch_size // result.num_chips, crop=FLAGS.crop,
+            hbm_gib=FLAGS.hbm_gib, max_tries=FLAGS.max_tries, mesh=mesh,
+            step_names=tuple(s.name for s in result.steps if not s.fits))
+        if fitting is not None:
+            peak = max(s.peak_bytes for s in fitting.steps)
+            print(f"fits with: {flags_} (peak {peak / plan.GIB:.2f} GiB per chip)")
+        else:
+            print("no tried setting fits; tried: " + "; ".join(tried))
+    else:
+        print("settings that may fit: --config.remat=True, --config.compute_dtype=bfloat16, "
+              "--config.microbatches=N, a smaller --batch_per_chip (--max_tries N compiles them)")
+    return 1
+
+
 # --------------------------------------------------------------------------- check-kernels
 
 
@@ -226,6 +296,10 @@ COMMANDS = {
     "compare": Command("the main job: train + evaluate the baseline and methods, print the table",
                        "[--methods spn,rwn] [--workdir runs/main] [--steps N] [--smoke]", _define_compare,
                        _run_compare),
+    "plan": Command("compile the train and eval steps for a TPU topology ahead of time: memory, FLOPs, "
+                    "collectives per chip (needs rwseg[tpu])",
+                    "--config NAME|PATH[:smoke] --topology v5e:16x16 [--batch_per_chip N] [--crop S] "
+                    "[--config.key=value ...]", _define_plan, _run_plan),
     "check-kernels": Command("the device check: compare the SPN Pallas kernel with the scan on this chip, "
                              "print 'verified' or the difference (rwseg.spn_verify)",
                              "[--kernel auto|pallas|pallas_gpu] [--interpret] [--dtype float32|float64]",
@@ -286,8 +360,13 @@ def run_command(name: str, argv: list | None = None, *, prog: str | None = None)
     if any(a in HELP_FLAGS for a in head):
         print(_command_help(prog, command))
         sys.exit(0)
-    if name == "train":
+    if name in ("train", "plan"):
         argv = _resolve_config_argv(argv, prog)
+    if name == "plan":
+        # it compiles for compile-only TPU devices: the local backend only traces, so it stays the CPU (libtpu
+        # does not try to claim a TPU of this machine), and several planners may load libtpu at once
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
     def main(args):
         _quiet_logs()
@@ -307,6 +386,7 @@ def _usage() -> str:
             "  rwseg compare --smoke                             # seconds: baseline vs spn, tiny configs\n"
             "  rwseg train --config spn --workdir runs/spn --config.num_steps=1000\n"
             "  rwseg evaluate --workdir runs/spn --baseline_workdir runs/baseline\n"
+            "  rwseg plan --config spn --topology v5e:16x16 --batch_per_chip 2 --crop 512   # needs rwseg[tpu]\n"
             "  rwseg check-kernels                               # on a GPU/TPU: is the SPN kernel right here?\n")
 
 

@@ -449,6 +449,7 @@ def gmf(
     max_iters: int = 1000,
     return_info: bool = False,
     checked: bool = False,
+    remat: bool = False,
 ):
     """Gaussian mean-field inference on a bipartite stencil (paper eq. 2, §3.2, §4).
 
@@ -487,6 +488,10 @@ def gmf(
         max_iters: cap on the layers of the iterated GMF.
         return_info: also return a :class:`rwseg.linsolve.SolveInfo`.
         checked: add ``checkify`` value checks for traced inputs.
+        remat: with ``num_steps``, checkpoint each layer (``jax.checkpoint``): the
+            backward pass keeps only the iterate between layers and recomputes a layer's
+            intermediates (``config.remat``, :mod:`rwseg.layers.memory`). Same values
+            and gradients. Unused without ``num_steps``.
 
     Returns:
         y: (H, W, K) in the common dtype of the inputs; with ``return_info=True`` the pair
@@ -505,7 +510,8 @@ def gmf(
         raise ValueError(f"tol: expected a finite float >= 0 (Python or numpy scalar), got {tol!r}")
     if num_steps is not None:
         num_steps = V.check_nonnegative_int("num_steps", num_steps)
-    y, info = _gmf_core(unary, similarity, compat, offsets, num_steps, float(tol), max_iters, bool(return_info))
+    y, info = _gmf_core(unary, similarity, compat, offsets, num_steps, float(tol), max_iters, bool(return_info),
+                        bool(remat))
     if num_steps is None and not (V.is_concrete(similarity) and V.is_concrete(compat)):
         # traced and unchecked values: an asymmetric / non-finite similarity or a non-PSD
         # compat makes the implicit gradient (or the iteration) wrong, so say it with NaN
@@ -516,8 +522,8 @@ def gmf(
     return (y, info) if return_info else y
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))  # compiled once per shape and setting
-def _gmf_core(unary, similarity, compat, offsets, num_steps, tol, max_iters, want_info):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))  # compiled once per shape and setting
+def _gmf_core(unary, similarity, compat, offsets, num_steps, tol, max_iters, want_info, remat=False):
     """gmf after the checks: returns (y, info), info None unless want_info for unrolled layers."""
     dtype = jnp.result_type(unary, similarity, compat)
     unary, similarity, compat = (a.astype(dtype) for a in (unary, similarity, compat))
@@ -530,6 +536,8 @@ def _gmf_core(unary, similarity, compat, offsets, num_steps, tol, max_iters, wan
             new = layer(mu, unary)
             return (new, _max_abs(new - mu)), None
 
+        if remat:  # save the carry only; a layer's intermediates are recomputed in the backward pass
+            body = jax.checkpoint(body)
         init = (unary, jnp.asarray(jnp.inf, dtype))
         (y, delta), _ = jax.lax.scan(body, init, None, length=num_steps)
         if not want_info:

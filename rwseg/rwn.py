@@ -179,6 +179,7 @@ def random_walk(
     max_iters: int = 1000,
     return_info: bool = False,
     checked: bool = False,
+    remat: bool = False,
 ):
     """The random-walk layer / converged random walk of RWN (paper eq. 2-3, §3.4).
 
@@ -239,6 +240,10 @@ def random_walk(
         max_iters: iteration cap of the solver. Unused with ``num_steps``.
         return_info: also return a :class:`rwseg.linsolve.SolveInfo`.
         checked: add ``checkify`` value checks for traced ``alpha``.
+        remat: with ``num_steps``, checkpoint each step (``jax.checkpoint``): the backward
+            pass keeps the iterate only and recomputes the step's shifted products
+            (``config.remat``, :mod:`rwseg.layers.memory`). Same values and gradients.
+            Unused without ``num_steps``.
 
     Returns:
         y: (H, W, C) in ``result_type(weights, f)``; with ``return_info=True`` the pair
@@ -265,6 +270,8 @@ def random_walk(
         def step(y, _):
             return alpha_c * transition(weights, y, offsets) + (1 - alpha_c) * f, None
 
+        if remat:  # save the iterate only; the step's intermediates are recomputed in the backward pass
+            step = jax.checkpoint(step)
         y, _ = jax.lax.scan(step, f, None, length=num_steps)
         if not return_info:
             return y

@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rwseg import _platform
 from rwseg import _validate as V
 from rwseg import spn_pallas, spn_verify, stencil
 
@@ -233,7 +234,7 @@ def _resolve_implementation(implementation, x, gates, directions):
     """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {_IMPLEMENTATIONS}, got {implementation!r}")
-    backend = jax.default_backend()
+    backend = _platform.platform()  # the target of an ahead-of-time compile (rwseg plan), else the local backend
     on_gpu = backend in ("gpu", "cuda", "rocm")
     if implementation == "pallas":
         return "pallas_gpu" if on_gpu else "pallas"
@@ -297,7 +298,7 @@ def _propagate_stacked(x, gates, directions, implementation):
     """x (H, W, C), gates (D, H, W, C, G) -> list of D maps (H, W, C), one solve for all."""
     directions = tuple(directions)
     implementation = _resolve_implementation(implementation, x, gates, directions)
-    return _propagate_stacked_jit(x, gates, directions, implementation, jax.default_backend() == "cpu")
+    return _propagate_stacked_jit(x, gates, directions, implementation, _platform.platform() == "cpu")
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))  # compiled once per shape, also when called eagerly

@@ -47,8 +47,9 @@ differentiated layer); it has not been compiled by Triton or run on a GPU.
 Neither kernel has been compared with the scan on a chip, so ``implementation="auto"``
 uses one only where it is verified on that device kind (:mod:`rwseg.spn_verify`: a
 recorded run of the device check ``rwseg check-kernels``, none yet, or the opt-in
-self-check at first use, ``RWSEG_SPN_SELF_CHECK=1``) and, on TPU, one program's blocks fit
-in 4 MiB (:func:`fits_on_chip`), on GPU it lowers and compiles for the shape
+self-check at first use, ``RWSEG_SPN_SELF_CHECK=1``) and, on TPU, one program's blocks, as
+Mosaic pads and double-buffers them, fit the 16 MiB of scoped VMEM (:func:`fits_on_chip`: maps
+up to 56x56 in float32, three-way, at up to 128 channels; larger maps take the scan), on GPU it lowers and compiles for the shape
 (:func:`gpu_kernel_lowers`); else the scan. ``implementation="pallas"`` forces the kernel
 (the Triton one on GPU).
 """
@@ -171,12 +172,18 @@ def scan_recurrence(b, p, *, transpose: bool = False):
 
 
 def fits_on_chip(steps: int, rows: int, channels: int, num_gates: int, itemsize: int,
-                 budget: int = 4 << 20) -> bool:
-    """Whether one program's blocks (input and output, smallest channel tile) fit ``budget`` bytes.
+                 budget: int = 16 << 20) -> bool:
+    """Whether one program's blocks fit the TPU's scoped VMEM, as Mosaic lays them out.
 
     The kernel's BlockSpecs bring whole ``(T, L, tile)`` sequences of ``b``, of the ``G``
-    gates and of the output on chip; ``"auto"`` uses the kernel on TPU only when they fit
-    comfortably in VMEM.
+    gates and of the output into VMEM, and Mosaic tiles the two minor dimensions
+    ``(L, tile)`` in ``(8, 128)`` tiles: the channel tile takes at least 128 lanes (a tile
+    of 8 channels occupies 16x its bytes) and the rows a multiple of 8 sublanes; each block
+    is double-buffered. Measured (v5e:2x2 ahead-of-time compile, ``spn`` value and gradient,
+    64x64x8): the compiler asks for a 20.00 MiB scoped allocation, exactly this count, and
+    refuses it against its 16 MiB scoped limit; at 256x256x8 a single gate window needs
+    192 MiB (> the chip's 128 MiB VMEM). The unpadded count (4x less at 8 channels, no
+    double buffering) made ``"auto"`` pick a kernel that does not compile.
 
     Args:
         steps: ``T``.
@@ -184,12 +191,14 @@ def fits_on_chip(steps: int, rows: int, channels: int, num_gates: int, itemsize:
         channels: ``C``.
         num_gates: ``G``.
         itemsize: bytes per element.
-        budget: bytes allowed.
+        budget: bytes allowed (default 16 MiB, Mosaic's default scoped VMEM limit on v4/v5e).
 
     Returns:
-        True when ``T (2 + G) L tile itemsize <= budget``.
+        True when ``2 T (2 + G) ceil8(L) ceil128(tile) itemsize <= budget``.
     """
-    return steps * (2 + num_gates) * rows * channel_tile(channels) * itemsize <= budget
+    lanes = -(-channel_tile(channels) // 128) * 128
+    sublanes = -(-rows // 8) * 8
+    return 2 * steps * (2 + num_gates) * sublanes * lanes * itemsize <= budget
 
 
 def channel_tile(channels: int) -> int:

@@ -8,12 +8,20 @@ Hypothesis profiles for the property-based tests: ``ci`` (default) and ``dev``, 
 with the ``HYPOTHESIS_PROFILE`` environment variable.
 """
 
+import glob
+import importlib.util
 import os
 import pathlib
 import sys
 import zlib
 
-import jax
+# The test extra installs libtpu (tests/test_plan.py compiles for TPU topologies). On a machine
+# without a TPU, jax would still try to start it as a backend in every test process (stderr noise,
+# a lock file shared by all processes): keep the suite and its subprocesses on the CPU there.
+if importlib.util.find_spec("libtpu") is not None and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/*"):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 

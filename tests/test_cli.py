@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_help_lists_the_subcommands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("train", "evaluate", "compare", "check-kernels"):
+    for command in ("train", "evaluate", "compare", "plan", "check-kernels"):
         assert f"\n  {command} " in out
     assert cli.main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
 

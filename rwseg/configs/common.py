@@ -32,6 +32,10 @@ def get_config(method: str) -> ml_collections.ConfigDict:
 
     c.batch_size = 8                 # global batch (divided over processes and devices)
     c.num_steps = 300
+    # memory levers for large crops and pods (rwseg.layers.memory, rwseg.train.state; `rwseg plan` shows their effect)
+    c.compute_dtype = "float32"      # "bfloat16": conv blocks compute in bfloat16 (params, solvers, losses stay float32)
+    c.remat = False                  # True: rematerialise conv blocks and unrolled refinement steps in the backward pass
+    c.microbatches = 1               # >1: accumulate gradients over this many slices of each device's batch
 
     c.model = ml_collections.ConfigDict()
     c.model.width = 16               # stem channels; encoder stages use width * (1, 2, 4)

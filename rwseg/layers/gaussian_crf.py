@@ -21,6 +21,7 @@ from rwseg.layers import _inputs as I
 from rwseg.layers.info import exact_steps, solved
 from rwseg.layers.grid import avg_pool, subsample_labels, to_image, to_working_grid
 from rwseg.layers.device_local import map_examples
+from rwseg.layers.memory import remat_enabled
 
 __all__ = ["GaussianCRF"]
 
@@ -116,7 +117,8 @@ class GaussianCRF(nnx.Module):
         sim = similarity if similarity is not None else self.similarity(image, features, features_grid=features_grid)
         compat = ops.compatibility(self.compat[...])
         if train:
-            y = map_examples(lambda r, s, c: ops.gmf(r, s, c, self.offsets, num_steps=self.num_steps),
+            remat = remat_enabled()  # config.remat: checkpoint each unrolled GMF layer
+            y = map_examples(lambda r, s, c: ops.gmf(r, s, c, self.offsets, num_steps=self.num_steps, remat=remat),
                              unary, sim, shared=(compat,))
             info = exact_steps(b, self.num_steps)
         else:

@@ -20,6 +20,7 @@ from rwseg.layers import _inputs as I
 from rwseg.layers.info import exact_steps, solved
 from rwseg.layers.grid import avg_pool, subsample_labels, to_image, to_working_grid
 from rwseg.layers.device_local import map_examples
+from rwseg.layers.memory import remat_enabled
 
 __all__ = ["RandomWalkRefinement"]
 
@@ -124,7 +125,8 @@ class RandomWalkRefinement(nnx.Module):
             self.affinities(image, features, train=train, features_grid=features_grid)
         if train:
             offsets = self.train_offsets
-            y = jax.vmap(lambda ww, x: ops.random_walk(ww, x, offsets, alpha=1.0, num_steps=1))(weights, f)
+            remat = remat_enabled()  # config.remat: checkpoint the walk step
+            y = jax.vmap(lambda ww, x: ops.random_walk(ww, x, offsets, alpha=1.0, num_steps=1, remat=remat))(weights, f)
             info = exact_steps(b, 1)
         else:
             offsets = self.eval_offsets

@@ -16,6 +16,7 @@ from rwseg import spn as ops
 from rwseg.layers import _inputs as I
 from rwseg.layers.convs import apply_stack, conv_stack
 from rwseg.layers.info import exact_steps
+from rwseg.layers.device_local import map_examples
 from rwseg.layers.grid import avg_pool, to_image, to_working_grid
 
 __all__ = ["SpatialPropagation"]
@@ -91,8 +92,10 @@ class SpatialPropagation(nnx.Module):
         I.check_map("logits", logits, b, self.num_classes, "num_classes")
         x = to_working_grid(logits, (h, w), self.downsample, logits_grid)
         gates = self.guidance_gates(image)
-        refined = jax.vmap(lambda xx, gg: ops.spn(xx, gg, merge=self.merge,
-                                                  implementation=self.implementation))(x, gates)
+        # device-local under a mesh: XLA cannot partition the Mosaic kernel ("auto" on TPU) over a sharded
+        # batch, so each device propagates its own examples (jax.shard_map; plain vmap without a mesh)
+        refined = map_examples(lambda xx, gg: ops.spn(xx, gg, merge=self.merge, implementation=self.implementation),
+                               x, gates)
         if self.downsample > 1:
             refined = to_image(refined, (h, w), self.downsample)
         return (refined, exact_steps(b, 1)) if return_info else refined

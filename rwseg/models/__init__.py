@@ -63,7 +63,8 @@ def dataset_statistics(config, label_maps) -> dict:
 
 
 def build_model(config, num_classes: int, *, rngs: nnx.Rngs, statistics: dict | None = None):
-    """Instantiate the model of ``config.method`` with freshly initialised parameters.
+    """Instantiate the model of ``config.method`` with freshly initialised parameters, computing in
+    ``config.compute_dtype`` (:func:`rwseg.layers.convs.set_compute_dtype`).
 
     Args:
       config: a training config (``config.model``, ``config.<method>``).
@@ -77,9 +78,13 @@ def build_model(config, num_classes: int, *, rngs: nnx.Rngs, statistics: dict | 
     Raises:
       ValueError: the method needs statistics and none are given.
     """
+    from rwseg.layers.convs import set_compute_dtype
+
     cls = model_class(config.method)
     if getattr(cls, "dataset_statistics", None) is not None:
         if statistics is None:
             raise ValueError(f"statistics: method {config.method!r} needs dataset statistics, got None")
-        return cls(config, num_classes, rngs=rngs, statistics=statistics)
-    return cls(config, num_classes, rngs=rngs)
+        model = cls(config, num_classes, rngs=rngs, statistics=statistics)
+    else:
+        model = cls(config, num_classes, rngs=rngs)
+    return set_compute_dtype(model, config.compute_dtype)

@@ -187,6 +187,10 @@ COMMON_OPTIONS = {
     "data.train_labels": _one_of("dense", "scribbles"),
     "optimizer.schedule": _one_of("cosine", "poly"),
     "optimizer.power": _number(lo=0, lo_open=True),
+    # memory levers (rwseg.layers.memory, rwseg.train.state)
+    "compute_dtype": _one_of("float32", "bfloat16"),
+    "remat": _boolean,
+    "microbatches": _int_at_least(1),
     # config.model.backbone / pretrained / resnet (ResNet's constructor arguments, by its
     # signature): rwseg.models.backbones.check_model_config
 }
@@ -268,7 +272,7 @@ def layer_arguments(model_cls) -> dict:
 HARMLESS_KEYS = frozenset({
     "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_at_end",
     "eval_batch_size", "eval_batches", "num_panels", "trimap_widths", "boundary_tolerance", "progress",
-    "baseline_workdir", "allow_config_change", "data.data_dir", "data.manual_dir", "data.eval_split",
+    "baseline_workdir", "allow_config_change", "microbatches", "data.data_dir", "data.manual_dir", "data.eval_split",
     "model.pretrained",  # read only when a run starts; a resumed run restores its checkpoint
     "rwn.layer.eval_radius", "rwn.layer.alpha", "rwn.layer.tol", "rwn.layer.max_iters",
     "gcrf.layer.tol", "gcrf.layer.max_iters",
@@ -463,6 +467,10 @@ def check_config(config, *, workdir=None, num_devices: int | None = None, num_pr
         if ok(key) and (values[key] % num_devices or values[key] % num_processes):
             errors.append(f"config.{key}: expected a multiple of the device count {num_devices} "
                           f"(and of the process count {num_processes}), got {values[key]}")
+    micro = values.get("microbatches", _MISSING)
+    if micro not in (_MISSING, 1) and ok("batch_size") and values["batch_size"] % (num_devices * micro):
+        errors.append(f"config.microbatches: expected a divisor of the per-device batch (config.batch_size "
+                      f"{values['batch_size']} over {num_devices} devices), got {micro}")
 
     norm = values.get("model.norm")
     if norm == "group" and ok("model.width", "model.features"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -21,12 +22,13 @@ from rwseg import data
 from rwseg.models import build_model, dataset_statistics, model_class
 from rwseg.layers.device_local import batch_axis
 from rwseg.layers.statistic import Statistic
+from rwseg.layers.memory import remat_scope
 from rwseg.train import parallel
 from rwseg.train.init_from import SUBTREE, freeze_subtrees, scale_method_updates
 from rwseg.train.optim import make_optimizer
 
 __all__ = ["Setup", "create", "source_kwargs", "augmentation_kwargs", "training_batches", "compute_statistics",
-           "make_train_step", "merge", "load_pretrained"]
+           "make_train_step", "split_microbatches", "merge", "load_pretrained"]
 
 
 def source_kwargs(config) -> dict:
@@ -119,9 +121,12 @@ class Setup:
     tx: optax.GradientTransformation
     schedule: object
     num_classes: int
+    remat: bool = False  # config.remat: rematerialise blocks and unrolled refinements (rwseg.layers.memory)
+    microbatches: int = 1  # config.microbatches: gradient accumulation over this many slices of the batch
 
 
-def create(config, num_classes: int, statistics: dict, *, pretrained: bool = True) -> Setup:
+def create(config, num_classes: int, statistics: dict, *, pretrained: bool = True,
+           abstract: bool = False) -> Setup:
     """Build the model (seed ``config.seed``) and the initial train state.
 
     With ``pretrained`` (the default) a ``config.model.pretrained`` checkpoint is loaded into the
@@ -132,10 +137,16 @@ def create(config, num_classes: int, statistics: dict, *, pretrained: bool = Tru
     ``nnx.eval_shape`` (no arrays). The same config gives the same parameters on every
     process and device count (the init is not sharded).
 
+    ``abstract=True``: ``Setup.state`` holds ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape``
+    of the initialisation; nothing is allocated or computed), for ahead-of-time compilation
+    (:mod:`rwseg.train.plan`).
+
     Args:
       config: a training config.
       num_classes: K.
       statistics: :func:`compute_statistics`.
+      pretrained: load ``config.model.pretrained`` (ignored with ``abstract``).
+      abstract: shapes only (``jax.ShapeDtypeStruct`` leaves).
 
     Returns:
       The :class:`Setup`: graph definition, initial state ``{"params", "opt_state"[, "stats"]}``
@@ -164,14 +175,15 @@ def create(config, num_classes: int, statistics: dict, *, pretrained: bool = Tru
         params = nnx.to_pure_dict(params)
         return params, tx.init(params), nnx.to_pure_dict(stats)
 
-    params, opt_state, stats = init()
-    if pretrained and config.model.pretrained:  # a torchvision/timm ResNet checkpoint into the encoder
+    params, opt_state, stats = jax.eval_shape(init) if abstract else init()
+    if pretrained and not abstract and config.model.pretrained:  # a torchvision/timm ResNet checkpoint into the encoder
         params, stats = load_pretrained(graphdef, params, stats, config.model.pretrained)
         opt_state = jax.jit(tx.init)(params)
     state = {"params": params, "opt_state": opt_state}
     if jax.tree.leaves(stats):
         state["stats"] = stats
-    return Setup(graphdef, state, tx, schedule, num_classes)
+    return Setup(graphdef, state, tx, schedule, num_classes, remat=bool(config.remat),
+                 microbatches=int(config.microbatches))
 
 
 def load_pretrained(graphdef, params: dict, stats: dict, path: str) -> tuple[dict, dict]:
@@ -212,6 +224,23 @@ def merge(graphdef, state):
     return nnx.merge(graphdef, state["params"])
 
 
+def split_microbatches(batch: dict, microbatches: int, mesh) -> dict:
+    """Batch arrays (B, ...) -> (microbatches, B / microbatches, ...), each slice spread over ``mesh``.
+
+    Slice ``k`` holds the examples ``k, k + m, k + 2m, ...`` (m = ``microbatches``): with
+    the batch sharded contiguously along ``"data"`` and each device's share divisible by
+    m, every slice takes ``share / m`` examples from every device, so no data moves.
+    """
+    m = int(microbatches)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+
+    def split(x):
+        x = x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(split, batch)
+
+
 def make_train_step(setup: Setup, mesh):
     """A jit-compiled ``(state, batch, step) -> (state, metrics)`` over ``mesh``.
 
@@ -221,6 +250,18 @@ def make_train_step(setup: Setup, mesh):
     per-example solvers run device-local (``jax.shard_map``), so no solver loop waits on
     the other devices; ``jax.jit`` inserts the gradient all-reduce outside them.
 
+    ``setup.remat``: the loss is traced under :func:`rwseg.layers.memory.remat_scope`.
+    ``setup.microbatches = m > 1``: gradient accumulation. The batch is cut into m slices
+    (:func:`split_microbatches`); a ``lax.scan`` sums each slice's loss, metrics and
+    gradient in float32 and divides by m, then one optimiser update follows. The
+    activations of one slice are live at a time. This equals the step on the whole batch
+    (to float rounding) when every slice's loss is the mean over an equal share, which
+    holds for the batch-mean losses of the methods whenever each slice has as many
+    labelled pixels (dense labels without ignored pixels); with unequal counts it is the
+    mean of the slices' means. Each device's share of the batch must divide by m. The
+    gradient all-reduce then runs once per slice (inside the scan): the price of the
+    smaller memory.
+
     Args:
       setup: the :class:`Setup` of :func:`create`.
       mesh: the device mesh.
@@ -229,14 +270,40 @@ def make_train_step(setup: Setup, mesh):
       The jitted step; ``metrics`` holds the loss, its terms, ``grad_norm`` and ``learning_rate``.
     """
     graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
+    micro = int(setup.microbatches)
+    if micro < 1:
+        raise ValueError(f"config.microbatches: expected an int >= 1, got {micro}")
 
-    def step_fn(state, batch, step):
+    def grads_of(params, state, batch, step):
         def loss_fn(params):
             model = merge(graphdef, dict(state, params=params))
-            with batch_axis(mesh):
+            with batch_axis(mesh), remat_scope(setup.remat):
                 return model.loss(batch, step)
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    def accumulated(state, batch, step):
+        size = jax.tree.leaves(batch)[0].shape[0]
+        if size % (mesh.devices.size * micro):
+            raise ValueError(f"config.microbatches: expected a divisor of the per-device batch "
+                             f"{size // mesh.devices.size} (batch {size} over {mesh.devices.size} devices), got {micro}")
+        params = state["params"]
+
+        def body(total, mb):
+            out = grads_of(params, state, mb, step)
+            return jax.tree.map(lambda t, v: t + v.astype(t.dtype), total, out), None
+
+        split = split_microbatches(batch, micro, mesh)
+        shapes = jax.eval_shape(lambda: grads_of(params, state, jax.tree.map(lambda x: x[0], split), step))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes)
+        total, _ = jax.lax.scan(body, zeros, split)
+        return jax.tree.map(lambda t, s: (t / micro).astype(s.dtype), total, shapes)
+
+    def step_fn(state, batch, step):
+        if micro == 1:
+            (loss, aux), grads = grads_of(state["params"], state, batch, step)
+        else:
+            (loss, aux), grads = accumulated(state, batch, step)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))

@@ -6,13 +6,20 @@ can be compared tightly; float32 behaviour is tested by passing float32 inputs e
 
 Hypothesis profiles for the property-based tests: ``ci`` (default) and ``dev``, chosen
 with the ``HYPOTHESIS_PROFILE`` environment variable.
+
+Compile time, most of the suite's time on a CPU: every test process (and the subprocesses of
+tests/_train_cli.py) compiles with ``TEST_XLA_FLAGS`` and shares one persistent compilation
+cache for the session (``JAX_COMPILATION_CACHE_DIR``, a fresh temporary folder unless set), so a
+program that several tests compile (the smoke configs' train and eval steps) is compiled once.
 """
 
 import glob
 import importlib.util
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import zlib
 
 # The test extra installs libtpu (tests/test_plan.py compiles for TPU topologies). On a machine
@@ -21,11 +28,27 @@ import zlib
 if importlib.util.find_spec("libtpu") is not None and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/*"):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from _train_cli import TEST_XLA_FLAGS  # noqa: E402
+
+if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller's; xdist workers inherit it
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE = tempfile.mkdtemp(prefix="rwseg-test-jax-cache-")
+else:
+    _OWN_CACHE = None
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 import jax  # noqa: E402
 import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+
+def pytest_unconfigure(config):
+    """Remove the compilation cache this process made (the controller's, after its workers)."""
+    if _OWN_CACHE is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 # the repository root: tests import the experiment drivers (``experiments.refine_benchmark``)
 _ROOT = str(pathlib.Path(__file__).resolve().parents[1])

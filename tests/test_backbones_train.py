@@ -88,3 +88,32 @@ def test_method_trains_one_step_on_a_pretrained_resnet(method, checkpoint, capsy
     assert any(jax.tree.leaves(moved["backbone"]["head"]))
     # the frozen BatchNorm affine (and the other constants) do not move
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["stats"]), before["stats"])
+
+
+@pytest.mark.slow  # one deep train-step compilation
+def test_full_depth_resnet101_trains_one_step():
+    """The full ResNet-101 (3, 4, 23, 3 bottlenecks, torchvision's widths) under the trainer's step:
+    every encoder block gets a gradient and moves. One representative method: the methods see only
+    the backbone's interface, which the reduced-depth test above trains for each of them; the depth
+    (and the features at every level, against torch) is what this and tests/test_backbones.py add."""
+    config = get_config("baseline", "smoke")
+    config.model.backbone = "resnet101"
+    config.model.resnet = dict(output_stride=16, head="aspp", aspp_rates=(2, 4), head_channels=16)
+    config.batch_size, config.eval_batch_size = 2, 2
+    config.optimizer.warmup_steps = 0
+    check_config(config, num_devices=1, num_processes=1)
+    batch = _batch(False)
+    setup = create(config, K, dataset_statistics(config, batch["label"]))
+    encoder = setup.state["params"]["backbone"]["encoder"]
+    assert [len(encoder[f"layer{i}"]) for i in (1, 2, 3, 4)] == [3, 4, 23, 3]
+    before = jax.tree.map(np.asarray, setup.state["params"])
+    mesh = parallel.make_mesh()
+    if len(mesh.devices.flat) != 1:
+        pytest.skip("single-device step (batch 2)")
+    global_batch = parallel.global_batch(batch, mesh)
+    step = make_train_step(setup, mesh).lower(setup.state, global_batch, np.int32(0)).compile(
+        compiler_options={"xla_backend_optimization_level": 0})
+    state, metrics = step(setup.state, global_batch, np.int32(0))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), state["params"], before)
+    assert all(jax.tree.leaves(moved["backbone"]["encoder"])), "every encoder parameter trains"

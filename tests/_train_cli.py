@@ -18,17 +18,22 @@ __all__ = ["TEST_XLA_FLAGS", "subprocess_env", "train_command", "run_train", "fr
 TEST_XLA_FLAGS = os.environ.get("RWSEG_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 
-def subprocess_env(devices: int = 1, extra: dict | None = None) -> dict:
+def subprocess_env(devices: int = 1, extra: dict | None = None, *, test_compiler: bool = True) -> dict:
     """The environment for a child JAX process with ``devices`` fake CPU devices.
 
     Removes inherited ``XLA_FLAGS``/``JAX_*`` settings that would change the device set,
-    and forces CPU.
+    and forces CPU. ``test_compiler``: the suite's compile-time economy (``TEST_XLA_FLAGS`` and
+    the shared compilation cache); ``False`` for a child whose compiler output is what is tested
+    (the TPU plans of tests/test_plan.py).
     """
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_PLATFORM")}
     env["JAX_PLATFORMS"] = "cpu"
-    flags = [TEST_XLA_FLAGS] + ([f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else [])
+    flags = [TEST_XLA_FLAGS if test_compiler else ""]
+    flags += [f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else []
     if any(flags):
         env["XLA_FLAGS"] = " ".join(f for f in flags if f)
+    if not test_compiler:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env.update(extra or {})
     return env
 

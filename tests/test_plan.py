@@ -93,7 +93,7 @@ def test_without_libtpu_the_error_names_the_extra(monkeypatch):
 def six_plans(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan") / "plans.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_plan_all.py"), str(out)], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=3600)
+                          env=subprocess_env(test_compiler=False), capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -138,7 +138,7 @@ def test_cli_plan_exits_nonzero_when_a_step_does_not_fit():
     proc = subprocess.run(
         [sys.executable, "-m", "rwseg", "plan", "--config", "baseline:smoke", "--topology", "v5e:2x2",
          "--batch_per_chip", "2", "--crop", "32", "--steps", "train", "--hbm_gib", "0.001", "--max_tries", "1", "--levers"],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=3600)
+        cwd=ROOT, env=subprocess_env(test_compiler=False), capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     out = proc.stdout
     assert "rwseg plan: baseline on v5e:2x2 (4 chips, 0.00 GiB HBM each); batch 8 (2 per chip)" in out
@@ -156,7 +156,7 @@ def test_cli_plan_without_libtpu_names_the_extra():
     if HAS_LIBTPU:
         pytest.skip("libtpu is installed")
     proc = subprocess.run([sys.executable, "-m", "rwseg", "plan", "--config", "baseline:smoke", "--topology",
-                           "v5e:2x2"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+                           "v5e:2x2"], cwd=ROOT, env=subprocess_env(test_compiler=False), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "rwseg[tpu]" in proc.stderr
 
 

@@ -9,29 +9,21 @@ import socket
 import subprocess
 import sys
 
-__all__ = ["TEST_XLA_FLAGS", "subprocess_env", "train_command", "run_train", "free_port", "smoke_config"]
-
-# XLA flags of every test process (tests/conftest.py) and of the children started here: LLVM's
-# optimisation level 0 on the CPU backend. Most of the suite's time is XLA compiling small
-# programs; at level 0 that takes about 30 % less time (tests/test_init_from.py: 149 s -> 107 s on
-# 2 cores) for the same semantics. RWSEG_TEST_XLA_FLAGS="" tests at XLA's default level.
-TEST_XLA_FLAGS = os.environ.get("RWSEG_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+__all__ = ["subprocess_env", "train_command", "run_train", "free_port", "smoke_config"]
 
 
 def subprocess_env(devices: int = 1, extra: dict | None = None, *, test_compiler: bool = True) -> dict:
     """The environment for a child JAX process with ``devices`` fake CPU devices.
 
     Removes inherited ``XLA_FLAGS``/``JAX_*`` settings that would change the device set,
-    and forces CPU. ``test_compiler``: the suite's compile-time economy (``TEST_XLA_FLAGS`` and
-    the shared compilation cache); ``False`` for a child whose compiler output is what is tested
-    (the TPU plans of tests/test_plan.py).
+    and forces CPU. ``test_compiler``: share the suite's compilation cache (tests/conftest.py);
+    ``False`` for a child whose compiler output is what is tested (the TPU plans of
+    tests/test_plan.py).
     """
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_PLATFORM")}
     env["JAX_PLATFORMS"] = "cpu"
-    flags = [TEST_XLA_FLAGS if test_compiler else ""]
-    flags += [f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else []
-    if any(flags):
-        env["XLA_FLAGS"] = " ".join(f for f in flags if f)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     if not test_compiler:
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env.update(extra or {})

@@ -66,7 +66,17 @@ class PlanError(Exception):
 
 
 def hbm_bytes(topology: str) -> int:
-    """HBM bytes per chip of ``topology`` (``"v5e:16x16"`` -> 16 GiB), from :data:`HBM_GIB`."""
+    """HBM bytes per chip of ``topology`` (``"v5e:16x16"`` -> 16 GiB), from :data:`HBM_GIB`.
+
+    Args:
+      topology: a TPU topology name, ``GENERATION:SHAPE``.
+
+    Returns:
+      Bytes of high-bandwidth memory per chip.
+
+    Raises:
+      PlanError: an unknown generation (the message names ``--topology``).
+    """
     generation = str(topology).split(":", 1)[0].lower()
     if generation not in HBM_GIB:
         raise PlanError(f"--topology: expected a name starting with one of {', '.join(HBM_GIB)} "
@@ -76,6 +86,13 @@ def hbm_bytes(topology: str) -> int:
 
 def topology_mesh(topology: str, platform: str = "tpu") -> Mesh:
     """A one-axis ``"data"`` mesh over the compile-only devices of ``topology``.
+
+    Args:
+      topology: a topology name, e.g. ``"v5e:2x2"``.
+      platform: the compile-only platform (``"tpu"``).
+
+    Returns:
+      A :class:`jax.sharding.Mesh` over every device of the topology, axis ``"data"``.
 
     Raises:
       PlanError: libtpu is not installed (the message names the ``rwseg[tpu]`` extra), or
@@ -120,6 +137,12 @@ def collective_stats(hlo_text: str) -> dict:
     shape's size (a tuple result: the sum of its arrays; an async start's tuple holds
     the operand as well, so its bytes are halved). Each instruction is counted once,
     also when it sits in a loop body.
+
+    Args:
+      hlo_text: ``compiled.as_text()`` of a jitted step.
+
+    Returns:
+      ``{kind: (count, result bytes)}`` for the kinds present.
     """
     stats = {}
     for line in hlo_text.splitlines():
@@ -201,6 +224,14 @@ class Plan:
         return all(s.fits for s in self.steps)
 
     def step(self, name: str) -> StepPlan:
+        """The plan of one step.
+
+        Args:
+          name: ``"train"`` or ``"eval"``.
+
+        Returns:
+          Its :class:`StepPlan`.
+        """
         return next(s for s in self.steps if s.name == name)
 
 
@@ -356,6 +387,16 @@ def suggest_fit(config, topology: str, *, batch_per_chip: int, crop: int | None 
     levers on) down to 1. Compiles ``step_names`` once per candidate, at most
     ``max_tries`` candidates.
 
+    Args:
+      config: a training config.
+      topology: as for :func:`plan_config`.
+      batch_per_chip: the examples per chip that did not fit.
+      crop: as for :func:`plan_config`.
+      hbm_gib: as for :func:`plan_config`.
+      max_tries: the most candidates to compile.
+      mesh: a mesh to reuse (default :func:`topology_mesh` of ``topology``).
+      step_names: the steps that must fit.
+
     Returns:
       ``(flags, plan, tried)``: the first fitting setting as command-line flags (e.g.
       ``"--config.remat=True --config.compute_dtype=bfloat16"``) and its :class:`Plan`,
@@ -422,7 +463,14 @@ def compare_levers(config, topology: str, *, batch_per_chip: int, crop: int | No
 
 def format_levers(rows) -> str:
     """A markdown table of :func:`compare_levers`: temp and peak bytes per chip, and the saving in
-    peak bytes (what decides the fit; a step's temporaries can be zero when XLA aliases them all)."""
+    peak bytes (what decides the fit; a step's temporaries can be zero when XLA aliases them all).
+
+    Args:
+      rows: ``[(name, StepPlan)]`` from :func:`compare_levers`, the configured step first.
+
+    Returns:
+      The table's text.
+    """
     base = rows[0][1]
     lines = ["| train step | temp / chip | peak / chip | peak saved | GFLOP |", "|---|---|---|---|---|"]
     for name, s in rows:
@@ -440,7 +488,14 @@ def _gib(n) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    """A markdown table of a :class:`Plan`: one column per step, one row per quantity."""
+    """A markdown table of a :class:`Plan`: one column per step, one row per quantity.
+
+    Args:
+      plan: from :func:`plan_config`.
+
+    Returns:
+      A header line and the table's text.
+    """
     head = (f"rwseg plan: {plan.method} on {plan.topology} ({plan.num_chips} chips, {_gib(plan.hbm_bytes)} HBM each); "
             f"batch {plan.batch_size} ({plan.batch_size // plan.num_chips} per chip), crop {plan.crop_size}, "
             f"{plan.compute_dtype}, remat {'on' if plan.remat else 'off'}, microbatches {plan.microbatches}; "

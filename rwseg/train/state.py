@@ -230,6 +230,14 @@ def split_microbatches(batch: dict, microbatches: int, mesh) -> dict:
     Slice ``k`` holds the examples ``k, k + m, k + 2m, ...`` (m = ``microbatches``): with
     the batch sharded contiguously along ``"data"`` and each device's share divisible by
     m, every slice takes ``share / m`` examples from every device, so no data moves.
+
+    Args:
+      batch: ``{name: (B, ...) array}``, sharded along ``"data"``.
+      microbatches: m, dividing every device's share of B.
+      mesh: the training mesh.
+
+    Returns:
+      ``{name: (m, B / m, ...) array}``.
     """
     m = int(microbatches)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))

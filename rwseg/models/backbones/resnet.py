@@ -94,6 +94,12 @@ def stage_dilations(output_stride: int) -> tuple[tuple[int, int, int], ...]:
 
     torchvision's ``replace_stride_with_dilation``: a dilated stage has stride 1 and multiplies
     the running dilation by the stride it dropped; its first block keeps the previous dilation.
+
+    Args:
+      output_stride: 8, 16 or 32 (:data:`OUTPUT_STRIDES`).
+
+    Returns:
+      Four ``(stride, first_dilation, dilation)`` tuples, layer1 first.
     """
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride: expected one of {OUTPUT_STRIDES}, got {output_stride!r}")
@@ -326,8 +332,15 @@ class ResNet(nnx.Module):
         self.num_classes, self.stem_channels = num_classes, self.STEM_CHANNELS
 
     def grid(self, size_hw) -> tuple[Grid, Grid]:
-        """(rows, cols) :class:`Grid` of ``features`` / ``logits`` (any image size ``size_hw``):
-        ``layer1``'s for ``"deeplabv3plus"``, else ``layer4``'s."""
+        """Where the cells of ``features`` / ``logits`` sit on the image: ``layer1``'s grid for
+        ``"deeplabv3plus"``, else ``layer4``'s.
+
+        Args:
+          size_hw: the image's ``(H, W)`` (any size; the grid depends on the strides only).
+
+        Returns:
+          ``(rows, cols)`` :class:`Grid` pair.
+        """
         g = level_grid("layer1" if self.head_name == "deeplabv3plus" else "layer4", self.output_stride)
         return g, g
 

@@ -21,13 +21,33 @@ _PLATFORM: contextvars.ContextVar = contextvars.ContextVar("rwseg_compile_platfo
 
 
 @contextlib.contextmanager
-def compile_platform(name: str):
-    """Within this context :func:`platform` returns ``name`` (e.g. ``"tpu"``)."""
-    token = _PLATFORM.set(str(name))
+def context_value(var: contextvars.ContextVar, value):
+    """Within this context ``var`` holds ``value``; the previous value returns on exit (also on error).
+
+    Args:
+      var: the context variable.
+      value: its value inside the context.
+
+    Returns:
+      A context manager (yields nothing).
+    """
+    token = var.set(value)
     try:
         yield
     finally:
-        _PLATFORM.reset(token)
+        var.reset(token)
+
+
+def compile_platform(name: str):
+    """Within this context :func:`platform` returns ``name`` (e.g. ``"tpu"``).
+
+    Args:
+      name: the platform compiled for.
+
+    Returns:
+      A context manager (yields nothing).
+    """
+    return context_value(_PLATFORM, str(name))
 
 
 def platform() -> str:

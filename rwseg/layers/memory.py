@@ -36,13 +36,14 @@ carries are saved per step. Gradients are unchanged (the same computation, run t
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from rwseg._platform import context_value
 
 __all__ = ["COMPUTE_DTYPES", "group_norm", "remat_scope", "remat_enabled", "call_block"]
 
@@ -89,7 +90,6 @@ def group_norm(norm: nnx.GroupNorm, x):
     return (grouped * mul.astype(x.dtype) + add.astype(x.dtype)).reshape(x.shape)
 
 
-@contextlib.contextmanager
 def remat_scope(enabled: bool = True):
     """Within this context (entered where a loss is traced) the models rematerialise:
     :func:`call_block` checkpoints each ``ConvBlock`` and :func:`remat_enabled` is True
@@ -101,11 +101,7 @@ def remat_scope(enabled: bool = True):
     Returns:
       A context manager (yields nothing).
     """
-    token = _REMAT.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _REMAT.reset(token)
+    return context_value(_REMAT, bool(enabled))
 
 
 def remat_enabled() -> bool:

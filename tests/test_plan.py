@@ -83,6 +83,30 @@ def test_lever_table_compares_peak_bytes():
     assert lines[5].split("|")[3].strip() == "over HBM" and lines[5].split("|")[4].strip() == "-"
 
 
+def test_compare_levers_compiles_each_lever_alone(monkeypatch):
+    """compare_levers: the configured step, then each lever of LEVERS alone on top of the config
+    (one compile each, here a fake plan_config), skipping a lever already on and microbatches
+    that do not divide the per-chip batch."""
+    from rwseg import configs
+
+    calls = []
+
+    def fake_plan(config, topology, **kw):
+        calls.append((bool(config.remat), str(config.compute_dtype), int(config.microbatches), kw["batch_per_chip"]))
+        step = plan.StepPlan("train", True, plan.GIB, argument_bytes=100, temp_bytes=10 * len(calls))
+        return plan.Plan("baseline", topology, 4, plan.GIB, 4, 32, "float32", False, 1, [step])
+
+    monkeypatch.setattr(plan, "plan_config", fake_plan)
+    config = configs.get_config("baseline", "smoke")
+    rows = plan.compare_levers(config, "v5e:2x2", batch_per_chip=2, mesh=object())
+    assert [name for name, _ in rows] == ["as configured", "remat", "bfloat16", "microbatches=2"]
+    assert calls == [(False, "float32", 1, 2), (True, "float32", 1, 2), (False, "bfloat16", 1, 2), (False, "float32", 2, 2)]
+    calls.clear()
+    config.remat = True
+    rows = plan.compare_levers(config, "v5e:2x2", batch_per_chip=3, mesh=object())  # 2 does not divide 3
+    assert [name for name, _ in rows] == ["as configured", "bfloat16"] and len(calls) == 2
+
+
 def test_without_libtpu_the_error_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else object())
     with pytest.raises(plan.PlanError, match=r"rwseg\[tpu\]"):
@@ -114,11 +138,13 @@ def test_every_method_plans_on_a_tpu_topology(six_plans):
             # the done-when: no collective inside a loop in any method's TPU train or eval step
             assert s["collectives_in_loops"] == [], (method, name, s["collectives_in_loops"])
             assert s["compile_seconds"] > 0
-        # the gradient all-reduce of the data-parallel step carries at least the parameters' bytes
-        # (argument bytes overstate the state: TPU lays small arrays out in padded (8, 128) tiles)
+        # the gradient all-reduce of the data-parallel step carries the parameters' bytes
+        # (argument bytes overstate the state: TPU lays small arrays out in padded (8, 128) tiles);
+        # a gradient XLA can prove zero is not reduced (GCRF's smoke step: 117008 of 117064 bytes; its
+        # pairwise bias, 64 bytes, cancels in the differences the similarity is built from)
         assert 0 < p["param_bytes"] < steps["train"]["argument_bytes"], method
         count, size = steps["train"]["collectives"]["all-reduce"]
-        assert count >= 1 and size >= p["param_bytes"], method
+        assert count >= 1 and size >= 0.99 * p["param_bytes"], method
         assert "| fits | yes | yes |" in p["table"] and "collectives inside loops" in p["table"]
     # solver loops: the converged walk, GMF and the RAWKS solve are while loops; the baseline has none
     loops = {m: (p["steps"][0]["while_loops"], p["steps"][1]["while_loops"]) for m, p in six_plans.items()}
@@ -137,7 +163,7 @@ def test_every_method_plans_on_a_tpu_topology(six_plans):
 def test_cli_plan_exits_nonzero_when_a_step_does_not_fit():
     proc = subprocess.run(
         [sys.executable, "-m", "rwseg", "plan", "--config", "baseline:smoke", "--topology", "v5e:2x2",
-         "--batch_per_chip", "2", "--crop", "32", "--steps", "train", "--hbm_gib", "0.001", "--max_tries", "1", "--levers"],
+         "--batch_per_chip", "2", "--crop", "32", "--steps", "train", "--hbm_gib", "0.001", "--max_tries", "1"],
         cwd=ROOT, env=subprocess_env(test_compiler=False), capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     out = proc.stdout
@@ -145,11 +171,7 @@ def test_cli_plan_exits_nonzero_when_a_step_does_not_fit():
     assert "| fits | **no** |" in out and "| temp (per chip) |" in out and "| GFLOP" in out
     assert "the train step does not fit" in out
     assert "no tried setting fits; tried: --config.remat=True" in out
-    # --levers: the train step with each lever alone, and what it saves against the configured step
-    table = out[out.index("what each lever saves"):]
-    for name in ("as configured", "remat", "bfloat16", "microbatches=2"):
-        assert f"| {name} |" in table, name
-    assert "| peak saved |" in table and " % |" in table
+    # --levers compiles once more per lever (compare_levers, tested above without compiling)
 
 
 def test_cli_plan_without_libtpu_names_the_extra():

@@ -47,7 +47,7 @@ def _losses(workdir):
 
 
 def test_killed_process_stops_the_others_cleanly_and_a_restart_with_fewer_resumes_exactly(tmp_path):
-    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "TFDS_DATA_DIR": str(tmp_path / "tfds")}
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_train(CONFIG, reference, OVERRIDES, env=env, cwd=ROOT)  # builds the dataset before two processes race

@@ -26,10 +26,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cache_env(tmp_path_factory):
-    """A compilation cache and a TFDS data dir shared by the subprocesses of this module
-    (a private data dir: no race with other pytest-xdist workers building the dataset)."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    """A TFDS data dir shared by the subprocesses of this module (private: no race with other
+    pytest-xdist workers building the dataset); they share the session's compilation cache."""
+    return {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "TFDS_DATA_DIR": str(tmp_path_factory.mktemp("tfds"))}
 
 

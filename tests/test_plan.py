@@ -149,9 +149,9 @@ def test_every_method_plans_on_a_tpu_topology(six_plans):
     # solver loops: the converged walk, GMF and the RAWKS solve are while loops; the baseline has none
     loops = {m: (p["steps"][0]["while_loops"], p["steps"][1]["while_loops"]) for m, p in six_plans.items()}
     assert loops["baseline"] == (0, 0) and loops["rwn"][1] >= 1 and loops["gcrf"][1] >= 1 and loops["rawks"][0] >= 1
-    # SPN's "auto" picks the Mosaic kernel on TPU (it runs device-local, inside shard_map)
-    assert all(s["kernel"] == "pallas (Mosaic)" for s in six_plans["spn"]["steps"])
-    assert all(s["kernel"] == "-" for m, p in six_plans.items() if m != "spn" for s in p["steps"])
+    # SPN's "auto" keeps the scan: the Mosaic kernel runs only where it has been verified
+    # (rwseg.spn_verify), which a compile-only TPU never is; no other method has a kernel
+    assert all(s["kernel"] == "-" for p in six_plans.values() for s in p["steps"])
     # loop-free steps get the cost model's time; steps with loops do not
     baseline_train = six_plans["baseline"]["steps"][0]
     assert baseline_train["optimal_seconds"] is not None and baseline_train["optimal_seconds"] > 0

@@ -36,7 +36,7 @@ def _checkpoints(workdir):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path):
-    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "TFDS_DATA_DIR": str(tmp_path / "tfds")}
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     run_train(CONFIG, reference, OVERRIDES, env=env, cwd=ROOT)

@@ -33,7 +33,7 @@ def _finished_steps(workdir):
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "TFDS_DATA_DIR": str(tmp_path / "tfds")}  # private: no race with other xdist workers
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_train(CONFIG, reference, OVERRIDES, env=env, cwd=ROOT)

@@ -204,3 +204,22 @@ def test_frozen_batchnorm_is_a_constant_not_a_parameter():
     fresh = FrozenBatchNorm(3)
     x = jnp.asarray(_images(size=(2, 2))[..., :3])
     np.testing.assert_array_equal(np.asarray(fresh(x)), np.asarray(x))  # the identity until loaded
+
+
+def test_readme_refinement_layer_on_a_resnet(checkpoints, capsys):
+    """The README's "A refinement layer on a ResNet" example, run as written with its checkpoint
+    path pointing at this module's randomly initialised torchvision-layout ResNet-101: the weights
+    load (the report is printed) and the refined scores come out at image resolution."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("**A refinement layer on a ResNet**", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert '"resnet101-63fe2227.pth"' in code
+    ns = {}
+    exec(compile(code.replace('"resnet101-63fe2227.pth"', repr(str(checkpoints[101][1]))), "README.md", "exec"), ns)
+    assert "loaded" in capsys.readouterr().out
+    model = ns["model"]
+    image = jnp.asarray(_images(size=(32, 32), batch=1))
+    out = nnx.jit(lambda m, x: m(x))(model, image)
+    assert out.shape == (1, 32, 32, 21) and bool(jnp.all(jnp.isfinite(out)))

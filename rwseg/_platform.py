@@ -15,7 +15,7 @@ import contextvars
 
 import jax
 
-__all__ = ["compile_platform", "platform"]
+__all__ = ["compile_platform", "context_value", "platform"]
 
 _PLATFORM: contextvars.ContextVar = contextvars.ContextVar("rwseg_compile_platform", default=None)
 

@@ -5,9 +5,11 @@ In-process tests (1 device): :func:`map_examples` is ``vmap`` (with and without 
 The slow test runs ``tests/_device_local_steps.py`` on 8 fake CPU devices and on 1 device:
 a bare ``vmap`` of the converged walk has a collective in its while loop (the detector
 sees the problem), the device-local one has none, nor has any while loop of the compiled
-train / eval steps of the methods with loops (RWN evaluation: converged walk; RAWKS
-training: refined CG; GCRF: unrolled layers in training, converged GMF in evaluation),
-and the 8-device results equal the 1-device ones.
+train / eval steps of one method per kind of loop (RWN evaluation: a CG solve, the kind
+RAWKS also runs through the same :func:`map_examples`; GCRF: unrolled layers in training,
+converged GMF in evaluation), and the 8-device results equal the 1-device ones. (RAWKS's
+train step was a third item until the suite's time budget; its loop is a CG solve like
+RWN's, and tests/test_plan.py checks every method's TPU steps for collectives in loops.)
 """
 
 import json
@@ -28,8 +30,8 @@ from _train_cli import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "_device_local_steps.py"
-# the methods whose steps hold loops, and the steps that hold them
-ITEMS = ("rwn:eval", "rawks:train", "gcrf:train,eval")
+# one method per kind of loop (CG solve; unrolled / converged GMF), and the steps that hold them
+ITEMS = ("rwn:eval", "gcrf:train,eval")
 
 
 def _walk_inputs(b=4, size=6, seed=0):
@@ -132,13 +134,13 @@ def test_eight_devices_iterate_locally_and_match_one(tmp_path):
     np.testing.assert_allclose(eight["probe/map_examples/y"], eight["probe/vmap/y"], rtol=1e-5, atol=1e-6)
     # the real steps: loops present, none holds a collective
     loops = [k for k in eight if k.endswith("/while_loops") and not k.startswith("probe/")]
-    assert len(loops) == 4, loops
+    assert len(loops) == 3, loops
     for key in loops:
         assert eight[key] >= 1, f"{key}: expected a while loop in the compiled step"
         collectives = json.loads(str(eight[key.replace("while_loops", "collectives")]))
         assert collectives == [], f"{key}: collectives inside while loops:\n" + "\n".join(collectives)
     # the same results as on one device (float32; reductions over 8 shards associate differently)
-    compared = [k for k in one if k.startswith(("rwn/", "rawks/", "gcrf/")) and not k.endswith(("collectives", "while_loops"))]
+    compared = [k for k in one if k.startswith(("rwn/", "gcrf/")) and not k.endswith(("collectives", "while_loops"))]
     assert len(compared) > 30
     for key in compared:
         a, b = eight[key], one[key]

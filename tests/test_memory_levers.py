@@ -20,6 +20,9 @@ STEP = 3  # past the smoke config's one warmup step: a nonzero learning rate
 # one method for the step tests (4 train-step compilations in all, shared): GCRF has the backbone,
 # the pairwise network and the unrolled GMF layers, so every lever is exercised
 METHOD = "gcrf"
+# the step tests run in one pytest-xdist worker (``--dist loadgroup``, pyproject.toml), so that
+# GCRF's plain step, which each of them compares with, compiles and runs once
+SHARED_STEPS = pytest.mark.xdist_group("memory_levers_gcrf_steps")
 
 
 def _mesh():
@@ -128,6 +131,7 @@ def test_compute_dtype_reaches_every_conv_block_and_keeps_params_float32():
         set_compute_dtype(model, "float16")
 
 
+@SHARED_STEPS
 def test_remat_step_equals_the_plain_step():
     """config.remat recomputes blocks and GMF layers in the backward pass: the same update."""
     _, plain, m0 = _step(METHOD)
@@ -136,6 +140,7 @@ def test_remat_step_equals_the_plain_step():
     assert abs(m0["loss"] - m1["loss"]) < 1e-6 and abs(m0["grad_norm"] - m1["grad_norm"]) < 1e-5
 
 
+@SHARED_STEPS
 def test_microbatches_equal_one_large_batch():
     """Two microbatches of 2 give the step of the batch of 4 (dense labels: equal pixel counts)."""
     method = METHOD
@@ -160,6 +165,7 @@ def test_split_microbatches_takes_every_m_th_example():
     np.testing.assert_array_equal(got, [[0, 2, 4, 6], [1, 3, 5, 7]])
 
 
+@SHARED_STEPS
 def test_bfloat16_step_matches_float32():
     """Tolerance: loss within 1 %, and an update (SGD: the gradient) of cosine >= 0.97 with
     float32's over all parameters, >= 0.9 for each tensor that moves. bfloat16 keeps 8 bits of

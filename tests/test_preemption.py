@@ -75,14 +75,28 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path):
 
 
 def test_stop_signals_first_requests_a_stop_second_goes_to_the_previous_handler():
-    with StopSignals() as stop:
-        assert stop.received is None
-        signal.raise_signal(signal.SIGINT)
-        assert stop.received == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):  # the second one: Python's default SIGINT handler
+    # the previous handlers are set here: a worker process may inherit others (e.g. SIGINT ignored)
+    seen = []
+    saved = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, lambda n, f: seen.append(n)),
+                                                 (signal.SIGTERM, signal.default_int_handler))}
+    previous = {s: signal.getsignal(s) for s in saved}
+    try:
+        with StopSignals() as stop:
+            assert stop.received is None
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+            assert stop.received == "SIGINT" and seen == []
+            signal.raise_signal(signal.SIGINT)  # the second one: the previous (recording) handler
+            assert seen == [signal.SIGINT]
+            assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]  # restored at once
+        with StopSignals() as stop:
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.received == "SIGTERM"
+            with pytest.raises(KeyboardInterrupt):  # the previous SIGTERM handler: default_int_handler
+                signal.raise_signal(signal.SIGTERM)
+        assert {s: signal.getsignal(s) for s in saved} == previous
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
 
 
 def test_save_clock_adds_up_the_blocking_time():

@@ -177,3 +177,74 @@ def test_rawks_solve_cost(tmp_path, dilated_run):
         assert cropped["crops"][name]["pixel_accuracy"] == pytest.approx(100 * np.trace(m) / m.sum(), abs=0.06), name
     with pytest.raises(SystemExit):
         _script("targets_vs_network").main([str(workdir), "--crops", "-1"])
+
+
+def test_affinity_panels(tmp_path, dilated_run, capsys):
+    """affinity_panels.py on the tiny dilated run: the colour kernel is a numpy computation on the
+    same image, the dilated map is the propagation's gate sigmoid(mu * logit) of the layer's
+    logits, paired by hand (channel order of rwseg.stencil.dilated_offsets), and the JSON's mean
+    couplings on same- / different-label pairs are those of that oracle on the label maps; bad
+    arguments are refused naming them."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rwseg import data
+    from rwseg.train import parallel
+    from rwseg.train.evaluate import load_run
+    from rwseg.train.state import merge, source_kwargs
+
+    script = _script("affinity_panels")
+    out = tmp_path / "panels.png"
+    rows = _lines(script.main, [str(dilated_run), "--out", str(out), "--images", "2"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    colour, crf, run = rows
+    assert colour["reference"].startswith("colour kernel") and colour["spearman_kernel"] == 1.0
+    assert crf["spearman_kernel"] == 1.0  # at distance 1 DenseCRF's weight is a steeper colour kernel
+    assert run["method"] == "dilated" and run["step"] == 2 and run["images"] == 2
+
+    config, setup, state, _ = load_run(dilated_run, parallel.make_mesh(), checkpoint="latest")
+    model = merge(setup.graphdef, state)
+    source = data.load_source(config.data.name, "validation", **source_kwargs(config))
+    r, mu, k = model.refinement.rates[0], model.refinement.mu, setup.num_classes
+    assert run["offsets"] == [[0, r], [r, 0]]
+    fn, offsets, factor, _ = script.run_couplings(config, setup.graphdef, state)
+    same, diff = [], []
+    for i in range(2):
+        image, label = np.asarray(source[i]["image"]), np.asarray(source[i]["label"])
+        maps = script.photo_maps(fn, offsets, factor, {"image": image, "label": label}, k)
+        x = image.astype(np.float64) / 255.0
+        kh = np.exp(-np.sum((x[:, :-1] - x[:, 1:]) ** 2, -1) / (2 * 0.05 ** 2))
+        kv = np.exp(-np.sum((x[:-1] - x[1:]) ** 2, -1) / (2 * 0.05 ** 2))
+        if r == 1:  # the script's kernel on the run's own pairs (the photo as the layer sees it)
+            np.testing.assert_allclose(maps["kernel"][:, :-1, 0], kh, atol=1e-5)
+        full = script.colour_kernel(x, ((0, 1), (1, 0)))
+        np.testing.assert_allclose(full[:, :-1, 0], kh, atol=1e-5)
+        np.testing.assert_allclose(full[:-1, :, 1], kv, atol=1e-5)
+        assert np.isnan(full[:, -1, 0]).all() and np.isnan(full[-1, :, 1]).all()
+
+        img = jnp.asarray(data.normalize(image)[None])
+        logits = model.refinement.affinity_logits(img, *model._head_inputs(img, model.backbone(img)),
+                                                  features_grid=model.backbone.grid(img.shape[1:3]))
+        g = np.asarray(jax.nn.sigmoid(mu * logits[0]), np.float64)  # offsets of rate r: channels 0..7, row-major
+        ch = 0.5 * (g[:, :-r, 4] + g[:, r:, 3])  # (0, r) at i and (0, -r) at i + (0, r)
+        cv = 0.5 * (g[:-r, :, 6] + g[r:, :, 1])  # (r, 0) at i and (-r, 0) at i + (r, 0)
+        np.testing.assert_allclose(maps["coupling"][:, :-r, 0], ch, atol=1e-5)
+        np.testing.assert_allclose(maps["coupling"][:-r, :, 1], cv, atol=1e-5)
+        for c, a, b in ((ch, label[:, :-r], label[:, r:]), (cv, label[:-r], label[r:])):
+            ok = (a < k) & (b < k)
+            same.append(c[ok & (a == b)])
+            diff.append(c[ok & (a != b)])
+    assert run["coupling_same"] == pytest.approx(np.concatenate(same).mean(), abs=2e-4)
+    assert run["coupling_diff"] == pytest.approx(np.concatenate(diff).mean(), abs=2e-4)
+    assert run["pairs"] == sum(map(len, same)) + sum(map(len, diff))
+    assert run["diff_over_same"] == pytest.approx(run["coupling_diff"] / run["coupling_same"], abs=1e-3)
+    assert 0 <= run["label_auc"] <= 1 and -1 <= run["spearman_kernel"] <= 1
+
+    for argv, name in (([str(dilated_run), "--out", str(out), "--images", "0"], "--images"),
+                       ([str(dilated_run), "--out", str(out), "--split", "test"], "--split"),
+                       ([str(dilated_run), "--out", str(out), "--sigma", "0"], "--sigma"),
+                       ([str(tmp_path), "--out", str(out)], "runs")):
+        with pytest.raises(SystemExit):
+            script.main(argv)
+        assert f"{name}:" in capsys.readouterr().err

@@ -128,6 +128,32 @@ def test_random_walk_theta_init_splits_image_and_feature_channels():
     np.testing.assert_allclose(_jit(layer.affinities, image, feats), _jit(colour, image), rtol=1e-6)
 
 
+def test_gaussian_crf_colour_sigma_init_starts_at_the_colour_kernel():
+    """colour_sigma_init = sigma: the similarity on the GMF grid is exp(-|I_i - I_j|^2 / (2 sigma^2))
+    of the average-pooled image (numpy oracle), whatever the features; 0 keeps the random start."""
+    sigma, f = 0.3, 2
+    layer = GaussianCRF(K, feature_channels=f, radius=1, downsample=2, colour_sigma_init=sigma, rngs=nnx.Rngs(0))
+    image, _ = _data()
+    feats = jnp.asarray(np.random.default_rng(5).normal(size=(B, H // 2, W // 2, f)), jnp.float32)
+    got = np.asarray(_jit(layer.similarity, image, feats))
+    small = np.asarray(image, np.float64).reshape(B, H // 2, 2, W // 2, 2, 3).mean(axis=(2, 4))
+    h, w = small.shape[1:3]
+    want = np.zeros(got.shape)
+    for n, (dy, dx) in enumerate(layer.offsets):
+        for y in range(h):
+            for x in range(w):
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    d2 = np.sum((small[:, y, x] - small[:, y + dy, x + dx]) ** 2, axis=-1)
+                    want[:, y, x, n] = np.exp(-d2 / (2 * sigma ** 2))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    random = GaussianCRF(K, feature_channels=f, radius=1, downsample=2, rngs=nnx.Rngs(0))
+    assert np.max(np.abs(np.asarray(_jit(random.similarity, image, feats)) - want)) > 1e-2
+    with pytest.raises(ValueError, match="num_filters: colour_sigma_init needs at least the image's 3 channels"):
+        GaussianCRF(K, num_filters=2, colour_sigma_init=sigma, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="colour_sigma_init: expected 0"):
+        GaussianCRF(K, colour_sigma_init=-1.0, rngs=nnx.Rngs(0))
+
+
 def test_random_walk_refinement_is_the_rwn_operator():
     layer = _make("rwn")
     image, labels = _data()

@@ -20,6 +20,7 @@ def get_config(arg=None):
     c.gcrf.layer.max_iters = 200
     c.gcrf.layer.margin = 0.5            # T of eq. 6
     c.gcrf.layer.compat_init = 0.5       # R = compat_init * I at initialisation
+    c.gcrf.layer.colour_sigma_init = 0.0  # > 0: the similarity starts as the colour kernel of this width
     # training
     c.gcrf.aux_weight = 0.5       # cross-entropy on the unary logits
     c.gcrf.pretrain_steps = 50    # similarity pretraining (eq. 7) during the first steps

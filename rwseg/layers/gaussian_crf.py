@@ -12,6 +12,8 @@ Losses: the margin loss (eq. 6) on the output and the pairwise pretraining loss 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -43,6 +45,14 @@ class GaussianCRF(nnx.Module):
       max_iters: the most GMF layers at test time.
       margin: T of the margin loss (eq. 6).
       compat_init: ``R = compat_init * I`` at initialisation.
+      colour_sigma_init: ``0``: the pairwise network and filters start random (the paper).
+        ``sigma > 0``: the similarity starts as the colour kernel
+        ``s_ij = exp(-|I_i - I_j|^2 / (2 sigma^2))`` of the (average-pooled) image, sigma in
+        the image's units (issue 26's "start from the classic"; DenseCRF's bilateral term
+        without its spatial factor, which the window bounds): the pairwise conv maps the
+        image channels to the first C embedding channels scaled by ``1 / (sqrt(2) sigma)``,
+        features and bias start at 0, and the filters are the identity on those C channels,
+        0 elsewhere. Needs ``embedding_channels`` and the number of filters >= C.
       image_channels: channels of the image.
       rngs: parameter initialisation.
 
@@ -52,7 +62,7 @@ class GaussianCRF(nnx.Module):
     def __init__(self, num_classes: int, *, feature_channels: int = 0, embedding_channels: int = 16,
                  num_filters: int = 0, radius: int = 3, downsample: int = 4, num_steps: int = 5,
                  tol: float = 1e-4, max_iters: int = 200, margin: float = 0.5, compat_init: float = 0.5,
-                 image_channels: int = 3, rngs: nnx.Rngs):
+                 colour_sigma_init: float = 0.0, image_channels: int = 3, rngs: nnx.Rngs):
         self.num_classes, self.downsample = int(num_classes), int(downsample)
         self.feature_channels, self.image_channels = int(feature_channels), int(image_channels)
         self.offsets = ops.bipartite_offsets(int(radius))
@@ -63,6 +73,23 @@ class GaussianCRF(nnx.Module):
         self.pairwise = nnx.Conv(self.feature_channels + self.image_channels, d, (1, 1), rngs=rngs)
         self.filters = nnx.Param(0.1 * jax.random.normal(rngs.params(), (d, m), jnp.float32))
         self.compat = nnx.Param(float(compat_init) * jnp.eye(self.num_classes, dtype=jnp.float32))
+        if colour_sigma_init:
+            self._start_at_colour_kernel(float(colour_sigma_init), d, m)
+
+    def _start_at_colour_kernel(self, sigma: float, d: int, m: int) -> None:
+        """Set ``pairwise`` and ``filters`` so that :meth:`similarity` is the colour kernel of width
+        ``sigma`` (``colour_sigma_init``): z = [image / (sqrt(2) sigma), 0, ...], F = [I_C; 0]."""
+        c, f = self.image_channels, self.feature_channels
+        if not sigma > 0:
+            raise ValueError(f"colour_sigma_init: expected 0 (random start) or a positive width, got {sigma}")
+        for name, have in (("embedding_channels", d), ("num_filters", m)):
+            if have < c:
+                raise ValueError(f"{name}: colour_sigma_init needs at least the image's {c} channels, got {have}")
+        kernel = jnp.zeros((1, 1, f + c, d), jnp.float32)  # input order: [features, image]
+        eye = jnp.eye(c, dtype=jnp.float32)
+        self.pairwise.kernel[...] = kernel.at[0, 0, f:, :c].set(eye / jnp.float32(math.sqrt(2.0) * sigma))
+        self.pairwise.bias[...] = jnp.zeros((d,), jnp.float32)
+        self.filters[...] = jnp.zeros((d, m), jnp.float32).at[:c, :c].set(eye)
 
     def similarity(self, image, features=None, *, features_grid=None):
         """Pairwise similarities s of the pairwise network.

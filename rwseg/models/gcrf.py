@@ -15,7 +15,7 @@ loss (eq. 7) is added with weight ``pretrain_weight``. Evaluation: GMF to the to
 
 Config ``config.gcrf``: ``layer`` (the arguments of :class:`rwseg.layers.GaussianCRF`:
 ``radius``, ``downsample``, ``embedding_channels`` (D), ``num_filters`` (M, 0 = number of
-classes), ``num_steps``, ``tol``, ``max_iters``, ``margin``, ``compat_init``), and
+classes), ``num_steps``, ``tol``, ``max_iters``, ``margin``, ``compat_init``, ``colour_sigma_init``), and
 ``aux_weight``, ``pretrain_steps``, ``pretrain_weight``.
 """
 

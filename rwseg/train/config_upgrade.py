@@ -61,6 +61,7 @@ ABSENT = {
     "dilated.layer.decoder_width": 0,
     "dilated.layer.decoder_depth": 0,
     "rawks.targets": "soft",
+    "gcrf.layer.colour_sigma_init": 0.0,
 }
 
 

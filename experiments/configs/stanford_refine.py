@@ -72,6 +72,9 @@ VARIANTS = {
     "rwn_edge": ("rwn", {"rwn.layer.downsample": 1, "rwn.layer.theta_init": -2.5,
                          "rwn.layer.feature_theta_init": 0.0, "rwn.layer.eval_radius": 5,
                          "rwn.layer.alpha": 0.95}),
+    # the same start for GCRF: its similarity begins as the colour kernel of sigma 0.05 in [0, 1]
+    # RGB, i.e. 0.22 on ImageNet-normalised colour (gcrf.layer.colour_sigma_init), at its 1/4 grid
+    "gcrf_edge": ("gcrf", {"gcrf.layer.colour_sigma_init": 0.22}),
 }
 
 

@@ -75,6 +75,7 @@ VARIANTS = {
     # the same start for GCRF: its similarity begins as the colour kernel of sigma 0.05 in [0, 1]
     # RGB, i.e. 0.22 on ImageNet-normalised colour (gcrf.layer.colour_sigma_init), at its 1/4 grid
     "gcrf_edge": ("gcrf", {"gcrf.layer.colour_sigma_init": 0.22}),
+    "gcrf_edge_half": ("gcrf", {"gcrf.layer.colour_sigma_init": 0.22, "gcrf.layer.downsample": 2}),  # at 1/2
 }
 
 

@@ -167,6 +167,19 @@ def _threshold(rhs, tol, atol):
     return jnp.maximum(jnp.asarray(tol, dt) * _norm(rhs), jnp.asarray(atol, dt))
 
 
+# The Krylov loops update their residual recursively, and in floating point it drifts from the
+# true residual b - A x, which alone decides ``converged`` (:func:`_finish`). Stopping exactly at
+# the threshold left the true residual just above it: converged RWN walks on Stanford photos
+# (float32, tol 1e-5) stopped at a recursive 1e-5 with a true 1.00-1.05e-5, so 83 % of them were
+# reported as not converged. The loops aim at this fraction of the threshold instead (in CG about
+# one more iteration); ``converged`` still tests the true residual against the threshold itself.
+LOOP_MARGIN = 0.5
+
+
+def _loop_threshold(rhs, tol, atol):
+    return jnp.asarray(LOOP_MARGIN, rhs.dtype) * _threshold(rhs, tol, atol)
+
+
 def _nan_where_nonfinite(x, rn):
     """NaN for every right-hand side whose residual norm ``rn`` is not finite."""
     return jnp.where(_bcast(jnp.isfinite(rn), x), x, jnp.asarray(jnp.nan, x.dtype))
@@ -237,7 +250,7 @@ def _rescaled(loop):
 @_rescaled
 def _cg_loop(matvec, rhs, x_init, *, tol, atol, max_iters, preconditioner):
     M = preconditioner or _identity
-    thresh = _threshold(rhs, tol, atol)
+    thresh = _loop_threshold(rhs, tol, atol)
     x = x_init
     r = rhs if x is None else rhs - matvec(x)  # no product with the zero start
     x = jnp.zeros_like(rhs) if x is None else x
@@ -317,7 +330,7 @@ def cg(
 @_rescaled
 def _bicgstab_loop(matvec, rhs, x_init, *, tol, atol, max_iters, preconditioner):
     M = preconditioner or _identity
-    thresh = _threshold(rhs, tol, atol)
+    thresh = _loop_threshold(rhs, tol, atol)
     r = rhs if x_init is None else rhs - matvec(x_init)  # no product with the zero start
     x = jnp.zeros_like(rhs) if x_init is None else x_init
     rhat = r

@@ -77,9 +77,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path):
 def test_stop_signals_first_requests_a_stop_second_goes_to_the_previous_handler():
     # the previous handlers are set here: a worker process may inherit others (e.g. SIGINT ignored)
     seen = []
-    saved = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, lambda n, f: seen.append(n)),
-                                                 (signal.SIGTERM, signal.default_int_handler))}
-    previous = {s: signal.getsignal(s) for s in saved}
+    previous = {signal.SIGINT: lambda n, f: seen.append(n), signal.SIGTERM: signal.default_int_handler}
+    saved = {s: signal.signal(s, h) for s, h in previous.items()}
     try:
         with StopSignals() as stop:
             assert stop.received is None

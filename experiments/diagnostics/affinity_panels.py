@@ -317,7 +317,7 @@ def run_couplings(config, graphdef, state):
             out = m.backbone(x)
             logits = m.refinement.affinity_logits(x, *m._head_inputs(x, out),
                                                   features_grid=m.backbone.grid(x.shape[1:3]))[0]
-            return jax.nn.sigmoid(mu * logits[..., :8])
+            return jax.nn.sigmoid(mu * logits[..., :len(offsets)])  # the smallest rate's offsets come first
     elif layer is None:
         offsets, factor = disk_offsets(1), 1
         kind = "control prediction: same predicted label (not an affinity)"

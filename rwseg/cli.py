@@ -82,7 +82,7 @@ def _define_train() -> None:
     flags.DEFINE_integer("heartbeat_timeout_seconds", 60,
                          "Multi-process: a process silent this long is declared dead and every other one stops "
                          "(exit status 76 at its next collective if the dead one's connections closed, else "
-                         "an abort after this timeout).", lower_bound=1)
+                         "after this timeout, also with status 76).", lower_bound=1)
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -95,9 +95,23 @@ def _run_train(argv, prog) -> int:
     import jax
 
     from rwseg.train.parallel import initialize
+    from rwseg.train.preemption import exit_lost_process_on_abort
 
     initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
+    if FLAGS.num_processes == 1:
+        return _train(FLAGS, prog)
+    # a lost process: status 76, also where the coordination service aborts (preemption.py)
+    with exit_lost_process_on_abort(FLAGS.workdir, prog):
+        status = _train(FLAGS, prog)
+        jax.distributed.shutdown()  # its barrier here, not at exit: a process lost meanwhile is status 76 too
+    return status
+
+
+def _train(FLAGS, prog) -> int:
+    """``rwseg train`` after ``jax.distributed.initialize``: the run, its messages and exit status."""
+    import jax
+
     from rwseg.train.checkpoint import CheckpointMismatchError, NoIntactCheckpointError
     from rwseg.train.config_check import ConfigError, check_config
     from rwseg.train.evaluate import markdown_table

@@ -9,11 +9,18 @@
    and logs the losses of an uninterrupted one-process run, step by step.
 
 (The data-level property behind 2 is also tested cheaply in tests/test_data_pipeline.py.)
+
+3. (fast, deterministic) a process left waiting in a collective on a silent one (stopped
+   with SIGSTOP: its sockets stay open, so no collective fails) is ended by the
+   coordination service's abort after the heartbeat timeout, which
+   rwseg.train.preemption.exit_lost_process_on_abort turns into status 76 and the message.
 """
 
 import json
 import pathlib
+import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -86,3 +93,47 @@ def test_killed_process_stops_the_others_cleanly_and_a_restart_with_fewer_resume
     assert step_a == step_b == STEPS
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a["params"]), jax.tree.leaves(b["params"])):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+_WAITER = """
+import sys
+import numpy as np
+from jax.experimental import multihost_utils
+from rwseg.train.parallel import initialize
+from rwseg.train.preemption import exit_lost_process_on_abort
+
+address, n, i, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+initialize(address, n, i, heartbeat_timeout_seconds=int(sys.argv[5]))
+with exit_lost_process_on_abort(workdir, "waiter") as installed:
+    assert installed
+    multihost_utils.process_allgather(np.zeros(1, np.int32))
+    print("ready", flush=True)
+    while True:
+        multihost_utils.process_allgather(np.zeros(1, np.int32))
+"""
+
+
+def test_a_collective_left_waiting_on_a_silent_process_ends_with_76_not_sigabrt(tmp_path):
+    heartbeat, address = 4, f"localhost:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", _WAITER, address, "2", str(i), str(tmp_path), str(heartbeat)],
+                              env=subprocess_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    try:
+        for p in procs:  # both in the loop of all-gathers (logs may come first)
+            lines = []
+            while not lines or lines[-1].strip() != "ready":
+                lines.append(p.stdout.readline())
+                assert lines[-1], "".join(lines)[-3000:]  # ended before the loop
+        procs[1].send_signal(signal.SIGSTOP)  # silent: no heartbeat, no closed connection
+        t = time.monotonic()
+        out, _ = procs[0].communicate(timeout=heartbeat + 60)
+        stopped_after = time.monotonic() - t
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == LOST_PROCESS_EXIT_STATUS, f"rc {procs[0].returncode}:\n{out[-3000:]}"
+    assert "JAX distributed service detected fatal errors" in out  # jax's abort, turned into status 76
+    assert ("waiter: error: process 0 of 2: the jax.distributed coordination service ended this process" in out
+            and "another process of this run has stopped. Restart every process with the same command" in out)
+    assert stopped_after < heartbeat + 30

@@ -8,6 +8,7 @@ import os
 import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from rwseg.train.checkpoint import read_state
-from rwseg.train.preemption import PREEMPTED_EXIT_STATUS, SaveClock, StopSignals
+from rwseg.train.preemption import LOST_PROCESS_EXIT_STATUS, PREEMPTED_EXIT_STATUS, SaveClock, StopSignals
 from _train_cli import run_train, subprocess_env, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -96,6 +97,39 @@ def test_stop_signals_first_requests_a_stop_second_goes_to_the_previous_handler(
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+_ABORTER = """
+import ctypes, os, sys
+from rwseg.train.preemption import exit_lost_process_on_abort
+
+libc = ctypes.CDLL(None)
+with exit_lost_process_on_abort(sys.argv[1], "aborter") as installed:
+    assert installed
+    if sys.argv[2] == "runtime":  # abort() in a thread Python did not start, as jax's coordination service does
+        thread = ctypes.c_ulong()
+        assert libc.pthread_create(ctypes.byref(thread), None, ctypes.cast(libc.abort, ctypes.c_void_p), None) == 0
+        libc.pthread_join(thread, None)
+    else:  # this process's own crash
+        os.abort()
+"""
+
+
+@pytest.mark.parametrize("where", ["runtime", "main"])
+def test_an_abort_in_a_runtime_thread_exits_76_with_the_message_others_still_abort(where, tmp_path):
+    (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _ABORTER, str(tmp_path), where],
+                          env=subprocess_env(1), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if where == "runtime":
+        assert proc.returncode == LOST_PROCESS_EXIT_STATUS, proc.stderr[-3000:]
+        assert proc.stderr.startswith(
+            "aborter: error: process 0 of 1: the jax.distributed coordination service ended this process "
+            "(RuntimeAbort: SIGABRT from a thread of the JAX runtime"), proc.stderr[-3000:]
+        assert ("another process of this run has stopped. Restart every process with the same command: the run "
+                f"resumes from its last checkpoint, step 5 ({tmp_path / 'checkpoints' / '5'})") in proc.stderr
+    else:  # the previous handler (faulthandler's traceback), then the abort
+        assert proc.returncode == -signal.SIGABRT, proc.stderr[-3000:]
+        assert "Fatal Python error: Aborted" in proc.stderr and "aborter: error" not in proc.stderr
 
 
 def test_save_clock_adds_up_the_blocking_time():

@@ -45,7 +45,9 @@ def initialize(coordinator_address: str = "", num_processes: int = 1, process_id
     process's connections are closed (a crash on a live host), the next collective fails
     at once (:mod:`rwseg.train.preemption`, ``rwseg train`` exits with status 76); otherwise
     the coordination service declares it dead after ``heartbeat_timeout_seconds`` without
-    a heartbeat and ends every other process (abort, status 134 / signal 6).
+    a heartbeat and jax ends every other process with an abort (SIGABRT), which ``rwseg
+    train`` turns into status 76 as well
+    (:func:`rwseg.train.preemption.exit_lost_process_on_abort`).
 
     Args:
       coordinator_address: ``host:port`` of process 0.

@@ -27,20 +27,39 @@ other process was killed or crashed, e.g. gloo's "Connection reset by peer"),
 checkpoint, "restart every process") and ends this process at once with status
 :data:`LOST_PROCESS_EXIT_STATUS` (76), skipping ``jax.distributed``'s shutdown barrier,
 which would wait for the dead process until the heartbeat timeout and then abort. Where
-no collective notices it, the coordination service ends the process after the heartbeat
-timeout (:func:`rwseg.train.parallel.initialize`): no run hangs.
+no collective notices it (a collective that waits on the lost process without an error,
+a host gone silent), the coordination service declares the process dead after the
+heartbeat timeout (:func:`rwseg.train.parallel.initialize`) and jax ends every other
+process: its distributed client's default ``missed_heartbeat_callback`` (XLA's
+``xla/pjrt/distributed/client.h``) logs "Terminating process because the JAX distributed
+service detected fatal errors" with ``LOG(FATAL)``, i.e. ``abort()`` (SIGABRT, status
+134), from one of the client's own threads, while this process may be blocked in a
+collective. :func:`exit_lost_process_on_abort` (``rwseg train`` holds it while a
+multi-process run trains and shuts down) turns that abort into the same message and
+status 76. No run hangs, and none ends with SIGABRT for a lost process.
+
+jax offers no working way to replace that callback: ``jax.distributed.initialize`` does
+not take one, and jaxlib's ``get_distributed_runtime_client(missed_heartbeat_callback=)``
+(0.10.2) wraps a Python callable in a ``std::function<void(absl::Status)>`` that cannot
+convert its ``absl::Status`` argument (no nanobind binding): ``std::bad_cast``, then
+``std::terminate``, i.e. SIGABRT again. ``jax_enable_recoverability`` stops the service
+from propagating a dead task's error but leaves collectives waiting on it (gloo waits up
+to ``xla_cpu_collective_timeout_seconds``, 30 min), and the loss of the coordinator
+(process 0) still aborts. Hence the handler of SIGABRT itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import threading
 import time
 
 import numpy as np
 
 __all__ = ["PREEMPTED_EXIT_STATUS", "LOST_PROCESS_EXIT_STATUS", "Preempted", "StopSignals", "stop_requested",
-           "SaveClock", "lost_process_message", "exit_lost_process"]
+           "SaveClock", "RuntimeAbort", "lost_process_message", "exit_lost_process", "exit_lost_process_on_abort"]
 
 PREEMPTED_EXIT_STATUS = 75  # sysexits.h EX_TEMPFAIL: stopped on a signal with a checkpoint; restart to resume
 LOST_PROCESS_EXIT_STATUS = 76  # another process of a multi-process run is gone; restart them all to resume
@@ -194,11 +213,21 @@ class SaveClock:
                 f"({1000 * self.seconds / self.saves:.0f} ms each, {share:.1f}% of {train_seconds:.1f} s of training)")
 
 
+class RuntimeAbort(RuntimeError):
+    """The JAX runtime aborted this process from one of its own threads (SIGABRT), as the
+    ``jax.distributed`` coordination service does when another process is lost
+    (:func:`exit_lost_process_on_abort`)."""
+
+    def __init__(self):
+        super().__init__("SIGABRT from a thread of the JAX runtime, as its coordination service ends every process "
+                         "when one stops sending heartbeats or the coordinator is gone (its log line is above)")
+
+
 def lost_process_message(error: BaseException, workdir) -> str:
     """The message of :func:`exit_lost_process`: this process, the error, the checkpoint to resume from.
 
     Args:
-        error: the failed collective's exception.
+        error: the failed collective's exception, or a :class:`RuntimeAbort`.
         workdir: the run directory (its ``checkpoints/`` name the step to resume from).
 
     Returns:
@@ -212,23 +241,84 @@ def lost_process_message(error: BaseException, workdir) -> str:
     steps = sorted(int(p.name) for p in root.glob("*") if p.name.isdigit()) if root.exists() else []
     resume = f"step {steps[-1]} ({root / str(steps[-1])})" if steps else "step 0 (no checkpoint yet)"
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return (f"process {jax.process_index()} of {jax.process_count()}: a collective with the other processes "
-            f"failed ({type(error).__name__}: {first[:300]}): another process of this run has stopped. "
+    failed = ("the jax.distributed coordination service ended this process" if isinstance(error, RuntimeAbort)
+              else "a collective with the other processes failed")
+    return (f"process {jax.process_index()} of {jax.process_count()}: {failed} "
+            f"({type(error).__name__}: {first[:300]}): another process of this run has stopped. "
             f"Restart every process with the same command: the run resumes from its last checkpoint, {resume}")
+
+
+_EXITING = threading.Lock()  # held by the one thread that prints the message and ends the process
 
 
 def exit_lost_process(error: BaseException, workdir, prog: str) -> None:
     """Print :func:`lost_process_message` on stderr and end the process with status 76 now
     (``os._exit``: without the shutdown barrier that would wait for the lost process).
 
+    Called from several threads at once (a failed collective in the main thread, a
+    :class:`RuntimeAbort` in a runtime thread), the first prints and exits, the others wait.
+
     Args:
-        error: the failed collective's exception.
+        error: the failed collective's exception, or a :class:`RuntimeAbort`.
         workdir: the run directory.
         prog: the program name the message starts with.
     """
     import os
-    import sys
 
-    print(f"{prog}: error: {lost_process_message(error, workdir)}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(LOST_PROCESS_EXIT_STATUS)
+    _EXITING.acquire()  # never released: the holder ends the process
+    try:
+        print(f"{prog}: error: {lost_process_message(error, workdir)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+    finally:  # status 76 even where the message cannot be written (e.g. stderr's reader is gone)
+        os._exit(LOST_PROCESS_EXIT_STATUS)
+
+
+@contextlib.contextmanager
+def exit_lost_process_on_abort(workdir, prog: str):
+    """``with exit_lost_process_on_abort(workdir, prog):`` — while inside, a SIGABRT raised
+    in a thread that Python did not start (a thread of the JAX runtime: the coordination
+    service's ``LOG(FATAL)`` when another process is lost, see the module docstring) ends
+    the process with :func:`exit_lost_process` (the message, status 76) instead of the
+    abort. An abort in the main thread or in a Python thread (a crash of this process's
+    own work) goes to the previous handler as before (e.g. ``faulthandler``'s traceback,
+    then the abort). Outside the main thread or off Linux it does nothing.
+
+    The handler is a C-level one (``signal(3)`` through ``ctypes``): Python's own signal
+    handlers run in the main thread between bytecodes, never while ``abort()`` waits.
+    It runs Python code in the aborting thread, so it needs the GIL, which a main thread
+    blocked in a collective has released.
+
+    Args:
+        workdir: the run directory (the message names its last checkpoint).
+        prog: the program name the message starts with.
+
+    Yields:
+        Whether the handler is installed.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    raise_signal = getattr(libc, "raise")  # `raise` is a Python keyword
+
+    def handle(signum):
+        python_threads = {t.native_id for t in threading.enumerate()}
+        if threading.get_native_id() not in python_threads:
+            exit_lost_process(RuntimeAbort(), workdir, prog)
+        # not the runtime's abort: the previous handler, when this one returns (SIGABRT is
+        # blocked while it runs, so the signal raised here waits until then)
+        libc.signal(signum, previous)
+        raise_signal(signum)
+
+    c_handle = ctypes.CFUNCTYPE(None, ctypes.c_int)(handle)  # referenced until restored below
+    previous = libc.signal(signal.SIGABRT, ctypes.cast(c_handle, ctypes.c_void_p))
+    if previous == ctypes.c_void_p(-1).value:  # SIG_ERR
+        raise OSError(f"signal(SIGABRT) failed: cannot install the handler of {prog}'s lost processes")
+    try:
+        yield True
+    finally:
+        libc.signal(signal.SIGABRT, previous)

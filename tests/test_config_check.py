@@ -167,6 +167,25 @@ def test_an_old_config_is_upgraded_once_at_load_time(tmp_path):
     assert upgrade_config(json.loads(json.dumps(new))) == json.loads(json.dumps(new))  # a current one: unchanged
 
 
+def test_an_rwn_config_from_before_feature_theta_init_keeps_its_feature_start():
+    """feature_theta_init was split from theta_init: an older RWN run started its feature weights
+    at theta_init, which is what its absence means (not today's default)."""
+    import json
+    new = _config("rwn").to_dict()
+    old = {**new, "rwn": {**new["rwn"], "layer": {k: v for k, v in new["rwn"]["layer"].items()
+                                                  if k != "feature_theta_init"}}}
+    old["rwn"]["layer"]["theta_init"] = -2.5
+    assert upgrade_config(old)["rwn"]["layer"]["feature_theta_init"] == -2.5
+    flat = {**new, "rwn": {k: v for k, v in new["rwn"].items() if k != "layer"}}  # before the layer section
+    flat["rwn"].update(theta_init=-0.7, walk_downsample=2)
+    layer = upgrade_config(flat)["rwn"]["layer"]
+    assert (layer["theta_init"], layer["feature_theta_init"], layer["downsample"]) == (-0.7, -0.7, 2)
+    current = {**new, "rwn": {**new["rwn"], "layer": {**new["rwn"]["layer"], "feature_theta_init": 0.0}}}
+    assert upgrade_config(current) == current  # a current one: unchanged
+    other = _config("gcrf").to_dict()  # another method's config gets no rwn keys
+    assert "feature_theta_init" not in json.dumps(upgrade_config(other))
+
+
 def test_batch_size_against_devices():
     config = _config("baseline")  # batch 4, eval batch 4
     check_config(config, num_devices=4, num_processes=1)

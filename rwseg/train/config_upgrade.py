@@ -7,7 +7,9 @@ Two kinds of change happened to the configs:
 * a method's layer options moved into ``config.<method>.layer`` under the layer's own
   argument names (:data:`RENAMED`; e.g. ``gcrf.num_layers`` -> ``gcrf.layer.num_steps``);
 * keys were added; an older run's config lacks them, and its runs behaved as the value in
-  :data:`ABSENT` (e.g. ``data.flip`` absent = flipped, as the pipeline always did).
+  :data:`ABSENT` (e.g. ``data.flip`` absent = flipped, as the pipeline always did), or as
+  another key's value, :data:`ABSENT_SAME_AS` (e.g. ``rwn.layer.feature_theta_init``
+  absent = ``rwn.layer.theta_init``, the one value that started every channel).
 
 Code downstream reads every key directly: no ``config.get(key, default)`` elsewhere.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import copy
 
-__all__ = ["RENAMED", "ABSENT", "upgrade_config"]
+__all__ = ["RENAMED", "ABSENT", "ABSENT_SAME_AS", "upgrade_config"]
 
 # method -> {old key of config.<method>: new key under config.<method>}
 RENAMED = {
@@ -64,6 +66,12 @@ ABSENT = {
     "gcrf.layer.colour_sigma_init": 0.0,
 }
 
+# dotted key -> the dotted key whose value its absence meant (split from one option into two;
+# applied after RENAMED, so the source key has its current name; a method's keys as in ABSENT)
+ABSENT_SAME_AS = {
+    "rwn.layer.feature_theta_init": "rwn.layer.theta_init",
+}
+
 
 def upgrade_config(tree: dict) -> dict:
     """A saved config (nested dict, as JSON) in the current keys; a current one is returned unchanged.
@@ -74,7 +82,7 @@ def upgrade_config(tree: dict) -> dict:
     Returns:
       A new nested dict: the method's old option names moved to ``<method>.layer`` under the
       layer's names (:data:`RENAMED`), and the keys added since filled with what their
-      absence meant (:data:`ABSENT`).
+      absence meant (:data:`ABSENT_SAME_AS`, then :data:`ABSENT`).
     """
     tree = copy.deepcopy(dict(tree))
     method = tree.get("method")
@@ -84,12 +92,33 @@ def upgrade_config(tree: dict) -> dict:
         for old, new in RENAMED[method].items():
             if old in section:
                 layer[new.split(".", 1)[1]] = section.pop(old)
+    for key, source in ABSENT_SAME_AS.items():
+        if key.split(".")[0] == method and _get(tree, source) is not _MISSING:
+            _set_default(tree, key, _get(tree, source))
     for key, value in ABSENT.items():
-        *parents, last = key.split(".")
-        if parents and parents[0] in RENAMED and parents[0] != method:
+        if key.split(".")[0] in RENAMED and key.split(".")[0] != method:
             continue
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node.setdefault(last, copy.deepcopy(value))
+        _set_default(tree, key, value)
     return tree
+
+
+_MISSING = object()
+
+
+def _get(tree: dict, key: str):
+    """The value at a dotted key of a nested dict, or ``_MISSING``."""
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _set_default(tree: dict, key: str, value) -> None:
+    """Set a dotted key of a nested dict to a copy of ``value`` where it is absent."""
+    *parents, last = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node.setdefault(last, copy.deepcopy(value))

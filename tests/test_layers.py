@@ -176,6 +176,37 @@ def test_random_walk_refinement_is_the_rwn_operator():
     np.testing.assert_allclose(_jit(layer.affinity_loss, image, labels, feats), want_loss, rtol=1e-6)
 
 
+def test_random_walk_eval_rates_add_rings_to_the_test_disk():
+    """eval_rates: the test-time stencil is the disk plus the 8 neighbours at each rate (rings that
+    coincide with disk offsets are not doubled); the converged walk on it equals a dense numpy solve
+    of eq. 3, (1 - alpha)(I - alpha D^-1 W)^-1 f, with W built pair by pair from the colour kernel."""
+    alpha, theta = 0.8, -1.5
+    layer = RandomWalkRefinement(K, eval_radius=1, eval_rates=(1, 3), alpha=alpha, theta_init=theta, tol=1e-7)
+    disk = {(-1, 0), (0, -1), (0, 1), (1, 0)}
+    assert set(layer.eval_offsets) == disk | {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                                              if (dy, dx) != (0, 0)} | {(3 * dy, 3 * dx) for dy in (-1, 0, 1)
+                                                                         for dx in (-1, 0, 1) if (dy, dx) != (0, 0)}
+    assert len(layer.eval_offsets) == len(set(layer.eval_offsets)) == 4 + 4 + 8
+    assert RandomWalkRefinement(K, eval_radius=2).eval_offsets == RandomWalkRefinement(K, eval_radius=2,
+                                                                                          eval_rates=()).eval_offsets
+    image, _ = _data(hw=(8, 8))
+    logits = np.random.default_rng(6).normal(size=(B, 8, 8, K))
+    got = np.asarray(_jit(layer, jnp.asarray(logits, jnp.float32), image))
+    x = np.asarray(image, np.float64)
+    n = 64
+    for b in range(B):
+        wmat = np.zeros((n, n))
+        for i in range(n):
+            for dy, dx in layer.eval_offsets:
+                y, xx = divmod(i, 8)
+                if 0 <= y + dy < 8 and 0 <= xx + dx < 8:
+                    j = (y + dy) * 8 + xx + dx
+                    wmat[i, j] = np.exp(theta * np.abs(x[b, y, xx] - x[b, y + dy, xx + dx]).sum())
+        a = wmat / wmat.sum(1, keepdims=True)
+        want = (1 - alpha) * np.linalg.solve(np.eye(n) - alpha * a, logits[b].reshape(n, K))
+        np.testing.assert_allclose(got[b].reshape(n, K), want, rtol=1e-4, atol=1e-4)
+
+
 def test_random_walk_preserves_constant_scores():
     """The converged walk (1 - alpha)(I - alpha A)^-1 of a row-stochastic A maps constants to themselves
     (a property of eq. 3, independent of the implementation), here through the walk grid and back."""

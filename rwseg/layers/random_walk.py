@@ -35,6 +35,11 @@ class RandomWalkRefinement(nnx.Module):
       downsample: the walk runs at ``H / downsample x W / downsample``.
       train_radius: disk radius (walk pixels) of the one-step training walk.
       eval_radius: disk radius of the converged test-time walk.
+      eval_rates: dilation rates of sparse rings added to the test-time stencil: for each
+        rate r the 8 neighbours at ``{-r, 0, r}^2`` (:func:`rwseg.stencil.dilated_offsets`),
+        so the converged walk also links pixels ``r`` apart whose colours agree, whatever
+        lies between (the reach of a dense CRF's bilateral kernel, Krähenbühl & Koltun
+        2011, at a stencil's cost); ``()``: the disk alone (the paper's).
       alpha: restart probability of the converged walk, in [0, 1).
       theta_init: initial 1x1 conv weight over each image channel's distances (strongly
         negative, e.g. -3 on normalised colour, starts the walk at an edge-stopping colour
@@ -50,7 +55,8 @@ class RandomWalkRefinement(nnx.Module):
     """
 
     def __init__(self, num_classes: int, *, feature_channels: int = 0, downsample: int = 1,
-                 train_radius: int = 4, eval_radius: int = 2, alpha: float = 0.9, theta_init: float = -0.2,
+                 train_radius: int = 4, eval_radius: int = 2, eval_rates: tuple = (), alpha: float = 0.9,
+                 theta_init: float = -0.2,
                  feature_theta_init: float = -0.2, tol: float = 1e-5, max_iters: int = 200, image_channels: int = 3,
                  rngs: nnx.Rngs | None = None):
         if not 0 <= float(alpha) < 1:
@@ -58,7 +64,9 @@ class RandomWalkRefinement(nnx.Module):
         self.num_classes, self.downsample = int(num_classes), int(downsample)
         self.feature_channels, self.image_channels = int(feature_channels), int(image_channels)
         self.train_offsets = stencil.disk_offsets(int(train_radius))
-        self.eval_offsets = stencil.disk_offsets(int(eval_radius))
+        disk = stencil.disk_offsets(int(eval_radius))
+        rings = stencil.dilated_offsets(tuple(eval_rates)) if len(eval_rates) else ()
+        self.eval_offsets = disk + tuple(o for o in dict.fromkeys(rings) if o not in disk)
         self.alpha, self.tol, self.max_iters = float(alpha), float(tol), int(max_iters)
         self.theta = nnx.Param(jnp.concatenate([jnp.full((self.image_channels,), float(theta_init), jnp.float32),
                                                 jnp.full((self.feature_channels,), float(feature_theta_init),

@@ -12,7 +12,7 @@ loss on ``y`` upsampled, plus ``affinity_weight`` x the squared-error affinity l
 radius ``eval_radius`` (eq. 3; symmetric affinities, so CG), solved matrix-free.
 
 Config ``config.rwn``: ``layer`` (the arguments of :class:`rwseg.layers.RandomWalkRefinement`:
-``downsample``, ``train_radius``, ``eval_radius``, ``alpha``, ``theta_init``,
+``downsample``, ``train_radius``, ``eval_radius``, ``eval_rates``, ``alpha``, ``theta_init``,
 ``feature_theta_init``, ``tol``, ``max_iters``) and ``affinity_weight``. Radii are in walk pixels (the paper's R = 40 / 5
 at full 321x321 resolution are too large for 64x64 crops).
 """

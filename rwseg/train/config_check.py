@@ -232,6 +232,7 @@ ARGUMENT_CHECKS = {
     "boundary_depth": _int_at_least(0),
     "decoder_depth": _int_at_least(0),
     "rates": _dilated_rates,
+    "eval_rates": lambda v: None if isinstance(v, (tuple, list)) and not v else _dilated_rates(v),
     "merge": _one_of("max", "mean"),
     "implementation": _one_of("auto", "scan", "pallas"),
 }
@@ -274,7 +275,7 @@ HARMLESS_KEYS = frozenset({
     "eval_batch_size", "eval_batches", "num_panels", "trimap_widths", "boundary_tolerance", "progress",
     "baseline_workdir", "allow_config_change", "microbatches", "data.data_dir", "data.manual_dir", "data.eval_split",
     "model.pretrained",  # read only when a run starts; a resumed run restores its checkpoint
-    "rwn.layer.eval_radius", "rwn.layer.alpha", "rwn.layer.tol", "rwn.layer.max_iters",
+    "rwn.layer.eval_radius", "rwn.layer.eval_rates", "rwn.layer.alpha", "rwn.layer.tol", "rwn.layer.max_iters",
     "gcrf.layer.tol", "gcrf.layer.max_iters",
     "dilated.layer.lam", "dilated.layer.mu", "dilated.layer.num_steps",
 })

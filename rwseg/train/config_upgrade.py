@@ -64,6 +64,7 @@ ABSENT = {
     "dilated.layer.decoder_depth": 0,
     "rawks.targets": "soft",
     "gcrf.layer.colour_sigma_init": 0.0,
+    "rwn.layer.eval_rates": [],
 }
 
 # dotted key -> the dotted key whose value its absence meant (split from one option into two;

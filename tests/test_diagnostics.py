@@ -39,8 +39,11 @@ def dilated_run(tmp_path_factory):
 
 
 def test_sweep_and_oracle_agree_on_the_unpropagated_prediction(dilated_run):
-    sweep = _lines(_script("eval_sweep").main, [str(dilated_run), "", "dilated.layer.num_steps=0"])
-    assert [r["spec"] for r in sweep] == ["", "dilated.layer.num_steps=0"] and all(r["step"] == 2 for r in sweep)
+    unit = "scale:refinement.affinity_head.bias[0:16]=1"  # a parameter scaling by 1: the run as trained
+    sweep = _lines(_script("eval_sweep").main, [str(dilated_run), "", "dilated.layer.num_steps=0", unit])
+    assert [r["spec"] for r in sweep] == ["", "dilated.layer.num_steps=0", unit] and all(r["step"] == 2 for r in sweep)
+    assert {k: v for k, v in sweep[2].items() if k not in ("spec", "seconds")} == \
+        {k: v for k, v in sweep[0].items() if k not in ("spec", "seconds")}
     oracle = _lines(_script("dilated_oracle").main, [str(dilated_run), "--steps", "1,4"])
     rows = {r["variant"]: r for r in oracle if "variant" in r}
     assert set(rows) == {"base", "pred1", "gt1", "pred4", "gt4"}
@@ -61,6 +64,23 @@ def test_sweep_refuses_training_options():
         _script("eval_sweep").parse_spec("rwn.layer.alpha")
     assert _script("eval_sweep").parse_spec("rwn.layer.alpha=0.5,rwn.layer.eval_radius=2") == {
         "rwn.layer.alpha": 0.5, "rwn.layer.eval_radius": 2}
+    assert _script("eval_sweep").parse_spec("scale:refinement.theta[0:3]=2,rwn.layer.eval_rates=(8, 16)") == {
+        ("refinement.theta", 0, 3): 2.0, "rwn.layer.eval_rates": (8, 16)}
+    with pytest.raises(SystemExit, match=r"expected scale:PATH\[LO:HI\]=FACTOR"):
+        _script("eval_sweep").parse_spec("scale:refinement.theta=2")
+
+
+def test_sweep_scales_parameters_and_names_a_missing_one():
+    import jax.numpy as jnp
+    import numpy as np
+
+    script = _script("eval_sweep")
+    state = {"params": {"refinement": {"theta": jnp.asarray([-1.0, -2.0, -3.0, 0.5])}}, "opt_state": ()}
+    got = script.scale_params(state, {("refinement.theta", 0, 3): 2.0})
+    np.testing.assert_array_equal(got["params"]["refinement"]["theta"], [-2.0, -4.0, -6.0, 0.5])
+    np.testing.assert_array_equal(state["params"]["refinement"]["theta"], [-1.0, -2.0, -3.0, 0.5])  # unchanged
+    with pytest.raises(SystemExit, match=r"no parameter 'thta' \(have \['theta'\]\)"):
+        script.scale_params(state, {("refinement.thta", 0, None): 2.0})
 
 
 def test_boundary_headroom(dilated_run):

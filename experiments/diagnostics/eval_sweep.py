@@ -5,7 +5,9 @@ the validation split without retraining).
         "rwn.layer.alpha=0.99,rwn.layer.eval_radius=1"
 
 Each SPEC is a comma-separated list of dotted config overrides (``""`` = the run's own
-config). Only evaluation-time options make sense here (``config_check.HARMLESS_KEYS``:
+config), and of parameter scalings ``scale:PATH[LO:HI]=FACTOR`` (the trained parameter at the
+dotted ``PATH`` of ``params``, entries ``LO:HI`` of its last axis, times ``FACTOR``; e.g.
+``scale:refinement.theta[0:3]=2``, RWN's colour weights: a sharper kernel of the same shape). Only evaluation-time options make sense here (``config_check.HARMLESS_KEYS``:
 ``rwn.layer.alpha``, ``rwn.layer.eval_radius``, ``dilated.layer.lam``/``mu``/``num_steps``, ``gcrf.layer.tol``...):
 the model is rebuilt per spec (these options are baked into the module) and the run's
 latest checkpoint is evaluated on the whole validation split, every image at its own size.
@@ -16,8 +18,11 @@ import argparse
 import ast
 import json
 import pathlib
+import re
 import sys
 import time
+
+import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
@@ -30,18 +35,56 @@ from rwseg.train.workdir import load_config  # noqa: E402
 from rwseg.train.state import compute_statistics, create, source_kwargs  # noqa: E402
 
 
+def _split_items(spec: str) -> list:
+    """``spec`` split at the commas outside brackets (``"a=(1, 2),b=3"`` -> ``["a=(1, 2)", "b=3"]``)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            items.append(spec[start:i].strip())
+            start = i + 1
+    return items + [spec[start:].strip()]
+
+
+SCALE = re.compile(r"scale:([\w.]+)\[(\d*):(\d*)\]$")
+
+
 def parse_spec(spec: str) -> dict:
-    """``"a.b=1,c=0.5"`` -> ``{"a.b": 1, "c": 0.5}``; only evaluation-time keys."""
+    """``"a.b=1,c=0.5"`` -> ``{"a.b": 1, "c": 0.5}``; only evaluation-time keys, and parameter
+    scalings ``"scale:p.q[0:3]=2"`` -> ``{("p.q", 0, 3): 2.0}``."""
     out = {}
-    for item in filter(None, spec.split(",")):
+    for item in filter(None, _split_items(spec)):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"spec {spec!r}: expected key=value items separated by commas, got {item!r}")
+        if key.startswith("scale:"):
+            m = SCALE.match(key)
+            if not m:
+                raise SystemExit(f"spec {spec!r}: expected scale:PATH[LO:HI]=FACTOR, got {item!r}")
+            out[(m.group(1), int(m.group(2) or 0), int(m.group(3)) if m.group(3) else None)] = float(value)
+            continue
         if key not in HARMLESS_KEYS:
             raise SystemExit(f"spec {spec!r}: {key!r} is not an evaluation-time option (one of "
                              f"{sorted(k for k in HARMLESS_KEYS if '.' in k)})")
         out[key] = ast.literal_eval(value)
     return out
+
+
+def scale_params(state: dict, scalings: dict) -> dict:
+    """``state`` with each ``(path, lo, hi): factor`` of :func:`parse_spec` applied to
+    ``state["params"]`` (a new tree; ``state`` is left as it is)."""
+    params = jax.tree.map(lambda x: x, state["params"])
+    for (path, lo, hi), factor in scalings.items():
+        *parents, last = path.split(".")
+        node = params
+        for part in parents:
+            if part not in node:
+                raise SystemExit(f"scale:{path}: no parameter {part!r} (have {sorted(node)})")
+            node = node[part]
+        if last not in node:
+            raise SystemExit(f"scale:{path}: no parameter {last!r} (have {sorted(node)})")
+        node[last] = node[last].at[..., lo:hi].multiply(factor)
+    return {**state, "params": params}
 
 
 def main(argv=None):
@@ -64,8 +107,9 @@ def main(argv=None):
         start = time.time()
         c = load_config(args.run)
         c.eval_batches = 0
-        c.update_from_flattened_dict(kv)
-        res, _ = evaluate(c, create(c, info.num_classes, stats).graphdef, state, mesh, source,
+        c.update_from_flattened_dict({k: v for k, v in kv.items() if isinstance(k, str)})
+        scaled = scale_params(state, {k: v for k, v in kv.items() if not isinstance(k, str)})
+        res, _ = evaluate(c, create(c, info.num_classes, stats).graphdef, scaled, mesh, source,
                           num_classes=info.num_classes)
         print(json.dumps({"spec": spec, "step": int(step), "mean_iou": round(100 * res["mean_iou"], 2),
                           "pixel_accuracy": round(100 * res["pixel_accuracy"], 2),

@@ -32,9 +32,15 @@ Conventions and choices (``docs/methods.md`` §4):
 - :func:`bipartite_offsets` reads the paper's "every other neighbour along rows and
   columns" (Fig. 2) as *odd dy and odd dx* (``pattern="odd"``, default);
   ``pattern="odd_columns"`` keeps every row (odd dx, any dy). Both are bipartite.
-- The per-pixel K x K systems ``I + S_i C`` depend only on ``S_i`` and ``C``: they are
-  inverted once per call (batched), so one half-update is one stencil product and one
-  batched K x K matrix-vector product.
+- The per-pixel K x K systems ``I + S_i C`` depend only on the scalar ``S_i`` and ``C``:
+  with one eigendecomposition ``C = U diag(lambda) U^T`` per call (K x K, shared by every
+  pixel and layer), ``(I + S_i C)^-1 v = U ((U^T v) / (1 + S_i lambda))``, so a half-update
+  is one stencil product and three K x K products over the pixels, and no per-pixel K x K
+  map is ever stored (issue 28: on TPU an (H, W, K, K) map pads its two minor dims to a
+  tile). Derivatives never go through the eigendecomposition (its derivative is infinite
+  at repeated eigenvalues, e.g. the initial ``C = c I``): the per-pixel solve is a
+  ``jax.lax.custom_linear_solve`` on ``x -> x + S_i C x``, whose tangent is the exact
+  ``(I + S_i C)^-1 (dv - (dS_i C + S_i dC) (I + S_i C)^-1 v)`` at every order.
 - ``gmf(num_steps=n)`` unrolls n layers with ``lax.scan`` (the paper's network,
   reverse-mode differentiable through the layers). ``gmf(num_steps=None)`` iterates
   layers in a ``lax.while_loop`` until the largest change of a layer is
@@ -292,11 +298,54 @@ def system_matvec(similarity, compat, offsets):
 # --------------------------------------------------------------------------- inference
 
 
-def _block_inverse(similarity, compat, offsets):
-    """(I + S_i C)^-1 for every pixel: (H, W, K, K). The blocks never change across layers."""
-    deg = stencil.degree(similarity, offsets)
-    blocks = jnp.eye(compat.shape[0], dtype=compat.dtype) + deg[..., None, None] * compat
-    return jnp.linalg.inv(blocks)
+def _block_eig(compat):
+    """``(C_sym, (lambda, U))``: the symmetric part of C (K, K) and its eigendecomposition
+    ``C_sym = U diag(lambda) U^T``, lambda (K,) ascending, U (K, K) orthogonal.
+
+    Computed once per call and shared by every pixel and layer. The decomposition is
+    taken of ``stop_gradient(C_sym)``: no derivative goes through it (eigenvectors of
+    repeated eigenvalues, as at ``C = c I``, have no derivative); :func:`_block_solve`
+    differentiates through ``C_sym`` instead. C is symmetric by contract (checked); the
+    blocks read its symmetric part so that values and derivatives describe the same
+    function for any C; C's gradient through the blocks is therefore symmetric, equal to
+    the explicit inverse's along every symmetric direction (e.g. through
+    :func:`compatibility`).
+    """
+    sym = 0.5 * (compat + compat.T)
+    lam, u = jnp.linalg.eigh(jax.lax.stop_gradient(sym))
+    return sym, (lam, u)
+
+
+def _block_solve(deg, sym, eig, v):
+    """``(I + S_i C) x_i = v_i`` for every pixel ``i``, the left-hand side of eq. 2.
+
+    Args:
+        deg: (..., ) the degrees ``S_i`` (sum of the pixel's similarities).
+        sym: (K, K) symmetric C (:func:`_block_eig`).
+        eig: ``(lambda, U)`` of ``stop_gradient(sym)`` (:func:`_block_eig`).
+        v: (..., K) right-hand sides.
+
+    Returns:
+        x: (..., K) in ``result_type(deg, sym, v)``, ``U ((U^T v_i) / (1 + S_i lambda))``:
+        memory per pixel is the scalar ``S_i``, not a K x K inverse. Derivatives are those of
+        the exact solution (``jax.lax.custom_linear_solve`` on ``x -> x + S_i C x``, symmetric):
+        tangent ``(I + S_i C)^-1 (dv_i - (dS_i C + S_i dC) x_i)``, linear in ``(dS, dC, dv)``,
+        reverse mode by transposition, exact at every order (unlike a ``custom_jvp`` on the
+        eigendecomposed solve, whose linearisation would drop the solve's own dependence on C
+        from second derivatives).
+    """
+    dtype = jnp.result_type(deg, sym, v)
+    deg, sym, v = (a.astype(dtype) for a in (deg, sym, v))
+    lam, u = (a.astype(dtype) for a in eig)
+    scale = deg[..., None]
+
+    def matvec(x):
+        return x + scale * (x @ sym)
+
+    def solve(_, b):
+        return ((b @ u) / (1 + scale * lam)) @ u.T
+
+    return jax.lax.custom_linear_solve(matvec, v, solve, symmetric=True)
 
 
 # A half-update only touches the columns of one parity, and (every dx odd) reads only the
@@ -357,32 +406,39 @@ def _half_pull(similarity, offsets, parity):
     return pull
 
 
-def _half_update(mu_q, rhs_p, inverse_p, pull, compat):
+def _half_update(mu_q, rhs_p, solve_p, pull, compat):
     """Eq. 2 on the columns of one parity p: ``(I + S_i C)^-1 (r_i + C sum_j s_ij mu_j)``.
 
-    mu_q: (H, W_q, K) the other parity's columns; rhs_p: (H, W_p, K); inverse_p:
-    (H, W_p, K, K); pull from :func:`_half_pull`. Returns the new (H, W_p, K).
+    mu_q: (H, W_q, K) the other parity's columns; rhs_p: (H, W_p, K); solve_p maps
+    (H, W_p, K) right-hand sides to their per-pixel block solves (:func:`_block_solve`);
+    pull from :func:`_half_pull`. Returns the new (H, W_p, K).
     """
-    return jnp.einsum("hwkl,hwl->hwk", inverse_p, rhs_p + pull(mu_q) @ compat.T)
+    return solve_p(rhs_p + pull(mu_q) @ compat.T)
 
 
 def _half_operators(similarity, compat, offsets):
-    """What the half-updates share across layers: per parity (block inverses, pull)."""
+    """What the half-updates share across layers: per parity (block solve, pull).
+
+    The block solve of parity p closes over that parity's degrees (H, W_p) and the one
+    eigendecomposition of C (:func:`_block_eig`); no (H, W, K, K) map is built.
+    """
     h, w = similarity.shape[:2]
     masked = jnp.where(stencil.valid_mask(h, w, offsets), similarity, jnp.zeros((), similarity.dtype))
-    inverse = _split_columns(_block_inverse(masked, compat, offsets))
-    return tuple((inverse[p], _half_pull(masked, offsets, p)) for p in (0, 1))
+    degree = _split_columns(stencil.degree(masked, offsets))
+    sym, eig = _block_eig(compat)
+    return tuple((functools.partial(_block_solve, degree[p], sym, eig), _half_pull(masked, offsets, p))
+                 for p in (0, 1))
 
 
 def _layer_fn(similarity, compat, offsets):
     """One GMF layer (even half-update, then odd) as a function ``(mu, rhs) -> mu``."""
-    (inv_even, pull_even), (inv_odd, pull_odd) = _half_operators(similarity, compat, offsets)
+    (solve_even, pull_even), (solve_odd, pull_odd) = _half_operators(similarity, compat, offsets)
 
     def layer(mu, rhs):
         even, odd = _split_columns(mu)
         rhs_even, rhs_odd = _split_columns(rhs)
-        even = _half_update(odd, rhs_even, inv_even, pull_even, compat)
-        odd = _half_update(even, rhs_odd, inv_odd, pull_odd, compat)
+        even = _half_update(odd, rhs_even, solve_even, pull_even, compat)
+        odd = _half_update(even, rhs_odd, solve_odd, pull_odd, compat)
         return _merge_columns(even, odd)
 
     return layer
@@ -405,7 +461,7 @@ def gmf_half_update(mu, unary, similarity, compat, offsets, *, parity: int):
     Each updated column follows eq. 2, ``(I + S_i C) mu_i = r_i + C sum_j s_ij mu_j``,
     with the other parity fixed; the other columns are returned unchanged. This is the
     exact minimiser of :func:`energy` over the updated block. :func:`gmf` runs these
-    (sharing the block inverses).
+    (sharing the eigendecomposition of C that solves the per-pixel blocks).
 
     Args:
         mu: (H, W, K) float current estimate.
@@ -421,9 +477,9 @@ def gmf_half_update(mu, unary, similarity, compat, offsets, *, parity: int):
     offsets = _check_state("mu", mu, unary, similarity, compat, offsets)
     if parity not in (0, 1):
         raise ValueError(f"parity: expected 0 (even columns) or 1 (odd columns), got {parity!r}")
-    inverse, pull = _half_operators(similarity, compat, offsets)[parity]
+    solve, pull = _half_operators(similarity, compat, offsets)[parity]
     halves = list(_split_columns(mu))
-    halves[parity] = _half_update(halves[1 - parity], _split_columns(unary)[parity], inverse, pull, compat)
+    halves[parity] = _half_update(halves[1 - parity], _split_columns(unary)[parity], solve, pull, compat)
     return _merge_columns(*halves)
 
 

@@ -1,6 +1,7 @@
 """Tests of rwseg.gcrf against dense solves, numpy loops and the paper's properties (seed 003)."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -410,3 +411,114 @@ def test_gmf_unrolled_forward_mode():
     unary, s, compat = _problem(23, shape=(3, 4))
     f = jax.jit(lambda u, s, c: gcrf.gmf(u, s, c, OFFS, num_steps=2))  # traced: compat's check is skipped
     check_grads(f, (unary, s, compat), order=1, modes=("fwd",))
+
+
+# --------------------------------------------------------------------------- block solves without K x K maps (issue 28)
+
+
+def _compat_cases(k=K):
+    """C = 0.25 I (the layer's start: every eigenvalue repeated), a PSD C with a repeated
+    eigenvalue (and a zero one), a generic PSD C and C = 0."""
+    rng = np.random.default_rng(30)
+    q, _ = np.linalg.qr(rng.normal(size=(k, k)))
+    repeated = q @ np.diag([0.0] + [1.7] * (k - 1)) @ q.T
+    return {"0.25I": 0.25 * np.eye(k), "repeated": 0.5 * (repeated + repeated.T),
+            "generic": np.asarray(gcrf.compatibility(rng.normal(size=(k, k)))), "zero": np.zeros((k, k))}
+
+
+def _dense_inverse_gmf(unary, s, compat, offsets, layers):
+    """The formulation before issue 28, written on the whole map: explicit (I + S_i C)^-1 per
+    pixel (H, W, K, K, from the symmetric part of C) applied to eq. 2's right-hand side,
+    even columns then odd. jnp, differentiable (through jnp.linalg.inv)."""
+    h, w, k = unary.shape
+    s = jnp.where(stencil.valid_mask(h, w, offsets), s, 0)
+    sym = 0.5 * (compat + compat.T)
+    inverse = jnp.linalg.inv(jnp.eye(k) + stencil.degree(s, offsets)[..., None, None] * sym)
+    parity = (jnp.arange(w) % 2)[None, :, None]
+    mu = unary
+    for _ in range(layers):
+        for p in (0, 1):
+            new = jnp.einsum("hwkl,hwl->hwk", inverse, unary + stencil.apply(s, mu, offsets) @ compat.T)
+            mu = jnp.where(parity == p, new, mu)
+    return mu
+
+
+@pytest.mark.parametrize("case", ["0.25I", "repeated", "generic", "zero"])
+def test_block_solve_equals_the_explicit_inverse(case):
+    """U ((U^T v) / (1 + S lambda)) equals (I + S C)^-1 v, degenerate eigenvalues included;
+    its jvp equals the explicit inverse's (any direction, C's perturbation not symmetric)."""
+    compat = _compat_cases()[case]
+    rng = np.random.default_rng(31)
+    deg, v = rng.uniform(0, 6, size=(4, 5)), rng.normal(size=(4, 5, K))
+    deg[0, 0] = 0.0
+
+    def explicit(deg, c, v):
+        return jnp.einsum("...kl,...l->...k", jnp.linalg.inv(jnp.eye(K) + deg[..., None, None] * c), v)
+
+    def ours(deg, c, v):
+        sym, eig = gcrf._block_eig(c)
+        return gcrf._block_solve(deg, sym, eig, v)
+
+    np.testing.assert_allclose(np.asarray(ours(deg, compat, v)), np.asarray(explicit(deg, compat, v)), rtol=1e-12, atol=1e-13)
+    tangents = (rng.normal(size=deg.shape), rng.normal(size=(K, K)), rng.normal(size=v.shape))
+    tangents = (tangents[0], 0.5 * (tangents[1] + tangents[1].T), tangents[2])  # explicit(c) reads all of C
+    got = jax.jvp(ours, (deg, compat, v), tangents)
+    want = jax.jvp(explicit, (deg, compat, v), tangents)
+    for g, w_ in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=1e-11, atol=1e-12)
+    check_grads(ours, (deg, compat, v), order=2, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("case", ["0.25I", "repeated", "generic"])
+def test_gmf_unrolled_equals_the_dense_inverse_formulation(case):
+    """Values, gradients (unary, similarity, compat and r of C = R R^T) and a second-order
+    product of the unrolled GMF equal those of the explicit per-pixel inverses."""
+    compat = _compat_cases()[case]
+    unary, s, _ = _problem(32, strength=2.0)
+    rng = np.random.default_rng(33)
+    weights = rng.normal(size=unary.shape)
+    np.testing.assert_allclose(np.asarray(gcrf.gmf(unary, s, compat, OFFS, num_steps=3)),
+                               np.asarray(_dense_inverse_gmf(unary, s, compat, OFFS, 3)), rtol=1e-12, atol=1e-13)
+
+    def loss(gmf_fn):
+        return lambda u, s, c: jnp.sum(weights * gmf_fn(u, s, c) ** 2)
+
+    ours = loss(lambda u, s, c: gcrf.gmf(u, s, c, OFFS, num_steps=3))
+    dense = loss(lambda u, s, c: _dense_inverse_gmf(u, s, c, OFFS, 3))
+    args = (unary, s, compat)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(*args)
+    want = jax.grad(dense, argnums=(0, 1, 2))(*args)
+    for g, w_ in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=1e-10, atol=1e-12)
+    # second order: a Hessian-vector product (forward over reverse)
+    direction = tuple(rng.normal(size=np.shape(a)) for a in args)
+    direction = direction[:2] + (0.5 * (direction[2] + direction[2].T),)
+    hvp = lambda f: jax.jvp(jax.grad(f, argnums=(0, 1, 2)), args, direction)[1]  # noqa: E731
+    for g, w_ in zip(jax.jit(lambda: hvp(ours))(), hvp(dense)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=1e-9, atol=1e-11)
+    # through the layer's parameterisation C = R R^T (R = chol-like factor of this C)
+    r = np.linalg.cholesky(compat + 1e-3 * np.eye(K))
+    through_r = lambda f: jax.grad(lambda r: f(unary, s, gcrf.compatibility(r)))(r)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(through_r(ours)), np.asarray(through_r(dense)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["0.25I", "generic"])
+def test_gmf_unrolled_check_grads_second_order(case):
+    """check_grads of the unrolled GMF w.r.t. unary, similarity and compat, orders 1 and 2,
+    forward and reverse, at C = 0.25 I (degenerate: eigh's own derivative is infinite there)."""
+    compat = _compat_cases()[case]
+    unary, s, _ = _problem(34, shape=(3, 4))
+    f = jax.jit(lambda u, s, c: gcrf.gmf(u, s, c, OFFS, num_steps=2))
+    check_grads(f, (unary, s, compat), order=2, modes=("fwd", "rev"))
+
+
+def test_no_per_pixel_k_by_k_map_in_the_unrolled_gradient():
+    """Issue 28: neither the forward nor the backward pass of the unrolled GMF holds an
+    (..., K, K) array per pixel (TPU pads its two minor dims to a tile); C's own (K, K) and
+    its eigendecomposition are the only K x K values."""
+    k = 3
+    unary, s, compat = _problem(35, shape=(4, 10), k=k)
+    f = lambda u, s, c: jnp.sum(gcrf.gmf(u, s, c, OFFS, num_steps=2) ** 2)  # noqa: E731
+    text = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(unary, s, compat))
+    assert re.search(r"\[\d+,\d+,3\]", text)  # the per-pixel K-vectors are there
+    assert not re.search(rf"\[(\d+,)+{k},{k}\]", text), re.findall(rf"\w+\[(?:\d+,)+{k},{k}\]", text)[:3]

@@ -88,7 +88,7 @@ def stanford_dir():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Run the ``slow`` tests first (stable order otherwise): under ``pytest -n 2`` the
+    """Run the ``slow`` tests first (stable order otherwise): under ``pytest -n 3`` the
     longest tests then overlap with the many short ones instead of finishing last alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 

@@ -9,7 +9,8 @@ import socket
 import subprocess
 import sys
 
-__all__ = ["TEST_XLA_FLAGS", "with_test_xla_flags", "subprocess_env", "train_command", "run_train", "free_port", "smoke_config"]
+__all__ = ["TEST_XLA_FLAGS", "with_test_xla_flags", "subprocess_env", "train_command", "run_train", "free_port",
+           "smoke_config"]
 
 # XLA flags of every test process and of the subprocesses that share its compiler
 # (tests/conftest.py). XLA's CPU fusion emitters off: the smoke train and eval steps compile
@@ -20,8 +21,9 @@ TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
 def with_test_xla_flags(flags: str = "") -> str:
-    """``flags`` (an ``XLA_FLAGS`` value) followed by :data:`TEST_XLA_FLAGS`."""
-    return f"{flags} {TEST_XLA_FLAGS}".strip()
+    """``flags`` (an ``XLA_FLAGS`` value) followed by :data:`TEST_XLA_FLAGS` (once: unchanged
+    when they are there already)."""
+    return flags if TEST_XLA_FLAGS in flags.split() else f"{flags} {TEST_XLA_FLAGS}".strip()
 
 
 def subprocess_env(devices: int = 1, extra: dict | None = None, *, test_compiler: bool = True) -> dict:

@@ -40,9 +40,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 from _train_cli import with_test_xla_flags  # noqa: E402 (no jax import there)
 
-if "RWSEG_TEST_XLA_FLAGS_SET" not in os.environ:  # once, in the controller; xdist workers inherit it
-    os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
-    os.environ["RWSEG_TEST_XLA_FLAGS_SET"] = "1"
+os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))  # xdist workers inherit it
 
 import jax  # noqa: E402
 import numpy as np

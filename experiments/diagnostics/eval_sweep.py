@@ -7,8 +7,10 @@ the validation split without retraining).
 Each SPEC is a comma-separated list of dotted config overrides (``""`` = the run's own
 config), and of parameter scalings ``scale:PATH[LO:HI]=FACTOR`` (the trained parameter at the
 dotted ``PATH`` of ``params``, entries ``LO:HI`` of its last axis, times ``FACTOR``; e.g.
-``scale:refinement.theta[0:3]=2``, RWN's colour weights: a sharper kernel of the same shape). Only evaluation-time options make sense here (``config_check.HARMLESS_KEYS``:
-``rwn.layer.alpha``, ``rwn.layer.eval_radius``, ``dilated.layer.lam``/``mu``/``num_steps``, ``gcrf.layer.tol``...):
+``scale:refinement.theta[0:3]=2``, RWN's colour weights: a sharper kernel of the same shape).
+Only evaluation-time options make sense here (``config_check.HARMLESS_KEYS``:
+``rwn.layer.alpha``, ``rwn.layer.eval_radius``, ``dilated.layer.lam``/``mu``/``num_steps``,
+``gcrf.layer.tol``...):
 the model is rebuilt per spec (these options are baked into the module) and the run's
 latest checkpoint is evaluated on the whole validation split, every image at its own size.
 Prints one JSON line per spec.

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 
+from rwseg.train.config_check import _MISSING, _get  # the dotted-key lookup check_config uses
+
 __all__ = ["RENAMED", "ABSENT", "ABSENT_SAME_AS", "upgrade_config"]
 
 # method -> {old key of config.<method>: new key under config.<method>}
@@ -101,19 +103,6 @@ def upgrade_config(tree: dict) -> dict:
             continue
         _set_default(tree, key, value)
     return tree
-
-
-_MISSING = object()
-
-
-def _get(tree: dict, key: str):
-    """The value at a dotted key of a nested dict, or ``_MISSING``."""
-    node = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
 
 
 def _set_default(tree: dict, key: str, value) -> None:

@@ -73,8 +73,17 @@ def parse_spec(spec: str) -> dict:
 
 
 def scale_params(state: dict, scalings: dict) -> dict:
-    """``state`` with each ``(path, lo, hi): factor`` of :func:`parse_spec` applied to
-    ``state["params"]`` (a new tree; ``state`` is left as it is)."""
+    """Scale trained parameters for an evaluation-only what-if.
+
+    Args:
+        state: a train state ``{"params", ...}`` (as restored from the run's checkpoint).
+        scalings: ``{(path, lo, hi): factor}`` from :func:`parse_spec`: the parameter at the
+            dotted ``path`` of ``params``, entries ``lo:hi`` of its last axis, times ``factor``.
+
+    Returns:
+        A new state whose ``params`` are scaled (``state`` is left as it is); a path that
+        names no parameter exits with the parameters available at that level.
+    """
     params = jax.tree.map(lambda x: x, state["params"])
     for (path, lo, hi), factor in scalings.items():
         *parents, last = path.split(".")

@@ -60,6 +60,8 @@ def test_sweep_and_oracle_agree_on_the_unpropagated_prediction(dilated_run):
 def test_sweep_refuses_training_options():
     with pytest.raises(SystemExit, match="'model.width' is not an evaluation-time option"):
         _script("eval_sweep").parse_spec("model.width=8")
+    assert _script("eval_sweep").parse_spec("rwn.layer.walk_on='probabilities'", what_if=True) == {
+        "rwn.layer.walk_on": "probabilities"}  # --what_if: any option
     with pytest.raises(SystemExit, match="expected key=value"):
         _script("eval_sweep").parse_spec("rwn.layer.alpha")
     assert _script("eval_sweep").parse_spec("rwn.layer.alpha=0.5,rwn.layer.eval_radius=2") == {

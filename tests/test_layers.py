@@ -192,19 +192,46 @@ def test_random_walk_eval_rates_add_rings_to_the_test_disk():
     image, _ = _data(hw=(8, 8))
     logits = np.random.default_rng(6).normal(size=(B, 8, 8, K))
     got = np.asarray(_jit(layer, jnp.asarray(logits, jnp.float32), image))
+    np.testing.assert_allclose(got, _dense_walk(layer, image, theta, alpha, logits), rtol=1e-4, atol=1e-4)
+
+
+def _dense_walk(layer, image, theta, alpha, f):
+    """Eq. 3 by a dense numpy solve on the layer's test-time stencil (full resolution):
+    (1 - alpha)(I - alpha D^-1 W)^-1 f, W built pair by pair from the colour kernel
+    exp(theta * sum_c |I_i - I_j|)."""
     x = np.asarray(image, np.float64)
-    n = 64
-    for b in range(B):
+    b_, h, w, k = f.shape
+    n = h * w
+    out = np.zeros(f.shape)
+    for b in range(b_):
         wmat = np.zeros((n, n))
         for i in range(n):
             for dy, dx in layer.eval_offsets:
-                y, xx = divmod(i, 8)
-                if 0 <= y + dy < 8 and 0 <= xx + dx < 8:
-                    j = (y + dy) * 8 + xx + dx
+                y, xx = divmod(i, w)
+                if 0 <= y + dy < h and 0 <= xx + dx < w:
+                    j = (y + dy) * w + xx + dx
                     wmat[i, j] = np.exp(theta * np.abs(x[b, y, xx] - x[b, y + dy, xx + dx]).sum())
         a = wmat / wmat.sum(1, keepdims=True)
-        want = (1 - alpha) * np.linalg.solve(np.eye(n) - alpha * a, logits[b].reshape(n, K))
-        np.testing.assert_allclose(got[b].reshape(n, K), want, rtol=1e-4, atol=1e-4)
+        out[b] = ((1 - alpha) * np.linalg.solve(np.eye(n) - alpha * a, f[b].reshape(n, k))).reshape(h, w, k)
+    return out
+
+
+def test_random_walk_on_probabilities_walks_the_softmax():
+    """walk_on="probabilities": the log of eq. 3's converged walk applied to softmax(logits)
+    (dense numpy oracle); every pixel's walked scores are then a distribution (logsumexp 0)."""
+    alpha, theta = 0.8, -1.5
+    layer = RandomWalkRefinement(K, eval_radius=1, alpha=alpha, theta_init=theta, tol=1e-7, walk_on="probabilities")
+    image, _ = _data(hw=(8, 8))
+    logits = 3 * np.random.default_rng(7).normal(size=(B, 8, 8, K))
+    got = np.asarray(_jit(layer, jnp.asarray(logits, jnp.float32), image))
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.log(_dense_walk(layer, image, theta, alpha, p / p.sum(-1, keepdims=True)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.log(np.exp(got).sum(-1)), 0, atol=1e-5)
+    one_step = np.asarray(_jit(lambda f, im: layer(f, im, train=True), jnp.asarray(logits, jnp.float32), image))
+    np.testing.assert_allclose(np.exp(one_step).sum(-1), 1, atol=1e-5)  # the training walk (eq. 2) too
+    with pytest.raises(ValueError, match="walk_on: expected one of"):
+        RandomWalkRefinement(K, walk_on="scores")
 
 
 def test_random_walk_preserves_constant_scores():

@@ -13,7 +13,9 @@ Only evaluation-time options make sense here (``config_check.HARMLESS_KEYS``:
 ``gcrf.layer.tol``...):
 the model is rebuilt per spec (these options are baked into the module) and the run's
 latest checkpoint is evaluated on the whole validation split, every image at its own size.
-Prints one JSON line per spec.
+``--what_if`` also accepts options that change training (e.g. ``rwn.layer.walk_on``): the
+trained parameters are then evaluated under an option they were not trained with, a what-if
+and not what training with it would give. Prints one JSON line per spec.
 """
 
 import argparse
@@ -51,9 +53,9 @@ def _split_items(spec: str) -> list:
 SCALE = re.compile(r"scale:([\w.]+)\[(\d*):(\d*)\]$")
 
 
-def parse_spec(spec: str) -> dict:
-    """``"a.b=1,c=0.5"`` -> ``{"a.b": 1, "c": 0.5}``; only evaluation-time keys, and parameter
-    scalings ``"scale:p.q[0:3]=2"`` -> ``{("p.q", 0, 3): 2.0}``."""
+def parse_spec(spec: str, *, what_if: bool = False) -> dict:
+    """``"a.b=1,c=0.5"`` -> ``{"a.b": 1, "c": 0.5}``; evaluation-time keys only unless
+    ``what_if``, and parameter scalings ``"scale:p.q[0:3]=2"`` -> ``{("p.q", 0, 3): 2.0}``."""
     out = {}
     for item in filter(None, _split_items(spec)):
         key, sep, value = item.partition("=")
@@ -65,9 +67,9 @@ def parse_spec(spec: str) -> dict:
                 raise SystemExit(f"spec {spec!r}: expected scale:PATH[LO:HI]=FACTOR, got {item!r}")
             out[(m.group(1), int(m.group(2) or 0), int(m.group(3)) if m.group(3) else None)] = float(value)
             continue
-        if key not in HARMLESS_KEYS:
+        if key not in HARMLESS_KEYS and not what_if:
             raise SystemExit(f"spec {spec!r}: {key!r} is not an evaluation-time option (one of "
-                             f"{sorted(k for k in HARMLESS_KEYS if '.' in k)})")
+                             f"{sorted(k for k in HARMLESS_KEYS if '.' in k)}; --what_if for any option)")
         out[key] = ast.literal_eval(value)
     return out
 
@@ -102,8 +104,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run directory written by rwseg train")
     parser.add_argument("specs", nargs="+", help='dotted overrides, e.g. "rwn.layer.alpha=0.97"; "" = as trained')
+    parser.add_argument("--what_if", action="store_true",
+                        help="also options that change training (the trained parameters evaluated under them)")
     args = parser.parse_args(argv)
-    overrides = [parse_spec(s) for s in args.specs]
+    overrides = [parse_spec(s, what_if=args.what_if) for s in args.specs]
     mesh = parallel.make_mesh()
     config = load_config(args.run)
     info = data.dataset_info(config.data.name)

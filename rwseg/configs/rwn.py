@@ -16,6 +16,7 @@ def get_config(arg=None):
     c.rwn.layer.eval_radius = 2     # disk radius of the converged evaluation walk
     c.rwn.layer.eval_rates = ()     # sparse rings added to it (dilation rates; () = the disk alone)
     c.rwn.layer.alpha = 0.9         # evaluation walk (I - alpha A)^-1 (the paper: 0.01 at 321 px)
+    c.rwn.layer.walk_on = "logits"  # what the walk diffuses: "logits" (the paper's) | "probabilities"
     c.rwn.layer.theta_init = -0.2   # initial 1x1 conv weight over each image channel's distances
     c.rwn.layer.feature_theta_init = -0.2  # ... over each stem feature channel's distances
     c.rwn.layer.tol = 1e-5

@@ -24,6 +24,8 @@ from rwseg.layers.memory import remat_enabled
 
 __all__ = ["RandomWalkRefinement"]
 
+WALK_ON = ("logits", "probabilities")  # what the walk diffuses (RandomWalkRefinement's walk_on)
+
 
 class RandomWalkRefinement(nnx.Module):
     """Random-walk refinement of logits on learned affinities (Bertasius et al. 2017, eq. 2-3).
@@ -41,6 +43,11 @@ class RandomWalkRefinement(nnx.Module):
         lies between (the reach of a dense CRF's bilateral kernel, Krähenbühl & Koltun
         2011, at a stencil's cost); ``()``: the disk alone (the paper's).
       alpha: restart probability of the converged walk, in [0, 1).
+      walk_on: what the walk diffuses: ``"logits"`` (the paper's f, the network's scores) or
+        ``"probabilities"`` (their softmax; the layer then returns the log of the walked
+        probabilities). On probabilities each pixel's vote weighs at most 1, as in the messages
+        of a dense CRF's mean field (Krähenbühl & Koltun 2011, eq. 4); on logits a confident
+        pixel outvotes its neighbours by its logits' magnitude.
       theta_init: initial 1x1 conv weight over each image channel's distances (strongly
         negative, e.g. -3 on normalised colour, starts the walk at an edge-stopping colour
         kernel, the bilateral term of a dense CRF; near 0 starts it almost uniform).
@@ -56,11 +63,14 @@ class RandomWalkRefinement(nnx.Module):
 
     def __init__(self, num_classes: int, *, feature_channels: int = 0, downsample: int = 1,
                  train_radius: int = 4, eval_radius: int = 2, eval_rates: tuple = (), alpha: float = 0.9,
-                 theta_init: float = -0.2,
+                 walk_on: str = "logits", theta_init: float = -0.2,
                  feature_theta_init: float = -0.2, tol: float = 1e-5, max_iters: int = 200, image_channels: int = 3,
                  rngs: nnx.Rngs | None = None):
         if not 0 <= float(alpha) < 1:
             raise ValueError(f"alpha: expected a restart probability in [0, 1), got {alpha!r}")
+        if walk_on not in WALK_ON:
+            raise ValueError(f"walk_on: expected one of {WALK_ON}, got {walk_on!r}")
+        self.walk_on = walk_on
         self.num_classes, self.downsample = int(num_classes), int(downsample)
         self.feature_channels, self.image_channels = int(feature_channels), int(image_channels)
         self.train_offsets = stencil.disk_offsets(int(train_radius))
@@ -124,11 +134,14 @@ class RandomWalkRefinement(nnx.Module):
           return_info: also return a :class:`rwseg.layers.RefinementInfo`.
 
         Returns:
-          (B, H, W, K) refined scores (``(refined, info)`` with ``return_info``).
+          (B, H, W, K) refined scores (``(refined, info)`` with ``return_info``): walked logits, or
+          with ``walk_on="probabilities"`` the log of the walked probabilities.
         """
         b, h, w = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
         I.check_map("logits", logits, b, self.num_classes, "num_classes")
         f = to_working_grid(logits, (h, w), self.downsample, logits_grid)
+        if self.walk_on == "probabilities":
+            f = jax.nn.softmax(f, axis=-1)
         weights = affinities if affinities is not None else \
             self.affinities(image, features, train=train, features_grid=features_grid)
         if train:
@@ -145,6 +158,8 @@ class RandomWalkRefinement(nnx.Module):
 
             y, si = map_examples(walk, weights, f)
             info = solved(si.converged, si.iterations, si.residual, y)
+        if self.walk_on == "probabilities":  # convex combinations of distributions: positive, up to rounding
+            y = jnp.log(jnp.maximum(y, jnp.finfo(y.dtype).tiny))
         y = to_image(y, (h, w), self.downsample)
         return (y, info) if return_info else y
 

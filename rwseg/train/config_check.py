@@ -234,6 +234,7 @@ ARGUMENT_CHECKS = {
     "rates": _dilated_rates,
     "eval_rates": lambda v: None if isinstance(v, (tuple, list)) and not v else _dilated_rates(v),
     "merge": _one_of("max", "mean"),
+    "walk_on": _one_of("logits", "probabilities"),
     "implementation": _one_of("auto", "scan", "pallas"),
 }
 

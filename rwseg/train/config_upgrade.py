@@ -67,6 +67,7 @@ ABSENT = {
     "rawks.targets": "soft",
     "gcrf.layer.colour_sigma_init": 0.0,
     "rwn.layer.eval_rates": [],
+    "rwn.layer.walk_on": "logits",
 }
 
 # dotted key -> the dotted key whose value its absence meant (split from one option into two;

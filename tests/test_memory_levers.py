@@ -29,6 +29,11 @@ def _mesh():
     return Mesh(np.asarray(jax.devices()[:1]), ("data",))
 
 
+def _rngs():
+    """rbg keys: an eager model build initialises op by op, ~4x faster than with threefry keys."""
+    return nnx.Rngs(jax.random.key(0, impl="rbg"))
+
+
 def _batch(num_classes, b=4, s=32, seed=0):
     rng = np.random.default_rng(seed)
     return {"image": rng.random((b, s, s, 3), np.float32),
@@ -123,7 +128,7 @@ def test_compute_dtype_reaches_every_conv_block_and_keeps_params_float32():
     assert blocks and all(b.conv.dtype == jnp.bfloat16 and b.norm.dtype == jnp.bfloat16 for b in blocks)
     assert model.refinement.gates.dtype is None  # the gates head promotes to float32
     assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
-    backbone = build_model(_config("baseline", compute_dtype="bfloat16"), 3, rngs=nnx.Rngs(0)).backbone
+    backbone = build_model(_config("baseline", compute_dtype="bfloat16"), 3, rngs=_rngs()).backbone
     out = nnx.jit(lambda m, x: m(x))(backbone, jnp.zeros((1, 32, 32, 3), jnp.float32))
     assert out["stem"].dtype == jnp.bfloat16 and out["features"].dtype == jnp.bfloat16
     assert out["logits"].dtype == jnp.float32  # heads (and so every solver input) stay float32
@@ -223,7 +228,7 @@ def test_bfloat16_solvers_still_converge(method):
     images = jnp.asarray(_batch(k, b=2)["image"])
     out = {}
     for dtype in ("float32", "bfloat16"):
-        model = build_model(_config(method, compute_dtype=dtype), k, rngs=nnx.Rngs(0))
+        model = build_model(_config(method, compute_dtype=dtype), k, rngs=_rngs())
         scores, info = model.predict(images, return_info=True)
         assert scores.dtype == jnp.float32
         assert int(np.sum(info["nonconverged"])) == 0 and int(np.sum(info["solves"])) == 2

@@ -56,7 +56,9 @@ def _torch_levels(model, x):
     return {k: v.permute(0, 2, 3, 1).numpy() for k, v in levels.items()}
 
 
-@pytest.mark.parametrize("depth,output_stride", [(50, 8), (50, 16), (101, 8), (101, 16)])
+# both depths, both strides and both file formats in two cases (each case is an eager ResNet
+# forward of 10-25 s on 2 cores; the other two combinations add no code path)
+@pytest.mark.parametrize("depth,output_stride", [(50, 16), (101, 8)])
 def test_encoder_features_match_torch(checkpoints, depth, output_stride):
     sd, pth, st = checkpoints[depth]
     ref = torch_resnet.with_stride(sd, BLOCKS[depth], output_stride)

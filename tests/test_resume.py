@@ -19,7 +19,7 @@ from _train_cli import run_train, smoke_config, subprocess_env, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "rwseg" / "configs" / "baseline.py") + ":smoke"
-STEPS = 200
+STEPS = 60
 OVERRIDES = {"num_steps": STEPS, "checkpoint_every": 10, "log_every": 10, "eval_at_end": False}
 
 # orbax leaves a coroutine of a failed array read (a damaged checkpoint) un-awaited; Python reports

@@ -13,17 +13,24 @@ __all__ = ["TEST_XLA_FLAGS", "with_test_xla_flags", "subprocess_env", "train_com
            "smoke_config"]
 
 # XLA flags of every test process and of the subprocesses that share its compiler
-# (tests/conftest.py). XLA's CPU fusion emitters off: the smoke train and eval steps compile
-# 15-32 % faster (GCRF 14.8 -> 10.1 s, RWN 11.4 -> 7.9 s, SPN 10.5 -> 8.9 s of XLA compilation,
-# 2026-12, jax 0.10.2, 2 cores), and their losses, scores and solver results are bitwise the
-# same as with XLA's default. tests/test_wheel.py runs the installed package with the default.
-TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+# (tests/conftest.py); RWSEG_TEST_XLA_FLAGS replaces them (e.g. "" for XLA's defaults throughout).
+# - XLA's CPU fusion emitters off: the smoke train and eval steps compile 15-32 % faster (GCRF
+#   14.8 -> 10.1 s, RWN 11.4 -> 7.9 s, SPN 10.5 -> 8.9 s of XLA compilation, 2026-12, jax 0.10.2,
+#   2 cores), with bitwise the same losses, scores and solver results as XLA's default.
+# - LLVM's optimisation level 0 for the CPU code: the same HLO programs, compiled about twice as
+#   fast and run somewhat slower; float32 results can round differently in the last bits. The
+#   suite's CPU time with both: 21 min against 40 min with the first alone (2026-12-06, 2 cores).
+#   tests/test_wheel.py runs the installed package end to end with XLA's defaults, the numerics
+#   users get.
+TEST_XLA_FLAGS = os.environ.get("RWSEG_TEST_XLA_FLAGS",
+                                "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0")
 
 
 def with_test_xla_flags(flags: str = "") -> str:
-    """``flags`` (an ``XLA_FLAGS`` value) followed by :data:`TEST_XLA_FLAGS` (once: unchanged
-    when they are there already)."""
-    return flags if TEST_XLA_FLAGS in flags.split() else f"{flags} {TEST_XLA_FLAGS}".strip()
+    """``flags`` (an ``XLA_FLAGS`` value) followed by each flag of :data:`TEST_XLA_FLAGS` it does
+    not hold yet (unchanged when it holds them all)."""
+    have = flags.split()
+    return " ".join(have + [f for f in TEST_XLA_FLAGS.split() if f not in have])
 
 
 def subprocess_env(devices: int = 1, extra: dict | None = None, *, test_compiler: bool = True) -> dict:

@@ -122,7 +122,8 @@ def test_layer_section_holds_only_the_layer_arguments():
         config.gcrf.crf_downsample = 2
     text = _error(config)
     assert "config.gcrf.layer.num_layers: expected an argument of GaussianCRF (embedding_channels, num_filters, " \
-           "radius, downsample, num_steps, tol, max_iters, margin, compat_init, colour_sigma_init), got an unknown key" \
+           "radius, downsample, num_steps, tol, max_iters, margin, compat_init, colour_sigma_init, eval_radius, " \
+           "eval_downsample), got an unknown key" \
         in text
     assert "config.gcrf.crf_downsample: expected one of aux_weight, pretrain_steps, pretrain_weight or layer" in text
     config = _config("spn")
@@ -160,7 +161,8 @@ def test_an_old_config_is_upgraded_once_at_load_time(tmp_path):
     loaded = load_config(tmp_path)
     assert dict(loaded.gcrf.layer) == {"radius": 1, "downsample": 2, "embedding_channels": 16, "num_filters": 0,
                                        "num_steps": 5, "tol": 1e-4, "max_iters": 200, "margin": 0.5,
-                                       "compat_init": 0.5, "colour_sigma_init": 0.0}
+                                       "compat_init": 0.5, "colour_sigma_init": 0.0,
+                                       "eval_radius": 1, "eval_downsample": 2}  # as trained: radius, downsample
     assert config_changes(loaded, _config("gcrf")) == {}  # resuming the old run with today's config
     check_config(loaded, num_devices=1, num_processes=1)
     assert upgrade_config(upgrade_config(old)) == upgrade_config(old) == json.loads(json.dumps(new))

@@ -105,11 +105,14 @@ def test_prediction_does_not_change_when_padding_is_added(model):
     assert np.max(np.abs(padded_scores[:16, :24] - scores)) > 1e-3
 
 
-@pytest.mark.parametrize("method, multiple", [("baseline", 1), ("gcrf", 2), ("rwn", 2)])
-def test_pooling_methods_pad_to_their_factor_only(method, multiple):
+@pytest.mark.parametrize("method, multiple, changes", [("baseline", 1, {}), ("gcrf", 2, {}), ("rwn", 2, {}),
+                                                       ("gcrf", 4, {"gcrf.layer.eval_downsample": 4})])
+def test_pooling_methods_pad_to_their_factor_only(method, multiple, changes):
     """Images whose size the method's pooling factor does not divide (Stanford: 213 x 320 at
-    1/4) are padded bottom/right to the next multiple, labels ignored there; others not at all."""
+    1/4) are padded bottom/right to the next multiple, labels ignored there; others not at all.
+    GCRF's factor at test time is its ``eval_downsample``."""
     config = load_config_file(method, "smoke")
+    config.update_from_flattened_dict(changes)
     config.eval_batches = 0
     rng = np.random.default_rng(0)
     src = [{"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),

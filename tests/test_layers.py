@@ -275,6 +275,35 @@ def test_gaussian_crf_is_gmf_on_the_similarity():
     np.testing.assert_allclose(_jit(layer.pretrain_loss, image, labels, feats), pre, rtol=1e-5)
 
 
+def test_gaussian_crf_test_time_grid_and_window():
+    """eval_downsample / eval_radius (issue 26: a wider reach at test time): training is the
+    layer's own grid and window; at test time the same parameters are solved on the other ones,
+    i.e. the layer is the one built with those as its downsample and radius."""
+    kw = dict(feature_channels=2, embedding_channels=4, num_steps=3, rngs=_rngs())
+    layer = GaussianCRF(K, radius=1, downsample=4, eval_radius=3, eval_downsample=2, **kw)
+    as_trained = GaussianCRF(K, radius=1, downsample=4, **{**kw, "rngs": _rngs()})
+    as_tested = GaussianCRF(K, radius=3, downsample=2, **{**kw, "rngs": _rngs()})
+    for other in (as_trained, as_tested):
+        nnx.update(other, nnx.state(layer, nnx.Param))
+    image, labels = _data()
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(B, H, W, K)), jnp.float32)
+    feats = jnp.asarray(rng.normal(size=(B, 8, 8, 2)), jnp.float32)
+    assert _jit(layer.similarity, image, feats, train=True).shape == (B, 4, 4, len(layer.offsets))
+    assert _jit(layer.similarity, image, feats).shape == (B, 8, 8, len(layer.eval_offsets))
+    assert len(layer.eval_offsets) > len(layer.offsets)
+    np.testing.assert_allclose(_jit(layer, logits, image, feats, train=True),
+                               _jit(as_trained, logits, image, feats, train=True), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(_jit(layer.pretrain_loss, image, labels, feats),
+                               _jit(as_trained.pretrain_loss, image, labels, feats), rtol=1e-6)
+    y, info = _jit(layer, logits, image, feats, return_info=True)
+    np.testing.assert_array_equal(info.nonconverged, [0, 0])
+    np.testing.assert_allclose(y, _jit(as_tested, logits, image, feats), rtol=1e-6, atol=1e-7)
+    assert float(jnp.max(jnp.abs(y - _jit(as_trained, logits, image, feats)))) > 1e-3  # a different solve
+    with pytest.raises(ValueError, match="downsample"):
+        GaussianCRF(K, radius=1, downsample=4, eval_downsample=3, **{**kw, "rngs": _rngs()})(logits, image, feats)
+
+
 def test_gaussian_crf_without_coupling_returns_the_unary():
     """C = 0 decouples the pixels: GMF's fixed point is r = softmax(logits) (eq. 2)."""
     layer = _make("gcrf", compat_init=0.0)

@@ -297,7 +297,8 @@ def run_couplings(config, graphdef, state):
 
         def couplings(m, x):
             out = m.backbone(x)
-            return m.refinement.similarity(x, out["features"], features_grid=m.backbone.grid(x.shape[1:3]))[0]
+            return m.refinement.similarity(x, out["features"], features_grid=m.backbone.grid(x.shape[1:3]),
+                                           train=True)[0]  # the training grid and window: layer.offsets
     elif method == "spn":
         middle = 1  # gate k = 1 of the three-way stencil: d = 0, the previous column / row itself
         offsets = tuple(direction_offsets(d, 3)[middle] for d in DIRECTIONS)

@@ -21,13 +21,15 @@ def get_config(arg=None):
     c.gcrf.layer.margin = 0.5            # T of eq. 6
     c.gcrf.layer.compat_init = 0.5       # R = compat_init * I at initialisation
     c.gcrf.layer.colour_sigma_init = 0.0  # > 0: the similarity starts as the colour kernel of this width
+    c.gcrf.layer.eval_radius = 3         # the window at test time (set with radius: the same by default)
+    c.gcrf.layer.eval_downsample = 4     # the grid at test time (set with downsample)
     # training
     c.gcrf.aux_weight = 0.5       # cross-entropy on the unary logits
     c.gcrf.pretrain_steps = 50    # similarity pretraining (eq. 7) during the first steps
     c.gcrf.pretrain_weight = 0.1
     c = common.finalize(c, arg)
     if arg == "smoke":
-        c.gcrf.layer.radius = 1
-        c.gcrf.layer.downsample = 2
+        c.gcrf.layer.radius = c.gcrf.layer.eval_radius = 1
+        c.gcrf.layer.downsample = c.gcrf.layer.eval_downsample = 2
         c.gcrf.pretrain_steps = 2
     return c

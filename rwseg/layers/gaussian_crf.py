@@ -53,6 +53,10 @@ class GaussianCRF(nnx.Module):
         image channels to the first C embedding channels scaled by ``1 / (sqrt(2) sigma)``,
         features and bias start at 0, and the filters are the identity on those C channels,
         0 elsewhere. Needs ``embedding_channels`` and the number of filters >= C.
+      eval_radius: the window at test time (``train=False``); ``None``: ``radius``. The
+        similarity is pointwise (embeddings compared on the window's offsets), so a layer
+        trained on one window can be solved on another (issue 26: a wider reach at test time).
+      eval_downsample: the grid at test time; ``None``: ``downsample``.
       image_channels: channels of the image.
       rngs: parameter initialisation.
 
@@ -62,10 +66,13 @@ class GaussianCRF(nnx.Module):
     def __init__(self, num_classes: int, *, feature_channels: int = 0, embedding_channels: int = 16,
                  num_filters: int = 0, radius: int = 3, downsample: int = 4, num_steps: int = 5,
                  tol: float = 1e-4, max_iters: int = 200, margin: float = 0.5, compat_init: float = 0.5,
-                 colour_sigma_init: float = 0.0, image_channels: int = 3, rngs: nnx.Rngs):
+                 colour_sigma_init: float = 0.0, eval_radius: int | None = None,
+                 eval_downsample: int | None = None, image_channels: int = 3, rngs: nnx.Rngs):
         self.num_classes, self.downsample = int(num_classes), int(downsample)
         self.feature_channels, self.image_channels = int(feature_channels), int(image_channels)
         self.offsets = ops.bipartite_offsets(int(radius))
+        self.eval_downsample = self.downsample if eval_downsample is None else int(eval_downsample)
+        self.eval_offsets = self.offsets if eval_radius is None else ops.bipartite_offsets(int(eval_radius))
         self.num_steps, self.tol, self.max_iters = int(num_steps), float(tol), int(max_iters)
         self.margin = float(margin)
         m = int(num_filters) or self.num_classes
@@ -91,19 +98,27 @@ class GaussianCRF(nnx.Module):
         self.pairwise.bias[...] = jnp.zeros((d,), jnp.float32)
         self.filters[...] = jnp.zeros((d, m), jnp.float32).at[:c, :c].set(eye)
 
-    def similarity(self, image, features=None, *, features_grid=None):
+    def _grid(self, train: bool):
+        """(downsample, offsets) of GMF in training or at test time."""
+        return (self.downsample, self.offsets) if train else (self.eval_downsample, self.eval_offsets)
+
+    def similarity(self, image, features=None, *, features_grid=None, train: bool = False):
         """Pairwise similarities s of the pairwise network.
 
         Args:
           image: as for ``__call__``.
           features: as for ``__call__``.
           features_grid: as for ``__call__``.
+          train: the training grid and window (``downsample``, ``radius``); ``False``: the
+            test-time ones (``eval_downsample``, ``eval_radius``), as for ``__call__``.
 
         Returns:
-          (B, H/f, W/f, N) symmetric similarities on ``offsets`` (the bipartite stencil).
+          (B, H/f, W/f, N) symmetric similarities on the N offsets of the window (the
+          bipartite stencil), f the grid's ``downsample``.
         """
-        b, h, w = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
-        small = avg_pool(image, self.downsample)
+        f, offsets = self._grid(train)
+        b, h, w = I.check_image(image, channels=self.image_channels, downsample=f)
+        small = avg_pool(image, f)
         if features is None:
             if self.feature_channels:
                 raise ValueError(f"features: expected (B, h, w, {self.feature_channels}) features (the layer "
@@ -111,10 +126,10 @@ class GaussianCRF(nnx.Module):
             z = self.pairwise(small)
         else:
             I.check_map("features", features, b, self.feature_channels, "feature_channels")
-            feats = to_working_grid(features, (h, w), self.downsample, features_grid)
+            feats = to_working_grid(features, (h, w), f, features_grid)
             z = self.pairwise(jnp.concatenate([feats, small], axis=-1))
         filters = self.filters[...]
-        return jax.vmap(lambda zz: ops.pairwise_similarity(zz, filters, self.offsets))(z)
+        return jax.vmap(lambda zz: ops.pairwise_similarity(zz, filters, offsets))(z)
 
     def __call__(self, logits, image, features=None, *, train: bool = False, logits_grid=None,
                  features_grid=None, similarity=None, return_info: bool = False):
@@ -122,38 +137,42 @@ class GaussianCRF(nnx.Module):
 
         Args:
           logits: (B, h, w, K) float, any resolution, cells on ``logits_grid``.
-          image: (B, H, W, C) float, H and W divisible by ``downsample``.
+          image: (B, H, W, C) float, H and W divisible by ``downsample`` (``eval_downsample``
+            at test time).
           features: optional (B, h', w', feature_channels) on ``features_grid``.
-          train: ``True``: ``num_steps`` unrolled GMF layers (reverse-mode differentiated);
-            ``False``: GMF to ``tol`` (``lax.while_loop``, implicit gradient), one per image,
-            device-local under a mesh.
+          train: ``True``: ``num_steps`` unrolled GMF layers (reverse-mode differentiated) on
+            the ``downsample`` grid and ``radius`` window; ``False``: GMF to ``tol``
+            (``lax.while_loop``, implicit gradient), one per image, device-local under a mesh,
+            on the ``eval_downsample`` grid and ``eval_radius`` window.
           logits_grid: cell placement of those maps (default: evenly tiling
             the image).
           features_grid: see ``logits_grid``.
-          similarity: optional, :meth:`similarity` of the same inputs, computed once for
-            this call and :meth:`pretrain_loss` in a training step.
+          similarity: optional, :meth:`similarity` of the same inputs and ``train``, computed
+            once for this call and :meth:`pretrain_loss` in a training step.
           return_info: also return a :class:`rwseg.layers.RefinementInfo`.
 
         Returns:
           (B, H, W, K) refined scores y (argmax = prediction; ``(y, info)`` with
           ``return_info``).
         """
-        b, h, w = I.check_image(image, channels=self.image_channels, downsample=self.downsample)
+        f, offsets = self._grid(train)
+        b, h, w = I.check_image(image, channels=self.image_channels, downsample=f)
         I.check_map("logits", logits, b, self.num_classes, "num_classes")
-        unary = jax.nn.softmax(to_working_grid(logits, (h, w), self.downsample, logits_grid), axis=-1)
-        sim = similarity if similarity is not None else self.similarity(image, features, features_grid=features_grid)
+        unary = jax.nn.softmax(to_working_grid(logits, (h, w), f, logits_grid), axis=-1)
+        sim = similarity if similarity is not None else self.similarity(image, features, features_grid=features_grid,
+                                                                        train=train)
         compat = ops.compatibility(self.compat[...])
         if train:
             remat = remat_enabled()  # config.remat: checkpoint each unrolled GMF layer
-            y = map_examples(lambda r, s, c: ops.gmf(r, s, c, self.offsets, num_steps=self.num_steps, remat=remat),
+            y = map_examples(lambda r, s, c: ops.gmf(r, s, c, offsets, num_steps=self.num_steps, remat=remat),
                              unary, sim, shared=(compat,))
             info = exact_steps(b, self.num_steps)
         else:
-            y, si = map_examples(lambda r, s, c: ops.gmf(r, s, c, self.offsets, tol=self.tol,
+            y, si = map_examples(lambda r, s, c: ops.gmf(r, s, c, offsets, tol=self.tol,
                                                          max_iters=self.max_iters, return_info=True),
                                  unary, sim, shared=(compat,))
             info = solved(si.converged, si.iterations, si.residual, y)
-        y = to_image(y, (h, w), self.downsample)
+        y = to_image(y, (h, w), f)
         return (y, info) if return_info else y
 
     def margin_loss(self, refined, labels):
@@ -176,7 +195,7 @@ class GaussianCRF(nnx.Module):
           image: as for ``__call__``.
           features: as for ``__call__``.
           features_grid: as for ``__call__``.
-          similarity: as for ``__call__``.
+          similarity: as for ``__call__`` with ``train=True`` (the training grid and window).
           labels: (B, H, W) int, block-majority subsampled to the CRF grid.
 
         Returns:
@@ -184,6 +203,7 @@ class GaussianCRF(nnx.Module):
         """
         I.check_labels("labels", labels, I.check_image(image, channels=self.image_channels,
                                                         downsample=self.downsample))
-        sim = similarity if similarity is not None else self.similarity(image, features, features_grid=features_grid)
+        sim = similarity if similarity is not None else self.similarity(image, features, features_grid=features_grid,
+                                                                        train=True)
         small = subsample_labels(labels, self.downsample, self.num_classes)
         return jnp.mean(jax.vmap(lambda s, l: ops.similarity_pretrain_loss(s, l, self.offsets))(sim, small))

@@ -60,7 +60,7 @@ class GCRFModel(Segmenter):
         images, labels = batch["image"], batch["label"]
         out = self.backbone(images)
         size, grid, f = images.shape[1:3], self.backbone.grid(images.shape[1:3]), self.refinement.downsample
-        sim = self.refinement.similarity(images, out["features"], features_grid=grid)  # shared by GMF and eq. 7
+        sim = self.refinement.similarity(images, out["features"], features_grid=grid, train=True)  # GMF's and eq. 7's
         margin = self.refinement.margin_loss(self._crf(images, out, train=True, similarity=sim), labels)
         # the unary logits as GMF sees them (on its grid), upsampled
         aux = cross_entropy(to_image(to_working_grid(out["logits"], size, f, grid), size, f), labels)

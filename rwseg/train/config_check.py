@@ -215,6 +215,7 @@ ARGUMENT_CHECKS = {
     "radius": _int_at_least(1),
     "train_radius": _int_at_least(1),
     "eval_radius": _int_at_least(1),
+    "eval_downsample": _int_at_least(1),
     # the converged walk (1 - alpha)(I - alpha A)^-1 f (eq. 3) exists only for 0 <= alpha < 1
     "alpha": _number(lo=0, hi=1, hi_open=True),
     "temperature": _number(lo=0),
@@ -277,7 +278,7 @@ HARMLESS_KEYS = frozenset({
     "baseline_workdir", "allow_config_change", "microbatches", "data.data_dir", "data.manual_dir", "data.eval_split",
     "model.pretrained",  # read only when a run starts; a resumed run restores its checkpoint
     "rwn.layer.eval_radius", "rwn.layer.eval_rates", "rwn.layer.alpha", "rwn.layer.tol", "rwn.layer.max_iters",
-    "gcrf.layer.tol", "gcrf.layer.max_iters",
+    "gcrf.layer.tol", "gcrf.layer.max_iters", "gcrf.layer.eval_radius", "gcrf.layer.eval_downsample",
     "dilated.layer.lam", "dilated.layer.mu", "dilated.layer.num_steps",
 })
 

@@ -74,6 +74,8 @@ ABSENT = {
 # applied after RENAMED, so the source key has its current name; a method's keys as in ABSENT)
 ABSENT_SAME_AS = {
     "rwn.layer.feature_theta_init": "rwn.layer.theta_init",
+    "gcrf.layer.eval_radius": "gcrf.layer.radius",
+    "gcrf.layer.eval_downsample": "gcrf.layer.downsample",
 }
 
 

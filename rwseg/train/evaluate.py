@@ -183,12 +183,15 @@ def eval_multiple(config) -> int:
       config: a training config.
 
     Returns:
-      ``config.<method>.layer.downsample`` for a layer that pools (1 for the others).
+      ``config.<method>.layer.eval_downsample`` for a layer with a test-time grid (GCRF),
+      else ``config.<method>.layer.downsample`` for a layer that pools (1 for the others).
     """
     layer = model_class(config.method).LAYER
-    if layer is None or "downsample" not in config[config.method].layer:
-        return 1
-    return max(1, int(config[config.method].layer.downsample))
+    section = config[config.method].layer if layer is not None else {}
+    for key in ("eval_downsample", "downsample"):
+        if key in section:
+            return max(1, int(section[key]))
+    return 1
 
 
 def eval_batches(config, source, mesh, *, scribbles: bool = False, keys=()):

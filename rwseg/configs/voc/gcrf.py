@@ -10,8 +10,8 @@ from rwseg.configs.voc import deeplab_v2
 
 def get_config(arg=None):
     c = deeplab_v2(method_config("gcrf"), head="largefov")
-    c.gcrf.layer.downsample = 8
-    c.gcrf.layer.radius = 5
+    c.gcrf.layer.downsample = c.gcrf.layer.eval_downsample = 8
+    c.gcrf.layer.radius = c.gcrf.layer.eval_radius = 5
     c.gcrf.layer.embedding_channels = 64
     c.gcrf.pretrain_steps = 2000
     return common.finalize(c, arg)

@@ -22,16 +22,19 @@ import pathlib
 
 import pytest
 
+from _train_cli import with_test_xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ("operators.ipynb", "gradients.ipynb")
 SIZE = "48"
 CELL_TIMEOUT = 300  # seconds per cell; at SIZE = 48 the slowest cell takes ~10 s
-# The arrays are tiny, so XLA compilation dominates: optimisation level 0 halves it.
+# The arrays are tiny, so XLA compilation dominates: the kernels compile with the suite's XLA
+# flags (_train_cli.TEST_XLA_FLAGS, optimisation level 0 among them: about half the compile time).
 KERNEL_ENV = {
     "RWSEG_NOTEBOOK_SIZE": SIZE,
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_backend_optimization_level=0",
+    "XLA_FLAGS": with_test_xla_flags(),
 }
 NO_STANFORD = "no-stanford"  # empty folder given to gradients.ipynb as RWSEG_STANFORD_DIR
 

@@ -18,8 +18,8 @@ pointing at an empty folder, so the synthetic fallback is exercised end to end t
 The executed copies are shared with tests/test_docs.py (the documentation site shows
 them with their outputs): tests/_notebooks.py executes each notebook once per pytest
 run, whichever test asks first. The arrays are tiny, so XLA compilation dominates the
-run time: the kernels get ``XLA_FLAGS=--xla_backend_optimization_level=0`` (about half
-the compile time). Each notebook takes about 30 s of CPU time.
+run time: the kernels get the suite's XLA flags (``_train_cli.TEST_XLA_FLAGS``: optimisation
+level 0 among them, about half the compile time). Each notebook takes about 30 s of CPU time.
 """
 
 from __future__ import annotations

@@ -53,6 +53,11 @@ STANFORD_OPTIONS = {
 RWN_EDGE = {"rwn.layer.downsample": 1, "rwn.layer.theta_init": -2.5, "rwn.layer.feature_theta_init": 0.0,
             "rwn.layer.eval_radius": 5, "rwn.layer.alpha": 0.95}
 
+# issue 26, item 3: GCRF's similarity started at the same colour kernel (gcrf_edge), and with a
+# radius-7 window in training and at test time (gcrf_edge_r7)
+GCRF_EDGE = {"gcrf.layer.colour_sigma_init": 0.22}
+GCRF_EDGE_R7 = {**GCRF_EDGE, "gcrf.layer.radius": 7, "gcrf.layer.eval_radius": 7}
+
 # The item-3 variants tried on the validation split, by name (``--methods spn_half,...`` of
 # refine_benchmark.py): (method, overrides on top of the method's STANFORD_OPTIONS).
 VARIANTS = {
@@ -80,18 +85,15 @@ VARIANTS = {
     "rwn_edge_ce": ("rwn", {**RWN_EDGE, "rwn.affinity_weight": 0.0, "optimizer.method_lr_mult": 10.0}),
     # the same start for GCRF: its similarity begins as the colour kernel of sigma 0.05 in [0, 1]
     # RGB, i.e. 0.22 on ImageNet-normalised colour (gcrf.layer.colour_sigma_init), at its 1/4 grid
-    "gcrf_edge": ("gcrf", {"gcrf.layer.colour_sigma_init": 0.22}),
-    "gcrf_edge_half": ("gcrf", {"gcrf.layer.colour_sigma_init": 0.22, "gcrf.layer.downsample": 2,
-                                "gcrf.layer.eval_downsample": 2}),  # at 1/2
+    "gcrf_edge": ("gcrf", GCRF_EDGE),
+    "gcrf_edge_half": ("gcrf", {**GCRF_EDGE, "gcrf.layer.downsample": 2, "gcrf.layer.eval_downsample": 2}),  # at 1/2
     # gcrf_edge with a wider bipartite window: radius 7 at 1/4 (a 60 px box) instead of 3 (28 px);
     # DenseCRF's bilateral kernel reaches ~80 px. Chosen from evaluation-time radii on the dev split
-    "gcrf_edge_r7": ("gcrf", {"gcrf.layer.colour_sigma_init": 0.22, "gcrf.layer.radius": 7,
-                              "gcrf.layer.eval_radius": 7}),
+    "gcrf_edge_r7": ("gcrf", GCRF_EDGE_R7),
     # gcrf_edge_r7 solved at test time on the 1/2 grid with a 42 px window (radius 10 at 1/2),
     # chosen on dev from evaluation-only what-ifs of gcrf_edge_r7 (stanford_refine_log.md,
     # "GCRF's reach"); trained exactly as gcrf_edge_r7 (the eval keys change no training step)
-    "gcrf_edge_r7_eval2": ("gcrf", {"gcrf.layer.colour_sigma_init": 0.22, "gcrf.layer.radius": 7,
-                                    "gcrf.layer.eval_radius": 10, "gcrf.layer.eval_downsample": 2}),
+    "gcrf_edge_r7_eval2": ("gcrf", {**GCRF_EDGE_R7, "gcrf.layer.eval_radius": 10, "gcrf.layer.eval_downsample": 2}),
 }
 
 

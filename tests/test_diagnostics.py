@@ -2,6 +2,7 @@
 oracle, on one tiny trained dilated run (synthetic data)."""
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -271,3 +272,28 @@ def test_affinity_panels(tmp_path, dilated_run, capsys):
         with pytest.raises(SystemExit):
             script.main(argv)
         assert f"{name}:" in capsys.readouterr().err
+
+
+def test_densecrf_propagation(tmp_path):
+    """densecrf_propagation.py on the synthetic scribble config: one dev line per grid point, the
+    chosen point is the dev grid's best mIoU and is the one scored on the training images, the dev
+    cache is reused as written, the seed changes the scribbles, and a non-RAWKS method is refused."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from experiments import densecrf
+
+    script = _script("densecrf_propagation").main
+    cache = tmp_path / "tuned.json"
+    argv = ["--smoke", "--images", "2", "--out", str(cache)]
+    lines = _lines(script, argv)
+    dev, train = lines[:-1], lines[-1]
+    assert [r["split"] for r in dev] == ["validation"] * len(densecrf.GRID) and train["split"] == "train"
+    assert [r["params"] for r in dev] == [dataclasses.asdict(g) for g in densecrf.GRID]
+    assert train["params"] == max(dev, key=lambda r: r["train_P_mean_iou"])["params"]
+    assert train["images"] >= 2 and all(0.0 <= r[k] <= 1.0 for r in lines
+                                        for k in ("train_P_mean_iou", "train_P_pixel_accuracy"))
+    assert json.loads(cache.read_text())["grid"] == [{k: v for k, v in r.items() if k != "split"} for r in dev]
+    assert _lines(script, argv) == lines  # the cache and the scribbles are reproducible
+    other = _lines(script, ["--smoke", "--images", "2", "--seed", "1"])
+    assert [r["train_P_mean_iou"] for r in other] != [r["train_P_mean_iou"] for r in lines]
+    with pytest.raises(SystemExit):
+        script(["--smoke", "--method", "scribble_baseline"])

@@ -116,6 +116,56 @@ def test_spatial_propagation_with_zero_gates_is_bilinear_resize():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_spatial_propagation_colour_start_is_the_colour_kernel():
+    """colour_sigma_init = sigma, colour_gate_init = lam: with the guidance network's gates at 0,
+    gate k of each direction is (lam / 3) exp(-|I_i - I_k|^2 / (2 sigma^2)) of the 2x2-pooled colour
+    and the neighbour that direction reads (written out here pixel by pixel, not from
+    rwseg.spn.direction_offsets), 0 outside the image; a guidance map without the colour argument
+    is refused, and the layer without the term ignores the colour."""
+    sigma, lam, f = 0.7, 0.9, 2
+    layer = _make("spn", downsample=f, colour_sigma_init=sigma, colour_gate_init=lam)
+    layer.gates.kernel[...] = jnp.zeros_like(layer.gates.kernel[...])
+    layer.gates.bias[...] = jnp.zeros_like(layer.gates.bias[...])
+    image, _ = _data()
+    colour = np.random.default_rng(5).normal(size=(B, H, W, 3)).astype(np.float32)
+    got = np.asarray(_jit(layer.guidance_gates, image, jnp.asarray(colour)))
+    assert got.shape == (B, 4, H // f, W // f, K, 3)
+    pooled = colour.reshape(B, H // f, f, W // f, f, 3).mean((2, 4))
+    h, w = H // f, W // f
+    # the neighbour (row, col) gate k = 0, 1, 2 of pixel (i, j) reads, per direction in spn.DIRECTIONS order
+    reads = (lambda i, j, k: (i + k - 1, j - 1), lambda i, j, k: (i + k - 1, j + 1),
+             lambda i, j, k: (i - 1, j + k - 1), lambda i, j, k: (i + 1, j + k - 1))
+    want = np.zeros((B, 4, h, w, 3))
+    for d, read in enumerate(reads):
+        for i in range(h):
+            for j in range(w):
+                for k in range(3):
+                    y, x = read(i, j, k)
+                    if 0 <= y < h and 0 <= x < w:
+                        dist = np.sum((pooled[:, i, j] - pooled[:, y, x]) ** 2, -1)
+                        want[:, d, i, j, k] = lam / 3 * np.exp(-dist / (2 * sigma ** 2))
+    np.testing.assert_allclose(got, np.broadcast_to(want[:, :, :, :, None, :], got.shape), rtol=1e-5, atol=1e-6)
+    assert np.sum(got, -1).max() <= lam + 1e-6  # a constant colour gives lam, below Theorem 3's bound
+    logits = jnp.asarray(np.random.default_rng(6).normal(size=(B, H, W, K)), jnp.float32)
+    refined = _jit(lambda lg, im, c: layer(lg, im, colour=c), logits, image, jnp.asarray(colour))
+    want_out = jax.vmap(spn.spn)(to_working_grid(logits, (H, W), f), jnp.asarray(got))
+    np.testing.assert_allclose(refined, jax.image.resize(want_out, (B, H, W, K), "bilinear"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="colour: expected the .* colour_sigma_init > 0"):
+        layer(logits, image)
+    with pytest.raises(ValueError, match=r"colour: expected shape \(2, 16, 16, 3\)"):
+        layer(logits, image, colour=jnp.asarray(colour[:1]))
+    plain = _make("spn")
+    np.testing.assert_array_equal(_jit(plain, logits, image), _jit(lambda *a: plain(*a[:2], colour=a[2]), logits,
+                                                                   image, jnp.asarray(colour)))
+    assert not hasattr(plain, "colour_scale")
+    for kw, match in (({"colour_sigma_init": -1.0}, "colour_sigma_init: expected 0"),
+                      ({"colour_sigma_init": float("nan")}, "colour_sigma_init: expected 0"),
+                      ({"colour_gate_init": 0.0}, r"colour_gate_init: expected a value in \(0, 1\]"),
+                      ({"colour_gate_init": 1.5}, r"colour_gate_init: expected a value in \(0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            _make("spn", **kw)
+
+
 def test_random_walk_theta_init_splits_image_and_feature_channels():
     """theta_init weights the image channels' distances, feature_theta_init the features': with
     the features' weight 0 the affinities are the colour kernel exp(theta_init * L1 colour distance)."""

@@ -310,6 +310,14 @@ def test_spn_guidance_input_sees_the_backbone_features():
     assert float(jnp.max(jnp.abs(gates - shifted))) > 0
     refined, coarse = model.refine(images)
     assert refined.shape == coarse.shape == (2, 16, 24, 3) and bool(jnp.all(jnp.isfinite(refined)))
+    # spn.layer.colour_sigma_init: the colour-kernel term compares the RGB image, whatever the guidance sees
+    config = smoke("spn")
+    config.spn.guidance_input, config.spn.layer.colour_sigma_init = "image,stem,features", 0.5
+    model = build_model(config, 3, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    refined, _ = model.refine(images)
+    g = model.guidance(images, model.backbone(images))
+    np.testing.assert_array_equal(refined, model.refinement(model.backbone(images)["logits"], g, colour=images,
+                                                            logits_grid=model.backbone.grid((16, 24))))
     for bad in ("rgb", "image,image", ""):
         config = smoke("spn")
         config.spn.guidance_input = bad

@@ -58,6 +58,13 @@ RWN_EDGE = {"rwn.layer.downsample": 1, "rwn.layer.theta_init": -2.5, "rwn.layer.
 GCRF_EDGE = {"gcrf.layer.colour_sigma_init": 0.22}
 GCRF_EDGE_R7 = {**GCRF_EDGE, "gcrf.layer.radius": 7, "gcrf.layer.eval_radius": 7}
 
+# issue 26, item 3: SPN's gates started with a colour-kernel term (spn.layer.colour_sigma_init; the
+# learned guidance gates start near 0, so the layer starts as a propagation along colour-homogeneous
+# paths). Width and gate total chosen on the dev split with no training, on the base's logits
+# (stanford_refine_log.md, "SPN from the colour kernel"): sigma 0.44 on ImageNet-normalised colour
+# (0.1 in [0, 1] RGB), gates summing to 0.99 at zero colour difference (the default colour_gate_init)
+SPN_EDGE = {"spn.layer.colour_sigma_init": 0.44}
+
 # The item-3 variants tried on the validation split, by name (``--methods spn_half,...`` of
 # refine_benchmark.py): (method, overrides on top of the method's STANFORD_OPTIONS).
 VARIANTS = {
@@ -86,6 +93,7 @@ VARIANTS = {
     # the same start for GCRF: its similarity begins as the colour kernel of sigma 0.05 in [0, 1]
     # RGB, i.e. 0.22 on ImageNet-normalised colour (gcrf.layer.colour_sigma_init), at its 1/4 grid
     "gcrf_edge": ("gcrf", GCRF_EDGE),
+    "spn_edge": ("spn", SPN_EDGE),  # on top of STANFORD_OPTIONS' spn (1/2 grid, image + stem + features guidance)
     "gcrf_edge_half": ("gcrf", {**GCRF_EDGE, "gcrf.layer.downsample": 2, "gcrf.layer.eval_downsample": 2}),  # at 1/2
     # gcrf_edge with a wider bipartite window: radius 7 at 1/4 (a 60 px box) instead of 3 (28 px);
     # DenseCRF's bilateral kernel reaches ~80 px. Chosen from evaluation-time radii on the dev split

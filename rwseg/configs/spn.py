@@ -16,6 +16,8 @@ def get_config(arg=None):
     c.spn.layer.downsample = 1          # propagation resolution H/f x W/f
     c.spn.layer.merge = "max"           # node-wise max over the 4 directions (the paper's), or "mean"
     c.spn.layer.implementation = "auto"  # propagation kernel (rwseg.spn.spn)
+    c.spn.layer.colour_sigma_init = 0.0  # > 0: the gates start with a colour-kernel term of this width
+    c.spn.layer.colour_gate_init = 0.99  # its gates' total at zero colour difference (with colour_sigma_init > 0)
     # model and training
     c.spn.aux_weight = 0.5  # coarse cross-entropy weight
     c.spn.guidance_input = "image"  # guidance network input: image[,stem][,features] (rwseg.models.spn)

@@ -12,18 +12,19 @@ def _shape(x):
     return tuple(getattr(x, "shape", ()))
 
 
-def check_image(image, *, channels: int | None, downsample: int = 1):
-    """image: (B, H, W, channels) float (``channels=None``: any) with H, W divisible by ``downsample``.
+def check_image(image, *, channels: int | None, downsample: int = 1, name: str = "image"):
+    """image: (B, H, W, channels) float (``channels=None``: any) with H, W divisible by ``downsample``;
+    errors name the argument ``name``.
 
     Returns (B, H, W).
     """
     shape = _shape(image)
     if len(shape) != 4 or (channels is not None and shape[-1] != channels):
-        raise ValueError(f"image: expected shape (B, H, W, {'C' if channels is None else channels}), got {shape}")
+        raise ValueError(f"{name}: expected shape (B, H, W, {'C' if channels is None else channels}), got {shape}")
     if not jnp.issubdtype(image.dtype, jnp.floating):
-        raise ValueError(f"image: expected a floating dtype, got {image.dtype}")
+        raise ValueError(f"{name}: expected a floating dtype, got {image.dtype}")
     if shape[1] % downsample or shape[2] % downsample:
-        raise ValueError(f"image: expected H, W divisible by downsample={downsample}, got {shape[1:3]}")
+        raise ValueError(f"{name}: expected H, W divisible by downsample={downsample}, got {shape[1:3]}")
     return shape[:3]
 
 

@@ -7,7 +7,8 @@ upsampled coarse logits.
 
 Config ``config.spn``: ``layer`` (the arguments of :class:`rwseg.layers.SpatialPropagation`:
 ``guidance_channels``, ``guidance_depth`` (3x3 convs), ``downsample`` (propagation at
-H/f x W/f; 1 = full resolution), ``merge``, ``implementation``), ``aux_weight``
+H/f x W/f; 1 = full resolution), ``merge``, ``implementation``, ``colour_sigma_init`` and
+``colour_gate_init``: the colour-kernel term of the gates, on the RGB image), ``aux_weight``
 (weight of the coarse cross-entropy added to the refined one; the paper trains SPN on
 top of a fixed network, here both train jointly), ``guidance_input`` (what the guidance
 network sees, comma-separated from :data:`GUIDANCE_INPUTS`: ``"image"`` is the paper's
@@ -105,7 +106,8 @@ class SPNModel(Segmenter):
         """
         size = images.shape[1:3]
         out, src = self.backbone(images), self.backbone.grid(size)
-        refined, info = self.refinement(out["logits"], self.guidance(images, out), logits_grid=src, return_info=True)
+        refined, info = self.refinement(out["logits"], self.guidance(images, out), colour=images, logits_grid=src,
+                                        return_info=True)
         coarse = upsample(out["logits"], size, src)
         return (refined, coarse, info) if return_info else (refined, coarse)
 

@@ -236,6 +236,8 @@ ARGUMENT_CHECKS = {
     "eval_rates": lambda v: None if isinstance(v, (tuple, list)) and not v else _dilated_rates(v),
     "merge": _one_of("max", "mean"),
     "walk_on": _one_of("logits", "probabilities"),
+    "colour_sigma_init": _number(lo=0),
+    "colour_gate_init": _number(lo=0, lo_open=True, hi=1),
     "implementation": _one_of("auto", "scan", "pallas"),
 }
 

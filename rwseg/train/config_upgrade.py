@@ -62,6 +62,8 @@ ABSENT = {
     "spn.guidance_input": "image",
     "spn.layer.merge": "max",
     "spn.layer.implementation": "auto",
+    "spn.layer.colour_sigma_init": 0.0,
+    "spn.layer.colour_gate_init": 0.99,
     "dilated.layer.decoder_width": 0,
     "dilated.layer.decoder_depth": 0,
     "rawks.targets": "soft",

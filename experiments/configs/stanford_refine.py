@@ -102,6 +102,9 @@ VARIANTS = {
     # chosen on dev from evaluation-only what-ifs of gcrf_edge_r7 (stanford_refine_log.md,
     # "GCRF's reach"); trained exactly as gcrf_edge_r7 (the eval keys change no training step)
     "gcrf_edge_r7_eval2": ("gcrf", {**GCRF_EDGE_R7, "gcrf.layer.eval_radius": 10, "gcrf.layer.eval_downsample": 2}),
+    # the same with a 58 px window at 1/2 (radius 14, the reach gcrf_edge_r7 trained with at 1/4), chosen on dev
+    # (seventh session, seed 0 on the retrained base: radius 10 / 14 at 1/2, radius 10 at full resolution)
+    "gcrf_edge_r7_eval2_r14": ("gcrf", {**GCRF_EDGE_R7, "gcrf.layer.eval_radius": 14, "gcrf.layer.eval_downsample": 2}),
 }
 
 

@@ -293,6 +293,12 @@ def random_walk(
             with jax.ensure_compile_time_eval():  # concrete weights closed over inside a jit trace
                 _check_symmetric(weights, offsets)
 
+    # The walk is linear in f: solve for f / s and scale back, s = the power of two nearest
+    # max |f| per channel, so that (1 - alpha) f (and f * sqrt(d)) does not fall below the normal
+    # range (flushed to zero on CPU) for scores near the bottom of it. A power of two scales
+    # exactly: every rounding of the solve, hence float32 convergence, is the same as without it
+    # (linsolve's own rescaling acts after these products and cannot prevent that).
+    s = _power_of_two_scale(jax.lax.stop_gradient(f))
     if symmetric:
         inv_sqrt_d = _inverse_sqrt_degree(weights, offsets)
         alpha_s = alpha_c * inv_sqrt_d
@@ -302,12 +308,6 @@ def random_walk(
             return z - alpha_s * stencil.apply_masked(masked, inv_sqrt_d * z, offsets)
 
         c = f.shape[-1]
-        # The walk is linear in f: solve for f / s and scale back, s = the power of two nearest
-        # max |f| per channel, so that f * sqrt(d) does not fall below the normal range (flushed
-        # to zero on CPU) for scores near the bottom of it. A power of two scales exactly: every
-        # rounding of the solve, hence float32 convergence, is the same as without it
-        # (linsolve's own rescaling acts after the sqrt(d) scaling and cannot prevent that).
-        s = _power_of_two_scale(jax.lax.stop_gradient(f))
         z, info = linsolve.cg(matvec, _pad_channels((1 - alpha_c) * (f / s) / inv_sqrt_d), tol=tol,
                               max_iters=max_iters)
         y = (inv_sqrt_d * z[..., :c]) * s
@@ -318,7 +318,8 @@ def random_walk(
         def matvec(y):
             return y - alpha_c * inv_d * stencil.apply(weights, y, offsets)
 
-        y, info = linsolve.bicgstab(matvec, (1 - alpha_c) * f, tol=tol, max_iters=max_iters)
+        y, info = linsolve.bicgstab(matvec, (1 - alpha_c) * (f / s), tol=tol, max_iters=max_iters)
+        y = y * s
     return (y, info) if return_info else y
 
 

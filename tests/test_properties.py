@@ -189,6 +189,18 @@ def test_rwn_converged_walk_is_the_dense_solve_and_keeps_constants(shape, symmet
     close(yc, np.full((h, w, 2), const), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rwn_converged_walk_keeps_constants_at_the_bottom_of_the_normal_range(symmetric):
+    """A constant f of 8 tiny (normal) is a fixed point also where (1 - alpha) f is subnormal:
+    the CPU flushes such products to zero, so the walk solves for f / s (s a power of two) and
+    scales back (the case hypothesis found for the non-symmetric walk: y was 0)."""
+    offsets = S.four_connected()
+    f = np.full((1, 5, 2), 8 * np.finfo(float).tiny)
+    y, info = _converged_walk(np.ones((1, 5, 4)), f, 0.9375, offsets, symmetric)
+    assert bool(np.all(info.converged))
+    close(y, f, rtol=1e-8, atol=0)
+
+
 # --------------------------------------------------------------------------- RAWKS
 
 NUM_LABELS = 3

@@ -18,6 +18,7 @@ from flax import nnx
 
 from rwseg import spn as ops
 from rwseg import stencil
+from rwseg.rwn import feature_distances
 from rwseg.layers import _inputs as I
 from rwseg.layers.convs import apply_stack, conv_stack
 from rwseg.layers.info import exact_steps
@@ -100,9 +101,9 @@ class SpatialPropagation(nnx.Module):
         terms = []
         for d, direction in enumerate(ops.DIRECTIONS):
             offsets = ops.direction_offsets(direction, NUM_GATES)
-            diff = jax.vmap(lambda zz: stencil.gather(zz, offsets))(z) - z[:, :, :, None, :]  # (B, h, w, 3, C)
+            dist = jax.vmap(lambda zz: feature_distances(zz, offsets))(z)  # (B, h, w, 3, C) |I_i - I_k| per channel
             inside = jnp.asarray(stencil.valid_mask(h, w, offsets), z.dtype)  # (h, w, 3)
-            terms.append(self.colour_weight[d] * inside * jnp.exp(-jnp.sum(diff * diff, axis=-1)))
+            terms.append(self.colour_weight[d] * inside * jnp.exp(-jnp.sum(dist * dist, axis=-1)))
         return jnp.stack(terms, axis=1)[:, :, :, :, None, :]
 
     def guidance_gates(self, image, colour=None):

@@ -92,6 +92,7 @@ def test_shipped_configs_are_valid(method, arg):
     ("dilated", {"dilated.layer.rates": (1, 0)}, "config.dilated.layer.rates: expected a non-empty tuple of ints >= 1"),
     ("dilated", {"dilated.layer.lam": -1.0}, "config.dilated.layer.lam"),
     ("dilated", {"dilated.layer.num_steps": -1}, "config.dilated.layer.num_steps: expected an int >= 0"),
+    ("dilated", {"dilated.layer.colour_sigma_init": -0.1}, "config.dilated.layer.colour_sigma_init"),
     ("dilated", {"dilated.layer.decoder_depth": 2}, "config.dilated.layer.decoder_width: expected >= 1 with decoder_depth = 2"),
     ("dilated", {"dilated.layer.decoder_depth": 1, "dilated.layer.decoder_width": 12}, "config.dilated.layer.decoder_width: expected a "
      "channel count"),

@@ -387,6 +387,48 @@ def test_dilated_affinity_is_propagate_of_the_head():
                                np.repeat(dilated.prior_bias(jnp.asarray(_frequencies())), 8), rtol=1e-6)
 
 
+def test_dilated_affinity_colour_start_is_the_log_colour_kernel():
+    """colour_sigma_init = sigma: at the start the head's kernel is 0 and the logit of pixel i's
+    neighbour at offset (dy, dx) is the prior bias b_r minus |I_i - I_(i + (dy, dx))|^2 / (2 sigma^2)
+    (written out here pixel by pixel, offsets row-major per rate, not from rwseg.stencil; the
+    bias alone where the neighbour is outside); the layer propagates those logits, the affinity loss
+    trains the colour scale, and the term needs a 3-channel image."""
+    sigma = 0.8
+    layer = _make("dilated", low_level_channels=1, colour_sigma_init=sigma)
+    np.testing.assert_array_equal(layer.affinity_head.kernel[...], 0)
+    image, labels = _data()
+    rng = np.random.default_rng(8)
+    logits = jnp.asarray(rng.normal(size=(B, 4, 4, K)), jnp.float32)
+    feats = jnp.asarray(rng.normal(size=(B, 4, 4, 2)), jnp.float32)
+    low = jnp.asarray(rng.normal(size=(B, H, W, 1)), jnp.float32)
+    got = np.asarray(_jit(layer.affinity_logits, image, feats, low))
+    colour, bias = np.asarray(image), np.asarray(dilated.prior_bias(jnp.asarray(_frequencies())))
+    offsets = [(dy, dx) for r in RATES for dy in (-r, 0, r) for dx in (-r, 0, r) if (dy, dx) != (0, 0)]
+    want = np.zeros((B, H, W, len(offsets)))
+    for c, (dy, dx) in enumerate(offsets):
+        want[..., c] = bias[c // 8]
+        for i in range(H):
+            for j in range(W):
+                if 0 <= i + dy < H and 0 <= j + dx < W:
+                    dist = np.sum((colour[:, i, j] - colour[:, i + dy, j + dx]) ** 2, -1)
+                    want[:, i, j, c] -= dist / (2 * sigma ** 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    probs = jax.nn.softmax(jax.image.resize(logits, (B, H, W, K), "bilinear"), -1)
+    want_out = _jit(jax.vmap(lambda p, a: dilated.propagate(p, a, RATES, lam=6.0, mu=7.0, num_steps=10)), probs,
+                    jnp.asarray(got))
+    np.testing.assert_allclose(_jit(layer, logits, image, feats, low), want_out, rtol=1e-5, atol=1e-6)
+    grads = nnx.grad(lambda m: m.affinity_loss(image, labels, feats, low))(layer)
+    assert float(jnp.abs(grads.colour_scale[...]).min()) > 0
+    with pytest.raises(ValueError, match=r"image: expected shape \(B, H, W, 3\)"):
+        layer.affinity_logits(jnp.zeros((B, H, W, 4)), feats, low)
+    plain = _make("dilated")
+    assert not hasattr(plain, "colour_scale")
+    assert plain.affinity_logits(jnp.zeros((B, H, W, 4)), feats).shape == (B, H, W, 8 * len(RATES))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="colour_sigma_init: expected 0 .* or a positive width"):
+            _make("dilated", colour_sigma_init=bad)
+
+
 def test_dilated_affinity_decoder_feeds_the_head():
     """decoder_depth 3x3 blocks sit between the (concatenated) features and the 1x1 head, at
     image resolution with low-level features and at the features' resolution without."""

@@ -281,6 +281,31 @@ def test_predict_info_and_rawks_propagation_info():
     np.testing.assert_array_equal(info["solves"], [0, 0])
 
 
+def test_dilated_colour_term_compares_the_image():
+    """dilated.layer.colour_sigma_init: the model's affinity logits (training's focal loss and the
+    propagation at test time) are the head's minus the image's scaled colour distances, and the
+    loss trains the colour scale."""
+    from rwseg.layers.colour import scaled_colour_distances
+    from rwseg.stencil import dilated_offsets
+
+    config = smoke("dilated")
+    config.dilated.layer.colour_sigma_init = 0.5
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, 16, 24, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 3, size=(2, 16, 24)), jnp.int32)
+    cls = model_class("dilated")
+    model = build_model(config, 3, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")),
+                        statistics=cls.dataset_statistics(config, np.asarray(labels)))
+    layer, out = model.refinement, model.backbone(images)
+    grid = model.backbone.grid((16, 24))
+    aff = layer.affinity_logits(images, *model._head_inputs(images, out), features_grid=grid)
+    head = layer.affinity_head.bias[...]  # the head's kernel starts at 0
+    want = head - scaled_colour_distances(images, layer.colour_scale[...], dilated_offsets(layer.rates))
+    np.testing.assert_allclose(aff, want, rtol=1e-5, atol=1e-5)
+    grads = nnx.grad(lambda m: m.loss({"image": images, "label": labels}, 0)[0])(model)
+    assert float(jnp.abs(grads.refinement.colour_scale[...]).min()) > 0
+
+
 def test_spn_guidance_input_sees_the_backbone_features():
     """spn.guidance_input: "image" feeds the guidance network the image itself (the paper);
     "image,stem,features" concatenates the backbone's stem and upsampled decoder features,

@@ -65,6 +65,15 @@ GCRF_EDGE_R7 = {**GCRF_EDGE, "gcrf.layer.radius": 7, "gcrf.layer.eval_radius": 7
 # (0.1 in [0, 1] RGB), gates summing to 0.99 at zero colour difference (the default colour_gate_init)
 SPN_EDGE = {"spn.layer.colour_sigma_init": 0.44}
 
+# issue 26, item 3: the dilated-affinity head's logits started with the log colour kernel
+# (dilated.layer.colour_sigma_init; the head's kernel starts at 0, so every gate starts as the prior
+# bias closed by colour differences), with a fourth rate (16 px) and the paper's 10 propagation
+# steps. Width, rates and steps chosen on the dev split with no training, on the control's logits
+# (stanford_refine_log.md, "Dilated affinity from the colour kernel"): sigma 0.33 on
+# ImageNet-normalised colour (0.075 in [0, 1] RGB)
+DILATED_EDGE = {"dilated.layer.colour_sigma_init": 0.33, "dilated.layer.rates": (2, 4, 8, 16),
+                "dilated.layer.num_steps": 10}
+
 # The item-3 variants tried on the validation split, by name (``--methods spn_half,...`` of
 # refine_benchmark.py): (method, overrides on top of the method's STANFORD_OPTIONS).
 VARIANTS = {
@@ -93,7 +102,8 @@ VARIANTS = {
     # the same start for GCRF: its similarity begins as the colour kernel of sigma 0.05 in [0, 1]
     # RGB, i.e. 0.22 on ImageNet-normalised colour (gcrf.layer.colour_sigma_init), at its 1/4 grid
     "gcrf_edge": ("gcrf", GCRF_EDGE),
-    "spn_edge": ("spn", SPN_EDGE),  # on top of STANFORD_OPTIONS' spn (1/2 grid, image + stem + features guidance)
+    "spn_edge": ("spn", SPN_EDGE),
+    "dilated_edge": ("dilated", DILATED_EDGE),  # on top of STANFORD_OPTIONS' dilated (decoder 32 x 2)  # on top of STANFORD_OPTIONS' spn (1/2 grid, image + stem + features guidance)
     "gcrf_edge_half": ("gcrf", {**GCRF_EDGE, "gcrf.layer.downsample": 2, "gcrf.layer.eval_downsample": 2}),  # at 1/2
     # gcrf_edge with a wider bipartite window: radius 7 at 1/4 (a 60 px box) instead of 3 (28 px);
     # DenseCRF's bilateral kernel reaches ~80 px. Chosen from evaluation-time radii on the dev split

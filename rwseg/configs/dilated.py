@@ -18,6 +18,7 @@ def get_config(arg=None):
     c.dilated.layer.lam = 6.0           # propagation: weight of the pixel's own prediction
     c.dilated.layer.mu = 7.0            # propagation: steepness of the affinity gate
     c.dilated.layer.num_steps = 10      # propagation steps
+    c.dilated.layer.colour_sigma_init = 0.0  # > 0: the affinity logits start with the log colour kernel of this width
     # model and training
     c.dilated.use_stem = True     # affinity head also sees the full-resolution stem features
     c.dilated.beta = 1.2          # affinity loss weight

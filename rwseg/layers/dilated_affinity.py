@@ -8,7 +8,10 @@ loss (eq. 4-5, :func:`rwseg.dilated.affinity_loss`), testing refines the class
 probabilities by affinity propagation (eq. 6-7, :func:`rwseg.dilated.propagate`). The
 head's bias starts at the dataset prior (§4.1, :func:`rwseg.dilated.prior_bias`), read
 from a table of neighbour-category frequencies of training labels
-(:meth:`DilatedAffinity.frequencies_from_labels`).
+(:meth:`DilatedAffinity.frequencies_from_labels`). Optionally (``colour_sigma_init > 0``, issue
+26's "start from the classic") the affinity logits also get a learned colour term, the log of
+DenseCRF's colour kernel (:mod:`rwseg.layers.colour`), so that the propagation starts closed
+across colour edges.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import numpy as np
 from flax import nnx
 
 from rwseg import dilated as ops
+from rwseg import stencil
 from rwseg.layers import _inputs as I
+from rwseg.layers.colour import COLOUR_CHANNELS, check_colour_sigma, colour_scale, scaled_colour_distances
 from rwseg.layers.convs import apply_stack, conv_stack
 from rwseg.layers.info import exact_steps
 from rwseg.layers.grid import aligned_grid, upsample
@@ -56,17 +61,26 @@ class DilatedAffinity(nnx.Module):
       gamma: focal-loss exponent (eq. 4).
       lam: propagation weight of the pixel's own prediction (eq. 6; the paper: 6).
       mu: steepness of the affinity gate (eq. 7; the paper: 7).
+      colour_sigma_init: ``0``: the affinity logits are the head's alone (the paper).
+        ``sigma > 0``: the logit of pixel i's neighbour k also gets the colour term
+        ``-sum_c s_c^2 (I_i - I_k)_c^2`` of the image's colours (the log of DenseCRF's colour
+        kernel), with learned ``s = 1 / (sqrt(2) sigma)`` per colour channel at the start
+        (sigma in the image's units), and the head's kernel starts at 0: the gate
+        ``sigmoid(mu (b_r - sum_c s_c^2 (I_i - I_k)_c^2))`` at the start is the prior bias
+        ``b_r`` closed by colour differences (issue 26: start from the classic).
       num_steps: propagation iterations.
       rngs: parameter initialisation.
 
     Parameters: ``decoder`` (``decoder_depth`` 3x3 conv blocks, none by default),
-    ``affinity_head`` (1x1 conv, bias initialised at the prior); statistic ``frequencies``.
+    ``affinity_head`` (1x1 conv, bias initialised at the prior; its kernel at 0 with
+    ``colour_sigma_init > 0``), ``colour_scale`` (3,) with ``colour_sigma_init > 0``; statistic
+    ``frequencies``.
     """
 
     def __init__(self, num_classes: int, feature_channels: int, *, rates, frequencies,
                  low_level_channels: int = 0, decoder_width: int = 0, decoder_depth: int = 0,
                  norm: str = "group", gamma: float = 2.0, lam: float = 6.0, mu: float = 7.0,
-                 num_steps: int = 10, rngs: nnx.Rngs):
+                 num_steps: int = 10, colour_sigma_init: float = 0.0, rngs: nnx.Rngs):
         self.num_classes, self.rates = int(num_classes), _as_rates(rates)
         self.feature_channels, self.low_level_channels = int(feature_channels), int(low_level_channels)
         self.gamma, self.lam, self.mu, self.num_steps = float(gamma), float(lam), float(mu), int(num_steps)
@@ -83,6 +97,10 @@ class DilatedAffinity(nnx.Module):
                                                  int(decoder_width), int(decoder_depth), norm=norm, rngs=rngs)
         self.affinity_head = nnx.Conv(head_channels, 8 * len(self.rates), (1, 1), bias_init=lambda *_: bias,
                                       rngs=rngs)
+        self.colour_term = check_colour_sigma(colour_sigma_init)
+        if self.colour_term:
+            self.colour_scale = colour_scale(colour_sigma_init)
+            self.affinity_head.kernel[...] = jnp.zeros_like(self.affinity_head.kernel[...])
 
     @staticmethod
     def frequencies_from_labels(label_maps, rates, *, ignore_index: int = 255) -> np.ndarray:
@@ -97,18 +115,28 @@ class DilatedAffinity(nnx.Module):
         """The affinity head's logits at image resolution.
 
         Args:
-          image: (B, H, W, C) (its size only).
+          image: (B, H, W, C) (its size only; with ``colour_sigma_init > 0`` the (B, H, W, 3)
+            colour the colour term compares).
           features: (B, h, w, feature_channels) float on ``features_grid`` (default: evenly
             tiling the image).
           low_level: (B, H, W, low_level_channels) float, required when the layer was built
             with them.
 
         Returns:
-          (B, H, W, 8·|R|), channel c = offset c of :func:`rwseg.stencil.dilated_offsets`.
+          (B, H, W, 8·|R|), channel c = offset c of :func:`rwseg.stencil.dilated_offsets` (the
+          head's, minus the scaled squared colour distance with ``colour_sigma_init > 0``).
         """
-        b, h, w = I.check_image(image, channels=None)
+        b, h, w = I.check_image(image, channels=COLOUR_CHANNELS if self.colour_term else None)
         I.check_map("features", features, b, self.feature_channels, "feature_channels")
         grid = features_grid if features_grid is not None else aligned_grid(features.shape[1:3], (h, w))
+        head = self._head_logits(features, low_level, grid, (h, w))
+        if self.colour_term:
+            return head - scaled_colour_distances(image, self.colour_scale[...], stencil.dilated_offsets(self.rates))
+        return head
+
+    def _head_logits(self, features, low_level, grid, size):
+        """The head's (B, H, W, 8·|R|) logits at the image ``size`` (arguments: :meth:`affinity_logits`)."""
+        b, (h, w) = features.shape[0], size
         if self.low_level_channels:
             if low_level is None:
                 raise ValueError(f"low_level: expected (B, H, W, {self.low_level_channels}) features (the layer "

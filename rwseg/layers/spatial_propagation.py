@@ -10,16 +10,13 @@ a learned colour-kernel term, so that the layer starts as a colour-guided propag
 
 from __future__ import annotations
 
-import math
-
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from rwseg import spn as ops
 from rwseg import stencil
-from rwseg.rwn import feature_distances
 from rwseg.layers import _inputs as I
+from rwseg.layers.colour import COLOUR_CHANNELS, check_colour_sigma, colour_scale, scaled_colour_distances
 from rwseg.layers.convs import apply_stack, conv_stack
 from rwseg.layers.info import exact_steps
 from rwseg.layers.device_local import map_examples
@@ -27,7 +24,7 @@ from rwseg.layers.grid import avg_pool, to_image, to_working_grid
 
 __all__ = ["SpatialPropagation"]
 
-NUM_DIRECTIONS, NUM_GATES, COLOUR_CHANNELS = 4, 3, 3
+NUM_DIRECTIONS, NUM_GATES = 4, 3
 
 
 class SpatialPropagation(nnx.Module):
@@ -69,8 +66,6 @@ class SpatialPropagation(nnx.Module):
                  rngs: nnx.Rngs):
         if merge not in ("max", "mean"):
             raise ValueError(f"merge: expected 'max' or 'mean', got {merge!r}")
-        if not (colour_sigma_init == 0 or colour_sigma_init > 0):  # NaN too
-            raise ValueError(f"colour_sigma_init: expected 0 (no colour term) or a positive width, got {colour_sigma_init}")
         if not 0 < colour_gate_init <= 1:
             raise ValueError(f"colour_gate_init: expected a value in (0, 1] (Theorem 3), got {colour_gate_init}")
         self.num_classes, self.downsample = int(num_classes), int(downsample)
@@ -79,10 +74,9 @@ class SpatialPropagation(nnx.Module):
                                         norm=norm, rngs=rngs)
         self.gates = nnx.Conv(cin, NUM_DIRECTIONS * NUM_GATES * self.num_classes, (3, 3),
                               kernel_init=nnx.initializers.normal(1e-3), rngs=rngs)
-        self.colour_term = bool(colour_sigma_init)
+        self.colour_term = check_colour_sigma(colour_sigma_init)
         if self.colour_term:
-            self.colour_scale = nnx.Param(jnp.full((COLOUR_CHANNELS,), 1.0 / (math.sqrt(2.0) * colour_sigma_init),
-                                                   jnp.float32))
+            self.colour_scale = colour_scale(colour_sigma_init)
             self.colour_weight = nnx.Param(jnp.full((NUM_DIRECTIONS,), colour_gate_init / NUM_GATES, jnp.float32))
 
     def colour_kernel(self, colour):
@@ -96,14 +90,14 @@ class SpatialPropagation(nnx.Module):
           (neighbours :func:`rwseg.spn.direction_offsets`; 0 where the neighbour is outside).
         """
         I.check_image(colour, channels=COLOUR_CHANNELS, downsample=self.downsample, name="colour")
-        z = avg_pool(colour, self.downsample) * self.colour_scale[...]
-        h, w = z.shape[1:3]
+        pooled = avg_pool(colour, self.downsample)
+        h, w = pooled.shape[1:3]
         terms = []
         for d, direction in enumerate(ops.DIRECTIONS):
             offsets = ops.direction_offsets(direction, NUM_GATES)
-            dist = jax.vmap(lambda zz: feature_distances(zz, offsets))(z)  # (B, h, w, 3, C) |I_i - I_k| per channel
-            inside = jnp.asarray(stencil.valid_mask(h, w, offsets), z.dtype)  # (h, w, 3)
-            terms.append(self.colour_weight[d] * inside * jnp.exp(-jnp.sum(dist * dist, axis=-1)))
+            dist2 = scaled_colour_distances(pooled, self.colour_scale[...], offsets)  # (B, h, w, 3)
+            inside = jnp.asarray(stencil.valid_mask(h, w, offsets), pooled.dtype)  # (h, w, 3)
+            terms.append(self.colour_weight[d] * inside * jnp.exp(-dist2))
         return jnp.stack(terms, axis=1)[:, :, :, :, None, :]
 
     def guidance_gates(self, image, colour=None):

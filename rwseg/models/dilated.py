@@ -14,7 +14,8 @@ and stored with the layer.
 Config ``config.dilated``: ``layer`` (the arguments of :class:`rwseg.layers.DilatedAffinity`:
 ``rates`` (pixels at full resolution; ints or (r1, r2) pairs), ``decoder_width`` /
 ``decoder_depth`` (3x3 blocks before the 1x1 head), ``gamma``, ``lam``, ``mu``,
-``num_steps``), ``use_stem`` and ``beta``.
+``num_steps``, ``colour_sigma_init``: the colour term of the affinity logits, on the RGB
+image), ``use_stem`` and ``beta``.
 """
 
 from __future__ import annotations

@@ -66,6 +66,7 @@ ABSENT = {
     "spn.layer.colour_gate_init": 0.99,
     "dilated.layer.decoder_width": 0,
     "dilated.layer.decoder_depth": 0,
+    "dilated.layer.colour_sigma_init": 0.0,
     "rawks.targets": "soft",
     "gcrf.layer.colour_sigma_init": 0.0,
     "rwn.layer.eval_rates": [],

@@ -297,3 +297,22 @@ def test_densecrf_propagation(tmp_path):
     assert [r["train_P_mean_iou"] for r in other] != [r["train_P_mean_iou"] for r in lines]
     with pytest.raises(SystemExit):
         script(["--smoke", "--method", "scribble_baseline"])
+
+
+def test_colour_start(dilated_run):
+    """colour_start.py: one line for the run's own predictions, then one per spec; a start whose
+    gates are shut (the dilated head's bias far below 0, SPN's gates near 0 at full resolution) leaves every
+    prediction as it was; bad specs are refused naming the spec."""
+    script = _script("colour_start")
+    shut = ["dilated:sigma=0.3,bias=-100,rates=(1, 2),num_steps=3", "spn:sigma=0.3,gate=1e-6,downsample=1"]
+    lines = _lines(script.main, [str(dilated_run), *shut])
+    assert [r["spec"] for r in lines] == ["", *shut] and all(r["images"] == lines[0]["images"] > 0 for r in lines)
+    for r in lines[1:]:
+        assert {k: r[k] for k in ("mean_iou", "pixel_accuracy", "boundary_f")} == \
+            {k: lines[0][k] for k in ("mean_iou", "pixel_accuracy", "boundary_f")}
+    assert script.parse_spec("dilated:sigma=0.33,rates=(2, 4, 8, 16)") == ("dilated", {
+        "sigma": 0.33, "bias": 0.5, "rates": (2, 4, 8, 16), "num_steps": 10, "lam": 6.0, "mu": 7.0})
+    for bad, match in (("crf:sigma=1", "expected LAYER:key=value"), ("spn:gate=0.5", "expected sigma=WIDTH > 0"),
+                       ("spn:sigma=1,rates=(2,)", "keys from"), ("dilated:sigma", "keys from")):
+        with pytest.raises(SystemExit, match=match):
+            script.parse_spec(bad)

@@ -39,8 +39,15 @@ from rwseg.train.workdir import load_config  # noqa: E402
 from rwseg.train.state import compute_statistics, create, source_kwargs  # noqa: E402
 
 
-def _split_items(spec: str) -> list:
-    """``spec`` split at the commas outside brackets (``"a=(1, 2),b=3"`` -> ``["a=(1, 2)", "b=3"]``)."""
+def split_items(spec: str) -> list:
+    """``spec`` split at the commas outside brackets (``"a=(1, 2),b=3"`` -> ``["a=(1, 2)", "b=3"]``).
+
+    Args:
+        spec: comma-separated items, each maybe holding bracketed commas.
+
+    Returns:
+        The items, stripped (an empty string where two commas or an end leave nothing).
+    """
     items, depth, start = [], 0, 0
     for i, ch in enumerate(spec):
         depth += (ch in "([{") - (ch in ")]}")
@@ -57,7 +64,7 @@ def parse_spec(spec: str, *, what_if: bool = False) -> dict:
     """``"a.b=1,c=0.5"`` -> ``{"a.b": 1, "c": 0.5}``; evaluation-time keys only unless
     ``what_if``, and parameter scalings ``"scale:p.q[0:3]=2"`` -> ``{("p.q", 0, 3): 2.0}``."""
     out = {}
-    for item in filter(None, _split_items(spec)):
+    for item in filter(None, split_items(spec)):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"spec {spec!r}: expected key=value items separated by commas, got {item!r}")

@@ -200,8 +200,9 @@ def test_gaussian_crf_colour_sigma_init_starts_at_the_colour_kernel():
     assert np.max(np.abs(np.asarray(_jit(random.similarity, image, feats)) - want)) > 1e-2
     with pytest.raises(ValueError, match="num_filters: colour_sigma_init needs at least the image's 3 channels"):
         GaussianCRF(K, num_filters=2, colour_sigma_init=sigma, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="colour_sigma_init: expected 0"):
-        GaussianCRF(K, colour_sigma_init=-1.0, rngs=nnx.Rngs(0))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="colour_sigma_init: expected 0 .* or a positive width"):
+            GaussianCRF(K, colour_sigma_init=bad, rngs=nnx.Rngs(0))
 
 
 def test_random_walk_refinement_is_the_rwn_operator():

@@ -5,7 +5,9 @@ colours (Krähenbühl & Koltun 2011, eq. 3). A layer built with ``colour_sigma_i
 keeps a learned per-channel scale ``s`` (:func:`colour_scale`, ``1 / (sqrt(2) sigma)`` at the
 start) and reads, for each stencil neighbour, the scaled squared colour distance
 ``sum_c s_c^2 (I_i - I_k)_c^2`` (:func:`scaled_colour_distances`): SPN adds its exponential to
-its gates, the dilated-affinity head adds its negative to its affinity logits.
+its gates, the dilated-affinity head adds its negative to its affinity logits. (GCRF's
+similarity starts at the same kernel through its own pairwise network and shares only the width
+check.)
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from flax import nnx
 
 from rwseg import gcrf as ops
 from rwseg.layers import _inputs as I
+from rwseg.layers.colour import check_colour_sigma
 from rwseg.layers.info import exact_steps, solved
 from rwseg.layers.grid import avg_pool, subsample_labels, to_image, to_working_grid
 from rwseg.layers.device_local import map_examples
@@ -80,15 +81,13 @@ class GaussianCRF(nnx.Module):
         self.pairwise = nnx.Conv(self.feature_channels + self.image_channels, d, (1, 1), rngs=rngs)
         self.filters = nnx.Param(0.1 * jax.random.normal(rngs.params(), (d, m), jnp.float32))
         self.compat = nnx.Param(float(compat_init) * jnp.eye(self.num_classes, dtype=jnp.float32))
-        if colour_sigma_init:
+        if check_colour_sigma(colour_sigma_init):
             self._start_at_colour_kernel(float(colour_sigma_init), d, m)
 
     def _start_at_colour_kernel(self, sigma: float, d: int, m: int) -> None:
         """Set ``pairwise`` and ``filters`` so that :meth:`similarity` is the colour kernel of width
         ``sigma`` (``colour_sigma_init``): z = [image / (sqrt(2) sigma), 0, ...], F = [I_C; 0]."""
         c, f = self.image_channels, self.feature_channels
-        if not sigma > 0:
-            raise ValueError(f"colour_sigma_init: expected 0 (random start) or a positive width, got {sigma}")
         for name, have in (("embedding_channels", d), ("num_filters", m)):
             if have < c:
                 raise ValueError(f"{name}: colour_sigma_init needs at least the image's {c} channels, got {have}")

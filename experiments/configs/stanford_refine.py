@@ -102,11 +102,11 @@ VARIANTS = {
     # the same start for GCRF: its similarity begins as the colour kernel of sigma 0.05 in [0, 1]
     # RGB, i.e. 0.22 on ImageNet-normalised colour (gcrf.layer.colour_sigma_init), at its 1/4 grid
     "gcrf_edge": ("gcrf", GCRF_EDGE),
-    "spn_edge": ("spn", SPN_EDGE),
+    "spn_edge": ("spn", SPN_EDGE),  # on top of STANFORD_OPTIONS' spn (1/2 grid, image + stem + features guidance)
     "dilated_edge": ("dilated", DILATED_EDGE),  # on top of STANFORD_OPTIONS' dilated (decoder 32 x 2)
     # dilated_edge's head trained on the frozen base (the joint focal loss cost dilated_edge's backbone
     # 1.2 mIoU on dev; the SPN paper's protocol: the refinement on a fixed network)
-    "dilated_edge_frozen": ("dilated", {**DILATED_EDGE, "freeze_backbone": True}),  # on top of STANFORD_OPTIONS' spn (1/2 grid, image + stem + features guidance)
+    "dilated_edge_frozen": ("dilated", {**DILATED_EDGE, "freeze_backbone": True}),
     "gcrf_edge_half": ("gcrf", {**GCRF_EDGE, "gcrf.layer.downsample": 2, "gcrf.layer.eval_downsample": 2}),  # at 1/2
     # gcrf_edge with a wider bipartite window: radius 7 at 1/4 (a 60 px box) instead of 3 (28 px);
     # DenseCRF's bilateral kernel reaches ~80 px. Chosen from evaluation-time radii on the dev split

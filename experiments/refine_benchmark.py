@@ -191,8 +191,16 @@ def _network_outputs(config, graphdef, state, mesh, source, *, num_classes: int,
         yield pred, rest, np.flatnonzero(rest["valid"]), p, seconds
 
 
-def _extent(mask) -> tuple[int, int]:
-    """The image's own (h, w) inside its padded eval slot (padding is bottom/right)."""
+def image_extent(mask) -> tuple[int, int]:
+    """The image's own (h, w) inside its padded eval slot (padding is bottom/right).
+
+    Args:
+      mask: (H, W) bool, True on the image's own pixels (:func:`rwseg.train.evaluate.eval_batches`'
+        ``mask``).
+
+    Returns:
+      ``(h, w)``.
+    """
     return int(mask.any(1).sum()), int(mask.any(0).sum())
 
 
@@ -242,7 +250,7 @@ def per_image_counts(config, graphdef, state, mesh, source, *, num_classes: int,
             refined = pred.copy()
             t0 = time.perf_counter()
             for i in keep:
-                h, w = _extent(rest["mask"][i])
+                h, w = image_extent(rest["mask"][i])
                 refined[i, :h, :w] = crf(images[i, :h, :w], probs[i, :h, :w], densecrf).argmax(-1)
             seconds["crf_seconds"] += time.perf_counter() - t0
             preds["crf_"] = refined
@@ -346,7 +354,7 @@ def tune_densecrf(workdir, grid, *, split: str = "validation", out=None) -> tupl
                                                     probs=True):
         images = data.denormalize(rest["image"])
         for i in keep:
-            h, w = _extent(rest["mask"][i])
+            h, w = image_extent(rest["mask"][i])
             items.append((images[i, :h, :w], probs[i, :h, :w], rest["label"][i, :h, :w]))
     table = []
     for params in grid:
@@ -444,7 +452,7 @@ def densecrf_propagation(config, split: str, params, *, images: int = 0) -> dict
         pred = np.zeros(batch["label"].shape, np.int32)
         keep = np.flatnonzero(batch["valid"])
         for i in keep:
-            h, w = _extent(batch["mask"][i])
+            h, w = image_extent(batch["mask"][i])
             pred[i, :h, :w] = propagate_scribbles(images_u8[i, :h, :w], batch["scribbles"][i, :h, :w], k, params).argmax(-1)
         counts = jax.tree.map(np.asarray, counts_fn(pred, batch["label"]))
         conf += counts["confusion"][keep].sum(0)

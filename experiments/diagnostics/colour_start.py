@@ -39,11 +39,12 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from experiments.diagnostics.eval_sweep import split_items  # noqa: E402
+from experiments.refine_benchmark import image_extent  # noqa: E402
 from rwseg import data  # noqa: E402
 from rwseg.layers import DilatedAffinity, SpatialPropagation  # noqa: E402
 from rwseg.layers.device_local import batch_axis  # noqa: E402
 from rwseg.train import parallel  # noqa: E402
-from rwseg.train.evaluate import eval_batches, load_run, metric_counts, summarize_counts  # noqa: E402
+from rwseg.train.evaluate import accumulate, eval_batches, load_run, metric_counts, summarize_counts  # noqa: E402
 from rwseg.train.state import merge, source_kwargs  # noqa: E402
 
 DEFAULTS = {"spn": {"gate": 0.99, "downsample": 2, "merge": "max"},
@@ -139,8 +140,7 @@ def main(argv=None) -> int:
     for batch in eval_batches(config, source, mesh, keys=("mask",)):
         scores = parallel.to_host(scores_fn(state, parallel.global_batch({"image": batch["image"]}, mesh)["image"]))
         for i in np.flatnonzero(batch["valid"]):
-            mask = batch["mask"][i]
-            h, w = int(mask.any(1).sum()), int(mask.any(0).sum())
+            h, w = image_extent(batch["mask"][i])
             own, image, labels = scores[i, :h, :w], jnp.asarray(batch["image"][i, :h, :w]), batch["label"][i, :h, :w]
             images += 1
             for j, refine in enumerate([None] + refines):
@@ -150,8 +150,7 @@ def main(argv=None) -> int:
                     fn, f = refine
                     hf, wf = h - h % f, w - w % f
                     pred[:hf, :wf] = np.asarray(fn(jnp.asarray(own[:hf, :wf]), image[:hf, :wf])).argmax(-1)
-                counts = jax.tree.map(np.asarray, counts_fn(jnp.asarray(pred), jnp.asarray(labels)))
-                totals[j] = counts if totals[j] is None else jax.tree.map(np.add, totals[j], counts)
+                totals[j] = accumulate(totals[j], counts_fn(jnp.asarray(pred), jnp.asarray(labels)))
                 seconds[j] += time.time() - start
     for spec, total, secs in zip([""] + list(args.specs), totals, seconds):
         res = summarize_counts(total, widths, tol)

@@ -93,6 +93,7 @@ def test_shipped_configs_are_valid(method, arg):
     ("dilated", {"dilated.layer.lam": -1.0}, "config.dilated.layer.lam"),
     ("dilated", {"dilated.layer.num_steps": -1}, "config.dilated.layer.num_steps: expected an int >= 0"),
     ("dilated", {"dilated.layer.colour_sigma_init": -0.1}, "config.dilated.layer.colour_sigma_init"),
+    ("dilated", {"dilated.refined_weight": -1.0}, "config.dilated.refined_weight"),
     ("dilated", {"dilated.layer.decoder_depth": 2}, "config.dilated.layer.decoder_width: expected >= 1 with decoder_depth = 2"),
     ("dilated", {"dilated.layer.decoder_depth": 1, "dilated.layer.decoder_width": 12}, "config.dilated.layer.decoder_width: expected a "
      "channel count"),

@@ -306,6 +306,45 @@ def test_dilated_colour_term_compares_the_image():
     assert float(jnp.abs(grads.refinement.colour_scale[...]).min()) > 0
 
 
+def test_dilated_refined_weight_adds_the_propagated_predictions_cross_entropy():
+    """dilated.refined_weight: the loss adds that weight x the cross-entropy of the propagated
+    prediction (what ``predict`` returns), written out here as numpy's -log p[label]; with the
+    paper's focal loss off (beta 0) it alone trains the head and the colour scale, through the
+    propagation. probability_cross_entropy of softmax(logits) is cross_entropy of the logits."""
+    from rwseg.models.common import probability_cross_entropy
+
+    config = smoke("dilated")
+    config.dilated.layer.colour_sigma_init = 0.5
+    config.dilated.beta, config.dilated.refined_weight = 0.0, 0.7
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, 16, 24, 3)), jnp.float32)
+    labels_np = rng.integers(0, 3, size=(2, 16, 24))
+    labels_np[0, :3] = 255
+    labels = jnp.asarray(labels_np, jnp.int32)
+    cls = model_class("dilated")
+    model = build_model(config, 3, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")),
+                        statistics=cls.dataset_statistics(config, labels_np))
+    batch = {"image": images, "label": labels}
+    total, logs = model.loss(batch, 0)
+    probs = np.asarray(model.predict(images), np.float64)
+    b, i, j = np.nonzero(labels_np != 255)
+    want = -np.mean(np.log(probs[b, i, j, labels_np[b, i, j]]))
+    np.testing.assert_allclose(logs["ce_refined"], want, rtol=1e-5)
+    np.testing.assert_allclose(total, logs["ce"] + 0.7 * want, rtol=1e-5)
+    grads = nnx.grad(lambda m: m.loss(batch, 0)[0])(model)
+    assert float(jnp.abs(grads.refinement.colour_scale[...]).min()) > 0
+    assert float(jnp.abs(grads.refinement.affinity_head.kernel[...]).max()) > 0
+    config.dilated.refined_weight = 0.0  # the paper's loss: no propagation in training
+    paper = build_model(config, 3, rngs=nnx.Rngs(0), statistics=cls.dataset_statistics(config, labels_np))
+    assert "ce_refined" not in paper.loss(batch, 0)[1]
+    logits = jnp.asarray(3 * rng.normal(size=(2, 4, 5, 6)), jnp.float32)
+    small = jnp.asarray(rng.integers(0, 6, size=(2, 4, 5)), jnp.int32)
+    np.testing.assert_allclose(probability_cross_entropy(jax.nn.softmax(logits), small),
+                               cross_entropy(logits, small), rtol=1e-5)
+    wrong = jax.nn.one_hot((small + 1) % 6, 6)  # no probability on any label: large, not infinite
+    assert 50 < float(probability_cross_entropy(wrong, small)) < np.inf
+
+
 def test_spn_guidance_input_sees_the_backbone_features():
     """spn.guidance_input: "image" feeds the guidance network the image itself (the paper);
     "image,stem,features" concatenates the backbone's stem and upsampled decoder features,

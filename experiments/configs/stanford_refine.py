@@ -107,6 +107,11 @@ VARIANTS = {
     # dilated_edge's head trained on the frozen base (the joint focal loss cost dilated_edge's backbone
     # 1.2 mIoU on dev; the SPN paper's protocol: the refinement on a fixed network)
     "dilated_edge_frozen": ("dilated", {**DILATED_EDGE, "freeze_backbone": True}),
+    # dilated_edge's head trained through its propagation: the refined prediction's cross-entropy
+    # (dilated.refined_weight) instead of the paper's focal affinity loss (beta 0), with the backbone
+    # fine-tuned as the control's is; the focal loss flattened the colour kernel and opened the gates
+    # of dilated_edge(_frozen) below their untrained start (stanford_refine_log.md)
+    "dilated_edge_refined": ("dilated", {**DILATED_EDGE, "dilated.beta": 0.0, "dilated.refined_weight": 1.0}),
     "gcrf_edge_half": ("gcrf", {**GCRF_EDGE, "gcrf.layer.downsample": 2, "gcrf.layer.eval_downsample": 2}),  # at 1/2
     # gcrf_edge with a wider bipartite window: radius 7 at 1/4 (a 60 px box) instead of 3 (28 px);
     # DenseCRF's bilateral kernel reaches ~80 px. Chosen from evaluation-time radii on the dev split

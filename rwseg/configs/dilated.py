@@ -22,6 +22,7 @@ def get_config(arg=None):
     # model and training
     c.dilated.use_stem = True     # affinity head also sees the full-resolution stem features
     c.dilated.beta = 1.2          # affinity loss weight
+    c.dilated.refined_weight = 0.0  # > 0: + this x the cross-entropy of the propagated prediction (not in the paper)
     c = common.finalize(c, arg)
     if arg == "smoke":
         c.dilated.layer.rates = (1, 2)

@@ -9,7 +9,7 @@ import optax
 from rwseg._numerics import masked_mean
 from rwseg.constants import IGNORE_INDEX
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "probability_cross_entropy"]
 
 
 def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
@@ -33,3 +33,23 @@ def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
     return masked_mean(nll, valid)
 
 
+
+
+def probability_cross_entropy(probs, labels, ignore_index: int = IGNORE_INDEX):
+    """:func:`cross_entropy` of class probabilities (a refinement's output) instead of logits.
+
+    ``-log p[label]`` averaged as :func:`cross_entropy` averages (the log is taken of the
+    probabilities floored at the dtype's smallest normal number, so a zero probability
+    costs a large finite loss, not infinity). Probabilities that do not sum to 1 are
+    normalised first (the softmax of their log).
+
+    Args:
+      probs: (B, H, W, K) float, >= 0.
+      labels: (B, H, W) int (``ignore_index`` or negative = ignored).
+      ignore_index: the label of pixels that count nowhere.
+
+    Returns:
+      A scalar (0 when no pixel is labelled).
+    """
+    tiny = jnp.finfo(jnp.result_type(probs, jnp.float32)).tiny
+    return cross_entropy(jnp.log(jnp.maximum(probs, tiny)), labels, ignore_index)

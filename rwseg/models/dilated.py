@@ -1,7 +1,9 @@
 """Dilated affinity model (Wu et al.): the backbone + :class:`rwseg.layers.DilatedAffinity`.
 
 Training: segmentation cross-entropy + ``beta`` x the reweighted focal affinity loss
-(:func:`rwseg.dilated.affinity_loss`); evaluation: affinity propagation refinement of
+(:func:`rwseg.dilated.affinity_loss`), the paper's loss, + ``refined_weight`` x the
+cross-entropy of the propagated prediction (not in the paper, 0 by default: it trains the
+head through the propagation it is evaluated with, as SPN and GCRF train); evaluation: affinity propagation refinement of
 the upsampled class probabilities (:func:`rwseg.dilated.propagate`). The head is a 1x1
 conv on the 1/8 decoder features giving 8·|R| logits, bilinearly upsampled to the
 image (with ``use_stem``, the head sees the upsampled decoder features concatenated
@@ -15,7 +17,7 @@ Config ``config.dilated``: ``layer`` (the arguments of :class:`rwseg.layers.Dila
 ``rates`` (pixels at full resolution; ints or (r1, r2) pairs), ``decoder_width`` /
 ``decoder_depth`` (3x3 blocks before the 1x1 head), ``gamma``, ``lam``, ``mu``,
 ``num_steps``, ``colour_sigma_init``: the colour term of the affinity logits, on the RGB
-image), ``use_stem`` and ``beta``.
+image), ``use_stem``, ``beta`` and ``refined_weight``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from flax import nnx
 from rwseg.layers import DilatedAffinity
 from rwseg.models.base import Segmenter, feature_channels, no_solves, stem_channels
 from rwseg.constants import IGNORE_INDEX
-from rwseg.models.common import cross_entropy
+from rwseg.models.common import cross_entropy, probability_cross_entropy
 
 __all__ = ["DilatedAffinityModel"]
 
@@ -47,6 +49,7 @@ class DilatedAffinityModel(Segmenter):
         super().__init__(config, num_classes, rngs=rngs, statistics=statistics)
         c = config.dilated
         self.beta = float(c.beta)
+        self.refined_weight = float(c.refined_weight)
         self.use_stem = bool(c.use_stem)
 
     @staticmethod
@@ -67,15 +70,23 @@ class DilatedAffinityModel(Segmenter):
         return (out["features"], out["stem"] if self.use_stem else None)
 
     def loss(self, batch, step):
-        """Cross-entropy of the upsampled logits + ``beta`` x the focal affinity loss (eq. 4-5); logs
-        ``ce``, ``affinity`` (arguments and returns: :meth:`rwseg.models.base.Segmenter.loss`).
+        """Cross-entropy of the upsampled logits + ``beta`` x the focal affinity loss (eq. 4-5)
+        + ``refined_weight`` x the cross-entropy of the propagated probabilities (eq. 6-7; computed
+        only when the weight is > 0); logs ``ce``, ``affinity`` and, with the weight, ``ce_refined``
+        (arguments and returns: :meth:`rwseg.models.base.Segmenter.loss`).
         """
         images, labels = batch["image"], batch["label"]
         out = self.backbone(images)
+        head_inputs = self._head_inputs(images, out)
+        grid = self.backbone.grid(images.shape[1:3])
         ce = cross_entropy(self.coarse_scores_from(out, images), labels)
-        aff_loss = self.refinement.affinity_loss(images, labels, *self._head_inputs(images, out),
-                                                 features_grid=self.backbone.grid(images.shape[1:3]))
-        return ce + self.beta * aff_loss, {"ce": ce, "affinity": aff_loss}
+        aff_loss = self.refinement.affinity_loss(images, labels, *head_inputs, features_grid=grid)
+        total, logs = ce + self.beta * aff_loss, {"ce": ce, "affinity": aff_loss}
+        if self.refined_weight > 0:
+            refined = self.refinement(out["logits"], images, *head_inputs, logits_grid=grid, features_grid=grid)
+            logs["ce_refined"] = probability_cross_entropy(refined, labels)
+            total = total + self.refined_weight * logs["ce_refined"]
+        return total, logs
 
     def infer(self, images):
         """Affinity propagation of the upsampled class probabilities (eq. 6-7), no solves

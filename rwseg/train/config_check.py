@@ -202,7 +202,7 @@ METHOD_OPTIONS = {
     "rawks": {"targets": _one_of("soft", "hard")},  # eq. 11, or cross-entropy on argmax P (frozen walk only)
     "spn": {"aux_weight": _number(lo=0), "guidance_input": _spn_guidance_input},
     "gcrf": {"aux_weight": _number(lo=0), "pretrain_steps": _int_at_least(0), "pretrain_weight": _number(lo=0)},
-    "dilated": {"use_stem": _boolean, "beta": _number(lo=0)},
+    "dilated": {"use_stem": _boolean, "beta": _number(lo=0), "refined_weight": _number(lo=0)},
 }
 
 # the layers' arguments by name (one vocabulary: a name means one thing in every layer); an

@@ -67,6 +67,7 @@ ABSENT = {
     "dilated.layer.decoder_width": 0,
     "dilated.layer.decoder_depth": 0,
     "dilated.layer.colour_sigma_init": 0.0,
+    "dilated.refined_weight": 0.0,
     "rawks.targets": "soft",
     "gcrf.layer.colour_sigma_init": 0.0,
     "rwn.layer.eval_rates": [],

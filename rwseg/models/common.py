@@ -33,8 +33,6 @@ def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
     return masked_mean(nll, valid)
 
 
-
-
 def probability_cross_entropy(probs, labels, ignore_index: int = IGNORE_INDEX):
     """:func:`cross_entropy` of class probabilities (a refinement's output) instead of logits.
 

@@ -3,8 +3,9 @@
 Training: segmentation cross-entropy + ``beta`` x the reweighted focal affinity loss
 (:func:`rwseg.dilated.affinity_loss`), the paper's loss, + ``refined_weight`` x the
 cross-entropy of the propagated prediction (not in the paper, 0 by default: it trains the
-head through the propagation it is evaluated with, as SPN and GCRF train); evaluation: affinity propagation refinement of
-the upsampled class probabilities (:func:`rwseg.dilated.propagate`). The head is a 1x1
+head through the propagation it is evaluated with, as SPN and GCRF train); evaluation:
+affinity propagation refinement of the upsampled class probabilities
+(:func:`rwseg.dilated.propagate`). The head is a 1x1
 conv on the 1/8 decoder features giving 8·|R| logits, bilinearly upsampled to the
 image (with ``use_stem``, the head sees the upsampled decoder features concatenated
 with the full-resolution stem features — a DeepLabv3+-style decoder; at 64 px the 1/8

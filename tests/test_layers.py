@@ -383,6 +383,15 @@ def test_dilated_affinity_is_propagate_of_the_head():
     want_loss = np.mean([dilated.affinity_loss(a, l, RATES, layer.frequencies[...], gamma=2.0)
                          for a, l in zip(aff, labels)])
     np.testing.assert_allclose(_jit(layer.affinity_loss, image, labels, feats, low), want_loss, rtol=1e-5)
+    # affinities= (a training step's logits, computed once) replaces the head in both
+    other = aff + jnp.asarray(rng.normal(size=aff.shape), jnp.float32)
+    want = _jit(jax.vmap(lambda p, a: dilated.propagate(p, a, RATES, lam=6.0, mu=7.0, num_steps=10)), probs, other)
+    np.testing.assert_allclose(_jit(lambda *a: layer(*a, affinities=other), logits, image, feats, low), want,
+                               rtol=1e-5, atol=1e-6)
+    want_loss = np.mean([dilated.affinity_loss(a, l, RATES, layer.frequencies[...], gamma=2.0)
+                         for a, l in zip(other, labels)])
+    np.testing.assert_allclose(_jit(lambda *a: layer.affinity_loss(*a, affinities=other), image, labels, feats,
+                                    low), want_loss, rtol=1e-5)
     # the head's bias starts at the dataset prior (sigmoid(b_r) = pi_r)
     np.testing.assert_allclose(layer.affinity_head.bias[...],
                                np.repeat(dilated.prior_bias(jnp.asarray(_frequencies())), 8), rtol=1e-6)
@@ -614,6 +623,11 @@ def test_bad_options_and_labels_name_the_argument():
         DilatedAffinity(K, 2, rates=RATES, frequencies=np.ones((3, 9)), rngs=_rngs())
     with pytest.raises(ValueError, match=r"low_level: expected \(B, H, W, 1\) .*got None"):
         _make("dilated", low_level_channels=1)(jnp.zeros((B, 8, 8, K)), image, jnp.zeros((B, 8, 8, 2)))
+    with pytest.raises(ValueError, match=r"affinities: expected the image size \(16, 16\) .*got \(8, 8\)"):
+        _make("dilated")(jnp.zeros((B, 8, 8, K)), image, jnp.zeros((B, 8, 8, 2)),
+                         affinities=jnp.zeros((B, 8, 8, 8 * len(RATES))))
+    with pytest.raises(ValueError, match=r"affinities: expected shape \(B, h, w, 16\) .*8 x len\(rates\)"):
+        _make("dilated").affinity_loss(image, labels, jnp.zeros((B, 8, 8, 2)), affinities=jnp.zeros((B, H, W, 3)))
     with pytest.raises(ValueError, match=r"labels: expected shape \(B, H, W\) = \(2, 16, 16\)"):
         _make("rwn").affinity_loss(image, labels[:, :8], jnp.zeros((B, H, W, 2)))
     with pytest.raises(ValueError, match="labels: expected an integer dtype"):

@@ -134,6 +134,17 @@ class DilatedAffinity(nnx.Module):
             return head - scaled_colour_distances(image, self.colour_scale[...], stencil.dilated_offsets(self.rates))
         return head
 
+    def _affinities(self, image, features, low_level, features_grid, affinities):
+        """``affinities`` when given (checked against the image), else :meth:`affinity_logits`."""
+        if affinities is None:
+            return self.affinity_logits(image, features, low_level, features_grid=features_grid)
+        b, h, w = I.check_image(image, channels=None)
+        I.check_map("affinities", affinities, b, 8 * len(self.rates), "8 x len(rates)")
+        if tuple(affinities.shape[1:3]) != (h, w):
+            raise ValueError(f"affinities: expected the image size {(h, w)} (affinity_logits' output), "
+                             f"got {tuple(affinities.shape[1:3])}")
+        return affinities
+
     def _head_logits(self, features, low_level, grid, size):
         """The head's (B, H, W, 8·|R|) logits at the image ``size`` (arguments: :meth:`affinity_logits`)."""
         b, (h, w) = features.shape[0], size
@@ -151,7 +162,7 @@ class DilatedAffinity(nnx.Module):
         return upsample(self.affinity_head(apply_stack(self.decoder, features)), (h, w), grid)
 
     def __call__(self, logits, image, features, low_level=None, *, logits_grid=None, features_grid=None,
-                 return_info: bool = False):
+                 affinities=None, return_info: bool = False):
         """Affinity propagation of ``softmax(logits)`` (eq. 6-7), ``num_steps`` iterations.
 
         Args:
@@ -161,6 +172,8 @@ class DilatedAffinity(nnx.Module):
           low_level: see ``features``.
           features_grid: see ``features``.
           logits_grid: cell placement of the logits (default: evenly tiling the image).
+          affinities: optional, :meth:`affinity_logits` of the same inputs, computed once for
+            this call and :meth:`affinity_loss` in a training step.
           return_info: also return a :class:`rwseg.layers.RefinementInfo` (exact steps).
 
         Returns:
@@ -169,14 +182,14 @@ class DilatedAffinity(nnx.Module):
         """
         b, h, w = I.check_image(image, channels=None)
         I.check_map("logits", logits, b, self.num_classes, "num_classes")
-        aff = self.affinity_logits(image, features, low_level, features_grid=features_grid)
+        aff = self._affinities(image, features, low_level, features_grid, affinities)
         grid = logits_grid if logits_grid is not None else aligned_grid(logits.shape[1:3], (h, w))
         probs = jax.nn.softmax(upsample(logits, (h, w), grid), axis=-1)
         refine = lambda p, a: ops.propagate(p, a, self.rates, lam=self.lam, mu=self.mu, num_steps=self.num_steps)
         out = jax.vmap(refine)(probs, aff)
         return (out, exact_steps(b, self.num_steps)) if return_info else out
 
-    def affinity_loss(self, image, labels, features, low_level=None, *, features_grid=None):
+    def affinity_loss(self, image, labels, features, low_level=None, *, features_grid=None, affinities=None):
         """The reweighted focal affinity loss of eq. 4-5 (without the weight beta).
 
         Args:
@@ -185,11 +198,12 @@ class DilatedAffinity(nnx.Module):
           low_level: as for :meth:`affinity_logits`.
           features_grid: as for :meth:`affinity_logits`.
           labels: (B, H, W) int, 255 / negative ignored.
+          affinities: optional, as for ``__call__``.
 
         Returns:
           Scalar, the batch mean of :func:`rwseg.dilated.affinity_loss`.
         """
-        aff = self.affinity_logits(image, features, low_level, features_grid=features_grid)
+        aff = self._affinities(image, features, low_level, features_grid, affinities)
         I.check_labels("labels", labels, aff.shape[:3])
         freq = self.frequencies[...]
         return jnp.mean(jax.vmap(

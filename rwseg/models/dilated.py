@@ -23,6 +23,7 @@ image), ``use_stem``, ``beta`` and ``refined_weight``.
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from rwseg.layers import DilatedAffinity
@@ -81,10 +82,13 @@ class DilatedAffinityModel(Segmenter):
         head_inputs = self._head_inputs(images, out)
         grid = self.backbone.grid(images.shape[1:3])
         ce = cross_entropy(self.coarse_scores_from(out, images), labels)
-        aff_loss = self.refinement.affinity_loss(images, labels, *head_inputs, features_grid=grid)
+        aff = self.refinement.affinity_logits(images, *head_inputs, features_grid=grid)  # shared by both terms
+        # beta 0: the focal loss is logged, not trained on; its backward pass is skipped, not multiplied by 0
+        scored = aff if self.beta > 0 else jax.lax.stop_gradient(aff)
+        aff_loss = self.refinement.affinity_loss(images, labels, *head_inputs, affinities=scored)
         total, logs = ce + self.beta * aff_loss, {"ce": ce, "affinity": aff_loss}
         if self.refined_weight > 0:
-            refined = self.refinement(out["logits"], images, *head_inputs, logits_grid=grid, features_grid=grid)
+            refined = self.refinement(out["logits"], images, *head_inputs, logits_grid=grid, affinities=aff)
             logs["ce_refined"] = probability_cross_entropy(refined, labels)
             total = total + self.refined_weight * logs["ce_refined"]
         return total, logs

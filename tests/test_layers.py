@@ -375,23 +375,23 @@ def test_dilated_affinity_is_propagate_of_the_head():
     aff = layer.affinity_head(jnp.concatenate([jax.image.resize(feats, (B, H, W, 2), "bilinear"), low], -1))
     np.testing.assert_allclose(_jit(layer.affinity_logits, image, feats, low), aff, rtol=1e-5, atol=1e-5)
     probs = jax.nn.softmax(jax.image.resize(logits, (B, H, W, K), "bilinear"), -1)
-    want = _jit(jax.vmap(lambda p, a: dilated.propagate(p, a, RATES, lam=6.0, mu=7.0, num_steps=10)), probs, aff)
+    propagate = jax.vmap(lambda p, a: dilated.propagate(p, a, RATES, lam=6.0, mu=7.0, num_steps=10))
+
+    def focal(affs):  # the operator's loss per image, averaged over the batch
+        return np.mean([dilated.affinity_loss(a, l, RATES, layer.frequencies[...], gamma=2.0)
+                        for a, l in zip(affs, labels)])
+
     got, info = _jit(layer, logits, image, feats, low, return_info=True)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, _jit(propagate, probs, aff), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jnp.sum(got, -1), 1, rtol=1e-5)
     np.testing.assert_array_equal(info.iterations, [10, 10])
-    want_loss = np.mean([dilated.affinity_loss(a, l, RATES, layer.frequencies[...], gamma=2.0)
-                         for a, l in zip(aff, labels)])
-    np.testing.assert_allclose(_jit(layer.affinity_loss, image, labels, feats, low), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(_jit(layer.affinity_loss, image, labels, feats, low), focal(aff), rtol=1e-5)
     # affinities= (a training step's logits, computed once) replaces the head in both
     other = aff + jnp.asarray(rng.normal(size=aff.shape), jnp.float32)
-    want = _jit(jax.vmap(lambda p, a: dilated.propagate(p, a, RATES, lam=6.0, mu=7.0, num_steps=10)), probs, other)
-    np.testing.assert_allclose(_jit(lambda *a: layer(*a, affinities=other), logits, image, feats, low), want,
-                               rtol=1e-5, atol=1e-6)
-    want_loss = np.mean([dilated.affinity_loss(a, l, RATES, layer.frequencies[...], gamma=2.0)
-                         for a, l in zip(other, labels)])
+    np.testing.assert_allclose(_jit(lambda *a: layer(*a, affinities=other), logits, image, feats, low),
+                               _jit(propagate, probs, other), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_jit(lambda *a: layer.affinity_loss(*a, affinities=other), image, labels, feats,
-                                    low), want_loss, rtol=1e-5)
+                                    low), focal(other), rtol=1e-5)
     # the head's bias starts at the dataset prior (sigmoid(b_r) = pi_r)
     np.testing.assert_allclose(layer.affinity_head.bias[...],
                                np.repeat(dilated.prior_bias(jnp.asarray(_frequencies())), 8), rtol=1e-6)
